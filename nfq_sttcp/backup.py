@@ -1,0 +1,389 @@
+"""The backup's packet logic: event in, actions out (no I/O).
+
+Inbound (client segments, cloned by the primary; raw PREROUTING) are mapped
+from the primary's sequence and timestamp space into the backup's:
+``ack -= delta_seq``, SACK blocks likewise, ``TSecr -= delta_ts``.
+
+Outbound (the backup's own replies; mangle POSTROUTING) are held while the
+primary lives: copied, dropped, and their ack field reported to the primary.
+After takeover they are mapped the other way (``seq += delta_seq``,
+``TSval += delta_ts``) and released, for the life of every migrated connection.
+
+The backup fails closed: anything it cannot map is dropped, never sent.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import tcpseg
+from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
+from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
+from .syncproto import Confirm, ConnIsn
+from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
+
+UNPROTECTED_NO_ISN = "primary never sent the ISN"
+UNPROTECTED_OPTIONS = "TCP options differ from the primary's"
+UNPROTECTED_BEFORE_JOIN = "opened before the backup joined"
+TAKEOVER_ACK_PROMPTS = 3
+
+
+@dataclass
+class BackupConn:
+    key: ConnKey
+    created: float
+    client_isn: Optional[int] = None
+    # our handshake
+    isn_b: Optional[int] = None
+    tsval_b_syn: Optional[int] = None
+    opts_b: Optional[tuple] = None
+    # the primary's handshake
+    isn_p: Optional[int] = None
+    tsval_p_syn: Optional[int] = None
+    opts_p: Optional[tuple] = None
+    delta_seq: Optional[int] = None
+    delta_ts: int = 0
+    protected: bool = False
+    reason: str = "handshake in progress"
+    # what the backup's stack has emitted (backup space)
+    snd_max: Optional[int] = None
+    rcv_ack: Optional[int] = None
+    last_confirmed: Optional[int] = None
+    last_window: int = 0
+    last_tsval_b: int = 0
+    last_tsval_b_at: float = 0.0
+    # what the client has shown us
+    client_ack_b: Optional[int] = None  # highest client ack mapped into backup space
+    client_window: int = 0
+    client_tsval: int = 0
+    client_max_tsecr: Optional[int] = None  # highest TSval of ours (primary space) the client echoed
+    uses_ts: bool = False
+    # hold buffers
+    held: "OrderedDict[int, tuple[int, bytes]]" = field(default_factory=OrderedDict)
+    held_bytes: int = 0
+    pending_in: list[bytes] = field(default_factory=list)
+    # after takeover
+    last_tsval_out: Optional[int] = None
+    closing_since: Optional[float] = None
+
+    def status(self) -> dict[str, object]:
+        lag = None
+        if self.client_ack_b is not None and self.snd_max is not None and seq_gt(self.client_ack_b, self.snd_max):
+            lag = seq_sub(self.client_ack_b, self.snd_max)
+        return {"conn": "%s:%d -> %s:%d" % self.key, "protected": self.protected,
+                "reason": "" if self.protected else self.reason,
+                "held_segments": len(self.held), "held_bytes": self.held_bytes,
+                "behind_bytes": lag or 0, "delta_seq": self.delta_seq, "delta_ts": self.delta_ts}
+
+
+@dataclass
+class BackupConfig:
+    vip: str
+    ports: frozenset[int]
+    handshake_hold_s: float = 3.0
+    ts_margin: int = 0  # added to TSval after takeover, PAWS safety (DESIGN.md trap 6)
+    closed_linger_s: float = 30.0
+    max_pending_in: int = 256
+
+
+def _opts(seg: Segment) -> tuple:
+    return (seg.has_ts, seg.sack_ok, seg.wscale if seg.wscale is not None else -1)
+
+
+@dataclass
+class BackupCore:
+    cfg: BackupConfig
+    active: bool = False
+    conns: dict[ConnKey, BackupConn] = field(default_factory=dict)
+    early_isn: dict[ConnKey, tuple[ConnIsn, float]] = field(default_factory=dict)
+
+    # == inbound: client -> service ===========================================
+
+    def on_inbound(self, data: bytes, now: float) -> list[Action]:
+        try:
+            seg = tcpseg.parse(data)
+        except MalformedPacket as e:
+            # Fail closed: a clone we cannot map is dropped; the client resends.
+            return [Drop("malformed"), Count("malformed_in"), Log("malformed_packet", "debug", {"why": str(e)})]
+        if seg.dst != self.cfg.vip or seg.dport not in self.cfg.ports:
+            return [Accept(), Count("foreign_in")]
+        key = seg.client_key()
+        conn = self.conns.get(key)
+        if seg.flags & SYN and not seg.flags & ACK:
+            if conn is None or (conn.client_isn != seg.seq and conn.isn_b is not None):
+                conn = self.conns[key] = BackupConn(key, now, client_isn=seg.seq)
+                early = self.early_isn.pop(key, None)
+                if early is not None:
+                    self._set_primary_isn(conn, early[0])
+            conn.client_tsval = seg.tsval
+            return [Accept()]
+        if conn is None:
+            if self.active:
+                return [Accept()]  # not ours to map: our stack resets it, cleanly
+            return [Drop("connection opened before the backup joined"), Count("unknown_in")]
+        if seg.flags & (FIN | RST) and conn.closing_since is None:
+            conn.closing_since = now
+        if conn.delta_seq is None:
+            if self.active or conn.reason in (UNPROTECTED_NO_ISN,):
+                return [Accept()] if self.active else [Drop("no mapping"), Count("unmapped_in")]
+            # Handshake race (DESIGN.md trap 8): hold until the ISN arrives.
+            if len(conn.pending_in) >= self.cfg.max_pending_in:
+                return [Drop("pending buffer full"), Count("pending_overflow")]
+            conn.pending_in.append(bytes(data))
+            return [Drop("held until the primary's ISN arrives"), Count("pending_in")]
+        buf, out = self._map_inbound(conn, seg, data)
+        return [Accept(buf)] + out
+
+    def _map_inbound(self, conn: BackupConn, seg: Segment, data: bytes) -> tuple[Optional[bytes], list[Action]]:
+        """Rewrite one client segment into the backup's space; return (bytes, extra actions)."""
+        assert conn.delta_seq is not None
+        out: list[Action] = []
+        conn.client_window = seg.window
+        if seg.has_ts:
+            conn.client_tsval = seg.tsval
+        if not seg.flags & ACK:
+            return None, out
+        buf = bytearray(data)
+        ack_b = seq_sub(seg.ack, conn.delta_seq)
+        if conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b):
+            conn.client_ack_b = ack_b
+            self._prune_held(conn)
+        if conn.snd_max is not None and seq_gt(ack_b, conn.snd_max):
+            # Backup behind the primary (DESIGN.md trap 9): Linux ignores an ack
+            # for data it has not sent, so never show it one.
+            ack_b = conn.snd_max
+        tcpseg.set_ack(buf, seg, ack_b)
+        if seg.sack_off >= 0:
+            limit = conn.snd_max
+            delta = conn.delta_seq
+
+            def to_backup(left: int, right: int) -> Optional[tuple[int, int]]:
+                lb, rb = seq_sub(left, delta), seq_sub(right, delta)
+                if limit is not None:
+                    if seq_ge(lb, limit):
+                        return None
+                    rb = seq_min(rb, limit)
+                return (lb, rb)
+
+            tcpseg.map_sack(buf, seg, to_backup)
+        if seg.has_ts and seg.tsecr:
+            if conn.client_max_tsecr is None or seq_gt(seg.tsecr, conn.client_max_tsecr):
+                conn.client_max_tsecr = seg.tsecr
+            margin = self.cfg.ts_margin if self.active else 0
+            tcpseg.set_tsecr(buf, seg, seq_sub(seg.tsecr, (conn.delta_ts + margin) & MASK))
+        return bytes(buf), out
+
+    # == outbound: the backup's own replies ===================================
+
+    def on_outbound(self, data: bytes, now: float) -> list[Action]:
+        try:
+            seg = tcpseg.parse(data)
+        except MalformedPacket as e:
+            return [Drop("malformed"), Count("malformed_out"), Log("malformed_packet", "debug", {"why": str(e)})]
+        if seg.src != self.cfg.vip or seg.sport not in self.cfg.ports:
+            return [Accept(), Count("foreign_out")] if self.active else [Drop("foreign"), Count("foreign_out")]
+        key = seg.server_key()
+        conn = self.conns.get(key)
+        if conn is None:
+            if self.active:
+                return [Accept()]  # a connection born after takeover needs no mapping
+            return [Drop("backup stays silent"), Count("silenced_out")]
+        out: list[Action] = []
+        if seg.flags & SYN and seg.flags & ACK:
+            out += self._on_own_synack(conn, seg)
+        self._track_own(conn, seg, now)
+        if seg.flags & ACK and (conn.last_confirmed is None or seq_gt(seg.ack, conn.last_confirmed)):
+            conn.last_confirmed = seg.ack
+            out.append(SendSync(Confirm(((key, seg.ack),))))
+        if seg.flags & (FIN | RST) and conn.closing_since is None:
+            conn.closing_since = now
+        if self._already_acked(conn, seg):
+            # The client already has these bytes (from the primary): keep our
+            # stack ack-clocked by its own output instead (DESIGN.md trap 9).
+            out += [Drop("already acked by the client"), Count("self_acked")]
+            out += self._self_ack(conn, seg)
+            return out
+        if not self.active or conn.delta_seq is None:
+            if self.active:
+                return out + [Accept()]
+            if seg.seq_len > 0 and not seg.flags & RST:
+                self._hold(conn, seg, data)
+            return out + [Drop("held")]
+        return out + [Accept(self._map_outbound(conn, seg, data, now))]
+
+    def _on_own_synack(self, conn: BackupConn, seg: Segment) -> list[Action]:
+        if conn.isn_b is None or conn.isn_b != seg.seq:
+            conn.isn_b = seg.seq
+            conn.tsval_b_syn = seg.tsval
+            conn.opts_b = _opts(seg)
+            conn.snd_max = seq_add(seg.seq, 1)
+            conn.uses_ts = seg.has_ts
+            return self._maybe_map(conn)
+        return []
+
+    def _track_own(self, conn: BackupConn, seg: Segment, now: float) -> None:
+        conn.snd_max = seg.end_seq if conn.snd_max is None else seq_max(conn.snd_max, seg.end_seq)
+        if seg.flags & ACK:
+            conn.rcv_ack = seg.ack if conn.rcv_ack is None else seq_max(conn.rcv_ack, seg.ack)
+        conn.last_window = seg.window
+        if seg.has_ts:
+            conn.last_tsval_b, conn.last_tsval_b_at = seg.tsval, now
+
+    def _already_acked(self, conn: BackupConn, seg: Segment) -> bool:
+        return (seg.seq_len > 0 and not seg.flags & (SYN | RST) and conn.client_ack_b is not None
+                and seq_le(seg.end_seq, conn.client_ack_b))
+
+    def _self_ack(self, conn: BackupConn, seg: Segment) -> list[Action]:
+        if conn.client_ack_b is None or conn.snd_max is None or conn.rcv_ack is None:
+            return []
+        ack = seq_min(conn.client_ack_b, conn.snd_max)
+        cip, cport, vip, vport = conn.key
+        opts = tcpseg.ts_option(conn.client_tsval, seg.tsval) if conn.uses_ts else b""
+        pkt = tcpseg.build_segment(cip, vip, cport, vport, conn.rcv_ack, ack, ACK, conn.client_window, opts)
+        return [Inject(pkt, "self-ack: client already has these bytes")]
+
+    def _hold(self, conn: BackupConn, seg: Segment, data: bytes) -> None:
+        prev = conn.held.get(seg.seq)
+        if prev is not None:
+            conn.held_bytes -= len(prev[1])
+        conn.held[seg.seq] = (seg.end_seq, bytes(data))
+        conn.held_bytes += len(data)
+
+    def _prune_held(self, conn: BackupConn) -> None:
+        acked = conn.client_ack_b
+        if acked is None:
+            return
+        held = conn.held
+        while held:
+            seq, (end, data) = next(iter(held.items()))
+            if not seq_le(end, acked):
+                break
+            held.popitem(last=False)
+            conn.held_bytes -= len(data)
+
+    def _current_tsval_b(self, conn: BackupConn, now: float) -> int:
+        """Our stack's TSval now, extrapolated at 1 kHz from its latest one."""
+        return (conn.last_tsval_b + int((now - conn.last_tsval_b_at) * 1000)) & MASK
+
+    def _out_tsval(self, conn: BackupConn, tsval_b: int) -> int:
+        v = (tsval_b + conn.delta_ts + self.cfg.ts_margin) & MASK
+        # PAWS (DESIGN.md trap 6): never below what the client has seen.
+        if conn.client_max_tsecr is not None and seq_lt(v, conn.client_max_tsecr):
+            v = conn.client_max_tsecr
+        if conn.last_tsval_out is not None and seq_lt(v, conn.last_tsval_out):
+            v = conn.last_tsval_out
+        conn.last_tsval_out = v
+        return v
+
+    def _map_outbound(self, conn: BackupConn, seg: Segment, data: bytes, now: float,
+                      fresh_ts: bool = False) -> bytes:
+        assert conn.delta_seq is not None
+        buf = bytearray(data)
+        tcpseg.set_seq(buf, seg, seq_add(seg.seq, conn.delta_seq))
+        if seg.has_ts:
+            tsval_b = self._current_tsval_b(conn, now) if fresh_ts else seg.tsval
+            tcpseg.set_tsval(buf, seg, self._out_tsval(conn, tsval_b))
+        if fresh_ts and conn.rcv_ack is not None and seg.flags & ACK and seq_gt(conn.rcv_ack, seg.ack):
+            tcpseg.set_ack(buf, seg, conn.rcv_ack)
+        return bytes(buf)
+
+    # == sync ================================================================
+
+    def on_conn_isn(self, msg: ConnIsn, now: float) -> list[Action]:
+        conn = self.conns.get(msg.key)
+        if conn is None:
+            if len(self.early_isn) < 65536:
+                self.early_isn[msg.key] = (msg, now)
+            return []
+        return self._set_primary_isn(conn, msg)
+
+    def _set_primary_isn(self, conn: BackupConn, msg: ConnIsn) -> list[Action]:
+        conn.isn_p = msg.isn
+        conn.tsval_p_syn = msg.tsval
+        conn.opts_p = (msg.has_ts, msg.sack_ok, msg.wscale)
+        return self._maybe_map(conn)
+
+    def _maybe_map(self, conn: BackupConn) -> list[Action]:
+        """Once both handshakes are known, fix the deltas and release held clones."""
+        if conn.isn_p is None or conn.isn_b is None or conn.delta_seq is not None:
+            return []
+        out: list[Action] = []
+        conn.delta_seq = seq_sub(conn.isn_p, conn.isn_b)
+        if conn.uses_ts and conn.tsval_p_syn is not None and conn.tsval_b_syn is not None:
+            conn.delta_ts = seq_sub(conn.tsval_p_syn, conn.tsval_b_syn)
+        if conn.opts_p != conn.opts_b:
+            conn.protected, conn.reason = False, UNPROTECTED_OPTIONS
+            out.append(Log("options_mismatch", "error",
+                           {"conn": conn.key, "primary": conn.opts_p, "backup": conn.opts_b}))
+            out.append(Count("options_mismatch"))
+        else:
+            conn.protected, conn.reason = True, ""
+        pending, conn.pending_in = conn.pending_in, []
+        for data in pending:
+            seg = tcpseg.parse(data)
+            mapped, extra = self._map_inbound(conn, seg, data)
+            out.append(Inject(mapped if mapped is not None else data, "clone released after ISN"))
+            out += extra
+        return out
+
+    # == takeover ============================================================
+
+    def activate(self, now: float) -> list[Action]:
+        """Switch to rewrite-and-release; resend what the client lacks and prompt it."""
+        self.active = True
+        out: list[Action] = []
+        migrated = unprotected = resent = 0
+        for conn in self.conns.values():
+            if conn.delta_seq is None or not conn.protected:
+                unprotected += 1
+                continue
+            migrated += 1
+            for _seq, (end, data) in list(conn.held.items()):
+                if conn.client_ack_b is not None and seq_le(end, conn.client_ack_b):
+                    continue
+                seg = tcpseg.parse(data)
+                out.append(Inject(self._map_outbound(conn, seg, data, now, fresh_ts=True), "held segment resent"))
+                resent += 1
+            conn.held.clear()
+            conn.held_bytes = 0
+            out += self._prompt_client(conn, now)
+        out.append(Log("takeover_released", "warning",
+                       {"migrated": migrated, "unprotected": unprotected, "segments_resent": resent}))
+        return out
+
+    def _prompt_client(self, conn: BackupConn, now: float) -> list[Action]:
+        """ACKs carrying our receive point, so the client resends at once instead of
+        waiting out its backed-off RTO (a new ack restarts its loss recovery)."""
+        if conn.rcv_ack is None or conn.snd_max is None or conn.delta_seq is None:
+            return []
+        cip, cport, vip, vport = conn.key
+        opts = b""
+        if conn.uses_ts:
+            opts = tcpseg.ts_option(self._out_tsval(conn, self._current_tsval_b(conn, now)), conn.client_tsval)
+        pkt = tcpseg.build_segment(vip, cip, vport, cport, seq_add(conn.snd_max, conn.delta_seq),
+                                   conn.rcv_ack, ACK, conn.last_window, opts)
+        return [Inject(pkt, "takeover prompt")] * TAKEOVER_ACK_PROMPTS
+
+    # == time ================================================================
+
+    def on_tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for key in list(self.conns):
+            conn = self.conns[key]
+            if conn.delta_seq is None and not self.active and now - conn.created > self.cfg.handshake_hold_s \
+                    and conn.reason != UNPROTECTED_NO_ISN:
+                conn.reason = UNPROTECTED_NO_ISN
+                if conn.pending_in:
+                    out.append(Count("pending_expired", len(conn.pending_in)))
+                conn.pending_in = []
+                out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
+            if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s:
+                del self.conns[key]
+        for key in [k for k, (_, t) in self.early_isn.items() if now - t > self.cfg.handshake_hold_s]:
+            del self.early_isn[key]
+        return out
+
+    def status(self) -> list[dict[str, object]]:
+        return [c.status() for c in self.conns.values()]

@@ -1,0 +1,242 @@
+"""Command line: ``nfq-sttcp`` and ``python -m nfq_sttcp``.
+
+Logging is configured here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+import structlog
+
+from . import __version__
+from .config import Config, ConfigError
+
+
+def configure_logging(fmt: str, verbose: bool) -> None:
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
+    renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print("nfq-sttcp: %s" % msg, file=sys.stderr)
+    return code
+
+
+def _load(path: str) -> Config:
+    from . import config
+    return config.load(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nfq-sttcp", description="ST-TCP server fault tolerance for stock Linux.")
+    ap.add_argument("--version", action="version", version="nfq-sttcp " + __version__)
+    ap.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    for role in ("primary", "backup"):
+        p = sub.add_parser(role, help="run the %s daemon" % role)
+        p.add_argument("--config", required=True, help="TOML config file")
+
+    p = sub.add_parser("rules", help="apply, remove or show a role's iptables rules by hand")
+    p.add_argument("action", choices=("apply", "remove", "show", "render"))
+    p.add_argument("--role", choices=("primary", "backup"), required=True)
+    p.add_argument("--config", required=True)
+
+    p = sub.add_parser("cleanup", help="remove every nfq-sttcp chain left behind (after kill -9)")
+    p.add_argument("--config", help="config whose chain_prefix to clean (default prefix STTCP)")
+
+    p = sub.add_parser("status", help="ask a running daemon for its status")
+    p.add_argument("--config", required=True)
+    p.add_argument("--role", choices=("primary", "backup"), required=True)
+    p.add_argument("--json", action="store_true")
+
+    lab = sub.add_parser("lab", help="the namespace lab")
+    lsub = lab.add_subparsers(dest="lab_cmd", required=True, metavar="LABCOMMAND")
+    p = lsub.add_parser("up", help="create the lab and start apps and daemons")
+    p.add_argument("--app", help="command line of the application to run on both servers")
+    p.add_argument("--port", type=int, action="append", help="a port to protect (repeatable; with --app)")
+    p.add_argument("--heartbeat-ms", type=int, default=50)
+    p.add_argument("--missed", type=int, default=3)
+    p.add_argument("--defer-backup", action="store_true", help="start the backup daemon later (lab start-backup)")
+    lsub.add_parser("down", help="remove everything the lab made")
+    lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
+    p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
+    p.add_argument("--json", action="store_true")
+    p = lsub.add_parser("crash", help="simulate a host crash")
+    p.add_argument("host", choices=("primary", "backup"))
+    p = lsub.add_parser("exec", help="run a command in a lab host: lab exec HOST -- CMD ARGS...")
+    p.add_argument("host", choices=("client", "primary", "backup", "lan"))
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("demo", help="bring up the lab, run every kind of traffic across a primary crash")
+    p.add_argument("--download-mb", type=int, default=50)
+    p.add_argument("--upload-mb", type=int, default=50)
+
+    sub.add_parser("testapp", help="the built-in deterministic test server", add_help=False)
+    sub.add_parser("traffic", help="test clients (used by the demo and the tests)", add_help=False)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Pass-through tools keep their own argument parsers.
+    for i, a in enumerate(argv):
+        if a in ("testapp", "traffic"):
+            if a == "testapp":
+                from . import testapp
+                return testapp.main(argv[i + 1:])
+            from . import traffic
+            return traffic.main(argv[i + 1:])
+        if not a.startswith("-"):
+            break
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.verbose)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        return _die("config error: %s" % e)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .firewall import FirewallError
+
+    if args.cmd in ("primary", "backup"):
+        from .driver import Daemon, DaemonError
+        cfg = _load(args.config)
+        try:
+            return Daemon(cfg, args.cmd).run()
+        except (DaemonError, FirewallError) as e:
+            return _die(str(e), 1)
+    if args.cmd == "rules":
+        from . import firewall, rules
+        cfg = _load(args.config)
+        if args.action == "render":
+            sys.stdout.write(rules.render(cfg, args.role))
+            return 0
+        if os.geteuid() != 0:
+            return _die("rules %s needs root" % args.action, 1)
+        try:
+            if args.action == "apply":
+                firewall.apply(cfg, args.role)
+                print("applied %s rules" % args.role)
+            elif args.action == "remove":
+                errs = firewall.remove(cfg, args.role)
+                print("removed %s rules%s" % (args.role, "" if not errs else " (with errors: %s)" % "; ".join(errs)))
+            else:
+                print(firewall.show(cfg) or "(no nfq-sttcp rules)")
+        except FirewallError as e:
+            return _die(str(e), 1)
+        return 0
+    if args.cmd == "cleanup":
+        from . import firewall, lab
+        cfg = _load(args.config) if args.config else lab.lab_config()
+        if os.geteuid() != 0:
+            return _die("cleanup needs root", 1)
+        errs = firewall.remove_all(cfg)
+        print("removed chains %s-*%s" % (cfg.chain_prefix, "" if not errs else " (errors: %s)" % "; ".join(errs)))
+        return 0
+    if args.cmd == "status":
+        return _daemon_status(args)
+    if args.cmd == "lab":
+        return _lab(args)
+    if args.cmd == "demo":
+        from . import demo
+        return demo.run(download_mb=args.download_mb, upload_mb=args.upload_mb)
+    return _die("unknown command")
+
+
+def _daemon_status(args: argparse.Namespace) -> int:
+    import socket
+    cfg = _load(args.config)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(cfg.control_socket(args.role))
+        s.sendall(b"status\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        return _die("no %s daemon answering on %s: %s" % (args.role, cfg.control_socket(args.role), e), 3)
+    st = json.loads(data)
+    print(json.dumps(st, indent=2) if args.json else _format_daemon(st))
+    return 0
+
+
+def _format_daemon(st: dict) -> str:
+    lines = ["%s: state %s, last heartbeat %s ms ago" % (st["role"], st["state"], st.get("last_heartbeat_ms_ago"))]
+    if "backup" in st:
+        lines.append("  backup: %s" % st["backup"])
+    if "failover" in st:
+        f = st["failover"]
+        lines.append("  failover: detection %s ms, takeover %s ms" % (f["detection_ms"], f["takeover_ms"]))
+    for c in st.get("connections", []):
+        lines.append("  %-40s %s%s" % (c["conn"], "protected" if c["protected"] else "UNPROTECTED",
+                                       "" if c["protected"] else " (%s)" % c["reason"]))
+    return "\n".join(lines)
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from . import lab
+
+    try:
+        if args.lab_cmd == "up":
+            if args.port and not args.app:
+                return _die("--port goes with --app (the built-in app uses 7000-7003)")
+            lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
+                   missed=args.missed, start_backup=not args.defer_backup)
+            return 0
+        if args.lab_cmd == "down":
+            lab.down()
+            return 0
+        if args.lab_cmd == "start-backup":
+            lab.start_backup_daemon()
+            return 0
+        if args.lab_cmd == "crash":
+            lab.crash(args.host)
+            print("crashed %s: links down, processes killed" % args.host)
+            return 0
+        if args.lab_cmd == "exec":
+            argv = args.argv[1:] if args.argv and args.argv[0] == "--" else args.argv
+            if not argv:
+                return _die("lab exec HOST -- CMD ARGS...")
+            return lab.exec_in(args.host, argv)
+        if args.lab_cmd == "status":
+            st = lab.status()
+            if args.json:
+                print(json.dumps(st, indent=2))
+            else:
+                print("namespaces: %s" % (", ".join(st["namespaces"]) or "none"))
+                owners = st["vip_owner"]
+                print("VIP %s owned by: %s" % (st["vip"], ", ".join(owners) or "nobody"))
+                for role in ("primary", "backup"):
+                    d = st["daemons"][role]
+                    if "role" in d:
+                        print(_format_daemon(d))
+                    else:
+                        print("%s: down (%s)" % (role, d.get("error")))
+            return 0
+    except lab.LabError as e:
+        return _die(str(e), 1)
+    return _die("unknown lab command")

@@ -1,0 +1,228 @@
+"""One typed, validated configuration for both roles (a TOML file).
+
+The same file serves the primary and the backup; the role comes from the
+command line. Every mistake is a ConfigError with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+_CHAIN = re.compile(r"^[A-Z][A-Z0-9_-]{0,15}$")
+
+
+@dataclass(frozen=True)
+class Config:
+    vip: str
+    ports: tuple[int, ...]
+    lan_interface: str
+    primary_sync: str
+    backup_sync: str
+    lan_prefix: int = 24
+    sync_port: int = 7788
+    sync_key_file: Optional[str] = None
+    primary_lan: Optional[str] = None  # second heartbeat path, over the LAN
+    backup_lan: Optional[str] = None
+    heartbeat_interval_ms: int = 50
+    heartbeat_missed: int = 3
+    queue_primary_out: int = 11
+    queue_backup_in: int = 12
+    queue_backup_out: int = 13
+    queue_max_len: int = 16384
+    mark: int = 0x5717
+    chain_prefix: str = "STTCP"
+    ts_margin_ms: int = 0
+    synack_hold_ms: int = 3000
+    handshake_hold_ms: int = 3000
+    control_socket_dir: str = "/run/nfq-sttcp"
+    garp_schedule_ms: tuple[int, ...] = (0, 100, 300, 600, 1100, 2000)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_interval_ms / 1000.0
+
+    @property
+    def detection_ms(self) -> int:
+        return self.heartbeat_interval_ms * self.heartbeat_missed
+
+    def control_socket(self, role: str) -> str:
+        return os.path.join(self.control_socket_dir, "%s.sock" % role)
+
+    def peer_addresses(self, role: str) -> list[str]:
+        """Where this role sends heartbeats: the sync link, then the LAN path."""
+        if role == "primary":
+            return [a for a in (self.backup_sync, self.backup_lan) if a]
+        return [a for a in (self.primary_sync, self.primary_lan) if a]
+
+    def own_addresses(self, role: str) -> list[str]:
+        if role == "primary":
+            return [a for a in (self.primary_sync, self.primary_lan) if a]
+        return [a for a in (self.backup_sync, self.backup_lan) if a]
+
+    def read_key(self) -> Optional[bytes]:
+        if not self.sync_key_file:
+            return None
+        try:
+            with open(self.sync_key_file, "rb") as f:
+                key = f.read().strip()
+        except OSError as e:
+            raise ConfigError("sync.key_file: cannot read %s: %s" % (self.sync_key_file, e.strerror)) from None
+        if len(key) < 16:
+            raise ConfigError("sync.key_file: key in %s is shorter than 16 bytes" % self.sync_key_file)
+        return key
+
+
+# TOML layout: section -> {toml key: Config field}
+_LAYOUT: dict[str, dict[str, str]] = {
+    "": {"vip": "vip", "ports": "ports", "lan_interface": "lan_interface", "lan_prefix": "lan_prefix",
+         "mark": "mark", "chain_prefix": "chain_prefix", "control_socket_dir": "control_socket_dir"},
+    "sync": {"primary": "primary_sync", "backup": "backup_sync", "port": "sync_port",
+             "key_file": "sync_key_file"},
+    "lan": {"primary": "primary_lan", "backup": "backup_lan"},
+    "heartbeat": {"interval_ms": "heartbeat_interval_ms", "missed": "heartbeat_missed"},
+    "queues": {"primary_out": "queue_primary_out", "backup_in": "queue_backup_in",
+               "backup_out": "queue_backup_out", "max_len": "queue_max_len"},
+    "tuning": {"ts_margin_ms": "ts_margin_ms", "synack_hold_ms": "synack_hold_ms",
+               "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms"},
+}
+_REQUIRED = ("vip", "ports", "lan_interface", "primary_sync", "backup_sync")
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("cannot read config %s: %s" % (path, e.strerror)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config %s is not valid TOML: %s" % (path, e)) from None
+    return from_dict(raw, source=path)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    values: dict[str, Any] = {}
+    for key, val in raw.items():
+        if isinstance(val, dict):
+            if key not in _LAYOUT or key == "":
+                raise ConfigError("unknown section [%s]" % key)
+            for sub, v in val.items():
+                if sub not in _LAYOUT[key]:
+                    raise ConfigError("unknown key %s.%s (known: %s)" % (key, sub, ", ".join(_LAYOUT[key])))
+                values[_LAYOUT[key][sub]] = v
+        else:
+            if key not in _LAYOUT[""]:
+                raise ConfigError("unknown key %r (known top-level keys: %s; sections: %s)"
+                                  % (key, ", ".join(_LAYOUT[""]), ", ".join(k for k in _LAYOUT if k)))
+            values[_LAYOUT[""][key]] = val
+    missing = [f for f in _REQUIRED if f not in values]
+    if missing:
+        names = {v: ("%s.%s" % (s, k) if s else k) for s, m in _LAYOUT.items() for k, v in m.items()}
+        raise ConfigError("missing required key(s): %s" % ", ".join(names[m] for m in missing))
+    types = {f.name: f.type for f in fields(Config)}
+    for name, v in list(values.items()):
+        t = str(types[name])
+        if "tuple" in t:
+            if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ConfigError("%s must be a list of integers" % name)
+            values[name] = tuple(v)
+        elif t.startswith("int"):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError("%s must be an integer, not %r" % (name, v))
+        elif not isinstance(v, str):
+            raise ConfigError("%s must be a string, not %r" % (name, v))
+    cfg = Config(source=source, **values)
+    validate(cfg)
+    return cfg
+
+
+def _ip(name: str, value: Optional[str]) -> Optional[ipaddress.IPv4Address]:
+    if value is None:
+        return None
+    try:
+        return ipaddress.IPv4Address(value)
+    except ValueError:
+        raise ConfigError("%s: %r is not an IPv4 address" % (name, value)) from None
+
+
+def validate(cfg: Config) -> None:
+    vip = _ip("vip", cfg.vip)
+    psync, bsync = _ip("sync.primary", cfg.primary_sync), _ip("sync.backup", cfg.backup_sync)
+    plan, blan = _ip("lan.primary", cfg.primary_lan), _ip("lan.backup", cfg.backup_lan)
+    if not 1 <= cfg.lan_prefix <= 32:
+        raise ConfigError("lan_prefix must be 1..32")
+    if psync == bsync:
+        raise ConfigError("sync.primary and sync.backup must differ")
+    if vip in (psync, bsync, plan, blan):
+        raise ConfigError("vip %s must not be a host address of either server" % cfg.vip)
+    net = ipaddress.IPv4Network("%s/%d" % (cfg.vip, cfg.lan_prefix), strict=False)
+    for name, a in (("lan.primary", plan), ("lan.backup", blan)):
+        if a is not None and a not in net:
+            raise ConfigError("%s %s is outside the VIP's LAN subnet %s" % (name, a, net))
+    if (plan is None) != (blan is None):
+        raise ConfigError("set both lan.primary and lan.backup for the LAN heartbeat path, or neither")
+    if not cfg.ports:
+        raise ConfigError("ports must name at least one TCP port")
+    if len(set(cfg.ports)) != len(cfg.ports) or not all(1 <= p <= 65535 for p in cfg.ports):
+        raise ConfigError("ports must be distinct integers in 1..65535")
+    if not 1 <= cfg.sync_port <= 65535:
+        raise ConfigError("sync.port must be in 1..65535")
+    if not _IFNAME.match(cfg.lan_interface):
+        raise ConfigError("lan_interface %r is not a valid interface name" % cfg.lan_interface)
+    if not 1 <= cfg.heartbeat_interval_ms <= 60000:
+        raise ConfigError("heartbeat.interval_ms must be in 1..60000")
+    if not 1 <= cfg.heartbeat_missed <= 100:
+        raise ConfigError("heartbeat.missed must be in 1..100")
+    queues = (cfg.queue_primary_out, cfg.queue_backup_in, cfg.queue_backup_out)
+    if not all(0 <= q <= 65535 for q in queues) or len(set(queues)) != 3:
+        raise ConfigError("queues.primary_out, backup_in and backup_out must be distinct numbers in 0..65535")
+    if not 64 <= cfg.queue_max_len <= 1 << 20:
+        raise ConfigError("queues.max_len must be in 64..1048576")
+    if not 0 < cfg.mark < 1 << 32:
+        raise ConfigError("mark must be a non-zero 32-bit integer")
+    if not _CHAIN.match(cfg.chain_prefix):
+        raise ConfigError("chain_prefix must be 1-16 upper-case letters, digits, - or _")
+    for name in ("ts_margin_ms", "synack_hold_ms", "handshake_hold_ms"):
+        if not 0 <= getattr(cfg, name) <= 600000:
+            raise ConfigError("tuning.%s must be in 0..600000" % name)
+    if not cfg.garp_schedule_ms or any(t < 0 for t in cfg.garp_schedule_ms):
+        raise ConfigError("tuning.garp_schedule_ms must be a non-empty list of non-negative delays")
+    if cfg.sync_key_file is not None:
+        cfg.read_key()
+
+
+def render_toml(cfg: Config) -> str:
+    """The TOML text that loads back into ``cfg`` (used by the lab)."""
+    lines: list[str] = []
+
+    def val(v: Any) -> str:
+        if isinstance(v, str):
+            return '"%s"' % v
+        if isinstance(v, tuple):
+            return "[%s]" % ", ".join(str(x) for x in v)
+        return str(v)
+
+    for section, mapping in _LAYOUT.items():
+        chunk = ["%s = %s" % (k, val(getattr(cfg, f))) for k, f in mapping.items()
+                 if getattr(cfg, f) is not None]
+        if not chunk:
+            continue
+        if section:
+            lines.append("\n[%s]" % section)
+        lines.extend(chunk)
+    return "\n".join(lines) + "\n"

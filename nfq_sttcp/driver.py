@@ -1,0 +1,476 @@
+"""The one driver: every side effect of a running daemon happens here.
+
+It owns the NFQUEUE handles, the marked raw socket, the sync socket, the
+control socket, netlink (pyroute2), gratuitous ARP (scapy) and logging. The
+cores decide; the driver carries out their actions. A single select() loop
+serves everything, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import signal
+import socket
+import time
+from collections import Counter
+from typing import Any, Callable, Optional
+
+import structlog
+
+from . import firewall, syncproto
+from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync, TakeOver
+from .backup import BackupConfig, BackupCore
+from .config import Config
+from .primary import PrimaryConfig, PrimaryCore
+from .syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
+from .watchdog import ACTIVE, PeerMonitor, Watchdog
+
+SO_MARK = 36
+TICK_S = 0.1
+
+
+class DaemonError(RuntimeError):
+    """A start-up failure with a message meant for the operator."""
+
+
+class _Stop(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, cfg: Config, role: str) -> None:
+        self.cfg = cfg
+        self.role = role
+        self.log = structlog.get_logger("nfq_sttcp").bind(role=role)
+        self.key = cfg.read_key()
+        self.epoch = secrets.randbits(32)
+        self.counter = 0
+        self.counters: Counter[str] = Counter()
+        self.guard = ReplayGuard()
+        self.stop = False
+        self.queues: list[Any] = []
+        self.fds: dict[int, Callable[[], None]] = {}
+        self.pending_confirms: dict[tuple, int] = {}
+        self.garp_due: list[float] = []
+        self.garp_frames: list[bytes] = []
+        self.l2sock: Any = None
+        self.timeline: list[tuple[str, float]] = []
+        self.started = time.monotonic()
+        ports = frozenset(cfg.ports)
+        if role == "primary":
+            self.primary: Optional[PrimaryCore] = PrimaryCore(PrimaryConfig(
+                cfg.vip, ports, synack_hold_s=cfg.synack_hold_ms / 1000))
+            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
+            self.backup: Optional[BackupCore] = None
+            self.watchdog: Optional[Watchdog] = None
+        else:
+            self.primary = None
+            self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
+                                                  ts_margin=cfg.ts_margin_ms))
+            self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed)
+            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
+
+    # == life cycle ==========================================================
+
+    def run(self) -> int:
+        if os.geteuid() != 0:
+            raise DaemonError("must run as root (needs CAP_NET_ADMIN for iptables and NFQUEUE)")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        try:
+            self._setup()
+            self.log.info("daemon_started", vip=self.cfg.vip, ports=list(self.cfg.ports),
+                          detection_ms=self.cfg.detection_ms, auth=self.key is not None)
+            self._loop()
+        except _Stop:
+            pass
+        finally:
+            self._teardown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop = True
+
+    def _setup(self) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        if self.role == "backup":
+            self._prepare_garp()
+        self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.raw.setsockopt(socket.SOL_SOCKET, SO_MARK, self.cfg.mark)
+        self.sync = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sync.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sync.bind(("0.0.0.0", self.cfg.sync_port))
+        except OSError as e:
+            raise DaemonError("cannot bind the sync port %d: %s" % (self.cfg.sync_port, e.strerror)) from None
+        self.sync.setblocking(False)
+        self.fds[self.sync.fileno()] = self._on_sync_readable
+        self._open_control()
+        firewall.apply(self.cfg, self.role)
+        self.rules_applied = True
+        if self.role == "primary":
+            binds = [(self.cfg.queue_primary_out, self._cb_primary_out)]
+        else:
+            binds = [(self.cfg.queue_backup_in, self._cb_backup_in), (self.cfg.queue_backup_out, self._cb_backup_out)]
+        for num, cb in binds:
+            q = NetfilterQueue()
+            try:
+                q.bind(num, cb, max_len=self.cfg.queue_max_len, sock_len=8 * 1024 * 1024)
+            except OSError as e:
+                raise DaemonError("cannot bind NFQUEUE %d (%s): is another process using it?" % (num, e)) from None
+            self.queues.append(q)
+            fd = q.get_fd()
+            self.fds[fd] = (lambda q=q: q.run(block=False))
+
+    def _teardown(self) -> None:
+        # Rules go before the queues are unbound: an unbound queue drops.
+        try:
+            if getattr(self, "rules_applied", False):
+                if self.role == "backup" and not (self.backup and self.backup.active):
+                    # Fail closed past our own exit: our stack must stay silent.
+                    firewall.apply(self.cfg, "backup", fence=True)
+                    self.log.warning("backup_fenced", note="replies from the service address stay dropped "
+                                     "until 'nfq-sttcp rules remove --role backup' or the next start")
+                else:
+                    firewall.remove(self.cfg, self.role)
+        except Exception as e:  # keep tearing down
+            self.log.error("rules_teardown_failed", error=str(e))
+        for q in self.queues:
+            try:
+                q.unbind()
+            except Exception:
+                pass
+        for s in ("raw", "sync", "ctl"):
+            sock = getattr(self, s, None)
+            if sock is not None:
+                sock.close()
+        try:
+            os.unlink(self.cfg.control_socket(self.role))
+        except OSError:
+            pass
+        self.log.info("daemon_stopped", counters=dict(self.counters))
+
+    # == the loop ============================================================
+
+    def _loop(self) -> None:
+        interval = self.cfg.heartbeat_interval
+        next_beat = time.monotonic()
+        next_tick = next_beat + TICK_S
+        while not self.stop:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send_heartbeats(now)
+                next_beat = now + interval
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + TICK_S
+            self._watchdog_tick(now)
+            self._garp_tick(now)
+            deadline = min(next_beat, next_tick, now + interval / 5)
+            if self.garp_due:
+                deadline = min(deadline, self.garp_due[0])
+            try:
+                ready, _, _ = select.select(list(self.fds), [], [], max(0.0, deadline - time.monotonic()))
+            except InterruptedError:
+                continue
+            for fd in ready:
+                handler = self.fds.get(fd)
+                if handler is not None:
+                    handler()
+            self._flush_confirms()
+
+    # == packets =============================================================
+
+    def _verdict(self, pkt: Any, handler: Callable[[bytes, float], list[Action]], fallback_accept: bool) -> None:
+        try:
+            actions = handler(pkt.get_payload(), time.monotonic())
+            self._perform(actions, pkt)
+        except Exception as e:
+            self.counters["handler_errors"] += 1
+            self.log.error("handler_error", error=repr(e))
+            try:
+                pkt.accept() if fallback_accept else pkt.drop()
+            except Exception:
+                pass  # verdict already given
+
+    def _cb_primary_out(self, pkt: Any) -> None:
+        assert self.primary is not None
+        self._verdict(pkt, self.primary.on_outbound, fallback_accept=True)
+
+    def _cb_backup_in(self, pkt: Any) -> None:
+        assert self.backup is not None
+        self._verdict(pkt, self.backup.on_inbound, fallback_accept=False)
+
+    def _cb_backup_out(self, pkt: Any) -> None:
+        assert self.backup is not None
+        self._verdict(pkt, self.backup.on_outbound, fallback_accept=False)
+
+    def _perform(self, actions: list[Action], pkt: Any = None) -> None:
+        for a in actions:
+            if isinstance(a, Accept):
+                if a.payload is not None:
+                    pkt.set_payload(a.payload)
+                pkt.accept()
+            elif isinstance(a, Drop):
+                pkt.drop()
+            elif isinstance(a, Inject):
+                self._inject(a.packet)
+            elif isinstance(a, SendSync):
+                msg = a.message
+                if isinstance(msg, Confirm):
+                    for k, ack in msg.acks:
+                        self.pending_confirms[k] = ack
+                else:
+                    self._send_sync(msg)
+            elif isinstance(a, Count):
+                self.counters[a.name] += a.n
+            elif isinstance(a, Log):
+                getattr(self.log, a.level)(a.event, **{k: _jsonable(v) for k, v in a.fields.items()})
+            elif isinstance(a, TakeOver):
+                self._takeover(a.reason)
+
+    def _inject(self, packet: bytes) -> None:
+        dst = socket.inet_ntoa(packet[16:20])
+        try:
+            self.raw.sendto(packet, (dst, 0))
+            self.counters["injected"] += 1
+        except OSError as e:
+            self.counters["inject_errors"] += 1
+            self.log.warning("inject_failed", dst=dst, error=e.strerror)
+
+    # == sync link ===========================================================
+
+    def _send_sync(self, msg: syncproto.SyncMessage, to: Optional[list[str]] = None) -> None:
+        self.counter += 1
+        data = syncproto.encode(msg, self.epoch, self.counter, self.key)
+        for addr in to or self.cfg.peer_addresses(self.role)[:1]:
+            try:
+                self.sync.sendto(data, (addr, self.cfg.sync_port))
+            except OSError:
+                self.counters["sync_send_errors"] += 1
+
+    def _flush_confirms(self) -> None:
+        if not self.pending_confirms:
+            return
+        items = list(self.pending_confirms.items())
+        self.pending_confirms.clear()
+        for i in range(0, len(items), syncproto.MAX_CONFIRMS):
+            self._send_sync(Confirm(tuple(items[i:i + syncproto.MAX_CONFIRMS])))
+
+    def _send_heartbeats(self, now: float) -> None:
+        state = self.watchdog.state if self.watchdog else "serving"
+        self._send_sync(Heartbeat(self.role, state, time.monotonic_ns()), to=self.cfg.peer_addresses(self.role))
+
+    def _on_sync_readable(self) -> None:
+        peers = set(self.cfg.peer_addresses(self.role))
+        for _ in range(256):
+            try:
+                data, (addr, _port) = self.sync.recvfrom(2048)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if addr not in peers:
+                self.counters["sync_rejected"] += 1
+                continue
+            try:
+                epoch, counter, msg = syncproto.decode(data, self.key)
+            except SyncError as e:
+                self.counters["sync_rejected"] += 1
+                self.log.debug("sync_rejected", peer=addr, why=str(e))
+                continue
+            if not self.guard.accept(epoch, counter):
+                # The same beat arrives over both paths: only the first counts.
+                self.counters["sync_duplicate"] += 1
+                continue
+            self._on_sync(msg, time.monotonic())
+
+    def _on_sync(self, msg: syncproto.SyncMessage, now: float) -> None:
+        if isinstance(msg, Heartbeat):
+            expected = "backup" if self.role == "primary" else "primary"
+            if msg.role != expected:
+                self.counters["sync_rejected"] += 1
+                return
+            if self.watchdog is not None:
+                self._perform(self.watchdog.on_heartbeat(now))
+            if self.role == "primary":
+                changed, acts = self.peer.on_heartbeat(now, msg.state)
+                self._perform(acts)
+                if changed and self.primary is not None:
+                    self._perform(self.primary.set_backup_following(self.peer.state == "present", now))
+        elif isinstance(msg, ConnIsn) and self.backup is not None:
+            self._perform(self.backup.on_conn_isn(msg, now))
+        elif isinstance(msg, Confirm) and self.primary is not None:
+            self._perform(self.primary.on_confirm(msg, now))
+        else:
+            self.counters["sync_unexpected"] += 1
+
+    # == time ================================================================
+
+    def _tick(self, now: float) -> None:
+        if self.primary is not None:
+            changed, acts = self.peer.on_tick(now)
+            self._perform(acts)
+            if changed:
+                self._perform(self.primary.set_backup_following(False, now))
+            self._perform(self.primary.on_tick(now))
+        if self.backup is not None:
+            self._perform(self.backup.on_tick(now))
+
+    def _watchdog_tick(self, now: float) -> None:
+        if self.watchdog is not None:
+            self._perform(self.watchdog.on_tick(now))
+
+    # == takeover ============================================================
+
+    def _prepare_garp(self) -> None:
+        """Build the gratuitous ARP frames now: importing scapy takes ~1 s."""
+        from pyroute2 import IPRoute
+        from scapy.layers.l2 import ARP, Ether
+
+        with IPRoute() as ipr:
+            links = ipr.link_lookup(ifname=self.cfg.lan_interface)
+            if not links:
+                raise DaemonError("LAN interface %s does not exist" % self.cfg.lan_interface)
+            self.lan_index = links[0]
+            mac = ipr.get_links(self.lan_index)[0].get_attr("IFLA_ADDRESS")
+        vip = self.cfg.vip
+        bcast = "ff:ff:ff:ff:ff:ff"
+        # Both forms: some stacks only honour one of them.
+        self.garp_frames = [
+            bytes(Ether(src=mac, dst=bcast) / ARP(op=1, hwsrc=mac, psrc=vip, hwdst="00:00:00:00:00:00", pdst=vip)),
+            bytes(Ether(src=mac, dst=bcast) / ARP(op=2, hwsrc=mac, psrc=vip, hwdst=bcast, pdst=vip)),
+        ]
+
+    def _mark(self, what: str) -> None:
+        self.timeline.append((what, time.monotonic()))
+
+    def _takeover(self, reason: str) -> None:
+        assert self.backup is not None and self.watchdog is not None
+        self._mark("declared_failed")
+        ok = True
+        try:
+            self._move_vip()
+            self._mark("vip_moved")
+        except Exception as e:
+            ok = False
+            self.log.error("vip_move_failed", error=repr(e))
+        if ok:
+            now = time.monotonic()
+            self.garp_due = [now + ms / 1000.0 for ms in self.cfg.garp_schedule_ms]
+            self._garp_tick(now)
+            self._perform(self.backup.activate(time.monotonic()))
+            self._mark("held_released")
+        self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
+        t = self.watchdog.times
+        t0 = self.timeline[0][1] if self.timeline else time.monotonic()
+        self.log.warning("takeover", reason=reason, ok=ok, detection_ms=_r(t.detection_ms),
+                         takeover_ms=_r(t.takeover_ms),
+                         timeline={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+
+    def _move_vip(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            try:
+                ipr.addr("add", index=self.lan_index, address=self.cfg.vip, prefixlen=self.cfg.lan_prefix)
+            except Exception as e:  # already there (a retried takeover) is fine
+                if "File exists" not in str(e):
+                    raise
+            lo = ipr.link_lookup(ifname="lo")[0]
+            try:
+                ipr.addr("del", index=lo, address=self.cfg.vip, prefixlen=32)
+            except Exception:
+                pass
+
+    def _garp_tick(self, now: float) -> None:
+        if not self.garp_due or now < self.garp_due[0]:
+            return
+        while self.garp_due and now >= self.garp_due[0]:
+            self.garp_due.pop(0)
+        try:
+            if self.l2sock is None:
+                self.l2sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+                self.l2sock.bind((self.cfg.lan_interface, 0))
+            for frame in self.garp_frames:
+                self.l2sock.send(frame)
+            self.counters["garp_sent"] += 1
+            if self.counters["garp_sent"] == 1:
+                self._mark("garp_sent")
+        except OSError as e:
+            self.log.warning("garp_failed", error=e.strerror)
+
+    # == control socket ======================================================
+
+    def _open_control(self) -> None:
+        path = self.cfg.control_socket(self.role)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ctl.bind(path)
+        os.chmod(path, 0o600)
+        self.ctl.listen(8)
+        self.ctl.setblocking(False)
+        self.fds[self.ctl.fileno()] = self._on_control
+
+    def _on_control(self) -> None:
+        try:
+            conn, _ = self.ctl.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(0.5)
+            try:
+                cmd = conn.recv(256).decode(errors="replace").strip()
+                if cmd == "status":
+                    reply: dict[str, Any] = self.status()
+                elif cmd == "takeover" and self.watchdog is not None:
+                    self._perform(self.watchdog.force_takeover(time.monotonic(), "operator switchover"))
+                    reply = {"ok": True, "state": self.watchdog.state}
+                else:
+                    reply = {"error": "unknown command %r" % cmd}
+                conn.sendall(json.dumps(reply, default=_jsonable).encode() + b"\n")
+            except OSError:
+                pass
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
+                              "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
+                              "counters": dict(self.counters)}
+        if self.watchdog is not None:
+            st["state"] = self.watchdog.state
+            st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)
+            t = self.watchdog.times
+            if self.watchdog.state == ACTIVE or t.declared is not None:
+                t0 = self.timeline[0][1] if self.timeline else now
+                st["failover"] = {"detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),
+                                  "timeline_ms": {k: round((v - t0) * 1000, 2) for k, v in self.timeline}}
+            assert self.backup is not None
+            st["connections"] = self.backup.status()
+        else:
+            assert self.primary is not None
+            st["state"] = "serving"
+            st["backup"] = self.peer.state
+            st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
+            st["connections"] = self.primary.status()
+        return st
+
+
+def _r(v: Optional[float]) -> Optional[float]:
+    return None if v is None else round(v, 1)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple) and len(v) == 4 and isinstance(v[0], str):
+        return "%s:%s -> %s:%s" % v
+    if isinstance(v, (set, frozenset, tuple)):
+        return list(v)
+    return v

@@ -1,0 +1,74 @@
+"""Applying and removing our rule sets (the only place that runs iptables).
+
+Setup starts by tearing down, so applying twice does no harm; teardown keeps
+going past errors, so removing twice does no harm either. Only chains we own
+and the jumps into them are ever touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from .config import Config
+from .rules import Hook, all_hooks, hooks, render
+
+
+class FirewallError(RuntimeError):
+    pass
+
+
+def _iptables(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, check=False)
+
+
+def require_iptables() -> None:
+    for tool in ("iptables", "iptables-restore", "iptables-save"):
+        if shutil.which(tool) is None:
+            raise FirewallError("%s not found: install the iptables package (iptables-nft)" % tool)
+
+
+def teardown_hooks(hs: list[Hook]) -> list[str]:
+    errors: list[str] = []
+    for h in hs:
+        for _ in range(64):  # remove every jump, however many accumulated
+            if _iptables("iptables", "-w", "-t", h.table, "-D", h.builtin, "-j", h.chain).returncode != 0:
+                break
+        exists = _iptables("iptables", "-w", "-t", h.table, "-n", "-L", h.chain).returncode == 0
+        if not exists:
+            continue
+        for cmd in (("-F", h.chain), ("-X", h.chain)):
+            r = _iptables("iptables", "-w", "-t", h.table, *cmd)
+            if r.returncode != 0:
+                errors.append("%s %s: %s" % (h.table, " ".join(cmd), r.stderr.strip()))
+    return errors
+
+
+def apply(cfg: Config, role: str, fence: bool = False) -> None:
+    require_iptables()
+    teardown_hooks(hooks(cfg, role))
+    r = _iptables("iptables-restore", "-w", "--noflush", stdin=render(cfg, role, fence=fence))
+    if r.returncode != 0:
+        teardown_hooks(hooks(cfg, role))
+        raise FirewallError("iptables-restore refused the %s rules: %s" % (role, r.stderr.strip()))
+
+
+def remove(cfg: Config, role: str) -> list[str]:
+    require_iptables()
+    return teardown_hooks(hooks(cfg, role))
+
+
+def remove_all(cfg: Config) -> list[str]:
+    require_iptables()
+    return teardown_hooks(all_hooks(cfg))
+
+
+def show(cfg: Config) -> str:
+    require_iptables()
+    lines: list[str] = []
+    for table in ("raw", "mangle"):
+        r = _iptables("iptables-save", "-t", table)
+        for line in r.stdout.splitlines():
+            if cfg.chain_prefix + "-" in line:
+                lines.append("[%s] %s" % (table, line))
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""The namespace lab: a client, a primary and a backup on one kernel.
+
+::
+
+    sttcp-client (10.77.0.10) --eth0--+
+                                      |  sttcp-lan: bridge br0 (LAN 10.77.0.0/24, VIP 10.77.0.100)
+    sttcp-primary (10.77.0.1) --lan0--+
+         | sync0 10.78.0.1            |
+         |  (sync link 10.78.0.0/24)  |
+         | sync0 10.78.0.2            |
+    sttcp-backup  (10.77.0.2) --lan0--+
+
+Every name starts with ``sttcp-``; nothing is routed out of the machine. The
+primary and backup get different TCP timestamp clocks (``tcp_timestamps`` 1
+vs 2) so the timestamp rewriting is really exercised (DESIGN.md trap 6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from typing import Optional
+
+from . import config as config_mod
+from .config import Config
+
+PREFIX = "sttcp-"
+NS_CLIENT, NS_PRIMARY, NS_BACKUP, NS_LAN = "sttcp-client", "sttcp-primary", "sttcp-backup", "sttcp-lan"
+HOSTS = {"client": NS_CLIENT, "primary": NS_PRIMARY, "backup": NS_BACKUP, "lan": NS_LAN}
+CLIENT_IP, PRIMARY_IP, BACKUP_IP, VIP = "10.77.0.10", "10.77.0.1", "10.77.0.2", "10.77.0.100"
+PRIMARY_SYNC, BACKUP_SYNC = "10.78.0.1", "10.78.0.2"
+LAN_IF, SYNC_IF, CLIENT_IF = "lan0", "sync0", "eth0"
+STATE_DIR = "/run/nfq-sttcp-lab"
+DEFAULT_PORTS = (7000, 7001, 7002, 7003)
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def sh(*args: str, check: bool = True, ns: Optional[str] = None, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = list(args)
+    if ns is not None:
+        cmd = ["ip", "netns", "exec", ns] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if check and r.returncode != 0:
+        raise LabError("%s failed: %s" % (" ".join(cmd), (r.stderr or r.stdout).strip()))
+    return r
+
+
+def namespaces() -> list[str]:
+    r = sh("ip", "netns", "list", check=False)
+    return [line.split()[0] for line in r.stdout.splitlines() if line.startswith(PREFIX)]
+
+
+def lab_config(ports: tuple[int, ...] = DEFAULT_PORTS, interval_ms: int = 50, missed: int = 3) -> Config:
+    return Config(vip=VIP, ports=ports, lan_interface=LAN_IF, primary_sync=PRIMARY_SYNC, backup_sync=BACKUP_SYNC,
+                  primary_lan=PRIMARY_IP, backup_lan=BACKUP_IP, sync_key_file=os.path.join(STATE_DIR, "sync.key"),
+                  heartbeat_interval_ms=interval_ms, heartbeat_missed=missed,
+                  control_socket_dir=os.path.join(STATE_DIR, "ctl"), source="nfq-sttcp lab")
+
+
+def config_path() -> str:
+    return os.path.join(STATE_DIR, "lab.toml")
+
+
+def load_config() -> Config:
+    if not os.path.exists(config_path()):
+        raise LabError("the lab is not up (no %s): run 'nfq-sttcp lab up'" % config_path())
+    return config_mod.load(config_path())
+
+
+def _build_network() -> None:
+    for ns in (NS_LAN, NS_CLIENT, NS_PRIMARY, NS_BACKUP):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+    sh("ip", "link", "add", "br0", "type", "bridge", ns=NS_LAN)
+    sh("ip", "link", "set", "br0", "up", ns=NS_LAN)
+    for port, host, ifname in (("c0", NS_CLIENT, CLIENT_IF), ("p0", NS_PRIMARY, LAN_IF), ("b0", NS_BACKUP, LAN_IF)):
+        sh("ip", "-n", NS_LAN, "link", "add", port, "mtu", "1500", "type", "veth",
+           "peer", "name", ifname, "mtu", "1500", "netns", host)
+        sh("ip", "link", "set", port, "master", "br0", ns=NS_LAN)
+        sh("ip", "link", "set", port, "up", ns=NS_LAN)
+        sh("ip", "link", "set", ifname, "up", ns=host)
+    sh("ip", "-n", NS_PRIMARY, "link", "add", SYNC_IF, "mtu", "1500", "type", "veth",
+       "peer", "name", SYNC_IF, "mtu", "1500", "netns", NS_BACKUP)
+    for ns in (NS_PRIMARY, NS_BACKUP):
+        sh("ip", "link", "set", SYNC_IF, "up", ns=ns)
+    sh("ip", "addr", "add", CLIENT_IP + "/24", "dev", CLIENT_IF, ns=NS_CLIENT)
+    sh("ip", "addr", "add", PRIMARY_IP + "/24", "dev", LAN_IF, ns=NS_PRIMARY)
+    sh("ip", "addr", "add", VIP + "/24", "dev", LAN_IF, ns=NS_PRIMARY)
+    sh("ip", "addr", "add", PRIMARY_SYNC + "/24", "dev", SYNC_IF, ns=NS_PRIMARY)
+    sh("ip", "addr", "add", BACKUP_IP + "/24", "dev", LAN_IF, ns=NS_BACKUP)
+    sh("ip", "addr", "add", BACKUP_SYNC + "/24", "dev", SYNC_IF, ns=NS_BACKUP)
+    sh("ip", "addr", "add", VIP + "/32", "dev", "lo", ns=NS_BACKUP)
+    sysctls = {
+        NS_PRIMARY: {"net.ipv4.tcp_timestamps": "1"},
+        # Offset-free clock on the backup: its TSvals differ from the primary's.
+        NS_BACKUP: {"net.ipv4.tcp_timestamps": "2",
+                    "net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
+                    "net.ipv4.conf.%s.arp_ignore" % LAN_IF: "1", "net.ipv4.conf.%s.arp_announce" % LAN_IF: "2",
+                    "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
+                    "net.ipv4.conf.%s.rp_filter" % SYNC_IF: "0", "net.ipv4.conf.%s.rp_filter" % LAN_IF: "0",
+                    "net.ipv4.conf.lo.rp_filter": "0"},
+        NS_CLIENT: {"net.ipv4.tcp_timestamps": "1"},
+    }
+    for ns, kv in sysctls.items():
+        for k, v in kv.items():
+            sh("sysctl", "-q", "-w", "%s=%s" % (k, v), ns=ns)
+
+
+def _spawn(host: str, name: str, argv: list[str], env_role: Optional[str] = None) -> int:
+    os.makedirs(os.path.join(STATE_DIR, "logs"), exist_ok=True)
+    logf = open(os.path.join(STATE_DIR, "logs", "%s-%s.log" % (host, name)), "ab")
+    env = dict(os.environ)
+    if env_role:
+        env["STTCP_ROLE"] = env_role
+    env["PYTHONUNBUFFERED"] = "1"
+    p = subprocess.Popen(["ip", "netns", "exec", HOSTS[host]] + argv, stdout=logf, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    logf.close()
+    with open(os.path.join(STATE_DIR, "pids"), "a") as f:
+        f.write("%s %s %d\n" % (host, name, p.pid))
+    return p.pid
+
+
+def _daemon_argv(role: str) -> list[str]:
+    return [sys.executable, "-m", "nfq_sttcp", "--log-format", "json", "-v", role, "--config", config_path()]
+
+
+def control(role: str, command: str = "status", timeout: float = 2.0) -> dict:
+    cfg = load_config()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(cfg.control_socket(role))
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    return json.loads(data)
+
+
+def _wait(what: str, pred, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last_err = ""
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception as e:  # not up yet
+            last_err = str(e)
+        time.sleep(0.05)
+    raise LabError("timed out waiting for %s%s (logs in %s/logs)" % (what, ": " + last_err if last_err else "", STATE_DIR))
+
+
+def _listening(host: str, port: int) -> bool:
+    r = sh("ss", "-Hltn", "sport = :%d" % port, ns=HOSTS[host], check=False)
+    return bool(r.stdout.strip())
+
+
+def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, interval_ms: int = 50, missed: int = 3,
+       start_backup: bool = True, progress=print) -> Config:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (it creates network namespaces)")
+    if namespaces():
+        raise LabError("a lab is already up (%s): run 'nfq-sttcp lab down' first" % ", ".join(namespaces()))
+    ports = tuple(ports or DEFAULT_PORTS)
+    os.makedirs(os.path.join(STATE_DIR, "ctl"), exist_ok=True)
+    try:
+        progress("[1/5] network namespaces, LAN bridge and sync link")
+        _build_network()
+        keyfile = os.path.join(STATE_DIR, "sync.key")
+        fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, secrets.token_hex(32).encode() + b"\n")
+        os.close(fd)
+        cfg = lab_config(ports, interval_ms, missed)
+        with open(config_path(), "w") as f:
+            f.write(config_mod.render_toml(cfg))
+        cfg = config_mod.load(config_path())
+        progress("[2/5] application on primary and backup: %s" % (app or "built-in test server"))
+        argv = ["sh", "-c", app] if app else [sys.executable, "-m", "nfq_sttcp.testapp"]
+        for host in ("primary", "backup"):
+            _spawn(host, "app", argv, env_role=host)
+        for host in ("primary", "backup"):
+            for p in ports:
+                _wait("%s to listen on port %d" % (host, p), lambda h=host, p=p: _listening(h, p), 15)
+        progress("[3/5] primary daemon")
+        _spawn("primary", "daemon", _daemon_argv("primary"))
+        _wait("the primary daemon", lambda: control("primary")["state"] == "serving", 20)
+        if start_backup:
+            start_backup_daemon(progress)
+        else:
+            progress("[4/5] backup daemon deferred ('nfq-sttcp lab start-backup')")
+        progress("[5/5] lab up: client %s -> VIP %s ports %s" % (CLIENT_IP, VIP, ",".join(map(str, ports))))
+        return cfg
+    except BaseException:
+        down(quiet=True)
+        raise
+
+
+def start_backup_daemon(progress=print) -> None:
+    progress("[4/5] backup daemon, waiting until it follows the primary")
+    _spawn("backup", "daemon", _daemon_argv("backup"))
+    _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20)
+    _wait("the primary to see its backup", lambda: control("primary")["backup"] == "present", 10)
+
+
+def _kill_ns(ns: str, sig: int) -> int:
+    r = sh("ip", "netns", "pids", ns, check=False)
+    n = 0
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), sig)
+            n += 1
+        except (ProcessLookupError, ValueError):
+            pass
+    return n
+
+
+def crash(host: str = "primary") -> float:
+    """A host crash: from this instant it sends and receives nothing, then its processes die."""
+    ns = HOSTS[host]
+    if ns not in namespaces():
+        raise LabError("no %s namespace: is the lab up?" % ns)
+    t = time.monotonic()
+    port = {"primary": "p0", "backup": "b0", "client": "c0"}[host]
+    sh("ip", "link", "set", port, "down", ns=NS_LAN)
+    if host in ("primary", "backup"):
+        sh("ip", "link", "set", SYNC_IF, "down", ns=ns, check=False)
+    _kill_ns(ns, signal.SIGKILL)
+    with open(os.path.join(STATE_DIR, "crashes"), "a") as f:
+        f.write("%s %.6f\n" % (host, t))
+    return t
+
+
+def vip_owner() -> list[str]:
+    owners = []
+    for host in ("primary", "backup"):
+        r = sh("ip", "-4", "-o", "addr", "show", "dev", LAN_IF, ns=HOSTS[host], check=False)
+        if (" %s/" % VIP) in r.stdout:
+            owners.append(host)
+    return owners
+
+
+def status() -> dict:
+    st: dict = {"namespaces": namespaces(), "vip": VIP, "vip_owner": vip_owner(), "daemons": {}}
+    for role in ("primary", "backup"):
+        try:
+            st["daemons"][role] = control(role, timeout=1.0)
+        except (OSError, ValueError, LabError) as e:
+            st["daemons"][role] = {"state": "down", "error": str(e) or type(e).__name__}
+    return st
+
+
+def exec_in(host: str, argv: list[str]) -> int:
+    if host not in HOSTS or HOSTS[host] not in namespaces():
+        raise LabError("no host %r in the lab (is it up?)" % host)
+    return subprocess.call(["ip", "netns", "exec", HOSTS[host]] + argv)
+
+
+def down(quiet: bool = False) -> None:
+    """Remove everything the lab made; harmless when nothing is there."""
+    nss = namespaces()
+    for ns in nss:
+        _kill_ns(ns, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and any(sh("ip", "netns", "pids", ns, check=False).stdout.strip() for ns in nss):
+        time.sleep(0.05)
+    for ns in nss:
+        _kill_ns(ns, signal.SIGKILL)
+    for ns in nss:
+        sh("ip", "netns", "del", ns, check=False)
+    pidfile = os.path.join(STATE_DIR, "pids")
+    if os.path.exists(pidfile):
+        for line in open(pidfile):
+            try:
+                os.killpg(int(line.split()[2]), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, ValueError, IndexError):
+                pass
+    if os.path.isdir(STATE_DIR):
+        keep = os.environ.get("STTCP_LAB_KEEP_LOGS")
+        if keep:
+            subprocess.run(["cp", "-r", os.path.join(STATE_DIR, "logs"), keep], check=False)
+        subprocess.run(["rm", "-rf", STATE_DIR], check=False)
+    if not quiet:
+        print("lab down: removed %s" % (", ".join(nss) if nss else "nothing (no lab was up)"))
+
+
+def app_argv(app: Optional[str]) -> list[str]:
+    return shlex.split(app) if app else []

@@ -1,0 +1,242 @@
+"""The primary's packet logic: event in, actions out (no I/O).
+
+It sees the primary's own client-bound segments (mangle POSTROUTING) and
+
+* reports each new connection's ISN, TSval and options to the backup
+  (from the SYN-ACK), holding the SYN-ACK until the backup has the SYN;
+* applies the zero-loss rule: the ack field the client sees never passes
+  what the backup has confirmed (``clamp_ack_to_backup``), and an ACK that
+  was held back is re-emitted as soon as a confirmation covers it.
+
+The primary fails open: without a following backup every segment passes
+untouched and connections are reported unprotected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import tcpseg
+from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
+from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min
+from .syncproto import Confirm, ConnIsn
+from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
+
+REASON_BEFORE_JOIN = "opened before the backup joined"
+REASON_NO_BACKUP = "no backup following"
+REASON_BACKUP_LOST = "backup lost"
+REASON_NO_CONFIRM = "backup never confirmed the handshake"
+
+
+@dataclass
+class PrimaryConn:
+    key: ConnKey
+    protected: bool
+    reason: str = ""
+    isn: int = 0
+    confirmed: Optional[int] = None  # backup's ack field (client seq space)
+    last_ack_sent: Optional[int] = None  # highest ack the client has been shown
+    latest_ack: Optional[int] = None  # primary's own latest ack
+    snd_nxt: int = 0
+    window: int = 0
+    tsval: int = 0
+    tsecr: int = 0
+    has_ts: bool = False
+    held_synack: Optional[bytes] = None
+    held_since: float = 0.0
+    owed_ack: bool = False
+    closing_since: Optional[float] = None
+    last_seen: float = 0.0
+    clamped: int = 0
+
+    def status(self) -> dict[str, object]:
+        lag = None
+        if self.latest_ack is not None and self.confirmed is not None:
+            lag = max(0, (self.latest_ack - self.confirmed) & 0xFFFFFFFF)
+        return {"conn": "%s:%d -> %s:%d" % self.key, "protected": self.protected,
+                "reason": self.reason, "unconfirmed_bytes": lag, "acks_clamped": self.clamped,
+                "holding_synack": self.held_synack is not None}
+
+
+@dataclass
+class PrimaryConfig:
+    vip: str
+    ports: frozenset[int]
+    synack_hold_s: float = 3.0
+    closed_linger_s: float = 30.0
+
+
+@dataclass
+class PrimaryCore:
+    cfg: PrimaryConfig
+    backup_following: bool = False
+    conns: dict[ConnKey, PrimaryConn] = field(default_factory=dict)
+    early_confirms: dict[ConnKey, tuple[int, float]] = field(default_factory=dict)
+
+    # -- packets -------------------------------------------------------------
+
+    def on_outbound(self, data: bytes, now: float) -> list[Action]:
+        """A client-bound segment from our own stack."""
+        try:
+            seg = tcpseg.parse(data)
+        except MalformedPacket as e:
+            # Fail open: the primary never blocks its own service.
+            return [Accept(), Count("malformed_out"), Log("malformed_packet", "debug", {"why": str(e)})]
+        if seg.src != self.cfg.vip or seg.sport not in self.cfg.ports:
+            return [Accept(), Count("foreign_out")]
+        key = seg.server_key()
+        if seg.flags & SYN and seg.flags & ACK:
+            return self._on_synack(seg, data, key, now)
+        conn = self.conns.get(key)
+        if conn is None:
+            conn = self.conns[key] = PrimaryConn(key, False, REASON_BEFORE_JOIN, last_seen=now)
+            return [Accept(), Log("connection_unprotected", "warning",
+                                  {"conn": key, "reason": conn.reason})]
+        conn.last_seen = now
+        if seg.flags & (FIN | RST) and conn.closing_since is None:
+            conn.closing_since = now
+        if not conn.protected or not self.backup_following:
+            return [Accept()]
+        return self.clamp_ack_to_backup(conn, seg, data)
+
+    def _on_synack(self, seg: Segment, data: bytes, key: ConnKey, now: float) -> list[Action]:
+        conn = self.conns.get(key)
+        if conn is None or conn.isn != seg.seq or conn.closing_since is not None:
+            conn = self.conns[key] = PrimaryConn(key, self.backup_following,
+                                                 "" if self.backup_following else REASON_NO_BACKUP,
+                                                 isn=seg.seq, last_seen=now, held_since=now)
+            early = self.early_confirms.pop(key, None)
+            if early is not None:
+                conn.confirmed = early[0]
+        conn.snd_nxt = seg.end_seq
+        self._remember(conn, seg)
+        out: list[Action] = []
+        if not conn.protected:
+            return [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
+        out.append(SendSync(ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
+                                    -1 if seg.wscale is None else seg.wscale, seg.sack_ok)))
+        if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
+            conn.held_synack = None
+            conn.last_ack_sent = seg.ack
+            out.append(Accept())
+        else:
+            # The client must not complete a handshake the backup never saw.
+            conn.held_synack = data
+            out += [Drop("synack held until the backup has the SYN"), Count("synack_held")]
+        return out
+
+    def _remember(self, conn: PrimaryConn, seg: Segment) -> None:
+        if seg.flags & ACK:
+            conn.latest_ack = seg.ack if conn.latest_ack is None else seq_max(conn.latest_ack, seg.ack)
+        conn.snd_nxt = seq_max(conn.snd_nxt, seg.end_seq)
+        conn.window = seg.window
+        if seg.has_ts:
+            conn.has_ts, conn.tsval, conn.tsecr = True, seg.tsval, seg.tsecr
+
+    def clamp_ack_to_backup(self, conn: PrimaryConn, seg: Segment, data: bytes) -> list[Action]:
+        """Zero-loss rule: never show the client an ack the backup has not confirmed."""
+        self._remember(conn, seg)
+        if not seg.flags & ACK or seg.flags & RST:
+            return [Accept()]
+        allowed = conn.confirmed if conn.confirmed is not None else conn.last_ack_sent
+        if allowed is None:
+            return [Accept()]
+        if conn.last_ack_sent is not None:
+            allowed = seq_max(allowed, conn.last_ack_sent)
+        if not seq_gt(seg.ack, allowed):
+            conn.last_ack_sent = seg.ack if conn.last_ack_sent is None else seq_max(conn.last_ack_sent, seg.ack)
+            return [Accept()]
+        conn.owed_ack = True
+        conn.clamped += 1
+        if seg.is_pure_ack() and conn.last_ack_sent is not None and seq_le(allowed, conn.last_ack_sent):
+            # It would only repeat an ack the client has (and could pass for a
+            # duplicate ack); it is re-emitted when the backup confirms.
+            return [Drop("pure ack held for the backup"), Count("ack_held")]
+        buf = bytearray(data)
+        tcpseg.set_ack(buf, seg, allowed)
+        if seg.sack_off >= 0:
+            # A SACK block above the clamped ack would tell the client that
+            # bytes are safe which die with the primary: keep only D-SACKs.
+            tcpseg.map_sack(buf, seg, lambda left, right: (left, right) if seq_le(right, allowed) else None)
+        conn.last_ack_sent = allowed
+        return [Accept(bytes(buf))]
+
+    # -- sync ---------------------------------------------------------------
+
+    def on_confirm(self, msg: Confirm, now: float) -> list[Action]:
+        out: list[Action] = []
+        for key, ack in msg.acks:
+            conn = self.conns.get(key)
+            if conn is None:
+                if len(self.early_confirms) < 65536:
+                    self.early_confirms[key] = (ack, now)
+                continue
+            conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
+            out += self._release(conn, conn.confirmed, now)
+        return out
+
+    def _release(self, conn: PrimaryConn, allowed: int, now: float) -> list[Action]:
+        out: list[Action] = []
+        if conn.held_synack is not None:
+            seg = tcpseg.parse(conn.held_synack)
+            if seq_ge(allowed, seg.ack):
+                out.append(Inject(conn.held_synack, "synack confirmed by the backup"))
+                conn.last_ack_sent = seg.ack
+                conn.held_synack = None
+            return out
+        if not conn.owed_ack or conn.latest_ack is None or conn.last_ack_sent is None:
+            return out
+        new_ack = seq_min(conn.latest_ack, allowed)
+        if seq_gt(new_ack, conn.last_ack_sent):
+            out.append(Inject(self._pure_ack(conn, new_ack), "ack released after confirmation"))
+            conn.last_ack_sent = new_ack
+        conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
+        return out
+
+    def _pure_ack(self, conn: PrimaryConn, ack: int) -> bytes:
+        cip, cport, sip, sport = conn.key
+        opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
+        return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK, conn.window, opts)
+
+    # -- backup presence and time ----------------------------------------------
+
+    def set_backup_following(self, following: bool, now: float) -> list[Action]:
+        self.backup_following = following
+        if following:
+            return []
+        out: list[Action] = []
+        for conn in self.conns.values():
+            if conn.protected:
+                conn.protected, conn.reason = False, REASON_BACKUP_LOST
+                out += self._release_all(conn)
+        return out
+
+    def _release_all(self, conn: PrimaryConn) -> list[Action]:
+        """Fail open for one connection: show the client everything we hold back."""
+        out: list[Action] = []
+        if conn.held_synack is not None:
+            out.append(Inject(conn.held_synack, "synack released unprotected"))
+            conn.held_synack = None
+        if conn.owed_ack and conn.latest_ack is not None:
+            out.append(Inject(self._pure_ack(conn, conn.latest_ack), "ack released unprotected"))
+            conn.last_ack_sent, conn.owed_ack = conn.latest_ack, False
+        return out
+
+    def on_tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for key in list(self.conns):
+            conn = self.conns[key]
+            if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
+                conn.protected, conn.reason = False, REASON_NO_CONFIRM
+                out += self._release_all(conn)
+                out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
+            if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s:
+                del self.conns[key]
+        for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
+            del self.early_confirms[key]
+        return out
+
+    def status(self) -> list[dict[str, object]]:
+        return [c.status() for c in self.conns.values()]
+

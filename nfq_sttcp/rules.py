@@ -1,0 +1,87 @@
+"""The iptables rule set of each role, rendered from the config (pure).
+
+Rules live only in chains we own (``<prefix>-...``); the built-in chains get a
+single jump each. The output is ``iptables-restore --noflush`` input, and the
+files in ``iptables/`` are exactly this output for the lab config.
+
+* Primary: clone client segments to the backup (mangle PREROUTING, TEE) and
+  queue its own client-bound segments (mangle POSTROUTING) with
+  ``--queue-bypass``: a dead handler means lost protection, not lost service.
+* Backup: queue client segments before conntrack (raw PREROUTING) and its own
+  replies (mangle POSTROUTING) without bypass: a dead handler must never leak
+  an unmapped reply to the client (fail closed).
+Packets we inject carry the mark and skip every queue (DESIGN.md trap 18).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config
+
+ROLES = ("primary", "backup")
+
+
+@dataclass(frozen=True)
+class Hook:
+    table: str
+    builtin: str
+    chain: str
+
+
+def hooks(cfg: Config, role: str) -> list[Hook]:
+    p = cfg.chain_prefix
+    if role == "primary":
+        return [Hook("mangle", "PREROUTING", p + "-TEE"), Hook("mangle", "POSTROUTING", p + "-POUT")]
+    if role == "backup":
+        return [Hook("raw", "PREROUTING", p + "-BIN"), Hook("mangle", "POSTROUTING", p + "-BOUT")]
+    raise ValueError("role must be primary or backup")
+
+
+def all_hooks(cfg: Config) -> list[Hook]:
+    return hooks(cfg, "primary") + hooks(cfg, "backup")
+
+
+def _port_chunks(ports: tuple[int, ...]) -> list[str]:
+    ps = sorted(ports)
+    return [",".join(str(x) for x in ps[i:i + 15]) for i in range(0, len(ps), 15)]
+
+
+def render(cfg: Config, role: str, fence: bool = False) -> str:
+    """iptables-restore input for ``role``.
+
+    ``fence=True`` renders the backup's exit state: its replies are dropped
+    outright, so a backup whose daemon stopped stays silent.
+    """
+    hs = hooks(cfg, role)
+    mark = "-m mark ! --mark 0x%x" % cfg.mark
+    vip = cfg.vip + "/32"
+    body: dict[str, list[str]] = {}
+    for h in hs:
+        body.setdefault(h.table, []).append(":%s - [0:0]" % h.chain)
+    for h in hs:
+        body[h.table].append("-I %s 1 -j %s" % (h.builtin, h.chain))
+    for ports in _port_chunks(cfg.ports):
+        if role == "primary":
+            tee, out = hs
+            body["mangle"].append("-A %s -i %s -d %s -p tcp -m multiport --dports %s -j TEE --gateway %s"
+                                  % (tee.chain, cfg.lan_interface, vip, ports, cfg.backup_sync))
+            body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d --queue-bypass"
+                                  % (out.chain, vip, ports, mark, cfg.queue_primary_out))
+        else:
+            bin_, bout = hs
+            if not fence:
+                body["raw"].append("-A %s -d %s -p tcp -m multiport --dports %s %s -j NFQUEUE --queue-num %d"
+                                   % (bin_.chain, vip, ports, mark, cfg.queue_backup_in))
+                body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d"
+                                      % (bout.chain, vip, ports, mark, cfg.queue_backup_out))
+            else:
+                body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s -j DROP"
+                                      % (bout.chain, vip, ports))
+    out_lines = ["# nfq-sttcp %s rules%s (rendered from %s)" % (role, " (exit fence)" if fence else "", cfg.source)]
+    for table in ("raw", "mangle"):
+        if table in body:
+            out_lines.append("*" + table)
+            out_lines.extend(body[table])
+            out_lines.append("COMMIT")
+    return "\n".join(out_lines) + "\n"

@@ -1,0 +1,182 @@
+"""The sync-link protocol between primary and backup (pure encode/decode).
+
+Wire format (network byte order)::
+
+    magic "ST" | version u8 | type u8 | epoch u32 | counter u64 | body | mac
+
+``epoch`` is chosen at daemon start and ``counter`` increases with every
+message, so a receiver can reject replays. ``mac`` is HMAC-SHA256 over
+everything before it when a key is configured (32 bytes), absent otherwise.
+Sizes are bounded; anything else is a SyncError, never an exception escaping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Optional, Union
+
+MAGIC = b"ST"
+VERSION = 1
+MAX_MESSAGE = 1400
+MAC_LEN = 32
+MAX_CONFIRMS = 64
+
+T_HEARTBEAT, T_CONN_ISN, T_CONFIRM = 1, 2, 3
+
+_HDR = struct.Struct("!2sBBIQ")
+_KEY = struct.Struct("!4sH4sH")
+_HB = struct.Struct("!BBQ")
+_ISN = struct.Struct("!12sIIBHBB")
+_CONFIRM_ENTRY = struct.Struct("!12sI")
+
+ConnKey = tuple[str, int, str, int]
+
+
+class SyncError(ValueError):
+    """A sync datagram that must be ignored (malformed, forged, replayed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    role: str  # "primary" | "backup"
+    state: str
+    sent_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnIsn:
+    """The primary's view of a new connection, taken from its SYN-ACK."""
+
+    key: ConnKey
+    isn: int
+    tsval: int
+    has_ts: bool
+    mss: int
+    wscale: int  # -1 when absent
+    sack_ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """The backup's ack field per connection: the client bytes it holds."""
+
+    acks: tuple[tuple[ConnKey, int], ...]
+
+
+SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
+
+ROLES = ("primary", "backup")
+STATES = ("waiting", "following", "suspect", "takeover", "active", "fault", "serving", "stopping")
+
+
+def _pack_key(key: ConnKey) -> bytes:
+    return _KEY.pack(socket.inet_aton(key[0]), key[1], socket.inet_aton(key[2]), key[3])
+
+
+def _unpack_key(b: bytes) -> ConnKey:
+    a, ap, c, cp = _KEY.unpack(b)
+    return (socket.inet_ntoa(a), ap, socket.inet_ntoa(c), cp)
+
+
+def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> bytes:
+    if isinstance(msg, Heartbeat):
+        mtype = T_HEARTBEAT
+        body = _HB.pack(ROLES.index(msg.role), STATES.index(msg.state), msg.sent_ns & (2**64 - 1))
+    elif isinstance(msg, ConnIsn):
+        mtype = T_CONN_ISN
+        body = _ISN.pack(_pack_key(msg.key), msg.isn, msg.tsval, int(msg.has_ts), msg.mss,
+                         msg.wscale & 0xFF, int(msg.sack_ok))
+    elif isinstance(msg, Confirm):
+        if len(msg.acks) > MAX_CONFIRMS:
+            raise SyncError("too many confirmations in one message")
+        mtype = T_CONFIRM
+        body = struct.pack("!H", len(msg.acks)) + b"".join(
+            _CONFIRM_ENTRY.pack(_pack_key(k), a) for k, a in msg.acks)
+    else:  # pragma: no cover - guarded by the type
+        raise SyncError("unknown message type %r" % (msg,))
+    data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
+    if key is not None:
+        data += hmac.new(key, data, hashlib.sha256).digest()
+    return data
+
+
+def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
+    """Return (epoch, counter, message) or raise SyncError."""
+    if len(data) > MAX_MESSAGE:
+        raise SyncError("message of %d bytes exceeds %d" % (len(data), MAX_MESSAGE))
+    if key is not None:
+        if len(data) < _HDR.size + MAC_LEN:
+            raise SyncError("message too short for its MAC")
+        data, mac = data[:-MAC_LEN], data[-MAC_LEN:]
+        if not hmac.compare_digest(mac, hmac.new(key, data, hashlib.sha256).digest()):
+            raise SyncError("bad MAC")
+    if len(data) < _HDR.size:
+        raise SyncError("message shorter than the header")
+    magic, version, mtype, epoch, counter = _HDR.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise SyncError("bad magic")
+    if version != VERSION:
+        raise SyncError("unsupported version %d" % version)
+    body = data[_HDR.size:]
+    try:
+        if mtype == T_HEARTBEAT:
+            if len(body) != _HB.size:
+                raise SyncError("heartbeat of wrong size")
+            r, s, ns = _HB.unpack(body)
+            if r >= len(ROLES) or s >= len(STATES):
+                raise SyncError("heartbeat with unknown role or state")
+            return epoch, counter, Heartbeat(ROLES[r], STATES[s], ns)
+        if mtype == T_CONN_ISN:
+            if len(body) != _ISN.size:
+                raise SyncError("ISN message of wrong size")
+            k, isn, tsval, has_ts, mss, ws, sack = _ISN.unpack(body)
+            return epoch, counter, ConnIsn(_unpack_key(k), isn, tsval, bool(has_ts), mss,
+                                           -1 if ws == 0xFF else ws, bool(sack))
+        if mtype == T_CONFIRM:
+            if len(body) < 2:
+                raise SyncError("confirm message too short")
+            (n,) = struct.unpack_from("!H", body, 0)
+            if n > MAX_CONFIRMS or len(body) != 2 + n * _CONFIRM_ENTRY.size:
+                raise SyncError("confirm message of wrong size")
+            acks = tuple(
+                (_unpack_key(k), a)
+                for k, a in (_CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
+                             for i in range(n)))
+            return epoch, counter, Confirm(acks)
+    except (struct.error, OSError) as e:
+        raise SyncError("undecodable body: %s" % e) from None
+    raise SyncError("unknown message type %d" % mtype)
+
+
+class ReplayGuard:
+    """Accepts each (epoch, counter) from a peer at most once.
+
+    A sliding window (as in IPsec) lets messages that took different paths
+    arrive out of order; anything older than the window, or seen before, is a
+    replay. A new epoch (the peer restarted) starts afresh. Pure, no clock.
+    """
+
+    WINDOW = 4096
+
+    def __init__(self) -> None:
+        self.epoch: Optional[int] = None
+        self.highest = -1
+        self.seen: set[int] = set()
+
+    def accept(self, epoch: int, counter: int) -> bool:
+        if epoch != self.epoch:
+            self.epoch, self.highest, self.seen = epoch, counter, {counter}
+            return True
+        if counter <= self.highest - self.WINDOW or counter in self.seen:
+            return False
+        self.seen.add(counter)
+        if counter > self.highest:
+            self.highest = counter
+            if len(self.seen) > 2 * self.WINDOW:
+                floor = self.highest - self.WINDOW
+                self.seen = {c for c in self.seen if c > floor}
+        return True

@@ -1,0 +1,304 @@
+"""Parsing and in-place rewriting of IPv4/TCP segments.
+
+Pure code over bytes: no sockets, no logging. Every rewrite keeps the TCP
+checksum correct with an RFC 1624 incremental update, because after
+``set_payload()`` the kernel marks the packet CHECKSUM_NONE and recomputes
+nothing (DESIGN.md trap 2). Scapy is the oracle for all of this in the tests,
+never a dependency here (it is ~200x slower).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .seqmath import MASK
+
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+OPT_EOL, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_OK, OPT_SACK, OPT_TS = 0, 1, 2, 3, 4, 5, 8
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+
+
+class MalformedPacket(ValueError):
+    """The bytes are not a complete IPv4/TCP segment that we may rewrite."""
+
+
+ConnKey = tuple[str, int, str, int]
+"""(client_ip, client_port, server_ip, server_port): the same on both servers."""
+
+
+@dataclass(slots=True)
+class Segment:
+    """Offsets and field values of one parsed segment (offsets are absolute)."""
+
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+    ihl: int
+    tcp_off: int
+    doff: int
+    total_len: int
+    payload_len: int
+    ts_off: int = -1  # offset of TSval; TSecr follows at +4
+    tsval: int = 0
+    tsecr: int = 0
+    sack_off: int = -1  # offset of the SACK option's kind byte
+    sack_blocks: tuple[tuple[int, int], ...] = ()
+    mss: Optional[int] = None
+    wscale: Optional[int] = None
+    sack_ok: bool = False
+
+    @property
+    def csum_off(self) -> int:
+        return self.tcp_off + 16
+
+    @property
+    def has_ts(self) -> bool:
+        return self.ts_off >= 0
+
+    @property
+    def seq_len(self) -> int:
+        """Sequence space the segment consumes (payload plus SYN and FIN)."""
+        return self.payload_len + (1 if self.flags & SYN else 0) + (1 if self.flags & FIN else 0)
+
+    @property
+    def end_seq(self) -> int:
+        return (self.seq + self.seq_len) & MASK
+
+    def is_pure_ack(self) -> bool:
+        return self.payload_len == 0 and not (self.flags & (SYN | FIN | RST)) and bool(self.flags & ACK)
+
+    def server_key(self) -> ConnKey:
+        """Key of a segment sent by the server (src is the service address)."""
+        return (self.dst, self.dport, self.src, self.sport)
+
+    def client_key(self) -> ConnKey:
+        """Key of a segment sent by the client."""
+        return (self.src, self.sport, self.dst, self.dport)
+
+
+def _ip(b: bytes) -> str:
+    return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
+
+
+def parse(buf: bytes | bytearray) -> Segment:
+    """Parse an IPv4/TCP packet; raise MalformedPacket for anything unsafe to touch."""
+    n = len(buf)
+    if n < 20:
+        raise MalformedPacket("shorter than an IPv4 header")
+    vihl, _tos, total_len, _id, frag, _ttl, proto, _csum, src, dst = _IPV4.unpack_from(buf, 0)
+    if vihl >> 4 != 4:
+        raise MalformedPacket("not IPv4")
+    ihl = (vihl & 0x0F) * 4
+    if ihl < 20:
+        raise MalformedPacket("IHL below 5")
+    if total_len > n:
+        raise MalformedPacket("truncated copy: IP total length %d > %d bytes" % (total_len, n))
+    if total_len < ihl + 20:
+        raise MalformedPacket("IP total length too small for a TCP header")
+    if proto != 6:
+        raise MalformedPacket("not TCP")
+    if frag & 0x3FFF:
+        raise MalformedPacket("IP fragment")
+    sport, dport, seq, ack, off_byte, flags, window, _tcsum, _urg = _TCP.unpack_from(buf, ihl)
+    doff = (off_byte >> 4) * 4
+    if doff < 20:
+        raise MalformedPacket("TCP data offset below 5")
+    if ihl + doff > total_len:
+        raise MalformedPacket("TCP header overruns the packet")
+    seg = Segment(_ip(src), _ip(dst), sport, dport, seq, ack, flags, window,
+                  ihl, ihl, doff, total_len, total_len - ihl - doff)
+    if doff > 20:
+        _parse_options(buf, ihl + 20, ihl + doff, seg)
+    return seg
+
+
+def _parse_options(buf: bytes | bytearray, i: int, end: int, seg: Segment) -> None:
+    while i < end:
+        kind = buf[i]
+        if kind == OPT_EOL:
+            return
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= end:
+            raise MalformedPacket("TCP option %d has no length byte" % kind)
+        olen = buf[i + 1]
+        if olen < 2 or i + olen > end:
+            raise MalformedPacket("TCP option %d overruns the header" % kind)
+        if kind == OPT_TS:
+            if olen != 10:
+                raise MalformedPacket("timestamp option of length %d" % olen)
+            seg.ts_off = i + 2
+            seg.tsval, seg.tsecr = struct.unpack_from("!II", buf, i + 2)
+        elif kind == OPT_SACK:
+            if (olen - 2) % 8 or olen < 10:
+                raise MalformedPacket("SACK option of length %d" % olen)
+            seg.sack_off = i
+            seg.sack_blocks = tuple(
+                struct.unpack_from("!II", buf, j) for j in range(i + 2, i + olen, 8))
+        elif kind == OPT_MSS and olen == 4:
+            seg.mss = struct.unpack_from("!H", buf, i + 2)[0]
+        elif kind == OPT_WSCALE and olen == 3:
+            seg.wscale = buf[i + 2]
+        elif kind == OPT_SACK_OK and olen == 2:
+            seg.sack_ok = True
+        i += olen
+
+
+# --- checksums -------------------------------------------------------------
+
+def ones_complement_sum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    s = start + sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def tcp_checksum(buf: bytes | bytearray, seg: Segment) -> int:
+    """The correct TCP checksum of ``buf`` (its checksum field is ignored)."""
+    tcp_len = seg.total_len - seg.tcp_off
+    pseudo = buf[12:20] + struct.pack("!HH", 6, tcp_len)
+    body = bytearray(buf[seg.tcp_off:seg.total_len])
+    body[16:18] = b"\0\0"
+    return (~ones_complement_sum(bytes(pseudo) + bytes(body))) & 0xFFFF
+
+
+def tcp_checksum_ok(buf: bytes | bytearray, seg: Segment) -> bool:
+    tcp_len = seg.total_len - seg.tcp_off
+    pseudo = bytes(buf[12:20]) + struct.pack("!HH", 6, tcp_len)
+    return ones_complement_sum(pseudo + bytes(buf[seg.tcp_off:seg.total_len])) == 0xFFFF
+
+
+def ip_checksum(hdr: bytes | bytearray) -> int:
+    h = bytearray(hdr)
+    h[10:12] = b"\0\0"
+    return (~ones_complement_sum(h)) & 0xFFFF
+
+
+def _patch(buf: bytearray, seg: Segment, off: int, new: bytes) -> None:
+    """Write ``new`` at ``off`` and fix the TCP checksum incrementally (RFC 1624).
+
+    The update works on the 16-bit-aligned span around the field, so fields at
+    odd offsets (options without NOP padding) are handled exactly too.
+    """
+    start = off & ~1
+    end = (off + len(new) + 1) & ~1
+    old = bytes(buf[start:end])
+    buf[off:off + len(new)] = new
+    cur = bytes(buf[start:end])
+    if old == cur:
+        return
+    csum_off = seg.csum_off
+    s = (~((buf[csum_off] << 8) | buf[csum_off + 1])) & 0xFFFF
+    for j in range(0, end - start, 2):
+        s += (~((old[j] << 8) | old[j + 1])) & 0xFFFF
+        s += (cur[j] << 8) | cur[j + 1]
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    c = (~s) & 0xFFFF
+    buf[csum_off] = c >> 8
+    buf[csum_off + 1] = c & 0xFF
+
+
+def set_seq(buf: bytearray, seg: Segment, value: int) -> None:
+    value &= MASK
+    _patch(buf, seg, seg.tcp_off + 4, value.to_bytes(4, "big"))
+    seg.seq = value
+
+
+def set_ack(buf: bytearray, seg: Segment, value: int) -> None:
+    value &= MASK
+    _patch(buf, seg, seg.tcp_off + 8, value.to_bytes(4, "big"))
+    seg.ack = value
+
+
+def set_window(buf: bytearray, seg: Segment, value: int) -> None:
+    _patch(buf, seg, seg.tcp_off + 14, (value & 0xFFFF).to_bytes(2, "big"))
+    seg.window = value & 0xFFFF
+
+
+def set_tsval(buf: bytearray, seg: Segment, value: int) -> None:
+    if seg.ts_off < 0:
+        return
+    value &= MASK
+    _patch(buf, seg, seg.ts_off, value.to_bytes(4, "big"))
+    seg.tsval = value
+
+
+def set_tsecr(buf: bytearray, seg: Segment, value: int) -> None:
+    if seg.ts_off < 0:
+        return
+    value &= MASK
+    _patch(buf, seg, seg.ts_off + 4, value.to_bytes(4, "big"))
+    seg.tsecr = value
+
+
+SackMap = Callable[[int, int], Optional[tuple[int, int]]]
+
+
+def map_sack(buf: bytearray, seg: Segment, fn: SackMap) -> None:
+    """Replace each SACK block by ``fn(left, right)``; None removes the block.
+
+    Removed blocks are replaced by NOPs so the header length never changes.
+    """
+    if seg.sack_off < 0:
+        return
+    kept = []
+    for left, right in seg.sack_blocks:
+        m = fn(left, right)
+        if m is not None:
+            kept.append((m[0] & MASK, m[1] & MASK))
+    olen = 2 + 8 * len(seg.sack_blocks)
+    if kept:
+        new = bytes([OPT_SACK, 2 + 8 * len(kept)]) + b"".join(
+            struct.pack("!II", a, b) for a, b in kept)
+    else:
+        new = b""
+    new += bytes([OPT_NOP]) * (olen - len(new))
+    _patch(buf, seg, seg.sack_off, new)
+    seg.sack_blocks = tuple(kept)
+    if not kept:
+        seg.sack_off = -1
+
+
+# --- building segments from scratch --------------------------------------
+
+def _aton(ip: str) -> bytes:
+    parts = ip.split(".")
+    if len(parts) != 4:
+        raise ValueError("bad IPv4 address %r" % ip)
+    return bytes(int(p) for p in parts)
+
+
+def ts_option(tsval: int, tsecr: int) -> bytes:
+    return bytes([OPT_NOP, OPT_NOP, OPT_TS, 10]) + struct.pack("!II", tsval & MASK, tsecr & MASK)
+
+
+def build_segment(src: str, dst: str, sport: int, dport: int, seq: int, ack: int,
+                  flags: int, window: int, options: bytes = b"", payload: bytes = b"",
+                  ttl: int = 64) -> bytes:
+    """A complete IPv4/TCP packet with valid IP and TCP checksums."""
+    if len(options) % 4:
+        options += bytes([OPT_NOP]) * (4 - len(options) % 4)
+    doff = 20 + len(options)
+    total = 20 + doff + len(payload)
+    ip = bytearray(_IPV4.pack(0x45, 0, total, 0, 0x4000, ttl, 6, 0, _aton(src), _aton(dst)))
+    ip[10:12] = ip_checksum(ip).to_bytes(2, "big")
+    tcp = bytearray(_TCP.pack(sport, dport, seq & MASK, ack & MASK, (doff // 4) << 4, flags,
+                              window & 0xFFFF, 0, 0)) + options
+    pkt = bytearray(ip + tcp + payload)
+    seg = parse(pkt)
+    pkt[seg.csum_off:seg.csum_off + 2] = tcp_checksum(pkt, seg).to_bytes(2, "big")
+    return bytes(pkt)

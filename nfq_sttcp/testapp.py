@@ -1,0 +1,166 @@
+"""The built-in deterministic test server the lab runs on both servers.
+
+* 7000 echo: every byte comes back.
+* 7001 bulk source: the client sends ``LENGTH [SEED]\\n``; the server sends
+  ``stream_bytes(SEED, 0, LENGTH)`` and closes.
+* 7002 sink: the server reads until the client's FIN, then answers with the
+  sha256 hex digest of everything it read and a newline, and closes.
+* 7003 banner (server speaks first): ``220 nfq-sttcp banner ready\\r\\n``,
+  then ``250 N <line>\\r\\n`` for the N-th line received; ``QUIT`` closes.
+
+Both copies must write identical bytes (ST-TCP's determinism requirement).
+``--backup-delay-ms`` makes the copy started with STTCP_ROLE=backup slower
+(DESIGN.md trap 9) without changing the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from array import array
+
+ECHO, BULK, SINK, BANNER = 7000, 7001, 7002, 7003
+BANNER_LINE = b"220 nfq-sttcp banner ready\r\n"
+_WORDS_PER_BLOCK = 8192  # 64 KiB
+
+
+def stream_block(seed: int, block: int) -> bytes:
+    """64 KiB block ``block`` of the deterministic stream: each 8-byte word
+    holds its own index, so a lost, repeated or shifted byte never matches."""
+    base = ((seed & 0xFFFF) << 48) | (block * _WORDS_PER_BLOCK)
+    a = array("Q", range(base, base + _WORDS_PER_BLOCK))
+    if a.itemsize != 8:  # pragma: no cover
+        raise RuntimeError("unexpected array item size")
+    return a.tobytes()
+
+
+def stream_bytes(seed: int, offset: int, length: int) -> bytes:
+    out = bytearray()
+    end = offset + length
+    blk = offset // (8 * _WORDS_PER_BLOCK)
+    pos = blk * 8 * _WORDS_PER_BLOCK
+    while pos < end:
+        b = stream_block(seed, blk)
+        lo, hi = max(offset - pos, 0), min(end - pos, len(b))
+        out += b[lo:hi]
+        pos += len(b)
+        blk += 1
+    return bytes(out)
+
+
+class Server:
+    def __init__(self, host: str, delay_s: float) -> None:
+        self.host = host
+        self.delay = delay_s
+
+    def _slow(self) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+
+    def serve_echo(self, c: socket.socket) -> None:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return
+            self._slow()
+            c.sendall(d)
+
+    def serve_bulk(self, c: socket.socket) -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            d = c.recv(1)
+            if not d:
+                return
+            line += d
+            if len(line) > 64:
+                return
+        parts = line.split()
+        length = int(parts[0])
+        seed = int(parts[1]) if len(parts) > 1 else 0
+        sent = 0
+        blk = 0
+        while sent < length:
+            b = stream_block(seed, blk)[: length - sent]
+            c.sendall(b)
+            sent += len(b)
+            blk += 1
+            if blk % 16 == 0:
+                self._slow()
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
+
+    def serve_sink(self, c: socket.socket) -> None:
+        h = hashlib.sha256()
+        while True:
+            d = c.recv(262144)
+            if not d:
+                break
+            h.update(d)
+        self._slow()
+        c.sendall(h.hexdigest().encode() + b"\n")
+
+    def serve_banner(self, c: socket.socket) -> None:
+        c.sendall(BANNER_LINE)
+        f = c.makefile("rb")
+        n = 0
+        for line in f:
+            n += 1
+            text = line.rstrip(b"\r\n")
+            self._slow()
+            if text.upper() == b"QUIT":
+                c.sendall(b"221 bye\r\n")
+                return
+            c.sendall(b"250 %d %s\r\n" % (n, text))
+
+    def listen(self, port: int, handler) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, port))
+        s.listen(512)
+
+        def accept_loop() -> None:
+            while True:
+                c, _ = s.accept()
+                threading.Thread(target=self._run, args=(handler, c), daemon=True).start()
+
+        threading.Thread(target=accept_loop, daemon=True).start()
+
+    @staticmethod
+    def _run(handler, c: socket.socket) -> None:
+        try:
+            with c:
+                handler(c)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nfq-sttcp testapp", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--base-port", type=int, default=ECHO,
+                    help="echo on BASE, bulk on BASE+1, sink on BASE+2, banner on BASE+3")
+    ap.add_argument("--backup-delay-ms", type=float, default=0.0,
+                    help="delay each response by this much when STTCP_ROLE=backup")
+    args = ap.parse_args(argv)
+    delay = args.backup_delay_ms / 1000.0 if os.environ.get("STTCP_ROLE") == "backup" else 0.0
+    srv = Server(args.host, delay)
+    b = args.base_port
+    for off, h in enumerate((srv.serve_echo, srv.serve_bulk, srv.serve_sink, srv.serve_banner)):
+        srv.listen(b + off, h)
+    print("testapp listening on %s:%d-%d (delay %.0f ms)" % (args.host, b, b + 3, delay * 1000), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,316 @@
+"""Test clients for the built-in test server, run in the client's namespace.
+
+Each ``--conn KIND[:key=value,...]`` opens one connection and checks every
+byte it gets back. When every connection has reached its crash point it
+prints ``CRASHPOINT`` on stdout; whoever runs it crashes the primary and
+writes ``CRASH <time.monotonic()>`` to its stdin (the namespaces share one
+monotonic clock). At the end it prints one JSON object: per connection,
+bytes sent, received and verified, the first mismatching offset, the error
+if any, and the failover gap — the longest time the client waited for data
+it was owed, across the crash.
+
+Kinds (defaults in brackets):
+  echo:count=[40],size=[2000],pause_ms=[20],crash_msg=[count/2],inside=[0]
+  download:bytes=[50MB],seed=[1],rate_kbps=[0 = unlimited],crash_at=[bytes/3]
+  upload:bytes=[50MB],seed=[2],rate_kbps=[0],crash_at=[bytes/3]
+  banner:lines=[30],pause_ms=[20],crash_line=[lines/2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .testapp import BANNER_LINE, stream_bytes
+
+TCP_INFO = 11
+_BYTES_ACKED_OFFSET = 120  # struct tcp_info: tcpi_bytes_acked (u64)
+
+
+@dataclass
+class Result:
+    kind: str
+    port: int
+    ok: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    verified: int = 0
+    first_mismatch: Optional[int] = None
+    error: Optional[str] = None
+    events: list[tuple[float, str]] = field(default_factory=list)  # (t, "progress"|"request")
+    local_port: int = 0
+    gap_ms: Optional[float] = None
+
+    def progress(self) -> None:
+        self.events.append((time.monotonic(), "p"))
+
+    def request(self) -> None:
+        self.events.append((time.monotonic(), "r"))
+
+    def compute_gap(self, crash_t: Optional[float]) -> None:
+        """Longest wait for owed data that ends after the crash: from the last
+        byte (or request) before it to the first byte after it."""
+        if crash_t is None:
+            return
+        last = None
+        worst = 0.0
+        for t, kind in self.events:
+            if kind == "p" and last is not None and t > crash_t:
+                worst = max(worst, t - last)
+            last = t
+        self.gap_ms = round(worst * 1000, 1)
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "events"}
+        return d
+
+
+class Worker(threading.Thread):
+    def __init__(self, target: str, kind: str, params: dict[str, int], ready: threading.Event, timeout: float) -> None:
+        super().__init__(daemon=True)
+        self.target, self.kind, self.p = target, kind, params
+        self.ready = ready
+        self.timeout = timeout
+        port = {"echo": 7000, "download": 7001, "upload": 7002, "banner": 7003}[kind]
+        self.port = params.get("port", port)
+        self.result = Result(kind, self.port)
+
+    def run(self) -> None:
+        r = self.result
+        try:
+            s = socket.create_connection((self.target, self.port), timeout=self.timeout)
+            r.local_port = s.getsockname()[1]
+            with s:
+                getattr(self, "run_" + self.kind)(s)
+        except Exception as e:  # reported, never raised
+            r.error = "%s: %s" % (type(e).__name__, e)
+            r.ok = False
+        finally:
+            self.ready.set()
+
+    def _recv_exact(self, s: socket.socket, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            d = s.recv(min(65536, n - len(buf)))
+            if not d:
+                raise ConnectionError("EOF after %d of %d bytes" % (len(buf), n))
+            buf += d
+            self.result.bytes_received += len(d)
+            self.result.progress()
+        return bytes(buf)
+
+    def run_echo(self, s: socket.socket) -> None:
+        p, r = self.p, self.result
+        count, size = p.get("count", 40), p.get("size", 2000)
+        pause = p.get("pause_ms", 20) / 1000
+        crash_msg = p.get("crash_msg", count // 2)
+        inside = p.get("inside", 0)
+        rng = random.Random(p.get("seed", 7))
+        for i in range(count):
+            msg = rng.randbytes(size)
+            r.request()
+            if inside and i == crash_msg:
+                # Crash inside a message: half of it sent and echoed, the rest after.
+                half = size // 2
+                s.sendall(msg[:half])
+                r.bytes_sent += half
+                got = self._recv_exact(s, half)
+                self.ready.set()
+                s.sendall(msg[half:])
+                r.bytes_sent += size - half
+                got += self._recv_exact(s, size - half)
+            else:
+                s.sendall(msg)
+                r.bytes_sent += size
+                got = self._recv_exact(s, size)
+            if got != msg:
+                r.first_mismatch = r.verified + next(j for j in range(size) if got[j] != msg[j])
+                raise ValueError("echo mismatch in message %d" % i)
+            r.verified += size
+            if not inside and i == crash_msg:
+                self.ready.set()
+            time.sleep(pause)
+        s.shutdown(socket.SHUT_WR)
+        if s.recv(1):
+            raise ValueError("unexpected bytes after the echo session")
+        r.ok = True
+
+    def run_download(self, s: socket.socket) -> None:
+        p, r = self.p, self.result
+        total, seed = p.get("bytes", 50 << 20), p.get("seed", 1)
+        crash_at = p.get("crash_at", total // 3)
+        rate = p.get("rate_kbps", 0) * 1000 / 8
+        s.sendall(b"%d %d\n" % (total, seed))
+        r.request()
+        start = time.monotonic()
+        while True:
+            d = s.recv(65536 if not rate else 16384)
+            if not d:
+                break
+            off = r.bytes_received
+            r.bytes_received += len(d)
+            r.progress()
+            exp = stream_bytes(seed, off, len(d))
+            if d != exp:
+                r.first_mismatch = off + next(j for j in range(min(len(d), len(exp))) if d[j] != exp[j]) \
+                    if any(d[j] != exp[j] for j in range(min(len(d), len(exp)))) else off + min(len(d), len(exp))
+                raise ValueError("download mismatch at offset %d" % r.first_mismatch)
+            r.verified = r.bytes_received
+            if r.bytes_received >= crash_at:
+                self.ready.set()
+            if rate:
+                ahead = r.bytes_received / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+        if r.bytes_received != total:
+            raise ValueError("download ended after %d of %d bytes" % (r.bytes_received, total))
+        r.ok = True
+
+    def run_upload(self, s: socket.socket) -> None:
+        p, r = self.p, self.result
+        total, seed = p.get("bytes", 50 << 20), p.get("seed", 2)
+        crash_at = p.get("crash_at", total // 3)
+        rate = p.get("rate_kbps", 0) * 1000 / 8
+        h = hashlib.sha256()
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll_acked, args=(s, stop), daemon=True)
+        poller.start()
+        start = time.monotonic()
+        try:
+            off = 0
+            while off < total:
+                chunk = stream_bytes(seed, off, min(65536, total - off))
+                s.sendall(chunk)
+                h.update(chunk)
+                off += len(chunk)
+                r.bytes_sent = off
+                if off >= crash_at:
+                    self.ready.set()
+                if rate:
+                    ahead = off / rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                d = s.recv(100)
+                if not d:
+                    break
+                reply += d
+        finally:
+            stop.set()
+            poller.join()
+        r.bytes_received = len(reply)
+        r.progress()
+        if reply.strip().decode(errors="replace") != h.hexdigest():
+            r.first_mismatch = 0
+            raise ValueError("sink hash %r differs from the sent data's %s" % (reply.strip()[:64], h.hexdigest()))
+        r.verified = total
+        r.ok = True
+
+    def _poll_acked(self, s: socket.socket, stop: threading.Event) -> None:
+        last = 0
+        while not stop.is_set():
+            try:
+                info = s.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 256)
+            except OSError:
+                return
+            acked = struct.unpack_from("Q", info, _BYTES_ACKED_OFFSET)[0]
+            if acked != last:
+                last = acked
+                self.result.progress()
+            time.sleep(0.001)
+
+    def run_banner(self, s: socket.socket) -> None:
+        p, r = self.p, self.result
+        lines, pause = p.get("lines", 30), p.get("pause_ms", 20) / 1000
+        crash_line = p.get("crash_line", lines // 2)
+        f = s.makefile("rb")
+        r.request()
+        first = f.readline()
+        r.bytes_received += len(first)
+        r.progress()
+        if first != BANNER_LINE:
+            r.first_mismatch = 0
+            raise ValueError("banner %r" % first)
+        r.verified += len(first)
+        for i in range(1, lines + 1):
+            text = b"line %d %s" % (i, b"x" * (i % 50))
+            r.request()
+            s.sendall(text + b"\r\n")
+            r.bytes_sent += len(text) + 2
+            got = f.readline()
+            r.bytes_received += len(got)
+            r.progress()
+            want = b"250 %d %s\r\n" % (i, text)
+            if got != want:
+                r.first_mismatch = r.verified
+                raise ValueError("banner reply %r, wanted %r" % (got, want))
+            r.verified += len(got)
+            if i == crash_line:
+                self.ready.set()
+            time.sleep(pause)
+        s.sendall(b"QUIT\r\n")
+        if f.readline() != b"221 bye\r\n":
+            raise ValueError("no goodbye")
+        r.ok = True
+
+
+def parse_conn(spec: str) -> tuple[str, dict[str, int]]:
+    kind, _, rest = spec.partition(":")
+    if kind not in ("echo", "download", "upload", "banner"):
+        raise ValueError("unknown connection kind %r" % kind)
+    params: dict[str, int] = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        params[k] = int(float(v))
+    return kind, params
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="nfq-sttcp traffic", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="10.77.0.100")
+    ap.add_argument("--conn", action="append", required=True, help="KIND[:key=value,...] (repeatable)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
+    ap.add_argument("--wait-crash", action="store_true",
+                    help="after CRASHPOINT, read 'CRASH <monotonic>' from stdin to measure the gap")
+    args = ap.parse_args(argv)
+    workers = []
+    for spec in args.conn:
+        kind, params = parse_conn(spec)
+        workers.append(Worker(args.target, kind, params, threading.Event(), args.timeout))
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.ready.wait()
+    print("CRASHPOINT", flush=True)
+    crash_t: Optional[float] = None
+    if args.wait_crash:
+        rl, _, _ = select.select([sys.stdin], [], [], args.timeout)
+        if rl:
+            line = sys.stdin.readline().split()
+            if len(line) == 2 and line[0] == "CRASH":
+                crash_t = float(line[1])
+    for w in workers:
+        w.join()
+    results = []
+    for w in workers:
+        w.result.compute_gap(crash_t)
+        results.append(w.result.summary())
+    print(json.dumps({"ok": all(r["ok"] for r in results), "crash_t": crash_t, "connections": results}), flush=True)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
