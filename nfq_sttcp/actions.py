@@ -28,6 +28,23 @@ class Drop:
 
 
 @dataclass(frozen=True, slots=True)
+class Defer:
+    """Verdict later: the driver keeps the packet under ``token`` until a
+    Release for it (the packet stays in the kernel queue meanwhile)."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give the deferred packet ``token`` its verdict: accept, rewritten to
+    ``payload`` if given."""
+
+    token: int
+    payload: Optional[bytes] = None
+
+
+@dataclass(frozen=True, slots=True)
 class Inject:
     """Send a complete IPv4 packet through a marked raw socket.
 
@@ -65,4 +82,4 @@ class TakeOver:
     reason: str
 
 
-Action = Union[Accept, Drop, Inject, SendSync, Log, Count, TakeOver]
+Action = Union[Accept, Drop, Defer, Release, Inject, SendSync, Log, Count, TakeOver]

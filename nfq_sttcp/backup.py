@@ -21,7 +21,7 @@ from typing import Optional
 from . import tcpseg
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
 from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
-from .syncproto import Confirm, ConnIsn
+from .syncproto import MAX_CONFIRMS, Confirm, ConnIsn
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 UNPROTECTED_NO_ISN = "primary never sent the ISN"
@@ -98,6 +98,8 @@ class BackupCore:
     active: bool = False
     conns: dict[ConnKey, BackupConn] = field(default_factory=dict)
     early_isn: dict[ConnKey, tuple[ConnIsn, float]] = field(default_factory=dict)
+    unconfirmed: set[ConnKey] = field(default_factory=set)
+    self_ack_due: set[ConnKey] = field(default_factory=set)
 
     # == inbound: client -> service ===========================================
 
@@ -193,18 +195,16 @@ class BackupCore:
         out: list[Action] = []
         if seg.flags & SYN and seg.flags & ACK:
             out += self._on_own_synack(conn, seg)
-        self._track_own(conn, seg, now)
-        if seg.flags & ACK and (conn.last_confirmed is None or seq_gt(seg.ack, conn.last_confirmed)):
-            conn.last_confirmed = seg.ack
-            out.append(SendSync(Confirm(((key, seg.ack),))))
+        if self._track_own(conn, seg, now) and not self.active:
+            self.unconfirmed.add(key)
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
         if self._already_acked(conn, seg):
             # The client already has these bytes (from the primary): keep our
             # stack ack-clocked by its own output instead (DESIGN.md trap 9).
-            out += [Drop("already acked by the client"), Count("self_acked")]
-            out += self._self_ack(conn, seg)
-            return out
+            # One self-ack per batch acks them all (on_batch_end).
+            self.self_ack_due.add(key)
+            return out + [Drop("already acked by the client")]
         if not self.active or conn.delta_seq is None:
             if self.active:
                 return out + [Accept()]
@@ -223,26 +223,57 @@ class BackupCore:
             return self._maybe_map(conn)
         return []
 
-    def _track_own(self, conn: BackupConn, seg: Segment, now: float) -> None:
-        conn.snd_max = seg.end_seq if conn.snd_max is None else seq_max(conn.snd_max, seg.end_seq)
-        if seg.flags & ACK:
-            conn.rcv_ack = seg.ack if conn.rcv_ack is None else seq_max(conn.rcv_ack, seg.ack)
+    def _track_own(self, conn: BackupConn, seg: Segment, now: float) -> bool:
+        """Record what our stack emitted; True when the primary should hear of it."""
+        moved = False
+        if conn.snd_max is None or seq_gt(seg.end_seq, conn.snd_max):
+            conn.snd_max = seg.end_seq
+            moved = True
+        if seg.flags & ACK and (conn.rcv_ack is None or seq_gt(seg.ack, conn.rcv_ack)):
+            conn.rcv_ack = seg.ack
+            moved = True
         conn.last_window = seg.window
         if seg.has_ts:
             conn.last_tsval_b, conn.last_tsval_b_at = seg.tsval, now
+        return moved
 
     def _already_acked(self, conn: BackupConn, seg: Segment) -> bool:
         return (seg.seq_len > 0 and not seg.flags & (SYN | RST) and conn.client_ack_b is not None
                 and seq_le(seg.end_seq, conn.client_ack_b))
 
-    def _self_ack(self, conn: BackupConn, seg: Segment) -> list[Action]:
+    def _self_ack(self, conn: BackupConn) -> list[Action]:
         if conn.client_ack_b is None or conn.snd_max is None or conn.rcv_ack is None:
             return []
         ack = seq_min(conn.client_ack_b, conn.snd_max)
         cip, cport, vip, vport = conn.key
-        opts = tcpseg.ts_option(conn.client_tsval, seg.tsval) if conn.uses_ts else b""
+        opts = tcpseg.ts_option(conn.client_tsval, conn.last_tsval_b) if conn.uses_ts else b""
         pkt = tcpseg.build_segment(cip, vip, cport, vport, conn.rcv_ack, ack, ACK, conn.client_window, opts)
-        return [Inject(pkt, "self-ack: client already has these bytes")]
+        return [Inject(pkt, "self-ack: client already has these bytes"), Count("self_acks")]
+
+    def on_batch_end(self, now: float) -> list[Action]:
+        """After a batch of packets: one confirmation message for every connection
+        that moved, and one self-ack per connection that needs one."""
+        out: list[Action] = []
+        if self.unconfirmed:
+            entries = []
+            for key in self.unconfirmed:
+                conn = self.conns.get(key)
+                if conn is None or conn.rcv_ack is None:
+                    continue
+                pos = None
+                if conn.delta_seq is not None and conn.snd_max is not None:
+                    pos = seq_add(conn.snd_max, conn.delta_seq)
+                entries.append((key, conn.rcv_ack, pos))
+            self.unconfirmed.clear()
+            for i in range(0, len(entries), MAX_CONFIRMS):
+                out.append(SendSync(Confirm(tuple(entries[i:i + MAX_CONFIRMS]))))
+        if self.self_ack_due:
+            for key in self.self_ack_due:
+                conn = self.conns.get(key)
+                if conn is not None:
+                    out += self._self_ack(conn)
+            self.self_ack_due.clear()
+        return out
 
     def _hold(self, conn: BackupConn, seg: Segment, data: bytes) -> None:
         prev = conn.held.get(seg.seq)
@@ -320,6 +351,7 @@ class BackupCore:
             out.append(Count("options_mismatch"))
         else:
             conn.protected, conn.reason = True, ""
+        self.unconfirmed.add(conn.key)
         pending, conn.pending_in = conn.pending_in, []
         for data in pending:
             seg = tcpseg.parse(data)

@@ -47,6 +47,7 @@ class Config:
     mark: int = 0x5717
     chain_prefix: str = "STTCP"
     ts_margin_ms: int = 0
+    max_backup_lag_kb: int = 256
     synack_hold_ms: int = 3000
     handshake_hold_ms: int = 3000
     control_socket_dir: str = "/run/nfq-sttcp"
@@ -98,7 +99,7 @@ _LAYOUT: dict[str, dict[str, str]] = {
     "heartbeat": {"interval_ms": "heartbeat_interval_ms", "missed": "heartbeat_missed"},
     "queues": {"primary_out": "queue_primary_out", "backup_in": "queue_backup_in",
                "backup_out": "queue_backup_out", "max_len": "queue_max_len"},
-    "tuning": {"ts_margin_ms": "ts_margin_ms", "synack_hold_ms": "synack_hold_ms",
+    "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb", "synack_hold_ms": "synack_hold_ms",
                "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms"},
 }
 _REQUIRED = ("vip", "ports", "lan_interface", "primary_sync", "backup_sync")
@@ -197,7 +198,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mark must be a non-zero 32-bit integer")
     if not _CHAIN.match(cfg.chain_prefix):
         raise ConfigError("chain_prefix must be 1-16 upper-case letters, digits, - or _")
-    for name in ("ts_margin_ms", "synack_hold_ms", "handshake_hold_ms"):
+    for name in ("ts_margin_ms", "synack_hold_ms", "handshake_hold_ms", "max_backup_lag_kb"):
         if not 0 <= getattr(cfg, name) <= 600000:
             raise ConfigError("tuning.%s must be in 0..600000" % name)
     if not cfg.garp_schedule_ms or any(t < 0 for t in cfg.garp_schedule_ms):

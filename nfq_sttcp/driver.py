@@ -8,6 +8,7 @@ serves everything, so no locks are needed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ from typing import Any, Callable, Optional
 import structlog
 
 from . import firewall, syncproto
-from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync, TakeOver
+from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
@@ -52,8 +53,9 @@ class Daemon:
         self.guard = ReplayGuard()
         self.stop = False
         self.queues: list[Any] = []
+        self.readers: list[_BoundedReader] = []
         self.fds: dict[int, Callable[[], None]] = {}
-        self.pending_confirms: dict[tuple, int] = {}
+        self.deferred: dict[int, Any] = {}
         self.garp_due: list[float] = []
         self.garp_frames: list[bytes] = []
         self.l2sock: Any = None
@@ -62,7 +64,7 @@ class Daemon:
         ports = frozenset(cfg.ports)
         if role == "primary":
             self.primary: Optional[PrimaryCore] = PrimaryCore(PrimaryConfig(
-                cfg.vip, ports, synack_hold_s=cfg.synack_hold_ms / 1000))
+                cfg.vip, ports, synack_hold_s=cfg.synack_hold_ms / 1000, max_lag=cfg.max_backup_lag_kb * 1024))
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
             self.backup: Optional[BackupCore] = None
             self.watchdog: Optional[Watchdog] = None
@@ -123,10 +125,16 @@ class Daemon:
             except OSError as e:
                 raise DaemonError("cannot bind NFQUEUE %d (%s): is another process using it?" % (num, e)) from None
             self.queues.append(q)
-            fd = q.get_fd()
-            self.fds[fd] = (lambda q=q: q.run(block=False))
+            reader = _BoundedReader(socket.socket(fileno=os.dup(q.get_fd())))
+            self.readers.append(reader)
+            self.fds[q.get_fd()] = (lambda q=q, r=reader: r.drain(q))
 
     def _teardown(self) -> None:
+        if self.primary is not None and self.deferred:
+            try:
+                self._perform(self.primary.release_everything())
+            except Exception as e:
+                self.log.error("release_failed", error=repr(e))
         # Rules go before the queues are unbound: an unbound queue drops.
         try:
             if getattr(self, "rules_applied", False):
@@ -139,6 +147,8 @@ class Daemon:
                     firewall.remove(self.cfg, self.role)
         except Exception as e:  # keep tearing down
             self.log.error("rules_teardown_failed", error=str(e))
+        for r in self.readers:
+            r.sock.close()
         for q in self.queues:
             try:
                 q.unbind()
@@ -177,11 +187,15 @@ class Daemon:
                 ready, _, _ = select.select(list(self.fds), [], [], max(0.0, deadline - time.monotonic()))
             except InterruptedError:
                 continue
+            # Sync first: a heartbeat stuck behind a burst of packets would
+            # look like a dead primary.
+            if self.sync.fileno() in ready:
+                self._on_sync_readable()
             for fd in ready:
                 handler = self.fds.get(fd)
-                if handler is not None:
+                if handler is not None and fd != self.sync.fileno():
                     handler()
-            self._flush_confirms()
+            self._batch_end()
 
     # == packets =============================================================
 
@@ -217,15 +231,18 @@ class Daemon:
                 pkt.accept()
             elif isinstance(a, Drop):
                 pkt.drop()
+            elif isinstance(a, Defer):
+                self.deferred[a.token] = pkt
+            elif isinstance(a, Release):
+                held = self.deferred.pop(a.token, None)
+                if held is not None:
+                    if a.payload is not None:
+                        held.set_payload(a.payload)
+                    held.accept()
             elif isinstance(a, Inject):
                 self._inject(a.packet)
             elif isinstance(a, SendSync):
-                msg = a.message
-                if isinstance(msg, Confirm):
-                    for k, ack in msg.acks:
-                        self.pending_confirms[k] = ack
-                else:
-                    self._send_sync(msg)
+                self._send_sync(a.message)
             elif isinstance(a, Count):
                 self.counters[a.name] += a.n
             elif isinstance(a, Log):
@@ -253,13 +270,9 @@ class Daemon:
             except OSError:
                 self.counters["sync_send_errors"] += 1
 
-    def _flush_confirms(self) -> None:
-        if not self.pending_confirms:
-            return
-        items = list(self.pending_confirms.items())
-        self.pending_confirms.clear()
-        for i in range(0, len(items), syncproto.MAX_CONFIRMS):
-            self._send_sync(Confirm(tuple(items[i:i + syncproto.MAX_CONFIRMS])))
+    def _batch_end(self) -> None:
+        if self.backup is not None:
+            self._perform(self.backup.on_batch_end(time.monotonic()))
 
     def _send_heartbeats(self, now: float) -> None:
         state = self.watchdog.state if self.watchdog else "serving"
@@ -323,7 +336,9 @@ class Daemon:
 
     def _watchdog_tick(self, now: float) -> None:
         if self.watchdog is not None:
-            self._perform(self.watchdog.on_tick(now))
+            if self.watchdog.next_deadline() is not None and now >= self.watchdog.next_deadline():
+                self._on_sync_readable()  # never declare a death with a beat still unread
+            self._perform(self.watchdog.on_tick(time.monotonic()))
 
     # == takeover ============================================================
 
@@ -462,6 +477,31 @@ class Daemon:
             st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
             st["connections"] = self.primary.status()
         return st
+
+
+class _BoundedReader:
+    """Feeds NetfilterQueue.run_socket() at most ``budget`` messages per call.
+
+    run(block=False) drains the queue until it is empty; under a bulk transfer
+    that starves heartbeats and the watchdog for hundreds of milliseconds.
+    run_socket() stops at EAGAIN, so we report EAGAIN once the budget is spent.
+    """
+
+    def __init__(self, sock: socket.socket, budget: int = 64) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.budget = budget
+        self.left = 0
+
+    def recv(self, n: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "batch budget spent")
+        self.left -= 1
+        return self.sock.recv(n)
+
+    def drain(self, q: Any) -> None:
+        self.left = self.budget
+        q.run_socket(self)
 
 
 def _r(v: Optional[float]) -> Optional[float]:

@@ -20,13 +20,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from typing import Optional
 
 from . import config as config_mod
@@ -231,27 +229,31 @@ def _kill_ns(ns: str, sig: int) -> int:
     return n
 
 
-def crash(host: str = "primary") -> float:
-    """A host crash: from this instant it sends and receives nothing, then its processes die."""
+def crash(host: str = "primary") -> tuple[float, float]:
+    """A host crash: from this instant it sends and receives nothing, then its
+    processes die. Returns (time.monotonic(), time.time()) of the crash."""
     ns = HOSTS[host]
     if ns not in namespaces():
         raise LabError("no %s namespace: is the lab up?" % ns)
-    t = time.monotonic()
+    t, wall = time.monotonic(), time.time()
     port = {"primary": "p0", "backup": "b0", "client": "c0"}[host]
     sh("ip", "link", "set", port, "down", ns=NS_LAN)
     if host in ("primary", "backup"):
         sh("ip", "link", "set", SYNC_IF, "down", ns=ns, check=False)
     _kill_ns(ns, signal.SIGKILL)
     with open(os.path.join(STATE_DIR, "crashes"), "a") as f:
-        f.write("%s %.6f\n" % (host, t))
-    return t
+        f.write("%s %.6f %.6f\n" % (host, t, wall))
+    return t, wall
 
 
 def vip_owner() -> list[str]:
+    """Hosts that hold the VIP on a LAN interface that is up (a crashed host
+    keeps the address, but its link is down)."""
     owners = []
     for host in ("primary", "backup"):
         r = sh("ip", "-4", "-o", "addr", "show", "dev", LAN_IF, ns=HOSTS[host], check=False)
-        if (" %s/" % VIP) in r.stdout:
+        link = sh("ip", "-o", "link", "show", "dev", LAN_IF, ns=HOSTS[host], check=False).stdout
+        if (" %s/" % VIP) in r.stdout and "LOWER_UP" in link:
             owners.append(host)
     return owners
 
@@ -299,6 +301,3 @@ def down(quiet: bool = False) -> None:
     if not quiet:
         print("lab down: removed %s" % (", ".join(nss) if nss else "nothing (no lab was up)"))
 
-
-def app_argv(app: Optional[str]) -> list[str]:
-    return shlex.split(app) if app else []

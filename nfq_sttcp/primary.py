@@ -14,11 +14,12 @@ untouched and connections are reported unprotected.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 from . import tcpseg
-from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
+from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync
 from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min
 from .syncproto import Confirm, ConnIsn
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
@@ -27,6 +28,7 @@ REASON_BEFORE_JOIN = "opened before the backup joined"
 REASON_NO_BACKUP = "no backup following"
 REASON_BACKUP_LOST = "backup lost"
 REASON_NO_CONFIRM = "backup never confirmed the handshake"
+REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
 
 
 @dataclass
@@ -49,13 +51,19 @@ class PrimaryConn:
     closing_since: Optional[float] = None
     last_seen: float = 0.0
     clamped: int = 0
+    backup_pos: Optional[int] = None  # backup's output position (our space)
+    deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
 
     def status(self) -> dict[str, object]:
         lag = None
         if self.latest_ack is not None and self.confirmed is not None:
             lag = max(0, (self.latest_ack - self.confirmed) & 0xFFFFFFFF)
+        ahead = None
+        if self.backup_pos is not None and seq_gt(self.snd_nxt, self.backup_pos):
+            ahead = (self.snd_nxt - self.backup_pos) & 0xFFFFFFFF
         return {"conn": "%s:%d -> %s:%d" % self.key, "protected": self.protected,
                 "reason": self.reason, "unconfirmed_bytes": lag, "acks_clamped": self.clamped,
+                "backup_behind_bytes": ahead or 0, "deferred_segments": len(self.deferred),
                 "holding_synack": self.held_synack is not None}
 
 
@@ -65,6 +73,8 @@ class PrimaryConfig:
     ports: frozenset[int]
     synack_hold_s: float = 3.0
     closed_linger_s: float = 30.0
+    max_lag: int = 256 * 1024  # bytes our output may run ahead of the backup's; 0 = unbounded
+    lag_hold_s: float = 2.0
 
 
 @dataclass
@@ -73,6 +83,7 @@ class PrimaryCore:
     backup_following: bool = False
     conns: dict[ConnKey, PrimaryConn] = field(default_factory=dict)
     early_confirms: dict[ConnKey, tuple[int, float]] = field(default_factory=dict)
+    next_token: int = 0
 
     # -- packets -------------------------------------------------------------
 
@@ -98,7 +109,21 @@ class PrimaryCore:
             conn.closing_since = now
         if not conn.protected or not self.backup_following:
             return [Accept()]
+        if seg.seq_len and self._must_wait_for_backup(conn, seg):
+            self._remember(conn, seg)
+            self.next_token += 1
+            conn.deferred.append((self.next_token, seg.end_seq, data, now))
+            return [Defer(self.next_token), Count("deferred_out")]
         return self.clamp_ack_to_backup(conn, seg, data)
+
+    def _must_wait_for_backup(self, conn: PrimaryConn, seg: Segment) -> bool:
+        """Bound how far our output runs ahead of the backup's, and so how much
+        the backup must regenerate at takeover (the failover gap)."""
+        if conn.deferred:
+            return True  # keep the order
+        if not self.cfg.max_lag or conn.backup_pos is None:
+            return False
+        return seq_gt(seg.end_seq, (conn.backup_pos + self.cfg.max_lag) & 0xFFFFFFFF)
 
     def _on_synack(self, seg: Segment, data: bytes, key: ConnKey, now: float) -> list[Action]:
         conn = self.conns.get(key)
@@ -134,9 +159,11 @@ class PrimaryCore:
         if seg.has_ts:
             conn.has_ts, conn.tsval, conn.tsecr = True, seg.tsval, seg.tsecr
 
-    def clamp_ack_to_backup(self, conn: PrimaryConn, seg: Segment, data: bytes) -> list[Action]:
+    def clamp_ack_to_backup(self, conn: PrimaryConn, seg: Segment, data: bytes,
+                            remember: bool = True) -> list[Action]:
         """Zero-loss rule: never show the client an ack the backup has not confirmed."""
-        self._remember(conn, seg)
+        if remember:
+            self._remember(conn, seg)
         if not seg.flags & ACK or seg.flags & RST:
             return [Accept()]
         allowed = conn.confirmed if conn.confirmed is not None else conn.last_ack_sent
@@ -166,14 +193,33 @@ class PrimaryCore:
 
     def on_confirm(self, msg: Confirm, now: float) -> list[Action]:
         out: list[Action] = []
-        for key, ack in msg.acks:
+        for key, ack, pos in msg.acks:
             conn = self.conns.get(key)
             if conn is None:
                 if len(self.early_confirms) < 65536:
                     self.early_confirms[key] = (ack, now)
                 continue
             conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
+            if pos is not None:
+                conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
+            out += self._release_deferred(conn, force=False)
             out += self._release(conn, conn.confirmed, now)
+        return out
+
+    def _release_deferred(self, conn: PrimaryConn, force: bool) -> list[Action]:
+        out: list[Action] = []
+        limit = None if force or conn.backup_pos is None else (conn.backup_pos + self.cfg.max_lag) & 0xFFFFFFFF
+        while conn.deferred:
+            token, end, data, _since = conn.deferred[0]
+            if limit is not None and seq_gt(end, limit):
+                break
+            conn.deferred.popleft()
+            if force or not conn.protected:
+                out.append(Release(token))
+                continue
+            acts = self.clamp_ack_to_backup(conn, tcpseg.parse(data), data, remember=False)
+            payload = acts[0].payload if isinstance(acts[0], Accept) else None
+            out.append(Release(token, payload))
         return out
 
     def _release(self, conn: PrimaryConn, allowed: int, now: float) -> list[Action]:
@@ -214,7 +260,7 @@ class PrimaryCore:
 
     def _release_all(self, conn: PrimaryConn) -> list[Action]:
         """Fail open for one connection: show the client everything we hold back."""
-        out: list[Action] = []
+        out: list[Action] = self._release_deferred(conn, force=True)
         if conn.held_synack is not None:
             out.append(Inject(conn.held_synack, "synack released unprotected"))
             conn.held_synack = None
@@ -231,10 +277,21 @@ class PrimaryCore:
                 conn.protected, conn.reason = False, REASON_NO_CONFIRM
                 out += self._release_all(conn)
                 out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
+            if conn.deferred and now - conn.deferred[0][3] > self.cfg.lag_hold_s:
+                conn.protected, conn.reason = False, REASON_TOO_FAR_BEHIND
+                out += self._release_all(conn)
+                out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
             if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s:
                 del self.conns[key]
         for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
             del self.early_confirms[key]
+        return out
+
+    def release_everything(self) -> list[Action]:
+        """On shutdown: the primary fails open, nothing stays held."""
+        out: list[Action] = []
+        for conn in self.conns.values():
+            out += self._release_all(conn)
         return out
 
     def status(self) -> list[dict[str, object]]:

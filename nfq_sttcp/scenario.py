@@ -1,30 +1,66 @@
-"""Run test clients in the lab and crash the primary at their crash point."""
+"""Run test clients in the lab, crash the primary at their crash point, and
+check the client's capture (no RST, no second SYN, the gap on the wire)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from . import lab
+from . import lab, pcap
 
 
-def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 120.0,
-                   before_crash=None) -> dict[str, Any]:
+class Capture:
+    """tcpdump on the client's interface, for the whole scenario."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", lab.NS_CLIENT, "tcpdump", "-i", lab.CLIENT_IF, "-s", "96", "-U", "-n",
+             "-w", path, "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # tcpdump says "listening on" once the capture is live.
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if b"listening on" in line or not line:
+                break
+
+    def stop(self) -> list[pcap.TcpRecord]:
+        time.sleep(0.2)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return list(pcap.read_tcp(self.path))
+
+
+def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
+                   before_crash: Optional[Callable[[], None]] = None, capture_dir: Optional[str] = None,
+                   target: str = lab.VIP) -> dict[str, Any]:
     """Start ``traffic`` in the client namespace with ``conns`` specs; when it
     prints CRASHPOINT, crash the primary (unless ``crash`` is False) and tell
-    the client when. Returns the client's JSON report plus ``crash_t``."""
+    the client when. Returns the client's report, with per connection what
+    the client's capture shows: SYNs sent, RSTs received, gap on the wire."""
+    tmp = capture_dir or tempfile.mkdtemp(prefix="sttcp-cap-")
+    cap = Capture(os.path.join(tmp, "client.pcap"))
     argv = ["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp", "traffic",
-            "--wait-crash", "--timeout", "30"]
+            "--wait-crash", "--timeout", "30", "--target", target]
     for c in conns:
         argv += ["--conn", c]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = threading.Timer(timeout, p.kill)
     timer.start()
     crash_t: Optional[float] = None
+    crash_wall: Optional[float] = None
     report: dict[str, Any] = {}
     try:
         assert p.stdout is not None and p.stdin is not None
@@ -34,7 +70,7 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 120.0,
                 if before_crash is not None:
                     before_crash()
                 if crash:
-                    crash_t = lab.crash("primary")
+                    crash_t, crash_wall = lab.crash("primary")
                     p.stdin.write("CRASH %.6f\n" % crash_t)
                 else:
                     p.stdin.write("NOCRASH\n")
@@ -44,9 +80,18 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 120.0,
         p.wait()
     finally:
         timer.cancel()
+        records = cap.stop()
     if not report:
         err = p.stderr.read() if p.stderr else ""
         report = {"ok": False, "connections": [], "error": "client produced no report: %s" % err[-2000:]}
+    views = pcap.client_view(records, lab.CLIENT_IP, target, crash_wall)
+    for c in report["connections"]:
+        v = views.get(c.get("local_port", -1))
+        c["syns_sent"] = v.syns_sent if v else 0
+        c["rsts_received"] = v.rsts_received if v else 0
+        c["wire_gap_ms"] = v.gap_ms if v else None
     report["crash_t"] = crash_t
     report["client_rc"] = p.returncode
+    report["capture"] = cap.path
+    report["captured_segments"] = len(records)
     return report

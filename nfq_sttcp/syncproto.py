@@ -31,7 +31,7 @@ _HDR = struct.Struct("!2sBBIQ")
 _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQ")
 _ISN = struct.Struct("!12sIIBHBB")
-_CONFIRM_ENTRY = struct.Struct("!12sI")
+_CONFIRM_ENTRY = struct.Struct("!12sIIB")
 
 ConnKey = tuple[str, int, str, int]
 
@@ -62,9 +62,11 @@ class ConnIsn:
 
 @dataclass(frozen=True, slots=True)
 class Confirm:
-    """The backup's ack field per connection: the client bytes it holds."""
+    """Per connection, the backup's ack field (the client bytes it holds) and
+    how far its own output has got, in the primary's sequence space (None
+    while the mapping is unknown)."""
 
-    acks: tuple[tuple[ConnKey, int], ...]
+    acks: tuple[tuple[ConnKey, int, Optional[int]], ...]
 
 
 SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
@@ -95,7 +97,7 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
             raise SyncError("too many confirmations in one message")
         mtype = T_CONFIRM
         body = struct.pack("!H", len(msg.acks)) + b"".join(
-            _CONFIRM_ENTRY.pack(_pack_key(k), a) for k, a in msg.acks)
+            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0, p is not None) for k, a, p in msg.acks)
     else:  # pragma: no cover - guarded by the type
         raise SyncError("unknown message type %r" % (msg,))
     data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
@@ -143,9 +145,9 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
             if n > MAX_CONFIRMS or len(body) != 2 + n * _CONFIRM_ENTRY.size:
                 raise SyncError("confirm message of wrong size")
             acks = tuple(
-                (_unpack_key(k), a)
-                for k, a in (_CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
-                             for i in range(n)))
+                (_unpack_key(k), a, p if has_p else None)
+                for k, a, p, has_p in (_CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
+                                       for i in range(n)))
             return epoch, counter, Confirm(acks)
     except (struct.error, OSError) as e:
         raise SyncError("undecodable body: %s" % e) from None
