@@ -138,6 +138,26 @@ class BackupCore:
         buf, out = self._map_inbound(conn, seg, data)
         return [Accept(buf)] + out
 
+    def on_snooped(self, data: bytes, now: float) -> list[Action]:
+        """A client segment seen promiscuously on the LAN, addressed to the
+        primary's MAC. A switch floods those once the primary's port is dead,
+        so bytes the client sends during the outage reach us (as ST-TCP's
+        snooping backup does) instead of waiting out the client's RTO."""
+        # A packet socket on a veth hands over CHECKSUM_PARTIAL packets: the
+        # checksum field holds only the pseudo-header sum. Recompute it, or
+        # our incremental rewrite keeps it wrong and our stack drops it.
+        try:
+            data = tcpseg.with_correct_checksum(data)
+        except MalformedPacket:
+            return [Count("malformed_in")]
+        out: list[Action] = []
+        for a in self.on_inbound(data, now):
+            if isinstance(a, Accept):
+                out.append(Inject(a.payload if a.payload is not None else bytes(data), "snooped on the LAN"))
+            elif not isinstance(a, Drop):
+                out.append(a)
+        return out + [Count("snooped_in")]
+
     def _map_inbound(self, conn: BackupConn, seg: Segment, data: bytes) -> tuple[Optional[bytes], list[Action]]:
         """Rewrite one client segment into the backup's space; return (bytes, extra actions)."""
         assert conn.delta_seq is not None

@@ -125,6 +125,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             return Daemon(cfg, args.cmd).run()
         except (DaemonError, FirewallError) as e:
             return _die(str(e), 1)
+        except Exception as e:  # a bug: one clear line, the traceback with -v
+            if args.verbose:
+                import traceback
+                traceback.print_exc()
+            return _die("%s daemon failed: %s: %s" % (args.cmd, type(e).__name__, e), 1)
     if args.cmd == "rules":
         from . import firewall, rules
         cfg = _load(args.config)
@@ -158,8 +163,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "lab":
         return _lab(args)
     if args.cmd == "demo":
-        from . import demo
-        return demo.run(download_mb=args.download_mb, upload_mb=args.upload_mb)
+        from . import demo, lab
+        try:
+            return demo.run(download_mb=args.download_mb, upload_mb=args.upload_mb)
+        except lab.LabError as e:
+            return _die(str(e), 1)
     return _die("unknown command")
 
 

@@ -48,6 +48,7 @@ class Config:
     chain_prefix: str = "STTCP"
     ts_margin_ms: int = 0
     max_backup_lag_kb: int = 256
+    lan_snoop: bool = True
     synack_hold_ms: int = 3000
     handshake_hold_ms: int = 3000
     control_socket_dir: str = "/run/nfq-sttcp"
@@ -92,7 +93,8 @@ class Config:
 # TOML layout: section -> {toml key: Config field}
 _LAYOUT: dict[str, dict[str, str]] = {
     "": {"vip": "vip", "ports": "ports", "lan_interface": "lan_interface", "lan_prefix": "lan_prefix",
-         "mark": "mark", "chain_prefix": "chain_prefix", "control_socket_dir": "control_socket_dir"},
+         "mark": "mark", "chain_prefix": "chain_prefix", "control_socket_dir": "control_socket_dir",
+         "lan_snoop": "lan_snoop"},
     "sync": {"primary": "primary_sync", "backup": "backup_sync", "port": "sync_port",
              "key_file": "sync_key_file"},
     "lan": {"primary": "primary_lan", "backup": "backup_lan"},
@@ -138,7 +140,10 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     types = {f.name: f.type for f in fields(Config)}
     for name, v in list(values.items()):
         t = str(types[name])
-        if "tuple" in t:
+        if t.startswith("bool"):
+            if not isinstance(v, bool):
+                raise ConfigError("%s must be true or false, not %r" % (name, v))
+        elif "tuple" in t:
             if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
                 raise ConfigError("%s must be a list of integers" % name)
             values[name] = tuple(v)
@@ -212,6 +217,8 @@ def render_toml(cfg: Config) -> str:
     lines: list[str] = []
 
     def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
         if isinstance(v, str):
             return '"%s"' % v
         if isinstance(v, tuple):

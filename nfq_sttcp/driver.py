@@ -15,6 +15,7 @@ import secrets
 import select
 import signal
 import socket
+import struct
 import time
 from collections import Counter
 from typing import Any, Callable, Optional
@@ -30,6 +31,8 @@ from .syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
 from .watchdog import ACTIVE, PeerMonitor, Watchdog
 
 SO_MARK = 36
+SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
+SO_ATTACH_FILTER = 26
 TICK_S = 0.1
 
 
@@ -112,6 +115,8 @@ class Daemon:
         self.sync.setblocking(False)
         self.fds[self.sync.fileno()] = self._on_sync_readable
         self._open_control()
+        if self.role == "backup" and self.cfg.lan_snoop:
+            self._open_snoop()
         firewall.apply(self.cfg, self.role)
         self.rules_applied = True
         if self.role == "primary":
@@ -154,7 +159,7 @@ class Daemon:
                 q.unbind()
             except Exception:
                 pass
-        for s in ("raw", "sync", "ctl"):
+        for s in ("raw", "sync", "ctl", "snoop", "l2sock"):
             sock = getattr(self, s, None)
             if sock is not None:
                 sock.close()
@@ -419,6 +424,37 @@ class Daemon:
         except OSError as e:
             self.log.warning("garp_failed", error=e.strerror)
 
+    # == LAN snooping (backup) ================================================
+
+    def _open_snoop(self) -> None:
+        """A promiscuous packet socket on the LAN for client segments to the VIP
+        that are addressed to another host's MAC (see BackupCore.on_snooped)."""
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+        s.bind((self.cfg.lan_interface, 0))
+        mreq = struct.pack("iHH8s", self.lan_index, PACKET_MR_PROMISC, 0, b"")
+        s.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        _attach_bpf(s, bpf_tcp_to(self.cfg.vip))
+        s.setblocking(False)
+        self.snoop = s
+        self.fds[s.fileno()] = self._on_snoop_readable
+
+    def _on_snoop_readable(self) -> None:
+        assert self.backup is not None
+        for _ in range(64):
+            try:
+                data, addr = self.snoop.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if addr[2] != PACKET_OTHERHOST:
+                continue  # ours: the stack and our queue see it anyway
+            try:
+                self._perform(self.backup.on_snooped(data, time.monotonic()))
+            except Exception as e:
+                self.counters["handler_errors"] += 1
+                self.log.error("snoop_error", error=repr(e))
+
     # == control socket ======================================================
 
     def _open_control(self) -> None:
@@ -502,6 +538,28 @@ class _BoundedReader:
     def drain(self, q: Any) -> None:
         self.left = self.budget
         q.run_socket(self)
+
+
+def bpf_tcp_to(ip: str) -> list[tuple[int, int, int, int]]:
+    """Classic BPF on an IP packet (SOCK_DGRAM): keep TCP to ``ip``."""
+    (dst,) = struct.unpack("!I", socket.inet_aton(ip))
+    return [
+        (0x30, 0, 0, 9),      # ldb [9]       protocol
+        (0x15, 0, 3, 6),      # jeq #6        else drop
+        (0x20, 0, 0, 16),     # ld [16]       destination
+        (0x15, 0, 1, dst),    # jeq #ip       else drop
+        (0x06, 0, 0, 65535),  # ret #65535
+        (0x06, 0, 0, 0),      # ret #0
+    ]
+
+
+def _attach_bpf(s: socket.socket, prog: list[tuple[int, int, int, int]]) -> None:
+    import ctypes
+
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw)
+    fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))
+    s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
 
 
 def _r(v: Optional[float]) -> Optional[float]:

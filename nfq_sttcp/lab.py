@@ -152,7 +152,17 @@ def control(role: str, command: str = "status", timeout: float = 2.0) -> dict:
     return json.loads(data)
 
 
-def _wait(what: str, pred, timeout: float) -> None:
+def _log_tail(host: str, name: str, lines: int = 8) -> str:
+    path = os.path.join(STATE_DIR, "logs", "%s-%s.log" % (host, name))
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return ""
+    return "".join("    " + line for line in tail)
+
+
+def _wait(what: str, pred, timeout: float, log: Optional[tuple[str, str]] = None) -> None:
     deadline = time.monotonic() + timeout
     last_err = ""
     while time.monotonic() < deadline:
@@ -162,7 +172,10 @@ def _wait(what: str, pred, timeout: float) -> None:
         except Exception as e:  # not up yet
             last_err = str(e)
         time.sleep(0.05)
-    raise LabError("timed out waiting for %s%s (logs in %s/logs)" % (what, ": " + last_err if last_err else "", STATE_DIR))
+    msg = "timed out waiting for %s%s" % (what, ": " + last_err if last_err else "")
+    if log is not None:
+        msg += "\n  last lines of the %s %s log:\n%s" % (log[0], log[1], _log_tail(*log))
+    raise LabError(msg)
 
 
 def _listening(host: str, port: int) -> bool:
@@ -195,10 +208,12 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
             _spawn(host, "app", argv, env_role=host)
         for host in ("primary", "backup"):
             for p in ports:
-                _wait("%s to listen on port %d" % (host, p), lambda h=host, p=p: _listening(h, p), 15)
+                _wait("%s to listen on port %d" % (host, p), lambda h=host, p=p: _listening(h, p), 15,
+                      log=(host, "app"))
         progress("[3/5] primary daemon")
         _spawn("primary", "daemon", _daemon_argv("primary"))
-        _wait("the primary daemon", lambda: control("primary")["state"] == "serving", 20)
+        _wait("the primary daemon", lambda: control("primary")["state"] == "serving", 20,
+              log=("primary", "daemon"))
         if start_backup:
             start_backup_daemon(progress)
         else:
@@ -213,8 +228,10 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
 def start_backup_daemon(progress=print) -> None:
     progress("[4/5] backup daemon, waiting until it follows the primary")
     _spawn("backup", "daemon", _daemon_argv("backup"))
-    _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20)
-    _wait("the primary to see its backup", lambda: control("primary")["backup"] == "present", 10)
+    _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20,
+          log=("backup", "daemon"))
+    _wait("the primary to see its backup", lambda: control("primary")["backup"] == "present", 10,
+          log=("primary", "daemon"))
 
 
 def _kill_ns(ns: str, sig: int) -> int:

@@ -51,6 +51,7 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
     the client when. Returns the client's report, with per connection what
     the client's capture shows: SYNs sent, RSTs received, gap on the wire."""
     tmp = capture_dir or tempfile.mkdtemp(prefix="sttcp-cap-")
+    os.makedirs(tmp, exist_ok=True)
     cap = Capture(os.path.join(tmp, "client.pcap"))
     argv = ["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp", "traffic",
             "--wait-crash", "--timeout", "30", "--target", target]
@@ -89,7 +90,8 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
         v = views.get(c.get("local_port", -1))
         c["syns_sent"] = v.syns_sent if v else 0
         c["rsts_received"] = v.rsts_received if v else 0
-        c["wire_gap_ms"] = v.gap_ms if v else None
+        # An uploading client waits for acks; every other kind waits for data.
+        c["wire_gap_ms"] = (v.ack_gap_ms if c["kind"] == "upload" else v.gap_ms) if v else None
     report["crash_t"] = crash_t
     report["client_rc"] = p.returncode
     report["capture"] = cap.path

@@ -181,6 +181,14 @@ def tcp_checksum_ok(buf: bytes | bytearray, seg: Segment) -> bool:
     return ones_complement_sum(pseudo + bytes(buf[seg.tcp_off:seg.total_len])) == 0xFFFF
 
 
+def with_correct_checksum(data: bytes | bytearray) -> bytes:
+    """The packet with its TCP checksum recomputed from scratch."""
+    buf = bytearray(data)
+    seg = parse(buf)
+    buf[seg.csum_off:seg.csum_off + 2] = tcp_checksum(buf, seg).to_bytes(2, "big")
+    return bytes(buf)
+
+
 def ip_checksum(hdr: bytes | bytearray) -> int:
     h = bytearray(hdr)
     h[10:12] = b"\0\0"

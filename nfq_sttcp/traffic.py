@@ -10,10 +10,13 @@ if any, and the failover gap — the longest time the client waited for data
 it was owed, across the crash.
 
 Kinds (defaults in brackets):
-  echo:count=[40],size=[2000],pause_ms=[20],crash_msg=[count/2],inside=[0]
+  echo:count=[40],size=[2000],pause_ms=[20],crash_msg=[count/2],inside=[0],after=[5]
   download:bytes=[50MB],seed=[1],rate_kbps=[0 = unlimited],crash_at=[bytes/3]
   upload:bytes=[50MB],seed=[2],rate_kbps=[0],crash_at=[bytes/3]
-  banner:lines=[30],pause_ms=[20],crash_line=[lines/2]
+  banner:lines=[30],pause_ms=[20],crash_line=[lines/2],after=[5]
+
+Interactive kinds keep going past their count until ``after`` more
+exchanges followed the crash, so they are mid-stream when it happens.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any, Optional
 from .testapp import BANNER_LINE, stream_bytes
 
 TCP_INFO = 11
+CRASHED = threading.Event()  # set once the crash happened (or will not happen)
 _BYTES_ACKED_OFFSET = 120  # struct tcp_info: tcpi_bytes_acked (u64)
 
 
@@ -84,6 +88,7 @@ class Worker(threading.Thread):
         port = {"echo": 7000, "download": 7001, "upload": 7002, "banner": 7003}[kind]
         self.port = params.get("port", port)
         self.result = Result(kind, self.port)
+        self.after_crash_start: Optional[int] = None
 
     def run(self) -> None:
         r = self.result
@@ -97,6 +102,16 @@ class Worker(threading.Thread):
             r.ok = False
         finally:
             self.ready.set()
+
+    def _more(self, done: int, count: int) -> bool:
+        """Another exchange? At least ``count``, and ``after`` more once crashed."""
+        if done < count:
+            return True
+        if not CRASHED.is_set():
+            return True
+        if self.after_crash_start is None:
+            self.after_crash_start = done
+        return done - self.after_crash_start < self.p.get("after", 5)
 
     def _recv_exact(self, s: socket.socket, n: int) -> bytes:
         buf = bytearray()
@@ -116,7 +131,8 @@ class Worker(threading.Thread):
         crash_msg = p.get("crash_msg", count // 2)
         inside = p.get("inside", 0)
         rng = random.Random(p.get("seed", 7))
-        for i in range(count):
+        i = 0
+        while self._more(i, count):
             msg = rng.randbytes(size)
             r.request()
             if inside and i == crash_msg:
@@ -140,6 +156,7 @@ class Worker(threading.Thread):
             if not inside and i == crash_msg:
                 self.ready.set()
             time.sleep(pause)
+            i += 1
         s.shutdown(socket.SHUT_WR)
         if s.recv(1):
             raise ValueError("unexpected bytes after the echo session")
@@ -244,7 +261,9 @@ class Worker(threading.Thread):
             r.first_mismatch = 0
             raise ValueError("banner %r" % first)
         r.verified += len(first)
-        for i in range(1, lines + 1):
+        i = 0
+        while self._more(i, lines):
+            i += 1
             text = b"line %d %s" % (i, b"x" * (i % 50))
             r.request()
             s.sendall(text + b"\r\n")
@@ -302,6 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             line = sys.stdin.readline().split()
             if len(line) == 2 and line[0] == "CRASH":
                 crash_t = float(line[1])
+    CRASHED.set()
     for w in workers:
         w.join()
     results = []
