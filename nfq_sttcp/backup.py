@@ -21,7 +21,7 @@ from typing import Optional
 from . import tcpseg
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
 from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
-from .syncproto import MAX_CONFIRMS, Confirm, ConnIsn
+from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConnIsn
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 UNPROTECTED_NO_ISN = "primary never sent the ISN"
@@ -52,6 +52,7 @@ class BackupConn:
     rcv_ack: Optional[int] = None
     last_confirmed: Optional[int] = None
     last_window: int = 0
+    sack: tuple = ()  # SACK blocks of our latest ack: client bytes we hold beyond a hole
     last_tsval_b: int = 0
     last_tsval_b_at: float = 0.0
     # what the client has shown us
@@ -255,6 +256,9 @@ class BackupCore:
         conn.last_window = seg.window
         if seg.has_ts:
             conn.last_tsval_b, conn.last_tsval_b_at = seg.tsval, now
+        if seg.flags & ACK and seg.sack_blocks != conn.sack:
+            conn.sack = seg.sack_blocks
+            moved = True
         return moved
 
     def _already_acked(self, conn: BackupConn, seg: Segment) -> bool:
@@ -283,7 +287,7 @@ class BackupCore:
                 pos = None
                 if conn.delta_seq is not None and conn.snd_max is not None:
                     pos = seq_add(conn.snd_max, conn.delta_seq)
-                entries.append((key, conn.rcv_ack, pos))
+                entries.append((key, conn.rcv_ack, pos, conn.sack[:MAX_SACK]))
             self.unconfirmed.clear()
             for i in range(0, len(entries), MAX_CONFIRMS):
                 out.append(SendSync(Confirm(tuple(entries[i:i + MAX_CONFIRMS]))))

@@ -52,6 +52,7 @@ class PrimaryConn:
     last_seen: float = 0.0
     clamped: int = 0
     backup_pos: Optional[int] = None  # backup's output position (our space)
+    relayed_sack: tuple = ()
     deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
 
     def status(self) -> dict[str, object]:
@@ -193,7 +194,7 @@ class PrimaryCore:
 
     def on_confirm(self, msg: Confirm, now: float) -> list[Action]:
         out: list[Action] = []
-        for key, ack, pos in msg.acks:
+        for key, ack, pos, sack in msg.acks:
             conn = self.conns.get(key)
             if conn is None:
                 if len(self.early_confirms) < 65536:
@@ -204,7 +205,28 @@ class PrimaryCore:
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
             out += self._release_deferred(conn, force=False)
             out += self._release(conn, conn.confirmed, now)
+            out += self._relay_backup_sack(conn, sack)
         return out
+
+    def _relay_backup_sack(self, conn: PrimaryConn, sack: tuple) -> list[Action]:
+        """The backup lost a clone: it holds client bytes beyond a hole. Show the
+        client a duplicate ack carrying the backup's SACK blocks, so it resends
+        the hole now (RACK) instead of at its RTO; the resent segment reaches
+        the backup as a fresh clone."""
+        if not sack or sack == conn.relayed_sack or conn.last_ack_sent is None or conn.latest_ack is None:
+            conn.relayed_sack = sack
+            return []
+        conn.relayed_sack = sack
+        if not seq_gt(conn.latest_ack, conn.last_ack_sent) or not conn.protected or conn.held_synack is not None:
+            return []
+        blocks = [(left, right) for left, right in sack if seq_gt(left, conn.last_ack_sent)][:3]
+        if not blocks:
+            return []
+        opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
+        opts += tcpseg.sack_option(blocks)
+        cip, cport, sip, sport = conn.key
+        pkt = tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, conn.last_ack_sent, ACK, conn.window, opts)
+        return [Inject(pkt, "backup's SACK relayed"), Count("sack_relayed")]
 
     def _release_deferred(self, conn: PrimaryConn, force: bool) -> list[Action]:
         out: list[Action] = []

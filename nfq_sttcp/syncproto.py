@@ -23,7 +23,8 @@ MAGIC = b"ST"
 VERSION = 1
 MAX_MESSAGE = 1400
 MAC_LEN = 32
-MAX_CONFIRMS = 64
+MAX_CONFIRMS = 28
+MAX_SACK = 3
 
 T_HEARTBEAT, T_CONN_ISN, T_CONFIRM = 1, 2, 3
 
@@ -31,7 +32,7 @@ _HDR = struct.Struct("!2sBBIQ")
 _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQ")
 _ISN = struct.Struct("!12sIIBHBB")
-_CONFIRM_ENTRY = struct.Struct("!12sIIB")
+_CONFIRM_ENTRY = struct.Struct("!12sIIBB24s")
 
 ConnKey = tuple[str, int, str, int]
 
@@ -64,9 +65,10 @@ class ConnIsn:
 class Confirm:
     """Per connection, the backup's ack field (the client bytes it holds) and
     how far its own output has got, in the primary's sequence space (None
-    while the mapping is unknown)."""
+    while the mapping is unknown), and the SACK blocks of its latest ack (the
+    client bytes it holds beyond a hole; at most MAX_SACK)."""
 
-    acks: tuple[tuple[ConnKey, int, Optional[int]], ...]
+    acks: tuple[tuple[ConnKey, int, Optional[int], tuple[tuple[int, int], ...]], ...]
 
 
 SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
@@ -97,7 +99,9 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
             raise SyncError("too many confirmations in one message")
         mtype = T_CONFIRM
         body = struct.pack("!H", len(msg.acks)) + b"".join(
-            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0, p is not None) for k, a, p in msg.acks)
+            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0, p is not None, len(sk[:MAX_SACK]),
+                                b"".join(struct.pack("!II", left, right) for left, right in sk[:MAX_SACK]).ljust(24, b"\0"))
+            for k, a, p, sk in msg.acks)
     else:  # pragma: no cover - guarded by the type
         raise SyncError("unknown message type %r" % (msg,))
     data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
@@ -144,10 +148,14 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
             (n,) = struct.unpack_from("!H", body, 0)
             if n > MAX_CONFIRMS or len(body) != 2 + n * _CONFIRM_ENTRY.size:
                 raise SyncError("confirm message of wrong size")
-            acks = tuple(
-                (_unpack_key(k), a, p if has_p else None)
-                for k, a, p, has_p in (_CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
-                                       for i in range(n)))
+            entries = []
+            for i in range(n):
+                k, a, p, has_p, nb, blob = _CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
+                if nb > MAX_SACK:
+                    raise SyncError("confirm entry with %d SACK blocks" % nb)
+                blocks = tuple(struct.unpack_from("!II", blob, 8 * j) for j in range(nb))
+                entries.append((_unpack_key(k), a, p if has_p else None, blocks))
+            acks = tuple(entries)
             return epoch, counter, Confirm(acks)
     except (struct.error, OSError) as e:
         raise SyncError("undecodable body: %s" % e) from None

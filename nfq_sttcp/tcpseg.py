@@ -294,6 +294,11 @@ def ts_option(tsval: int, tsecr: int) -> bytes:
     return bytes([OPT_NOP, OPT_NOP, OPT_TS, 10]) + struct.pack("!II", tsval & MASK, tsecr & MASK)
 
 
+def sack_option(blocks: list[tuple[int, int]]) -> bytes:
+    return bytes([OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)]) + b"".join(
+        struct.pack("!II", left & MASK, right & MASK) for left, right in blocks)
+
+
 def build_segment(src: str, dst: str, sport: int, dport: int, seq: int, ack: int,
                   flags: int, window: int, options: bytes = b"", payload: bytes = b"",
                   ttl: int = 64) -> bytes:

@@ -1,0 +1,33 @@
+# Both targets install what they need (apt packages, the venv, pip packages)
+# and need root: the lab creates network namespaces and iptables rules.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test bootstrap unit netns iptables-rules lab-down clean
+
+demo: bootstrap
+	$(VENV)/bin/nfq-sttcp demo
+
+test: bootstrap
+	$(PY) -m pytest -v --timeout=600 $(PYTEST_ARGS) tests
+
+bootstrap:
+	@bash scripts/bootstrap.sh dev
+
+unit: bootstrap
+	$(PY) -m pytest -q tests/unit
+
+netns: bootstrap
+	$(PY) -m pytest -v --timeout=600 tests/netns
+
+# The files in iptables/ are the rendered rules of the lab config.
+iptables-rules: bootstrap
+	$(PY) -c "from nfq_sttcp import lab, rules; c = lab.lab_config(); \
+	[open('iptables/%s.rules' % r, 'w').write(rules.render(c, r)) for r in ('primary', 'backup')]"
+
+lab-down:
+	$(VENV)/bin/nfq-sttcp lab down
+
+clean: lab-down
+	rm -rf $(VENV) demo-out .pytest_cache .hypothesis *.egg-info

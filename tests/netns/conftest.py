@@ -1,0 +1,53 @@
+"""Namespace end-to-end tests: real namespaces, iptables, NFQUEUE and sockets.
+
+They need root. Without it they fail (never skip): a skipped end-to-end test
+would let a broken tree look green.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from nfq_sttcp import lab
+
+
+def _require(cond, what):
+    if not cond:
+        pytest.fail("namespace tests need %s (run them as root through 'make test')" % what, pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def clean_machine():
+    """Every test starts and ends with no sttcp- namespace, process or chain."""
+    _require(os.geteuid() == 0, "root")
+    for tool in ("ip", "iptables", "iptables-restore", "tcpdump", "ss"):
+        _require(shutil.which(tool), tool)
+    lab.down(quiet=True)
+    before = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    yield
+    left = lab.namespaces()
+    lab.down(quiet=True)
+    assert not left, "test left namespaces behind: %s" % left
+    procs = subprocess.run(["pgrep", "-f", "nfq_sttcp (primary|backup|testapp)|-m nfq_sttcp"],
+                           capture_output=True, text=True).stdout.split()
+    procs = [p for p in procs if int(p) != os.getpid()]
+    assert not procs, "test left processes behind: %s" % procs
+    after = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    strip = lambda t: [l for l in t.splitlines() if not l.startswith("#")]
+    assert strip(before) == strip(after), "the root namespace's rules changed"
+
+
+@pytest.fixture
+def make_lab():
+    """Bring the lab up with the given options; always brought down."""
+    made = []
+
+    def up(**kw):
+        cfg = lab.up(progress=lambda *_: None, **kw)
+        made.append(cfg)
+        return cfg
+
+    yield up
+    lab.down(quiet=True)

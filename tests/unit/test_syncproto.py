@@ -1,0 +1,69 @@
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from nfq_sttcp import syncproto
+from nfq_sttcp.syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
+
+KEY = b"k" * 32
+CK = ("10.77.0.10", 40000, "10.77.0.100", 7000)
+MESSAGES = [
+    Heartbeat("primary", "serving", 123456789),
+    Heartbeat("backup", "following", 0),
+    ConnIsn(CK, 2**32 - 1, 77, True, 1460, 7, True),
+    ConnIsn(CK, 0, 0, False, 0, -1, False),
+    Confirm(((CK, 5, None, ()), (("1.2.3.4", 1, "5.6.7.8", 2), 2**32 - 1, 12, ((1, 2), (2**32 - 1, 9))))),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES)
+@pytest.mark.parametrize("key", [None, KEY])
+def test_round_trip(msg, key):
+    data = syncproto.encode(msg, 7, 42, key)
+    assert syncproto.decode(data, key) == (7, 42, msg)
+
+
+def test_forged_or_altered_messages_are_rejected():
+    data = syncproto.encode(MESSAGES[0], 1, 1, KEY)
+    with pytest.raises(SyncError, match="MAC"):
+        syncproto.decode(data, b"x" * 32)
+    tampered = bytearray(data)
+    tampered[10] ^= 1
+    with pytest.raises(SyncError, match="MAC"):
+        syncproto.decode(bytes(tampered), KEY)
+    with pytest.raises(SyncError, match="MAC"):
+        syncproto.decode(syncproto.encode(MESSAGES[0], 1, 1, None) + b"\0" * 32, KEY)
+
+
+def test_bad_sizes_versions_and_types():
+    good = syncproto.encode(MESSAGES[2], 1, 1, None)
+    with pytest.raises(SyncError, match="wrong size"):
+        syncproto.decode(good[:-1], None)
+    with pytest.raises(SyncError, match="version"):
+        syncproto.decode(good[:2] + b"\x09" + good[3:], None)
+    with pytest.raises(SyncError, match="unknown message type"):
+        syncproto.decode(good[:3] + b"\x63" + good[4:], None)
+    with pytest.raises(SyncError, match="exceeds"):
+        syncproto.decode(b"S" * 5000, None)
+    with pytest.raises(SyncError):
+        syncproto.encode(Confirm(tuple((CK, i, None, ()) for i in range(syncproto.MAX_CONFIRMS + 1))), 1, 1, None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=1500), st.sampled_from([None, KEY]))
+def test_fuzzed_datagrams_only_ever_raise_sync_error(data, key):
+    try:
+        syncproto.decode(data, key)
+    except SyncError:
+        pass
+
+
+def test_replay_guard_window():
+    g = ReplayGuard()
+    assert g.accept(5, 10)
+    assert not g.accept(5, 10), "the same message twice"
+    assert g.accept(5, 12)
+    assert g.accept(5, 11), "out of order within the window is fine"
+    assert not g.accept(5, 11)
+    assert g.accept(5, 12 + ReplayGuard.WINDOW + 5)
+    assert not g.accept(5, 12), "older than the window"
+    assert g.accept(6, 1), "a restarted peer starts a new epoch"

@@ -1,0 +1,162 @@
+"""The packet core against scapy as the oracle (fields and checksums)."""
+
+import struct
+
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+from scapy.layers.inet import IP, TCP
+
+from nfq_sttcp import tcpseg
+from nfq_sttcp.seqmath import MOD
+from nfq_sttcp.tcpseg import MalformedPacket
+
+u32 = st.integers(0, MOD - 1)
+port = st.integers(1, 65535)
+
+option = st.one_of(
+    st.tuples(st.just("NOP"), st.none()),
+    st.tuples(st.just("MSS"), st.integers(536, 9000)),
+    st.tuples(st.just("WScale"), st.integers(0, 14)),
+    st.tuples(st.just("SAckOK"), st.just(b"")),
+    st.tuples(st.just("Timestamp"), st.tuples(u32, u32)),
+    st.tuples(st.just("SAck"), st.lists(u32, min_size=2, max_size=8).filter(lambda v: len(v) % 2 == 0).map(tuple)),
+)
+
+
+def oracle_ok(raw: bytes) -> bool:
+    """Scapy recomputes the checksum; ours must equal it."""
+    p = IP(raw)
+    got = p[TCP].chksum
+    del p[TCP].chksum
+    return IP(bytes(p))[TCP].chksum == got
+
+
+@st.composite
+def packets(draw):
+    opts = draw(st.lists(option, max_size=5))
+    opts = [(k, v) if v is not None else (k, None) for k, v in opts]
+    payload = draw(st.binary(max_size=64))
+    p = IP(src="10.77.0.10", dst="10.77.0.100", id=draw(st.integers(0, 65535))) / TCP(
+        sport=draw(port), dport=draw(port), seq=draw(u32), ack=draw(u32), flags=draw(st.integers(0, 0x3F)),
+        window=draw(st.integers(0, 65535)), options=[(k, v) for k, v in opts]) / payload
+    raw = bytes(p)
+    assume(len(IP(raw)[TCP].options) == len(opts))  # scapy may drop what does not fit in 40 bytes
+    return raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(packets())
+def test_parse_matches_scapy(raw):
+    seg = tcpseg.parse(raw)
+    p = IP(raw)
+    t = p[TCP]
+    assert (seg.src, seg.dst, seg.sport, seg.dport) == (p.src, p.dst, t.sport, t.dport)
+    assert (seg.seq, seg.ack, seg.flags, seg.window) == (t.seq, t.ack, int(t.flags), t.window)
+    assert seg.payload_len == len(bytes(t.payload))
+    opts = dict((k, v) for k, v in t.options)
+    if "Timestamp" in opts:
+        assert (seg.tsval, seg.tsecr) == opts["Timestamp"]
+    else:
+        assert not seg.has_ts
+    if "SAck" in opts:
+        flat = tuple(x for b in seg.sack_blocks for x in b)
+        assert flat == tuple(opts["SAck"])
+    assert tcpseg.tcp_checksum_ok(raw, seg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(packets(), u32, u32, u32, u32, st.integers(0, MOD - 1))
+def test_rewrites_keep_checksum_exact(raw, seq, ack, tsval, tsecr, shift):
+    buf = bytearray(raw)
+    seg = tcpseg.parse(buf)
+    tcpseg.set_seq(buf, seg, seq)
+    tcpseg.set_ack(buf, seg, ack)
+    tcpseg.set_tsval(buf, seg, tsval)
+    tcpseg.set_tsecr(buf, seg, tsecr)
+    tcpseg.map_sack(buf, seg, lambda l, r: ((l + shift) % MOD, (r + shift) % MOD) if l % 3 else None)
+    assert oracle_ok(bytes(buf))
+    again = tcpseg.parse(buf)
+    t = IP(bytes(buf))[TCP]
+    assert (again.seq, again.ack) == (seq, ack) == (t.seq, t.ack)
+    if again.has_ts:
+        assert dict(t.options)["Timestamp"] == (tsval, tsecr)
+    assert bytes(t.payload) == bytes(IP(raw)[TCP].payload)
+
+
+def test_timestamp_at_odd_offset_is_rewritten_exactly():
+    # No NOP padding: the TS option starts at an odd offset in the header.
+    raw = bytes(IP(src="1.2.3.4", dst="5.6.7.8") / TCP(options=[("WScale", 7), ("Timestamp", (1, 2))]) / b"abc")
+    buf = bytearray(raw)
+    seg = tcpseg.parse(buf)
+    assert seg.ts_off % 2 == 1
+    tcpseg.set_tsval(buf, seg, 0xFFFFFFFE)
+    tcpseg.set_tsecr(buf, seg, 0x12345679)
+    assert oracle_ok(bytes(buf))
+    assert dict(IP(bytes(buf))[TCP].options)["Timestamp"] == (0xFFFFFFFE, 0x12345679)
+
+
+def test_sack_blocks_removed_become_nops():
+    raw = bytes(IP() / TCP(flags="A", options=[("NOP", None), ("NOP", None), ("SAck", (10, 20, 30, 40))]))
+    buf = bytearray(raw)
+    seg = tcpseg.parse(buf)
+    tcpseg.map_sack(buf, seg, lambda l, r: None)
+    assert oracle_ok(bytes(buf))
+    again = tcpseg.parse(buf)
+    assert again.sack_off == -1 and again.sack_blocks == ()
+    assert len(buf) == len(raw)
+
+
+def test_build_segment_is_valid_for_scapy():
+    raw = tcpseg.build_segment("10.77.0.100", "10.77.0.10", 7000, 5555, MOD - 1, 17, tcpseg.ACK, 512,
+                               tcpseg.ts_option(MOD - 2, 9))
+    p = IP(raw)
+    assert oracle_ok(raw)
+    assert p[TCP].seq == MOD - 1 and dict(p[TCP].options)["Timestamp"] == (MOD - 2, 9)
+    del p.chksum
+    assert IP(bytes(p)).chksum == IP(raw).chksum
+
+
+def test_with_correct_checksum_repairs_a_partial_checksum():
+    raw = bytearray(bytes(IP() / TCP() / b"data"))
+    seg = tcpseg.parse(raw)
+    raw[seg.csum_off:seg.csum_off + 2] = b"\x12\x34"
+    assert not tcpseg.tcp_checksum_ok(raw, seg)
+    assert oracle_ok(tcpseg.with_correct_checksum(raw))
+
+
+good = bytes(IP(src="1.1.1.1", dst="2.2.2.2") / TCP(options=[("Timestamp", (1, 2))]) / b"hello")
+
+
+@pytest.mark.parametrize("mangle,why", [
+    (lambda b: b[:10], "shorter than an IPv4 header"),
+    (lambda b: b[:30], "truncated"),
+    (lambda b: bytes([0x65]) + b[1:], "not IPv4"),
+    (lambda b: bytes([0x44]) + b[1:], "IHL"),
+    (lambda b: b[:9] + bytes([17]) + b[10:], "not TCP"),
+    (lambda b: b[:6] + b"\x20\x00" + b[8:], "fragment"),
+    (lambda b: b[:32] + bytes([0x30]) + b[33:], "data offset"),
+    (lambda b: b[:32] + bytes([0xF0]) + b[33:], "overruns"),
+    (lambda b: b[:2] + struct.pack("!H", 30) + b[4:], "too small"),
+])
+def test_malformed_packets_are_refused(mangle, why):
+    with pytest.raises(MalformedPacket, match=why):
+        tcpseg.parse(mangle(good))
+
+
+def test_overrunning_options_are_refused():
+    raw = bytearray(good)
+    seg = tcpseg.parse(raw)
+    raw[40] = 8  # TS kind ...
+    raw[41] = 40  # ... claiming 40 bytes
+    with pytest.raises(MalformedPacket, match="overruns"):
+        tcpseg.parse(raw)
+    assert seg.has_ts
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=120))
+def test_arbitrary_bytes_never_raise_anything_else(data):
+    try:
+        tcpseg.parse(data)
+    except MalformedPacket:
+        pass
