@@ -264,6 +264,10 @@ def crash(host: str = "primary") -> tuple[float, float]:
     # The instant by which the host is certainly cut off.
     t, wall = time.monotonic(), time.time()
     _kill_ns(ns, signal.SIGKILL)
+    deadline = time.monotonic() + 3
+    while sh("ip", "netns", "pids", ns, check=False).stdout.strip() and time.monotonic() < deadline:
+        _kill_ns(ns, signal.SIGKILL)
+        time.sleep(0.02)
     with open(os.path.join(STATE_DIR, "crashes"), "a") as f:
         f.write("%s %.6f %.6f\n" % (host, t, wall))
     return t, wall

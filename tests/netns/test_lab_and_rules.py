@@ -1,0 +1,187 @@
+"""The lab's life cycle, the rule scripts, and the daemons' rule handling."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nfq_sttcp import lab
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLI = [sys.executable, "-m", "nfq_sttcp"]
+SCRATCH = "sttcp-rules-test"
+
+
+def run(*argv, ns=None, check=True):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(argv)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+    return r
+
+
+def test_lab_lifecycle_status_exec_and_idempotent_down(make_lab):
+    lab.down(quiet=True)  # nothing there: harmless
+    make_lab()
+    assert set(lab.namespaces()) == {lab.NS_CLIENT, lab.NS_PRIMARY, lab.NS_BACKUP, lab.NS_LAN}
+    st = lab.status()
+    assert st["vip_owner"] == ["primary"]
+    assert st["daemons"]["backup"]["state"] == "following"
+    assert st["daemons"]["primary"]["backup"] == "present"
+    r = run(*CLI, "lab", "exec", "client", "--", "sh", "-c", "exit 7", check=False)
+    assert r.returncode == 7, "lab exec passes the exit code through"
+    r = run(*CLI, "lab", "exec", "client", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0")
+    assert "10.77.0.10/24" in r.stdout
+    for host, mtu_if in (("client", "eth0"), ("primary", "lan0"), ("primary", "sync0"), ("backup", "lan0")):
+        r = run("ip", "-o", "link", "show", "dev", mtu_if, ns=lab.HOSTS[host])
+        assert " mtu 1500 " in r.stdout
+    tsp = run("sysctl", "-n", "net.ipv4.tcp_timestamps", ns=lab.NS_PRIMARY).stdout.strip()
+    tsb = run("sysctl", "-n", "net.ipv4.tcp_timestamps", ns=lab.NS_BACKUP).stdout.strip()
+    assert tsp != tsb, "primary and backup must not share a timestamp clock (trap 6)"
+    r = run(*CLI, "lab", "status")
+    assert "VIP 10.77.0.100 owned by: primary" in r.stdout
+    r = run(*CLI, "lab", "up", check=False)
+    assert r.returncode != 0 and "already up" in r.stderr
+    run(*CLI, "lab", "down")
+    assert lab.namespaces() == []
+    r = run(*CLI, "lab", "down")
+    assert "nothing" in r.stdout
+    make_lab()  # up works again after down
+    assert lab.status()["daemons"]["backup"]["state"] == "following"
+
+
+def test_crash_silences_the_primary(make_lab):
+    make_lab()
+    lab.crash("primary")
+    assert run("ip", "netns", "pids", lab.NS_PRIMARY).stdout.strip() == ""
+    deadline = time.monotonic() + 5
+    while lab.status()["daemons"]["backup"]["state"] != "active" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = lab.status()
+    assert st["daemons"]["backup"]["state"] == "active"
+    assert st["vip_owner"] == ["backup"]
+    assert st["daemons"]["primary"]["state"] == "down"
+
+
+@pytest.fixture
+def scratch_ns():
+    subprocess.run(["ip", "netns", "del", SCRATCH], capture_output=True)
+    run("ip", "netns", "add", SCRATCH)
+    run("ip", "link", "set", "lo", "up", ns=SCRATCH)
+    # rules that were there before us
+    run("iptables", "-w", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "ACCEPT", ns=SCRATCH)
+    run("iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-p", "icmp", "-j", "ACCEPT", ns=SCRATCH)
+    run("iptables", "-w", "-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "--dport", "22", "-j", "ACCEPT", ns=SCRATCH)
+    try:
+        yield SCRATCH
+    finally:
+        subprocess.run(["ip", "netns", "pids", SCRATCH], capture_output=True)
+        for pid in subprocess.run(["ip", "netns", "pids", SCRATCH], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", SCRATCH], capture_output=True)
+
+
+def saved(ns):
+    out = run("iptables-save", ns=ns).stdout
+    return [l for l in out.splitlines() if not l.startswith("#")]
+
+
+def lab_config_file(tmp_path):
+    from nfq_sttcp import config
+    cfg = lab.lab_config()
+    p = tmp_path / "lab.toml"
+    text = config.render_toml(cfg).replace('key_file = "%s"\n' % cfg.sync_key_file, "")
+    text = text.replace(cfg.control_socket_dir, str(tmp_path / "ctl"))
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("role", ["primary", "backup"])
+def test_scripts_apply_twice_remove_twice_and_keep_other_rules(scratch_ns, role):
+    before = saved(scratch_ns)
+    for _ in range(2):
+        run(os.path.join(ROOT, "iptables", "apply"), role, ns=scratch_ns)
+    during = saved(scratch_ns)
+    assert sum("-j STTCP-" in l for l in during) == (2 if role == "primary" else 2), during
+    assert all(l in during for l in before), "apply must not disturb existing rules"
+    for _ in range(2):
+        run(os.path.join(ROOT, "iptables", "remove"), role, ns=scratch_ns)
+    assert saved(scratch_ns) == before
+    assert "usage" in run(os.path.join(ROOT, "iptables", "apply"), "--help").stdout
+
+
+@pytest.mark.parametrize("role", ["primary", "backup"])
+def test_cli_rules_apply_show_remove(scratch_ns, role, tmp_path):
+    conf = lab_config_file(tmp_path)
+    before = saved(scratch_ns)
+    run(*CLI, "rules", "apply", "--role", role, "--config", conf, ns=scratch_ns)
+    run(*CLI, "rules", "apply", "--role", role, "--config", conf, ns=scratch_ns)
+    shown = run(*CLI, "rules", "show", "--role", role, "--config", conf, ns=scratch_ns).stdout
+    assert "NFQUEUE" in shown
+    assert sum("-j STTCP-" in l for l in saved(scratch_ns)) == 2
+    run(*CLI, "rules", "remove", "--role", role, "--config", conf, ns=scratch_ns)
+    run(*CLI, "rules", "remove", "--role", role, "--config", conf, ns=scratch_ns)
+    assert saved(scratch_ns) == before
+    run(*CLI, "rules", "apply", "--role", role, "--config", conf, ns=scratch_ns)
+    run(*CLI, "cleanup", "--config", conf, ns=scratch_ns)
+    assert saved(scratch_ns) == before
+
+
+def _start_daemon(role, conf, ns, tmp_path):
+    log = open(tmp_path / ("%s.log" % role), "w")
+    p = subprocess.Popen(["ip", "netns", "exec", ns] + CLI + ["--log-format", "json", role, "--config", conf],
+                         stdout=log, stderr=subprocess.STDOUT)
+    sock = tmp_path / "ctl" / ("%s.sock" % role)
+    deadline = time.monotonic() + 15
+    while not sock.exists() or sum("-j STTCP-" in l for l in saved(ns)) < 2:
+        assert p.poll() is None, (tmp_path / ("%s.log" % role)).read_text()
+        assert time.monotonic() < deadline, "daemon did not start"
+        time.sleep(0.05)
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_primary_daemon_removes_its_rules_on_the_way_out(scratch_ns, tmp_path, sig):
+    conf = lab_config_file(tmp_path)
+    run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p", ns=scratch_ns)
+    before = saved(scratch_ns)
+    p = _start_daemon("primary", conf, scratch_ns, tmp_path)
+    p.send_signal(sig)
+    assert p.wait(10) == 0
+    assert saved(scratch_ns) == before
+
+
+def test_backup_daemon_stays_fenced_after_exit_until_removed(scratch_ns, tmp_path):
+    conf = lab_config_file(tmp_path)
+    run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p", ns=scratch_ns)
+    run("ip", "link", "set", "lan0", "up", ns=scratch_ns)
+    before = saved(scratch_ns)
+    p = _start_daemon("backup", conf, scratch_ns, tmp_path)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(10) == 0
+    after = saved(scratch_ns)
+    assert any("-j DROP" in l and "STTCP-BOUT" in l for l in after), after
+    assert not any("NFQUEUE" in l for l in after)
+    run(*CLI, "rules", "remove", "--role", "backup", "--config", conf, ns=scratch_ns)
+    assert saved(scratch_ns) == before
+
+
+def test_daemon_refuses_a_missing_interface_and_a_busy_queue(scratch_ns, tmp_path):
+    conf = lab_config_file(tmp_path)
+    r = run(*CLI, "backup", "--config", conf, ns=scratch_ns, check=False)
+    assert r.returncode == 1 and "LAN interface lan0 does not exist" in r.stderr
+    assert "Traceback" not in r.stderr
+    run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p", ns=scratch_ns)
+    p = _start_daemon("primary", conf, scratch_ns, tmp_path)
+    try:
+        conf2 = tmp_path / "second.toml"
+        conf2.write_text(open(conf).read().replace(str(tmp_path / "ctl"), str(tmp_path / "ctl2"))
+                         .replace("port = 7788", "port = 7789"))
+        r = run(*CLI, "primary", "--config", str(conf2), ns=scratch_ns, check=False)
+        assert r.returncode == 1 and "NFQUEUE 11" in r.stderr, r.stderr
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(10)

@@ -1,0 +1,26 @@
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "nfq_sttcp"]
+
+
+def test_bad_config_is_one_clear_line_and_exit_2(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text('vip = "10.77.0.100"\nports = [7000]\nlan_interface = "lan0"\n[sync]\nprimary = "10.78.0.1"\n')
+    r = subprocess.run(CLI + ["primary", "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "nfq-sttcp: config error: missing required key(s): sync.backup"
+
+
+def test_unreadable_config(tmp_path):
+    r = subprocess.run(CLI + ["backup", "--config", str(tmp_path / "nope.toml")], capture_output=True, text=True)
+    assert r.returncode == 2 and "cannot read config" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rules_render_needs_no_privilege(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('vip = "10.77.0.100"\nports = [7000]\nlan_interface = "lan0"\n'
+                    '[sync]\nprimary = "10.78.0.1"\nbackup = "10.78.0.2"\n')
+    r = subprocess.run(CLI + ["rules", "render", "--role", "backup", "--config", str(conf)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "NFQUEUE --queue-num 12" in r.stdout
