@@ -1,0 +1,144 @@
+"""Edge cases of the primary and backup cores: safe verdicts for bad input,
+fail-open vs fail-closed, the handshake race, and what stays unprotected."""
+
+from nfq_sttcp import tcpseg
+from nfq_sttcp.actions import Accept, Count, Drop, Inject, Log, Release, SendSync
+from nfq_sttcp.backup import UNPROTECTED_NO_ISN, UNPROTECTED_OPTIONS, BackupConfig, BackupCore
+from nfq_sttcp.primary import REASON_BACKUP_LOST, REASON_BEFORE_JOIN, REASON_NO_CONFIRM, PrimaryConfig, PrimaryCore
+from nfq_sttcp.syncproto import Confirm, ConnIsn
+
+from .helpers import KEY, VIP, client_syn, from_client, from_server, server_synack
+
+PORTS = frozenset({7000})
+GARBAGE = [b"", b"\x45", b"\x45" + b"\0" * 30, bytes(from_client(1, 2))[:30]]
+
+
+def verdicts(acts):
+    return [a for a in acts if isinstance(a, (Accept, Drop))]
+
+
+def test_primary_fails_open_on_garbage_backup_fails_closed():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    for g in GARBAGE:
+        assert verdicts(p.on_outbound(g, 0)) == [Accept()]
+        assert isinstance(verdicts(b.on_inbound(g, 0))[0], Drop)
+        assert isinstance(verdicts(b.on_outbound(g, 0))[0], Drop)
+
+
+def test_backup_is_silent_before_takeover():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    # an RST from our stack for a connection we never saw
+    rst = from_server(5, 6, tcpseg.RST | tcpseg.ACK)
+    assert isinstance(verdicts(b.on_outbound(rst, 0))[0], Drop)
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    # a SYN-ACK retransmission and a data segment: held, never sent
+    for seg in (server_synack(900, 100, 60), from_server(901, 101, payload=b"x")):
+        assert isinstance(verdicts(b.on_outbound(seg, 0.1))[0], Drop)
+    assert b.conns[KEY].held and b.conns[KEY].held_bytes > 0
+
+
+def test_handshake_race_holds_clones_until_the_isn_arrives():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    # the client's ACK and first data overtake the primary's ISN message
+    a1 = b.on_inbound(from_client(101, 5001, tsecr=7000), 0.01)
+    a2 = b.on_inbound(from_client(101, 5001, payload=b"hello", tsecr=7000), 0.01)
+    assert isinstance(verdicts(a1)[0], Drop) and isinstance(verdicts(a2)[0], Drop)
+    acts = b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0.02)
+    released = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
+    assert [(s.ack, s.payload_len, s.tsecr) for s in released] == [(901, 0, 50), (901, 5, 50)]
+
+
+def test_handshake_hold_times_out_unprotected():
+    b = BackupCore(BackupConfig(VIP, PORTS, handshake_hold_s=1.0))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_inbound(from_client(101, 5001), 0.01)
+    acts = b.on_tick(1.5)
+    assert any(isinstance(a, Log) and a.event == "connection_unprotected" for a in acts)
+    assert b.conns[KEY].reason == UNPROTECTED_NO_ISN and not b.conns[KEY].pending_in
+
+
+def test_option_mismatch_marks_the_connection_unprotected():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50, wscale=9), 0)
+    acts = b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0.02)
+    assert any(isinstance(a, Log) and a.event == "options_mismatch" and a.level == "error" for a in acts)
+    assert b.conns[KEY].protected is False and b.conns[KEY].reason == UNPROTECTED_OPTIONS
+    # at takeover it is not migrated
+    assert not [a for a in b.activate(1.0) if isinstance(a, Inject)]
+
+
+def test_sack_blocks_mapped_inbound_and_clamped_to_what_we_sent():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b.on_outbound(from_server(901, 101, payload=b"x" * 3000), 0)  # we sent up to 3901
+    acts = b.on_inbound(from_client(101, 5001, sack=((6001, 7001), (7501, 9001), (8501, 9001))), 0.1)
+    seg = tcpseg.parse(verdicts(acts)[0].payload)
+    # minus delta 4100; trimmed at 3901, and a block wholly beyond it dropped
+    assert seg.sack_blocks == ((1901, 2901), (3401, 3901))
+    assert tcpseg.tcp_checksum_ok(verdicts(acts)[0].payload, seg)
+
+
+def test_primary_unknown_connection_is_unprotected_and_untouched():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    data = from_server(500, 100, payload=b"x" * 10)
+    acts = p.on_outbound(data, 0)
+    assert verdicts(acts) == [Accept()]
+    assert p.conns[KEY].reason == REASON_BEFORE_JOIN
+    assert verdicts(p.on_outbound(from_server(510, 99999, payload=b"y"), 0)) == [Accept()]
+
+
+def test_primary_synack_released_unprotected_when_the_backup_never_confirms():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=1.0))
+    p.backup_following = True
+    assert isinstance(verdicts(p.on_outbound(server_synack(5000, 100, 7000), 0))[0], Drop)
+    acts = p.on_tick(1.5)
+    assert [tcpseg.parse(a.packet).seq for a in acts if isinstance(a, Inject)] == [5000]
+    assert p.conns[KEY].reason == REASON_NO_CONFIRM
+
+
+def test_primary_releases_everything_when_the_backup_is_lost():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=1000))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm(((KEY, 101, 5001, ()),)), 0)
+    # client bytes the backup has not confirmed: acks clamped, pure ack held, data deferred by the lag bound
+    first = p.on_outbound(from_server(5001, 300, payload=b"a" * 900), 0.1)
+    assert tcpseg.parse(verdicts(first)[0].payload).ack == 101
+    assert isinstance(verdicts(p.on_outbound(from_server(5901, 300), 0.1))[0], Drop)
+    deferred = p.on_outbound(from_server(5901, 300, payload=b"b" * 900), 0.1)
+    assert not verdicts(deferred)
+    acts = p.set_backup_following(False, 0.2)
+    assert any(isinstance(a, Release) for a in acts)
+    acks = [tcpseg.parse(a.packet).ack for a in acts if isinstance(a, Inject)]
+    assert acks == [300]
+    assert p.conns[KEY].reason == REASON_BACKUP_LOST
+    assert verdicts(p.on_outbound(from_server(6801, 400, payload=b"c"), 0.3)) == [Accept()]
+
+
+def test_backup_relays_its_sack_and_primary_shows_it_to_the_client():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b.on_batch_end(0)
+    b.on_outbound(from_server(901, 1101, sack=((2101, 3101),)), 0.1)
+    confirm = [a.message for a in b.on_batch_end(0.1) if isinstance(a, SendSync)][0]
+    assert confirm.acks[0][1] == 1101 and confirm.acks[0][3] == ((2101, 3101),)
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm(((KEY, 101, None, ()),)), 0)
+    p.on_outbound(from_server(5001, 3101), 0.1)  # our stack has everything
+    acts = p.on_confirm(confirm, 0.1)
+    relayed = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject) and "SACK" in a.why]
+    assert relayed and relayed[0].sack_blocks == ((2101, 3101),)
+    assert any(isinstance(a, Count) and a.name == "sack_relayed" for a in acts)
