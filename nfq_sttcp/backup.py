@@ -20,7 +20,7 @@ from typing import Optional
 
 from . import tcpseg
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
-from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
+from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_min, seq_sub
 from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConnIsn
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 

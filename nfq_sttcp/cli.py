@@ -172,22 +172,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _daemon_status(args: argparse.Namespace) -> int:
-    import socket
+    from . import control
     cfg = _load(args.config)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
     try:
-        s.connect(cfg.control_socket(args.role))
-        s.sendall(b"status\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as e:
+        st = control.request(cfg.control_socket(args.role))
+    except (OSError, ValueError) as e:
         return _die("no %s daemon answering on %s: %s" % (args.role, cfg.control_socket(args.role), e), 3)
-    st = json.loads(data)
     print(json.dumps(st, indent=2) if args.json else _format_daemon(st))
     return 0
 

@@ -117,7 +117,8 @@ class Daemon:
         self._open_control()
         if self.role == "backup" and self.cfg.lan_snoop:
             self._open_snoop()
-        firewall.apply(self.cfg, self.role)
+        # The primary clones only once a backup follows (see _set_cloning).
+        firewall.apply(self.cfg, self.role, clone=False)
         self.rules_applied = True
         if self.role == "primary":
             binds = [(self.cfg.queue_primary_out, self._cb_primary_out)]
@@ -319,7 +320,7 @@ class Daemon:
                 changed, acts = self.peer.on_heartbeat(now, msg.state)
                 self._perform(acts)
                 if changed and self.primary is not None:
-                    self._perform(self.primary.set_backup_following(self.peer.state == "present", now))
+                    self._backup_changed(self.peer.state == "present", now)
         elif isinstance(msg, ConnIsn) and self.backup is not None:
             self._perform(self.backup.on_conn_isn(msg, now))
         elif isinstance(msg, Confirm) and self.primary is not None:
@@ -334,10 +335,21 @@ class Daemon:
             changed, acts = self.peer.on_tick(now)
             self._perform(acts)
             if changed:
-                self._perform(self.primary.set_backup_following(False, now))
+                self._backup_changed(False, now)
             self._perform(self.primary.on_tick(now))
         if self.backup is not None:
             self._perform(self.backup.on_tick(now))
+
+    def _backup_changed(self, following: bool, now: float) -> None:
+        """Clone client segments only to a backup that follows us: a backup
+        host without its daemon would answer the clones from its own stack."""
+        assert self.primary is not None
+        try:
+            firewall.set_cloning(self.cfg, following)
+            self.log.info("cloning", on=following)
+        except Exception as e:
+            self.log.error("cloning_switch_failed", on=following, error=str(e))
+        self._perform(self.primary.set_backup_following(following, now))
 
     def _watchdog_tick(self, now: float) -> None:
         if self.watchdog is not None:
@@ -491,11 +503,27 @@ class Daemon:
             except OSError:
                 pass
 
+    def _queue_stats(self) -> dict[str, dict[str, int]]:
+        """The kernel's view of our queues (DESIGN.md trap 19): a growing
+        ``queue_dropped`` means the queue overflowed and segments were lost."""
+        mine = {self.cfg.queue_primary_out} if self.role == "primary" else {self.cfg.queue_backup_in,
+                                                                              self.cfg.queue_backup_out}
+        out: dict[str, dict[str, int]] = {}
+        try:
+            with open("/proc/net/netfilter/nfnetlink_queue") as f:
+                for line in f:
+                    v = line.split()
+                    if len(v) >= 7 and int(v[0]) in mine:
+                        out[v[0]] = {"waiting": int(v[2]), "queue_dropped": int(v[5]), "user_dropped": int(v[6])}
+        except (OSError, ValueError):
+            pass
+        return out
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
-                              "counters": dict(self.counters)}
+                              "counters": dict(self.counters), "queues": self._queue_stats()}
         if self.watchdog is not None:
             st["state"] = self.watchdog.state
             st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)

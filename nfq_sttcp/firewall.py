@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 from .config import Config
-from .rules import Hook, all_hooks, hooks, render
+from .rules import Hook, all_hooks, hooks, render, render_cloning
 
 
 class FirewallError(RuntimeError):
@@ -44,13 +44,19 @@ def teardown_hooks(hs: list[Hook]) -> list[str]:
     return errors
 
 
-def apply(cfg: Config, role: str, fence: bool = False) -> None:
+def apply(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> None:
     require_iptables()
     teardown_hooks(hooks(cfg, role))
-    r = _iptables("iptables-restore", "-w", "--noflush", stdin=render(cfg, role, fence=fence))
+    r = _iptables("iptables-restore", "-w", "--noflush", stdin=render(cfg, role, fence=fence, clone=clone))
     if r.returncode != 0:
         teardown_hooks(hooks(cfg, role))
         raise FirewallError("iptables-restore refused the %s rules: %s" % (role, r.stderr.strip()))
+
+
+def set_cloning(cfg: Config, on: bool) -> None:
+    r = _iptables("iptables-restore", "-w", "--noflush", stdin=render_cloning(cfg, on))
+    if r.returncode != 0:
+        raise FirewallError("iptables-restore refused the clone rules: %s" % r.stderr.strip())
 
 
 def remove(cfg: Config, role: str) -> list[str]:

@@ -17,17 +17,16 @@ vs 2) so the timestamp rewriting is really exercised (DESIGN.md trap 6).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Optional
 
 from . import config as config_mod
+from . import control as control_mod
 from .config import Config
 
 PREFIX = "sttcp-"
@@ -135,21 +134,7 @@ def _daemon_argv(role: str) -> list[str]:
 
 
 def control(role: str, command: str = "status", timeout: float = 2.0) -> dict:
-    cfg = load_config()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(cfg.control_socket(role))
-        s.sendall(command.encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        s.close()
-    return json.loads(data)
+    return control_mod.request(load_config().control_socket(role), command, timeout)
 
 
 def _log_tail(host: str, name: str, lines: int = 8) -> str:

@@ -25,7 +25,6 @@ from .syncproto import Confirm, ConnIsn
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 REASON_BEFORE_JOIN = "opened before the backup joined"
-REASON_NO_BACKUP = "no backup following"
 REASON_BACKUP_LOST = "backup lost"
 REASON_NO_CONFIRM = "backup never confirmed the handshake"
 REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
@@ -130,7 +129,7 @@ class PrimaryCore:
         conn = self.conns.get(key)
         if conn is None or conn.isn != seg.seq or conn.closing_since is not None:
             conn = self.conns[key] = PrimaryConn(key, self.backup_following,
-                                                 "" if self.backup_following else REASON_NO_BACKUP,
+                                                 "" if self.backup_following else REASON_BEFORE_JOIN,
                                                  isn=seg.seq, last_seen=now, held_since=now)
             early = self.early_confirms.pop(key, None)
             if early is not None:

@@ -47,11 +47,29 @@ def _port_chunks(ports: tuple[int, ...]) -> list[str]:
     return [",".join(str(x) for x in ps[i:i + 15]) for i in range(0, len(ps), 15)]
 
 
-def render(cfg: Config, role: str, fence: bool = False) -> str:
+def _tee_rules(cfg: Config, chain: str) -> list[str]:
+    return ["-A %s -i %s -d %s/32 -p tcp -m multiport --dports %s -j TEE --gateway %s"
+            % (chain, cfg.lan_interface, cfg.vip, ports, cfg.backup_sync) for ports in _port_chunks(cfg.ports)]
+
+
+def render_cloning(cfg: Config, on: bool) -> str:
+    """Replace the primary's clone rules atomically (declaring the chain flushes it).
+
+    The primary clones only to a backup that follows it: a backup host whose
+    daemon is not running would answer the clones from its own stack.
+    """
+    tee = hooks(cfg, "primary")[0]
+    lines = ["*mangle", ":%s - [0:0]" % tee.chain] + (_tee_rules(cfg, tee.chain) if on else []) + ["COMMIT"]
+    return "\n".join(lines) + "\n"
+
+
+def render(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> str:
     """iptables-restore input for ``role``.
 
     ``fence=True`` renders the backup's exit state: its replies are dropped
-    outright, so a backup whose daemon stopped stays silent.
+    outright, so a backup whose daemon stopped stays silent. ``clone=False``
+    leaves the primary's clone chain empty (the daemon fills it once a backup
+    follows).
     """
     hs = hooks(cfg, role)
     mark = "-m mark ! --mark 0x%x" % cfg.mark
@@ -61,15 +79,16 @@ def render(cfg: Config, role: str, fence: bool = False) -> str:
         body.setdefault(h.table, []).append(":%s - [0:0]" % h.chain)
     for h in hs:
         body[h.table].append("-I %s 1 -j %s" % (h.builtin, h.chain))
-    for ports in _port_chunks(cfg.ports):
-        if role == "primary":
-            tee, out = hs
-            body["mangle"].append("-A %s -i %s -d %s -p tcp -m multiport --dports %s -j TEE --gateway %s"
-                                  % (tee.chain, cfg.lan_interface, vip, ports, cfg.backup_sync))
-            body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d --queue-bypass"
-                                  % (out.chain, vip, ports, mark, cfg.queue_primary_out))
-        else:
-            bin_, bout = hs
+    if role == "primary":
+        tee, out = hs
+        if clone:
+            body["mangle"] += _tee_rules(cfg, tee.chain)
+        for ports in _port_chunks(cfg.ports):
+            body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d "
+                                  "--queue-bypass" % (out.chain, vip, ports, mark, cfg.queue_primary_out))
+    else:
+        bin_, bout = hs
+        for ports in _port_chunks(cfg.ports):
             if not fence:
                 body["raw"].append("-A %s -d %s -p tcp -m multiport --dports %s %s -j NFQUEUE --queue-num %d"
                                    % (bin_.chain, vip, ports, mark, cfg.queue_backup_in))

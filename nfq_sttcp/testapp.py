@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import os
 import socket
-import struct
 import threading
 import time
 from array import array

@@ -5,8 +5,7 @@ sha256), and from the client's own capture that it saw no RST and sent no
 second SYN (no reconnect)."""
 
 import subprocess
-
-import pytest
+import sys
 
 from nfq_sttcp import lab, scenario
 
@@ -27,6 +26,8 @@ def survived(report, expect_bytes=None):
         assert c["wire_gap_ms"] is not None, "%s: no failover gap measured" % label
         if expect_bytes is not None and c["kind"] in expect_bytes:
             assert c["verified"] == expect_bytes[c["kind"]], label
+    drops = {q: v["queue_dropped"] for q, v in backup["queues"].items()}
+    assert not any(drops.values()), "the backup's queues overflowed: %s" % drops
     print("failover: detection %s ms, takeover %s ms; gaps %s" % (
         backup["failover"]["detection_ms"], backup["failover"]["takeover_ms"],
         {"%s:%s" % (c["kind"], c["local_port"]): c["wire_gap_ms"] for c in report["connections"]}))
@@ -65,7 +66,7 @@ def test_server_speaks_first_banner(make_lab):
 
 def test_backup_application_slower_than_the_primary(make_lab):
     # 100 ms per echo response and per MiB of bulk data, on the backup only.
-    make_lab(app="python3 -m nfq_sttcp.testapp --backup-delay-ms 100")
+    make_lab(app="%s -m nfq_sttcp.testapp --backup-delay-ms 100" % sys.executable)
     r = scenario.run_with_crash([
         "echo:count=20,size=2000,pause_ms=10,crash_msg=6,after=5",
         "download:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
@@ -103,17 +104,6 @@ def test_two_percent_loss_on_the_clone_path_during_upload(make_lab):
 
 def test_connection_opened_before_the_backup_is_unprotected_and_untouched(make_lab):
     make_lab(start_backup=False)
-    import socket
-    import threading
-
-    result = {}
-    opened = threading.Event()
-    go_on = threading.Event()
-
-    def client():
-        # runs in the client namespace through a helper process
-        pass
-
     # A long echo session in the client's namespace; the backup starts in its middle.
     p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, "python3", "-c", """
 import socket, sys, time

@@ -31,6 +31,8 @@ def test_lab_lifecycle_status_exec_and_idempotent_down(make_lab):
     assert st["vip_owner"] == ["primary"]
     assert st["daemons"]["backup"]["state"] == "following"
     assert st["daemons"]["primary"]["backup"] == "present"
+    tee = run("iptables", "-w", "-t", "mangle", "-S", "STTCP-TEE", ns=lab.NS_PRIMARY).stdout
+    assert "TEE --gateway 10.78.0.2" in tee, "the primary clones to a following backup"
     r = run(*CLI, "lab", "exec", "client", "--", "sh", "-c", "exit 7", check=False)
     assert r.returncode == 7, "lab exec passes the exit code through"
     r = run(*CLI, "lab", "exec", "client", "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0")
@@ -64,6 +66,19 @@ def test_crash_silences_the_primary(make_lab):
     assert st["daemons"]["backup"]["state"] == "active"
     assert st["vip_owner"] == ["backup"]
     assert st["daemons"]["primary"]["state"] == "down"
+
+
+def test_primary_clones_only_while_a_backup_follows(make_lab):
+    make_lab(start_backup=False)
+    tee = run("iptables", "-w", "-t", "mangle", "-S", "STTCP-TEE", ns=lab.NS_PRIMARY).stdout
+    assert "TEE" not in tee.replace("STTCP-TEE", ""), "no clones to a backup host without its daemon"
+    # a connection works: the backup's stack, with no daemon, never sees a clone to answer
+    r = run("python3", "-c", "import socket; s=socket.create_connection(('10.77.0.100',7003),timeout=5); "
+            "print(s.recv(100).decode())", ns=lab.NS_CLIENT)
+    assert r.stdout.startswith("220 ")
+    lab.start_backup_daemon(progress=lambda *_: None)
+    tee = run("iptables", "-w", "-t", "mangle", "-S", "STTCP-TEE", ns=lab.NS_PRIMARY).stdout
+    assert "TEE --gateway" in tee
 
 
 @pytest.fixture

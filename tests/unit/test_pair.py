@@ -8,7 +8,7 @@ from nfq_sttcp.actions import Accept, Defer, Drop, Inject, Release, SendSync
 from nfq_sttcp.backup import BackupConfig, BackupCore
 from nfq_sttcp.primary import PrimaryConfig, PrimaryCore
 from nfq_sttcp.seqmath import MOD, seq_add
-from nfq_sttcp.syncproto import Confirm, ConnIsn
+from nfq_sttcp.syncproto import ConnIsn
 
 from .helpers import KEY, VIP, client_syn, from_client, from_server, server_synack
 

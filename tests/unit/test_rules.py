@@ -44,3 +44,11 @@ def test_files_in_iptables_dir_are_the_rendered_rules():
         assert shipped == rules.render(c, role), "regenerate with: make iptables-rules"
     for script in ("apply", "remove"):
         assert os.access(ROOT / "iptables" / script, os.X_OK)
+
+
+def test_cloning_chain_is_replaced_whole():
+    c = lab.lab_config()
+    on, off = rules.render_cloning(c, True), rules.render_cloning(c, False)
+    assert ":STTCP-TEE - [0:0]" in on and "TEE --gateway 10.78.0.2" in on
+    assert ":STTCP-TEE - [0:0]" in off and "TEE" not in off.replace("STTCP-TEE", "")
+    assert "TEE --gateway" not in rules.render(c, "primary", clone=False)

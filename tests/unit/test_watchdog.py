@@ -1,8 +1,7 @@
 import pytest
 
 from nfq_sttcp.actions import Log, TakeOver
-from nfq_sttcp.watchdog import (ABSENT, ACTIVE, FAULT, FOLLOWING, PRESENT, SUSPECT, TAKEOVER, TRANSITIONS, WAITING,
-                                IllegalTransition, PeerMonitor, Watchdog)
+from nfq_sttcp.watchdog import (ABSENT, ACTIVE, FAULT, FOLLOWING, PRESENT, SUSPECT, TAKEOVER, TRANSITIONS, IllegalTransition, PeerMonitor, Watchdog)
 
 
 def test_detection_after_k_missed_beats_and_timings():
