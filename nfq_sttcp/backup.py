@@ -57,6 +57,7 @@ class BackupConn:
     last_tsval_b_at: float = 0.0
     # what the client has shown us
     client_ack_b: Optional[int] = None  # highest client ack mapped into backup space
+    stack_ack: Optional[int] = None  # highest ack our stack has been shown (after clamping)
     client_window: int = 0
     client_tsval: int = 0
     client_max_tsecr: Optional[int] = None  # highest TSval of ours (primary space) the client echoed
@@ -178,6 +179,8 @@ class BackupCore:
             # for data it has not sent, so never show it one.
             ack_b = conn.snd_max
         tcpseg.set_ack(buf, seg, ack_b)
+        if conn.stack_ack is None or seq_gt(ack_b, conn.stack_ack):
+            conn.stack_ack = ack_b
         if seg.sack_off >= 0:
             limit = conn.snd_max
             delta = conn.delta_seq
@@ -269,6 +272,11 @@ class BackupCore:
         if conn.client_ack_b is None or conn.snd_max is None or conn.rcv_ack is None:
             return []
         ack = seq_min(conn.client_ack_b, conn.snd_max)
+        if conn.stack_ack is not None and not seq_gt(ack, conn.stack_ack):
+            # Our stack already has this ack (it resent something the client
+            # acked): a self-ack now could reach a closed socket and draw an RST.
+            return []
+        conn.stack_ack = ack
         cip, cport, vip, vport = conn.key
         opts = tcpseg.ts_option(conn.client_tsval, conn.last_tsval_b) if conn.uses_ts else b""
         pkt = tcpseg.build_segment(cip, vip, cport, vport, conn.rcv_ack, ack, ACK, conn.client_window, opts)

@@ -34,8 +34,7 @@ def run(download_mb: int = 50, upload_mb: int = 50, out_dir: str = "demo-out") -
         report = scenario.run_with_crash(conns, capture_dir=os.path.abspath(out_dir))
         st = lab.status()
     finally:
-        keep = os.path.abspath(os.path.join(out_dir, "logs"))
-        os.environ["STTCP_LAB_KEEP_LOGS"] = keep
+        os.environ["STTCP_LAB_KEEP_LOGS"] = os.path.abspath(out_dir)
         lab.down(quiet=True)
     failover = st["daemons"].get("backup", {}).get("failover", {})
     budget = detection + 100

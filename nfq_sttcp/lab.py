@@ -307,8 +307,10 @@ def down(quiet: bool = False) -> None:
                 pass
     if os.path.isdir(STATE_DIR):
         keep = os.environ.get("STTCP_LAB_KEEP_LOGS")
-        if keep:
-            subprocess.run(["cp", "-r", os.path.join(STATE_DIR, "logs"), keep], check=False)
+        if keep and os.path.isdir(os.path.join(STATE_DIR, "logs")):
+            dest = os.path.join(keep, time.strftime("lab-%H%M%S-") + str(os.getpid()))
+            os.makedirs(keep, exist_ok=True)
+            subprocess.run(["cp", "-r", os.path.join(STATE_DIR, "logs"), dest], check=False)
         subprocess.run(["rm", "-rf", STATE_DIR], check=False)
     if not quiet:
         print("lab down: removed %s" % (", ".join(nss) if nss else "nothing (no lab was up)"))

@@ -40,8 +40,11 @@ def clean_machine():
 
 
 @pytest.fixture
-def make_lab():
-    """Bring the lab up with the given options; always brought down."""
+def make_lab(tmp_path, monkeypatch):
+    """Bring the lab up with the given options; always brought down, its
+    daemon and application logs kept under the test's tmp_path."""
+    monkeypatch.setenv("STTCP_LAB_KEEP_LOGS", str(tmp_path / "lab-logs"))
+    print("lab logs kept in", tmp_path / "lab-logs")
     made = []
 
     def up(**kw):
