@@ -27,6 +27,7 @@ from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 UNPROTECTED_NO_ISN = "primary never sent the ISN"
 UNPROTECTED_OPTIONS = "TCP options differ from the primary's"
 UNPROTECTED_BEFORE_JOIN = "opened before the backup joined"
+UNPROTECTED_DROPPED = "the primary lost this backup for a while and dropped protection"
 TAKEOVER_ACK_PROMPTS = 3
 
 
@@ -45,6 +46,7 @@ class BackupConn:
     opts_p: Optional[tuple] = None
     delta_seq: Optional[int] = None
     delta_ts: int = 0
+    generation: int = 0  # the primary's protection generation at the handshake
     protected: bool = False
     reason: str = "handshake in progress"
     # what the backup's stack has emitted (backup space)
@@ -101,6 +103,7 @@ class BackupCore:
     conns: dict[ConnKey, BackupConn] = field(default_factory=dict)
     early_isn: dict[ConnKey, tuple[ConnIsn, float]] = field(default_factory=dict)
     unconfirmed: set[ConnKey] = field(default_factory=set)
+    primary_generation: int = 0
     self_ack_due: set[ConnKey] = field(default_factory=set)
 
     # == inbound: client -> service ===========================================
@@ -116,18 +119,27 @@ class BackupCore:
         key = seg.client_key()
         conn = self.conns.get(key)
         if seg.flags & SYN and not seg.flags & ACK:
-            if conn is None or (conn.client_isn != seg.seq and conn.isn_b is not None):
+            if conn is not None and conn.client_isn != seg.seq and conn.closing_since is None \
+                    and conn.delta_seq is not None:
+                # A SYN into a live connection (forged, or a confused client):
+                # our stack answers it with a challenge ACK, which we hold; the
+                # connection's state stays as it is.
+                return [Accept(), Count("syn_into_live_connection")]
+            if conn is None or conn.client_isn != seg.seq:
                 conn = self.conns[key] = BackupConn(key, now, client_isn=seg.seq)
                 early = self.early_isn.pop(key, None)
                 if early is not None:
                     self._set_primary_isn(conn, early[0])
-            conn.client_tsval = seg.tsval
+            if seg.has_ts:
+                conn.client_tsval = seg.tsval
             return [Accept()]
         if conn is None:
             if self.active:
                 return [Accept()]  # not ours to map: our stack resets it, cleanly
             return [Drop("connection opened before the backup joined"), Count("unknown_in")]
-        if seg.flags & (FIN | RST) and conn.closing_since is None:
+        if seg.flags & RST and conn.closing_since is None and conn.rcv_ack is not None and seg.seq == conn.rcv_ack:
+            # Only an RST exactly at our receive point ends our state (RFC 5961):
+            # a forged one out of the window must not unprotect a connection.
             conn.closing_since = now
         if conn.delta_seq is None:
             if self.active or conn.reason in (UNPROTECTED_NO_ISN,):
@@ -164,14 +176,18 @@ class BackupCore:
         """Rewrite one client segment into the backup's space; return (bytes, extra actions)."""
         assert conn.delta_seq is not None
         out: list[Action] = []
-        conn.client_window = seg.window
-        if seg.has_ts:
-            conn.client_tsval = seg.tsval
         if not seg.flags & ACK:
             return None, out
+        trusted = self._acceptable(conn, seg)
+        if trusted:
+            conn.client_window = seg.window
+            if seg.has_ts:
+                conn.client_tsval = seg.tsval
+        else:
+            out.append(Count("out_of_window_in"))
         buf = bytearray(data)
         ack_b = seq_sub(seg.ack, conn.delta_seq)
-        if conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b):
+        if trusted and (conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b)):
             conn.client_ack_b = ack_b
             self._prune_held(conn)
         if conn.snd_max is not None and seq_gt(ack_b, conn.snd_max):
@@ -195,11 +211,25 @@ class BackupCore:
 
             tcpseg.map_sack(buf, seg, to_backup)
         if seg.has_ts and seg.tsecr:
-            if conn.client_max_tsecr is None or seq_gt(seg.tsecr, conn.client_max_tsecr):
+            if trusted and (conn.client_max_tsecr is None or seq_gt(seg.tsecr, conn.client_max_tsecr)):
                 conn.client_max_tsecr = seg.tsecr
             margin = self.cfg.ts_margin if self.active else 0
             tcpseg.set_tsecr(buf, seg, seq_sub(seg.tsecr, (conn.delta_ts + margin) & MASK))
         return bytes(buf), out
+
+    def _acceptable(self, conn: BackupConn, seg: Segment) -> bool:
+        """Would a TCP receiver accept this segment (RFC 793 window test)?
+
+        Only acceptable segments may move our state (client ack, window,
+        timestamps): a forged segment out of the window is passed to our
+        stack, which discards it as the primary's did, and changes nothing here.
+        """
+        if conn.rcv_ack is None:
+            return True
+        wscale = conn.opts_b[2] if conn.opts_b and conn.opts_b[2] >= 0 else 0
+        # The client follows the primary's window, which may exceed ours.
+        window = max(conn.last_window << wscale, 1 << 24)
+        return seq_ge(seg.end_seq, (conn.rcv_ack - 65536) & MASK) and seq_le(seg.seq, (conn.rcv_ack + window) & MASK)
 
     # == outbound: the backup's own replies ===================================
 
@@ -362,7 +392,22 @@ class BackupCore:
             return []
         return self._set_primary_isn(conn, msg)
 
+    def on_primary_generation(self, generation: int, now: float) -> list[Action]:
+        """The primary dropped protection (it lost us for a while, and stopped
+        cloning): connections from an older generation cannot be migrated."""
+        if generation <= self.primary_generation:
+            return []
+        self.primary_generation = generation
+        n = 0
+        for conn in self.conns.values():
+            if conn.generation < generation and conn.protected:
+                conn.protected, conn.reason = False, UNPROTECTED_DROPPED
+                n += 1
+        return [Log("protection_dropped_by_primary", "warning", {"generation": generation, "connections": n}),
+                Count("unprotected_by_primary", n)]
+
     def _set_primary_isn(self, conn: BackupConn, msg: ConnIsn) -> list[Action]:
+        conn.generation = msg.generation
         conn.isn_p = msg.isn
         conn.tsval_p_syn = msg.tsval
         conn.opts_p = (msg.has_ts, msg.sack_ok, msg.wscale)
@@ -381,6 +426,8 @@ class BackupCore:
             out.append(Log("options_mismatch", "error",
                            {"conn": conn.key, "primary": conn.opts_p, "backup": conn.opts_b}))
             out.append(Count("options_mismatch"))
+        elif conn.generation < self.primary_generation:
+            conn.protected, conn.reason = False, UNPROTECTED_DROPPED
         else:
             conn.protected, conn.reason = True, ""
         self.unconfirmed.add(conn.key)

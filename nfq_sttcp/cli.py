@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("primary", "backup"):
         p = sub.add_parser(role, help="run the %s daemon" % role)
         p.add_argument("--config", required=True, help="TOML config file")
+        p.add_argument("--insecure-no-auth", action="store_true",
+                       help="run without sync.key_file: anyone on the sync link can forge messages")
 
     p = sub.add_parser("rules", help="apply, remove or show a role's iptables rules by hand")
     p.add_argument("action", choices=("apply", "remove", "show", "render"))
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = lsub.add_parser("crash", help="simulate a host crash")
     p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("exec", help="run a command in a lab host: lab exec HOST -- CMD ARGS...")
-    p.add_argument("host", choices=("client", "primary", "backup", "lan"))
+    p.add_argument("host", choices=("client", "primary", "backup", "lan", "sync"))
     p.add_argument("argv", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("demo", help="bring up the lab, run every kind of traffic across a primary crash")
@@ -121,6 +123,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd in ("primary", "backup"):
         from .driver import Daemon, DaemonError
         cfg = _load(args.config)
+        if cfg.sync_key_file is None and not args.insecure_no_auth:
+            return _die("config error: no sync.key_file: the sync link would be unauthenticated. Create a key "
+                        "(head -c 32 /dev/urandom | base64 > KEYFILE; chmod 600 KEYFILE), set sync.key_file, "
+                        "or pass --insecure-no-auth")
         try:
             return Daemon(cfg, args.cmd).run()
         except (DaemonError, FirewallError) as e:

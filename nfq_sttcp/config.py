@@ -82,9 +82,13 @@ class Config:
             return None
         try:
             with open(self.sync_key_file, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
                 key = f.read().strip()
         except OSError as e:
             raise ConfigError("sync.key_file: cannot read %s: %s" % (self.sync_key_file, e.strerror)) from None
+        if mode & 0o077:
+            raise ConfigError("sync.key_file: %s is readable by group or others: chmod 600 %s"
+                              % (self.sync_key_file, self.sync_key_file))
         if len(key) < 16:
             raise ConfigError("sync.key_file: key in %s is shorter than 16 bytes" % self.sync_key_file)
         return key

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import select
 import signal
 import socket
@@ -50,7 +49,9 @@ class Daemon:
         self.role = role
         self.log = structlog.get_logger("nfq_sttcp").bind(role=role)
         self.key = cfg.read_key()
-        self.epoch = secrets.randbits(32)
+        # Start time as the epoch: a restarted daemon's epoch is larger, so
+        # its peer can refuse anything from an earlier life (replays).
+        self.epoch = time.time_ns()
         self.counter = 0
         self.counters: Counter[str] = Counter()
         self.guard = ReplayGuard()
@@ -102,6 +103,7 @@ class Daemon:
     def _setup(self) -> None:
         from netfilterqueue import NetfilterQueue
 
+        self._check_host()
         if self.role == "backup":
             self._prepare_garp()
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -168,7 +170,8 @@ class Daemon:
             os.unlink(self.cfg.control_socket(self.role))
         except OSError:
             pass
-        self.log.info("daemon_stopped", counters=dict(self.counters))
+        if getattr(self, "rules_applied", False):
+            self.log.info("daemon_stopped", counters=dict(self.counters))
 
     # == the loop ============================================================
 
@@ -282,7 +285,8 @@ class Daemon:
 
     def _send_heartbeats(self, now: float) -> None:
         state = self.watchdog.state if self.watchdog else "serving"
-        self._send_sync(Heartbeat(self.role, state, time.monotonic_ns()), to=self.cfg.peer_addresses(self.role))
+        gen = self.primary.generation if self.primary is not None else 0
+        self._send_sync(Heartbeat(self.role, state, time.monotonic_ns(), gen), to=self.cfg.peer_addresses(self.role))
 
     def _on_sync_readable(self) -> None:
         peers = set(self.cfg.peer_addresses(self.role))
@@ -300,13 +304,26 @@ class Daemon:
                 epoch, counter, msg = syncproto.decode(data, self.key)
             except SyncError as e:
                 self.counters["sync_rejected"] += 1
-                self.log.debug("sync_rejected", peer=addr, why=str(e))
+                self._log_rejection(addr, str(e))
+                continue
+            if self.guard.epoch is not None and epoch < self.guard.epoch:
+                self.counters["sync_rejected"] += 1
+                self.counters["sync_replayed"] += 1
+                self._log_rejection(addr, "message from an earlier epoch (a replay)")
                 continue
             if not self.guard.accept(epoch, counter):
                 # The same beat arrives over both paths: only the first counts.
+                # (A replay within the epoch lands here too, harmlessly.)
                 self.counters["sync_duplicate"] += 1
                 continue
             self._on_sync(msg, time.monotonic())
+
+    def _log_rejection(self, addr: str, why: str) -> None:
+        """Warn about rejected sync messages at most once a second."""
+        now = time.monotonic()
+        if now - getattr(self, "_last_reject_log", 0.0) >= 1.0:
+            self._last_reject_log = now
+            self.log.warning("sync_rejected", peer=addr, why=why, total=self.counters["sync_rejected"])
 
     def _on_sync(self, msg: syncproto.SyncMessage, now: float) -> None:
         if isinstance(msg, Heartbeat):
@@ -316,6 +333,8 @@ class Daemon:
                 return
             if self.watchdog is not None:
                 self._perform(self.watchdog.on_heartbeat(now))
+            if self.backup is not None:
+                self._perform(self.backup.on_primary_generation(msg.generation, now))
             if self.role == "primary":
                 changed, acts = self.peer.on_heartbeat(now, msg.state)
                 self._perform(acts)
@@ -332,6 +351,8 @@ class Daemon:
 
     def _tick(self, now: float) -> None:
         if self.primary is not None:
+            self._on_sync_readable()  # never declare the backup lost with a beat still unread
+            now = time.monotonic()
             changed, acts = self.peer.on_tick(now)
             self._perform(acts)
             if changed:
@@ -359,16 +380,32 @@ class Daemon:
 
     # == takeover ============================================================
 
+    def _check_host(self) -> None:
+        """Refuse to start on a host that cannot work, with the reason."""
+        import ipaddress
+
+        from pyroute2 import IPRoute
+
+        if not os.path.exists("/proc/net/netfilter/nfnetlink_queue"):
+            raise DaemonError("the kernel lacks nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE): no NFQUEUE here")
+        with IPRoute() as ipr:
+            links = ipr.link_lookup(ifname=self.cfg.lan_interface)
+            if not links:
+                raise DaemonError("LAN interface %s does not exist" % self.cfg.lan_interface)
+            self.lan_index = links[0]
+            addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)]
+        net = ipaddress.IPv4Network("%s/%d" % (self.cfg.vip, self.cfg.lan_prefix), strict=False)
+        own = [a for a in addrs if a != self.cfg.vip]
+        if own and not any(ipaddress.IPv4Address(a) in net for a in own):
+            raise DaemonError("VIP %s is outside the LAN subnet: %s has %s, none in %s"
+                              % (self.cfg.vip, self.cfg.lan_interface, ", ".join(own), net))
+
     def _prepare_garp(self) -> None:
         """Build the gratuitous ARP frames now: importing scapy takes ~1 s."""
         from pyroute2 import IPRoute
         from scapy.layers.l2 import ARP, Ether
 
         with IPRoute() as ipr:
-            links = ipr.link_lookup(ifname=self.cfg.lan_interface)
-            if not links:
-                raise DaemonError("LAN interface %s does not exist" % self.cfg.lan_interface)
-            self.lan_index = links[0]
             mac = ipr.get_links(self.lan_index)[0].get_attr("IFLA_ADDRESS")
         vip = self.cfg.vip
         bcast = "ff:ff:ff:ff:ff:ff"

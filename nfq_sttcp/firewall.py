@@ -22,10 +22,28 @@ def _iptables(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
     return subprocess.run(args, input=stdin, capture_output=True, text=True, check=False)
 
 
+_FEATURES = {
+    "NFQUEUE": "the NFQUEUE target (CONFIG_NETFILTER_XT_TARGET_NFQUEUE)",
+    "TEE": "the TEE target (CONFIG_NETFILTER_XT_TARGET_TEE)",
+    "multiport": "the multiport match (CONFIG_NETFILTER_XT_MATCH_MULTIPORT)",
+    "mark": "the mark match (CONFIG_NETFILTER_XT_MATCH_MARK)",
+}
+
+
 def require_iptables() -> None:
     for tool in ("iptables", "iptables-restore", "iptables-save"):
         if shutil.which(tool) is None:
             raise FirewallError("%s not found: install the iptables package (iptables-nft)" % tool)
+
+
+def explain_restore_error(stderr: str) -> str:
+    """Name the missing kernel feature when iptables-restore says so."""
+    for word, feature in _FEATURES.items():
+        if ("`%s'" % word) in stderr or ('"%s"' % word) in stderr or (" %s:" % word) in stderr:
+            return "the kernel lacks %s: %s" % (feature, stderr.strip().splitlines()[0] if stderr.strip() else "")
+    if "Permission denied" in stderr or "Operation not permitted" in stderr:
+        return "not permitted to change iptables rules: run as root (CAP_NET_ADMIN)"
+    return stderr.strip()
 
 
 def teardown_hooks(hs: list[Hook]) -> list[str]:
@@ -50,13 +68,13 @@ def apply(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> No
     r = _iptables("iptables-restore", "-w", "--noflush", stdin=render(cfg, role, fence=fence, clone=clone))
     if r.returncode != 0:
         teardown_hooks(hooks(cfg, role))
-        raise FirewallError("iptables-restore refused the %s rules: %s" % (role, r.stderr.strip()))
+        raise FirewallError("iptables-restore refused the %s rules: %s" % (role, explain_restore_error(r.stderr)))
 
 
 def set_cloning(cfg: Config, on: bool) -> None:
     r = _iptables("iptables-restore", "-w", "--noflush", stdin=render_cloning(cfg, on))
     if r.returncode != 0:
-        raise FirewallError("iptables-restore refused the clone rules: %s" % r.stderr.strip())
+        raise FirewallError("iptables-restore refused the clone rules: %s" % explain_restore_error(r.stderr))
 
 
 def remove(cfg: Config, role: str) -> list[str]:

@@ -6,9 +6,11 @@
                                       |  sttcp-lan: bridge br0 (LAN 10.77.0.0/24, VIP 10.77.0.100)
     sttcp-primary (10.77.0.1) --lan0--+
          | sync0 10.78.0.1            |
-         |  (sync link 10.78.0.0/24)  |
+         |  sttcp-sync: bridge br1 (sync link 10.78.0.0/24)
          | sync0 10.78.0.2            |
     sttcp-backup  (10.77.0.2) --lan0--+
+
+The sync link is a bridge too, so a test can attach a rogue host to it.
 
 Every name starts with ``sttcp-``; nothing is routed out of the machine. The
 primary and backup get different TCP timestamp clocks (``tcp_timestamps`` 1
@@ -31,7 +33,8 @@ from .config import Config
 
 PREFIX = "sttcp-"
 NS_CLIENT, NS_PRIMARY, NS_BACKUP, NS_LAN = "sttcp-client", "sttcp-primary", "sttcp-backup", "sttcp-lan"
-HOSTS = {"client": NS_CLIENT, "primary": NS_PRIMARY, "backup": NS_BACKUP, "lan": NS_LAN}
+NS_SYNC = "sttcp-sync"
+HOSTS = {"client": NS_CLIENT, "primary": NS_PRIMARY, "backup": NS_BACKUP, "lan": NS_LAN, "sync": NS_SYNC}
 CLIENT_IP, PRIMARY_IP, BACKUP_IP, VIP = "10.77.0.10", "10.77.0.1", "10.77.0.2", "10.77.0.100"
 PRIMARY_SYNC, BACKUP_SYNC = "10.78.0.1", "10.78.0.2"
 LAN_IF, SYNC_IF, CLIENT_IF = "lan0", "sync0", "eth0"
@@ -75,22 +78,26 @@ def load_config() -> Config:
     return config_mod.load(config_path())
 
 
+def attach(bridge_ns: str, bridge: str, port: str, host_ns: str, ifname: str) -> None:
+    """A veth from ``host_ns`` (named ``ifname``) into a lab bridge (as ``port``)."""
+    sh("ip", "-n", bridge_ns, "link", "add", port, "mtu", "1500", "type", "veth",
+       "peer", "name", ifname, "mtu", "1500", "netns", host_ns)
+    sh("ip", "link", "set", port, "master", bridge, ns=bridge_ns)
+    sh("ip", "link", "set", port, "up", ns=bridge_ns)
+    sh("ip", "link", "set", ifname, "up", ns=host_ns)
+
+
 def _build_network() -> None:
-    for ns in (NS_LAN, NS_CLIENT, NS_PRIMARY, NS_BACKUP):
+    for ns in (NS_LAN, NS_SYNC, NS_CLIENT, NS_PRIMARY, NS_BACKUP):
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "set", "lo", "up", ns=ns)
-    sh("ip", "link", "add", "br0", "type", "bridge", ns=NS_LAN)
-    sh("ip", "link", "set", "br0", "up", ns=NS_LAN)
+    for bridge_ns, bridge in ((NS_LAN, "br0"), (NS_SYNC, "br1")):
+        sh("ip", "link", "add", bridge, "type", "bridge", ns=bridge_ns)
+        sh("ip", "link", "set", bridge, "up", ns=bridge_ns)
     for port, host, ifname in (("c0", NS_CLIENT, CLIENT_IF), ("p0", NS_PRIMARY, LAN_IF), ("b0", NS_BACKUP, LAN_IF)):
-        sh("ip", "-n", NS_LAN, "link", "add", port, "mtu", "1500", "type", "veth",
-           "peer", "name", ifname, "mtu", "1500", "netns", host)
-        sh("ip", "link", "set", port, "master", "br0", ns=NS_LAN)
-        sh("ip", "link", "set", port, "up", ns=NS_LAN)
-        sh("ip", "link", "set", ifname, "up", ns=host)
-    sh("ip", "-n", NS_PRIMARY, "link", "add", SYNC_IF, "mtu", "1500", "type", "veth",
-       "peer", "name", SYNC_IF, "mtu", "1500", "netns", NS_BACKUP)
-    for ns in (NS_PRIMARY, NS_BACKUP):
-        sh("ip", "link", "set", SYNC_IF, "up", ns=ns)
+        attach(NS_LAN, "br0", port, host, ifname)
+    for port, host in (("ps0", NS_PRIMARY), ("bs0", NS_BACKUP)):
+        attach(NS_SYNC, "br1", port, host, SYNC_IF)
     sh("ip", "addr", "add", CLIENT_IP + "/24", "dev", CLIENT_IF, ns=NS_CLIENT)
     sh("ip", "addr", "add", PRIMARY_IP + "/24", "dev", LAN_IF, ns=NS_PRIMARY)
     sh("ip", "addr", "add", VIP + "/24", "dev", LAN_IF, ns=NS_PRIMARY)
@@ -286,25 +293,54 @@ def exec_in(host: str, argv: list[str]) -> int:
     return subprocess.call(["ip", "netns", "exec", HOSTS[host]] + argv)
 
 
+def _ns_pids(nss: list[str]) -> set[int]:
+    pids: set[int] = set()
+    for ns in nss:
+        pids |= {int(p) for p in sh("ip", "netns", "pids", ns, check=False).stdout.split()}
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def down(quiet: bool = False) -> None:
-    """Remove everything the lab made; harmless when nothing is there."""
+    """Remove everything the lab made; harmless when nothing is there. Returns
+    only when every lab process is gone."""
     nss = namespaces()
-    for ns in nss:
-        _kill_ns(ns, signal.SIGTERM)
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline and any(sh("ip", "netns", "pids", ns, check=False).stdout.strip() for ns in nss):
-        time.sleep(0.05)
-    for ns in nss:
-        _kill_ns(ns, signal.SIGKILL)
-    for ns in nss:
-        sh("ip", "netns", "del", ns, check=False)
+    pids = _ns_pids(nss)
     pidfile = os.path.join(STATE_DIR, "pids")
     if os.path.exists(pidfile):
         for line in open(pidfile):
             try:
-                os.killpg(int(line.split()[2]), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, ValueError, IndexError):
+                pids.add(int(line.split()[2]))
+            except (ValueError, IndexError):
                 pass
+    for ns in nss:
+        _kill_ns(ns, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and _ns_pids(nss):
+        time.sleep(0.05)
+    for ns in nss:
+        _kill_ns(ns, signal.SIGKILL)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids | _ns_pids(nss)):
+        time.sleep(0.02)
+    for ns in nss:
+        sh("ip", "netns", "del", ns, check=False)
     if os.path.isdir(STATE_DIR):
         keep = os.environ.get("STTCP_LAB_KEEP_LOGS")
         if keep and os.path.isdir(os.path.join(STATE_DIR, "logs")):

@@ -84,6 +84,7 @@ class PrimaryCore:
     conns: dict[ConnKey, PrimaryConn] = field(default_factory=dict)
     early_confirms: dict[ConnKey, tuple[int, float]] = field(default_factory=dict)
     next_token: int = 0
+    generation: int = 0  # bumped whenever protection is dropped for every connection
 
     # -- packets -------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class PrimaryCore:
         if not conn.protected:
             return [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
         out.append(SendSync(ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
-                                    -1 if seg.wscale is None else seg.wscale, seg.sack_ok)))
+                                    -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation)))
         if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
             conn.held_synack = None
             conn.last_ack_sent = seg.ack
@@ -272,6 +273,9 @@ class PrimaryCore:
         self.backup_following = following
         if following:
             return []
+        # Our heartbeats carry the new generation: the backup learns that
+        # every connection it had is no longer protected (it missed clones).
+        self.generation += 1
         out: list[Action] = []
         for conn in self.conns.values():
             if conn.protected:

@@ -17,13 +17,14 @@ from . import lab, pcap
 
 
 class Capture:
-    """tcpdump on the client's interface, for the whole scenario."""
+    """tcpdump in a lab namespace (by default the client's, TCP headers only)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, ns: str = lab.NS_CLIENT, iface: str = lab.CLIENT_IF, bpf: str = "tcp",
+                 snaplen: int = 96) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", lab.NS_CLIENT, "tcpdump", "-i", lab.CLIENT_IF, "-s", "96", "-U", "-n",
-             "-w", path, "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-s", str(snaplen), "-U", "-n",
+             "-w", path, bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # tcpdump says "listening on" once the capture is live.
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 10
@@ -33,6 +34,10 @@ class Capture:
                 break
 
     def stop(self) -> list[pcap.TcpRecord]:
+        self.finish()
+        return list(pcap.read_tcp(self.path))
+
+    def finish(self) -> None:
         time.sleep(0.2)
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -40,7 +45,6 @@ class Capture:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        return list(pcap.read_tcp(self.path))
 
 
 def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,

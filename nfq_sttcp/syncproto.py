@@ -2,10 +2,11 @@
 
 Wire format (network byte order)::
 
-    magic "ST" | version u8 | type u8 | epoch u32 | counter u64 | body | mac
+    magic "ST" | version u8 | type u8 | epoch u64 | counter u64 | body | mac
 
-``epoch`` is chosen at daemon start and ``counter`` increases with every
-message, so a receiver can reject replays. ``mac`` is HMAC-SHA256 over
+``epoch`` is the sender's start time (ns since the Unix epoch) and ``counter``
+increases with every message, so a receiver can reject replays: a message
+from an older epoch, or one it has seen, never counts. ``mac`` is HMAC-SHA256 over
 everything before it when a key is configured (32 bytes), absent otherwise.
 Sizes are bounded; anything else is a SyncError, never an exception escaping.
 """
@@ -28,10 +29,10 @@ MAX_SACK = 3
 
 T_HEARTBEAT, T_CONN_ISN, T_CONFIRM = 1, 2, 3
 
-_HDR = struct.Struct("!2sBBIQ")
+_HDR = struct.Struct("!2sBBQQ")
 _KEY = struct.Struct("!4sH4sH")
-_HB = struct.Struct("!BBQ")
-_ISN = struct.Struct("!12sIIBHBB")
+_HB = struct.Struct("!BBQI")
+_ISN = struct.Struct("!12sIIBHBBI")
 _CONFIRM_ENTRY = struct.Struct("!12sIIBB24s")
 
 ConnKey = tuple[str, int, str, int]
@@ -46,6 +47,7 @@ class Heartbeat:
     role: str  # "primary" | "backup"
     state: str
     sent_ns: int
+    generation: int = 0  # primary: bumped each time it lost its backup and dropped protection
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,7 @@ class ConnIsn:
     mss: int
     wscale: int  # -1 when absent
     sack_ok: bool
+    generation: int = 0  # the primary's protection generation when it sent this
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +92,11 @@ def _unpack_key(b: bytes) -> ConnKey:
 def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> bytes:
     if isinstance(msg, Heartbeat):
         mtype = T_HEARTBEAT
-        body = _HB.pack(ROLES.index(msg.role), STATES.index(msg.state), msg.sent_ns & (2**64 - 1))
+        body = _HB.pack(ROLES.index(msg.role), STATES.index(msg.state), msg.sent_ns & (2**64 - 1), msg.generation)
     elif isinstance(msg, ConnIsn):
         mtype = T_CONN_ISN
         body = _ISN.pack(_pack_key(msg.key), msg.isn, msg.tsval, int(msg.has_ts), msg.mss,
-                         msg.wscale & 0xFF, int(msg.sack_ok))
+                         msg.wscale & 0xFF, int(msg.sack_ok), msg.generation)
     elif isinstance(msg, Confirm):
         if len(msg.acks) > MAX_CONFIRMS:
             raise SyncError("too many confirmations in one message")
@@ -132,16 +135,16 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
         if mtype == T_HEARTBEAT:
             if len(body) != _HB.size:
                 raise SyncError("heartbeat of wrong size")
-            r, s, ns = _HB.unpack(body)
+            r, s, ns, gen = _HB.unpack(body)
             if r >= len(ROLES) or s >= len(STATES):
                 raise SyncError("heartbeat with unknown role or state")
-            return epoch, counter, Heartbeat(ROLES[r], STATES[s], ns)
+            return epoch, counter, Heartbeat(ROLES[r], STATES[s], ns, gen)
         if mtype == T_CONN_ISN:
             if len(body) != _ISN.size:
                 raise SyncError("ISN message of wrong size")
-            k, isn, tsval, has_ts, mss, ws, sack = _ISN.unpack(body)
+            k, isn, tsval, has_ts, mss, ws, sack, gen = _ISN.unpack(body)
             return epoch, counter, ConnIsn(_unpack_key(k), isn, tsval, bool(has_ts), mss,
-                                           -1 if ws == 0xFF else ws, bool(sack))
+                                           -1 if ws == 0xFF else ws, bool(sack), gen)
         if mtype == T_CONFIRM:
             if len(body) < 2:
                 raise SyncError("confirm message too short")
@@ -167,7 +170,8 @@ class ReplayGuard:
 
     A sliding window (as in IPsec) lets messages that took different paths
     arrive out of order; anything older than the window, or seen before, is a
-    replay. A new epoch (the peer restarted) starts afresh. Pure, no clock.
+    replay. A newer epoch (the peer restarted) starts afresh; an older epoch
+    is a replay of a previous life of the peer and is refused. Pure, no clock.
     """
 
     WINDOW = 4096
@@ -178,9 +182,11 @@ class ReplayGuard:
         self.seen: set[int] = set()
 
     def accept(self, epoch: int, counter: int) -> bool:
-        if epoch != self.epoch:
+        if self.epoch is None or epoch > self.epoch:
             self.epoch, self.highest, self.seen = epoch, counter, {counter}
             return True
+        if epoch < self.epoch:
+            return False
         if counter <= self.highest - self.WINDOW or counter in self.seen:
             return False
         self.seen.add(counter)

@@ -18,6 +18,25 @@ def _require(cond, what):
         pytest.fail("namespace tests need %s (run them as root through 'make test')" % what, pytrace=False)
 
 
+def _lab_processes():
+    """Live processes of ours (zombies excluded), with their command lines."""
+    found = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/stat" % pid) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "nfq_sttcp" in cmd and "pytest" not in cmd:
+            found[int(pid)] = cmd.strip()
+    return found
+
+
 @pytest.fixture(autouse=True)
 def clean_machine():
     """Every test starts and ends with no sttcp- namespace, process or chain."""
@@ -30,9 +49,7 @@ def clean_machine():
     left = lab.namespaces()
     lab.down(quiet=True)
     assert not left, "test left namespaces behind: %s" % left
-    procs = subprocess.run(["pgrep", "-f", "nfq_sttcp (primary|backup|testapp)|-m nfq_sttcp"],
-                           capture_output=True, text=True).stdout.split()
-    procs = [p for p in procs if int(p) != os.getpid()]
+    procs = _lab_processes()
     assert not procs, "test left processes behind: %s" % procs
     after = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     strip = lambda t: [l for l in t.splitlines() if not l.startswith("#")]

@@ -26,7 +26,7 @@ def run(*argv, ns=None, check=True):
 def test_lab_lifecycle_status_exec_and_idempotent_down(make_lab):
     lab.down(quiet=True)  # nothing there: harmless
     make_lab()
-    assert set(lab.namespaces()) == {lab.NS_CLIENT, lab.NS_PRIMARY, lab.NS_BACKUP, lab.NS_LAN}
+    assert set(lab.namespaces()) == {lab.NS_CLIENT, lab.NS_PRIMARY, lab.NS_BACKUP, lab.NS_LAN, lab.NS_SYNC}
     st = lab.status()
     assert st["vip_owner"] == ["primary"]
     assert st["daemons"]["backup"]["state"] == "following"
@@ -108,7 +108,10 @@ def lab_config_file(tmp_path):
     from nfq_sttcp import config
     cfg = lab.lab_config()
     p = tmp_path / "lab.toml"
-    text = config.render_toml(cfg).replace('key_file = "%s"\n' % cfg.sync_key_file, "")
+    key = tmp_path / "sync.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    os.chmod(key, 0o600)
+    text = config.render_toml(cfg).replace(cfg.sync_key_file, str(key))
     text = text.replace(cfg.control_socket_dir, str(tmp_path / "ctl"))
     p.write_text(text)
     return str(p)

@@ -72,6 +72,16 @@ def test_short_key_refused(tmp_path):
         cfg(**{"sync.key_file": str(k)})
 
 
+def test_key_readable_by_others_refused(tmp_path):
+    k = tmp_path / "key"
+    k.write_text("0123456789abcdef0123")
+    os.chmod(k, 0o640)
+    with pytest.raises(ConfigError, match="readable by group or others: chmod 600"):
+        cfg(**{"sync.key_file": str(k)})
+    os.chmod(k, 0o600)
+    assert cfg(**{"sync.key_file": str(k)}).read_key() == b"0123456789abcdef0123"
+
+
 def test_render_round_trips(tmp_path):
     c = cfg(**{"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2", "tuning.garp_schedule_ms": [0, 50]})
     p = tmp_path / "c.toml"

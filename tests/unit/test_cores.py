@@ -142,3 +142,61 @@ def test_backup_relays_its_sack_and_primary_shows_it_to_the_client():
     relayed = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject) and "SACK" in a.why]
     assert relayed and relayed[0].sack_blocks == ((2101, 3101),)
     assert any(isinstance(a, Count) and a.name == "sack_relayed" for a in acts)
+
+
+def test_a_forged_syn_does_not_reset_a_live_connection():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    before = b.conns[KEY]
+    acts = b.on_inbound(client_syn(777777), 1.0)
+    assert b.conns[KEY] is before and before.delta_seq == 4100
+    assert any(isinstance(a, Count) and a.name == "syn_into_live_connection" for a in acts)
+    # odd flag combinations are passed to our stack (which judges them), never crash
+    for flags in (tcpseg.SYN | tcpseg.FIN, tcpseg.FIN | tcpseg.RST | tcpseg.ACK, 0, 0xFF & ~tcpseg.SYN):
+        assert len(verdicts(b.on_inbound(from_client(101, 5001, flags), 1.1))) == 1
+
+
+def test_out_of_window_segments_do_not_move_the_backup_state():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b.on_outbound(from_server(901, 101, payload=b"x" * 1000), 0)
+    conn = b.conns[KEY]
+    # a forged segment far outside the receive window, with a wild ack and RST
+    for flags in (tcpseg.ACK, tcpseg.ACK | tcpseg.RST):
+        acts = b.on_inbound(from_client(101 + 3_000_000_000, 5000 + 2_000_000, flags, tsecr=999999), 0.1)
+        assert len(verdicts(acts)) == 1 and any(isinstance(a, Count) and a.name == "out_of_window_in" for a in acts)
+    assert conn.client_ack_b is None and conn.closing_since is None and conn.held
+    # the real client's ack still counts
+    b.on_inbound(from_client(101, 5001 + 1000, tsecr=50), 0.2)
+    assert conn.client_ack_b == 1901 and not conn.held
+
+
+def test_protection_dropped_by_the_primary_reaches_the_backup():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    isn = [a.message for a in p.on_outbound(server_synack(5000, 100, 7000), 0) if isinstance(a, SendSync)][0]
+    b.on_conn_isn(isn, 0)
+    assert b.conns[KEY].protected
+    # the primary loses us for a moment, then sees us again
+    p.set_backup_following(False, 1.0)
+    p.set_backup_following(True, 1.05)
+    assert p.generation == 1 and p.conns[KEY].protected is False
+    acts = b.on_primary_generation(p.generation, 1.1)
+    assert b.conns[KEY].protected is False and "dropped protection" in b.conns[KEY].reason
+    assert any(isinstance(a, Log) and a.event == "protection_dropped_by_primary" for a in acts)
+    assert b.on_primary_generation(1, 1.2) == []
+    # a connection opened after that, in the new generation, is protected
+    k2 = ("10.77.0.10", 40001, VIP, 7000)
+    b.on_inbound(tcpseg.build_segment("10.77.0.10", VIP, 40001, 7000, 300, 0, tcpseg.SYN, 1000,
+                                      from_client(0)[40:52]), 2)
+    b.on_outbound(tcpseg.build_segment(VIP, "10.77.0.10", 7000, 40001, 800, 301, tcpseg.SYN | tcpseg.ACK, 1000,
+                                       from_client(0)[40:52]), 2)
+    b.on_conn_isn(ConnIsn(k2, 9000, 1, True, 0, -1, False, generation=1), 2)
+    assert b.conns[k2].protected

@@ -67,3 +67,4 @@ def test_replay_guard_window():
     assert g.accept(5, 12 + ReplayGuard.WINDOW + 5)
     assert not g.accept(5, 12), "older than the window"
     assert g.accept(6, 1), "a restarted peer starts a new epoch"
+    assert not g.accept(5, 99999), "a message from an earlier life of the peer is a replay"

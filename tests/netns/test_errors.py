@@ -1,0 +1,86 @@
+"""Start-up errors: one clear line and a non-zero exit, never a traceback."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nfq_sttcp import config, lab
+
+CLI = [sys.executable, "-m", "nfq_sttcp"]
+NS = "sttcp-errors-test"
+
+
+@pytest.fixture
+def ns():
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
+    try:
+        yield NS
+    finally:
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+
+
+def write_config(tmp_path, with_key=True):
+    cfg = lab.lab_config()
+    text = config.render_toml(cfg).replace(cfg.control_socket_dir, str(tmp_path / "ctl"))
+    if with_key:
+        key = tmp_path / "sync.key"
+        key.write_text("0123456789abcdef0123456789abcdef\n")
+        os.chmod(key, 0o600)
+        text = text.replace(cfg.sync_key_file, str(key))
+    else:
+        text = text.replace('key_file = "%s"\n' % cfg.sync_key_file, "")
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(p, 0o644)
+    return str(p)
+
+
+def daemon(ns, *args):
+    r = subprocess.run(["ip", "netns", "exec", ns] + CLI + list(args), capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode != 0
+    return r.stderr.strip()
+
+
+def test_refuses_to_run_without_a_key(ns, tmp_path):
+    err = daemon(ns, "primary", "--config", write_config(tmp_path, with_key=False))
+    assert "no sync.key_file" in err and "--insecure-no-auth" in err and len(err.splitlines()) == 1
+
+
+def test_refuses_a_key_others_can_read(ns, tmp_path):
+    conf = write_config(tmp_path)
+    os.chmod(tmp_path / "sync.key", 0o644)
+    assert "readable by group or others" in daemon(ns, "backup", "--config", conf)
+
+
+def test_not_root(ns, tmp_path):
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed for this test")
+    import tempfile
+    with open(write_config(tmp_path, with_key=False)) as f:
+        text = f.read()
+    fd, conf = tempfile.mkstemp(prefix="sttcp-notroot-", suffix=".toml")  # readable by nobody
+    os.write(fd, text.encode())
+    os.close(fd)
+    os.chmod(conf, 0o644)
+    r = subprocess.run(["ip", "netns", "exec", ns, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+                       + CLI + ["primary", "--insecure-no-auth", "--config", conf],
+                       capture_output=True, text=True, timeout=30)
+    os.unlink(conf)
+    assert r.returncode == 1 and r.stderr.strip() == \
+        "nfq-sttcp: must run as root (needs CAP_NET_ADMIN for iptables and NFQUEUE)"
+
+
+def test_missing_interface_and_vip_outside_the_lan(ns, tmp_path):
+    conf = write_config(tmp_path)
+    assert daemon(ns, "primary", "--config", conf) == "nfq-sttcp: LAN interface lan0 does not exist"
+    subprocess.run(["ip", "-n", ns, "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p"], check=True)
+    subprocess.run(["ip", "-n", ns, "addr", "add", "192.168.50.1/24", "dev", "lan0"], check=True)
+    err = daemon(ns, "backup", "--config", conf)
+    assert "VIP 10.77.0.100 is outside the LAN subnet" in err and "192.168.50.1" in err
