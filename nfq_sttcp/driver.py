@@ -108,6 +108,10 @@ class Daemon:
             self._prepare_garp()
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.raw.setsockopt(socket.SOL_SOCKET, SO_MARK, self.cfg.mark)
+        # Never block the loop: with a dead link, packets wait in the neighbour
+        # queue, the send buffer fills, and a blocking send would stall the
+        # heartbeats long enough for the peer to declare us dead.
+        self.raw.setblocking(False)
         self.sync = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sync.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
