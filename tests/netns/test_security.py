@@ -144,6 +144,8 @@ for flags in ("", "SF", "FPU", "SRA", "FSRPAUEC", "R", "A"):
 pkts += fragment(base(flags="PA") / Raw(b"x" * 3000), fragsize=800)
 bad = bytearray(raw); bad[32] = 0x30                  # TCP data offset 3
 pkts.append(IP(bytes(bad)))
+pkts.append(IP(src=C, dst=V, ihl=3) / TCP(sport=sport, dport=7000))   # bad IHL (the kernel drops it first)
+pkts.append(IP(src=C, dst=V, len=1400) / TCP(sport=sport, dport=7000) / b"short")  # truncated: IP length > packet
 for _ in range(int(sys.argv[2])):
     for p in pkts:
         send(p)

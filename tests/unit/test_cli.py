@@ -24,3 +24,11 @@ def test_rules_render_needs_no_privilege(tmp_path):
     r = subprocess.run(CLI + ["rules", "render", "--role", "backup", "--config", str(conf)],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "NFQUEUE --queue-num 12" in r.stdout
+
+
+def test_missing_kernel_features_are_named():
+    from nfq_sttcp.firewall import explain_restore_error
+    msg = explain_restore_error("iptables-restore v1.8.9 (nf_tables): Couldn't load target `TEE':No such file or directory\n")
+    assert msg.startswith("the kernel lacks the TEE target (CONFIG_NETFILTER_XT_TARGET_TEE)")
+    assert "NFQUEUE" in explain_restore_error("Couldn't load target `NFQUEUE':No such file or directory")
+    assert "run as root" in explain_restore_error("iptables-restore: Permission denied (you must be root)")

@@ -200,3 +200,37 @@ def test_protection_dropped_by_the_primary_reaches_the_backup():
                                        from_client(0)[40:52]), 2)
     b.on_conn_isn(ConnIsn(k2, 9000, 1, True, 0, -1, False, generation=1), 2)
     assert b.conns[k2].protected
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["in", "out", "snoop"]), st.binary(max_size=80),
+                          st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 255)), max_size=12))
+def test_fuzzed_packets_never_raise_and_always_get_one_verdict(events):
+    """Random bytes and random well-formed segments of the live connection, in
+    any order: the cores never raise, and every packet gets exactly one verdict."""
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    for i, (where, junk, seq, ack, flags) in enumerate(events):
+        t = 0.01 * i
+        if where == "in":
+            for data in (junk, from_client(seq, ack, flags, payload=junk[:20])):
+                assert len(verdicts(b.on_inbound(data, t))) == 1
+        elif where == "out":
+            for data in (junk, from_server(seq, ack, flags, payload=junk[:20])):
+                assert len(verdicts(b.on_outbound(data, t))) == 1
+                acts = p.on_outbound(data, t)
+                assert len([a for a in acts if isinstance(a, (Accept, Drop)) or type(a).__name__ == "Defer"]) == 1
+        else:
+            assert not verdicts(b.on_snooped(junk, t))
+        b.on_batch_end(t)
+        b.on_tick(t)
+        p.on_tick(t)
+    b.activate(1.0)
