@@ -71,6 +71,14 @@ class BackupConn:
     # after takeover
     last_tsval_out: Optional[int] = None
     closing_since: Optional[float] = None
+    fin_end: Optional[int] = None  # just past our FIN
+    client_fin_end: Optional[int] = None  # just past the client's FIN
+
+    def fully_closed(self) -> bool:
+        """Both FINs sent and acknowledged: nothing is left to say."""
+        return (self.fin_end is not None and self.client_ack_b is not None and seq_ge(self.client_ack_b, self.fin_end)
+                and self.client_fin_end is not None and self.rcv_ack is not None
+                and seq_ge(self.rcv_ack, self.client_fin_end))
 
     def status(self) -> dict[str, object]:
         lag = None
@@ -180,6 +188,8 @@ class BackupCore:
             return None, out
         trusted = self._acceptable(conn, seg)
         if trusted:
+            if seg.flags & FIN:
+                conn.client_fin_end = seg.end_seq
             conn.client_window = seg.window
             if seg.has_ts:
                 conn.client_tsval = seg.tsval
@@ -247,6 +257,13 @@ class BackupCore:
                 return [Accept()]  # a connection born after takeover needs no mapping
             return [Drop("backup stays silent"), Count("silenced_out")]
         out: list[Action] = []
+        if seg.flags & RST and conn.fully_closed():
+            # Our stack resetting a connection both sides have closed (a late
+            # duplicate ack found no socket): it would only reach the client's
+            # TIME_WAIT. Keep it.
+            return [Drop("reset after a complete close"), Count("rst_after_close_dropped")]
+        if seg.flags & FIN:
+            conn.fin_end = seg.end_seq
         if seg.flags & SYN and seg.flags & ACK:
             out += self._on_own_synack(conn, seg)
         if self._track_own(conn, seg, now) and not self.active:

@@ -33,6 +33,7 @@ SO_MARK = 36
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
 SO_ATTACH_FILTER = 26
 TICK_S = 0.1
+CONFIRM_EVERY_S = 0.001
 
 
 class DaemonError(RuntimeError):
@@ -60,6 +61,9 @@ class Daemon:
         self.readers: list[_BoundedReader] = []
         self.fds: dict[int, Callable[[], None]] = {}
         self.deferred: dict[int, Any] = {}
+        self.beat_stats: dict[str, float] = {}
+        self.next_beat = 0.0
+        self._last_batch_end = 0.0
         self.garp_due: list[float] = []
         self.garp_frames: list[bytes] = []
         self.l2sock: Any = None
@@ -179,23 +183,31 @@ class Daemon:
 
     # == the loop ============================================================
 
+    def _maybe_heartbeat(self) -> None:
+        """Send a due heartbeat, also from inside long bursts of work: a loop
+        busy with a burst must not look like a dead host to its peer."""
+        now = time.monotonic()
+        if now >= self.next_beat:
+            self.next_beat = now + self.cfg.heartbeat_interval
+            self._send_heartbeats(now)
+
     def _loop(self) -> None:
         interval = self.cfg.heartbeat_interval
-        next_beat = time.monotonic()
-        next_tick = next_beat + TICK_S
+        self.next_beat = time.monotonic()
+        next_tick = self.next_beat + TICK_S
         while not self.stop:
             now = time.monotonic()
-            if now >= next_beat:
-                self._send_heartbeats(now)
-                next_beat = now + interval
+            self._maybe_heartbeat()
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + TICK_S
             self._watchdog_tick(now)
             self._garp_tick(now)
-            deadline = min(next_beat, next_tick, now + interval / 5)
+            deadline = min(self.next_beat, next_tick, now + interval / 5)
             if self.garp_due:
                 deadline = min(deadline, self.garp_due[0])
+            if self.backup is not None and (self.backup.unconfirmed or self.backup.self_ack_due):
+                deadline = min(deadline, self._last_batch_end + CONFIRM_EVERY_S)
             try:
                 ready, _, _ = select.select(list(self.fds), [], [], max(0.0, deadline - time.monotonic()))
             except InterruptedError:
@@ -213,6 +225,7 @@ class Daemon:
     # == packets =============================================================
 
     def _verdict(self, pkt: Any, handler: Callable[[bytes, float], list[Action]], fallback_accept: bool) -> None:
+        self._maybe_heartbeat()
         try:
             actions = handler(pkt.get_payload(), time.monotonic())
             self._perform(actions, pkt)
@@ -285,7 +298,13 @@ class Daemon:
 
     def _batch_end(self) -> None:
         if self.backup is not None:
-            self._perform(self.backup.on_batch_end(time.monotonic()))
+            now = time.monotonic()
+            # Confirmations at most every CONFIRM_EVERY_S: under load the loop
+            # turns thousands of times a second, and each message costs the
+            # primary work per connection.
+            if now - self._last_batch_end >= CONFIRM_EVERY_S:
+                self._last_batch_end = now
+                self._perform(self.backup.on_batch_end(now))
 
     def _send_heartbeats(self, now: float) -> None:
         state = self.watchdog.state if self.watchdog else "serving"
@@ -294,7 +313,8 @@ class Daemon:
 
     def _on_sync_readable(self) -> None:
         peers = set(self.cfg.peer_addresses(self.role))
-        for _ in range(256):
+        for _ in range(64):
+            self._maybe_heartbeat()
             try:
                 data, (addr, _port) = self.sync.recvfrom(2048)
             except BlockingIOError:
@@ -322,6 +342,22 @@ class Daemon:
                 continue
             self._on_sync(msg, time.monotonic())
 
+    def _note_beat(self, msg: Heartbeat, now: float) -> None:
+        """Heartbeat timing: the gap between the peer's sends (its loop) and
+        between our receipts. A long send gap means the peer's loop stalled."""
+        prev = getattr(self, "_last_beat_sent_ns", None)
+        self._last_beat_sent_ns = msg.sent_ns
+        prev_rx = getattr(self, "_last_beat_rx", None)
+        self._last_beat_rx = now
+        if prev is None or prev_rx is None or msg.sent_ns <= prev:
+            return
+        send_gap = (msg.sent_ns - prev) / 1e6
+        rx_gap = (now - prev_rx) * 1000
+        self.beat_stats["max_send_gap_ms"] = round(max(self.beat_stats.get("max_send_gap_ms", 0), send_gap), 1)
+        self.beat_stats["max_receive_gap_ms"] = round(max(self.beat_stats.get("max_receive_gap_ms", 0), rx_gap), 1)
+        if rx_gap > 2 * self.cfg.heartbeat_interval_ms:
+            self.log.warning("heartbeat_late", send_gap_ms=round(send_gap, 1), receive_gap_ms=round(rx_gap, 1))
+
     def _log_rejection(self, addr: str, why: str) -> None:
         """Warn about rejected sync messages at most once a second."""
         now = time.monotonic()
@@ -335,6 +371,7 @@ class Daemon:
             if msg.role != expected:
                 self.counters["sync_rejected"] += 1
                 return
+            self._note_beat(msg, now)
             if self.watchdog is not None:
                 self._perform(self.watchdog.on_heartbeat(now))
             if self.backup is not None:
@@ -564,7 +601,7 @@ class Daemon:
         now = time.monotonic()
         st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
-                              "counters": dict(self.counters), "queues": self._queue_stats()}
+                              "counters": dict(self.counters), "queues": self._queue_stats(), "heartbeats": self.beat_stats}
         if self.watchdog is not None:
             st["state"] = self.watchdog.state
             st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)

@@ -234,3 +234,19 @@ def test_fuzzed_packets_never_raise_and_always_get_one_verdict(events):
         b.on_tick(t)
         p.on_tick(t)
     b.activate(1.0)
+
+
+def test_a_reset_after_a_complete_close_is_kept_from_the_client():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b.activate(1.0)
+    b.on_inbound(from_client(101, 5001, tcpseg.FIN | tcpseg.ACK, tsecr=7000), 1.1)  # client closes
+    b.on_outbound(from_server(901, 102, tcpseg.FIN | tcpseg.ACK, tsval=1100), 1.1)    # we close
+    rst = from_server(902, 0, tcpseg.RST, opts=b"")
+    assert isinstance(verdicts(b.on_outbound(rst, 1.15))[0], Accept), "not closed yet: the reset goes out"
+    b.on_inbound(from_client(102, 5002, tsecr=7000), 1.2)                              # client acks our FIN
+    acts = b.on_outbound(rst, 1.25)
+    assert isinstance(verdicts(acts)[0], Drop)
+    assert any(isinstance(a, Count) and a.name == "rst_after_close_dropped" for a in acts)
