@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("primary", "backup"), required=True)
     p.add_argument("--config", required=True)
 
+    p = sub.add_parser("config", help="check a config file")
+    p.add_argument("action", choices=("check",))
+    p.add_argument("--config", required=True)
+
     p = sub.add_parser("cleanup", help="remove every nfq-sttcp chain left behind (after kill -9)")
     p.add_argument("--config", help="config whose chain_prefix to clean (default prefix STTCP)")
 
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-ms", type=int, default=50)
     p.add_argument("--missed", type=int, default=3)
     p.add_argument("--defer-backup", action="store_true", help="start the backup daemon later (lab start-backup)")
+    p.add_argument("--no-daemons", action="store_true", help="network and applications only: start the daemons by hand")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
@@ -156,6 +161,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         except FirewallError as e:
             return _die(str(e), 1)
         return 0
+    if args.cmd == "config":
+        cfg = _load(args.config)
+        cfg.read_key()
+        print("%s: valid (VIP %s, ports %s, detection %d ms, sync %s)"
+              % (args.config, cfg.vip, ",".join(map(str, cfg.ports)), cfg.detection_ms,
+                 "authenticated" if cfg.sync_key_file else "UNAUTHENTICATED"))
+        return 0
     if args.cmd == "cleanup":
         from . import firewall, lab
         cfg = _load(args.config) if args.config else lab.lab_config()
@@ -209,7 +221,7 @@ def _lab(args: argparse.Namespace) -> int:
             if args.port and not args.app:
                 return _die("--port goes with --app (the built-in app uses 7000-7003)")
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
-                   missed=args.missed, start_backup=not args.defer_backup)
+                   missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons)
             return 0
         if args.lab_cmd == "down":
             lab.down()

@@ -176,7 +176,7 @@ def _listening(host: str, port: int) -> bool:
 
 
 def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, interval_ms: int = 50, missed: int = 3,
-       start_backup: bool = True, progress=print) -> Config:
+       start_backup: bool = True, start_daemons: bool = True, progress=print) -> Config:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (it creates network namespaces)")
     if namespaces():
@@ -202,6 +202,10 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
             for p in ports:
                 _wait("%s to listen on port %d" % (host, p), lambda h=host, p=p: _listening(h, p), 15,
                       log=(host, "app"))
+        if not start_daemons:
+            progress("[3/5] no daemons: start them by hand (config %s)" % config_path())
+            progress("[5/5] lab up without daemons")
+            return cfg
         progress("[3/5] primary daemon")
         _spawn("primary", "daemon", _daemon_argv("primary"))
         _wait("the primary daemon", lambda: control("primary")["state"] == "serving", 20,
