@@ -6,7 +6,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test bootstrap unit netns iptables-rules lab-down clean
 
-demo: bootstrap
+demo:
+	@bash scripts/bootstrap.sh runtime
 	$(VENV)/bin/nfq-sttcp demo
 
 test: bootstrap

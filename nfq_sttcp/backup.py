@@ -342,7 +342,11 @@ class BackupCore:
                 pos = None
                 if conn.delta_seq is not None and conn.snd_max is not None:
                     pos = seq_add(conn.snd_max, conn.delta_seq)
-                entries.append((key, conn.rcv_ack, pos, conn.sack[:MAX_SACK]))
+                edge = None
+                if conn.opts_b is not None:
+                    wscale = conn.opts_b[2] if conn.opts_b[2] >= 0 else 0
+                    edge = seq_add(conn.rcv_ack, conn.last_window << wscale)
+                entries.append((key, conn.rcv_ack, pos, conn.sack[:MAX_SACK], edge))
             self.unconfirmed.clear()
             for i in range(0, len(entries), MAX_CONFIRMS):
                 out.append(SendSync(Confirm(tuple(entries[i:i + MAX_CONFIRMS]))))
@@ -483,7 +487,12 @@ class BackupCore:
 
     def _prompt_client(self, conn: BackupConn, now: float) -> list[Action]:
         """ACKs carrying our receive point, so the client resends at once instead of
-        waiting out its backed-off RTO (a new ack restarts its loss recovery)."""
+        waiting out its backed-off RTO (a new ack restarts its loss recovery).
+
+        Plain duplicate acks do not make a Linux client with SACK retransmit
+        (RACK needs SACKed data after the hole): they help only when our ack
+        is new to the client. Bytes lost in flight at the crash are resent at
+        the client's RTO, unless snooping caught them (on_snooped)."""
         if conn.rcv_ack is None or conn.snd_max is None or conn.delta_seq is None:
             return []
         cip, cport, vip, vport = conn.key

@@ -116,8 +116,7 @@ class Daemon:
         # queue, the send buffer fills, and a blocking send would stall the
         # heartbeats long enough for the peer to declare us dead.
         self.raw.setblocking(False)
-        self.sync = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sync.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sync = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # no SO_REUSEADDR: one daemon per port
         try:
             self.sync.bind(("0.0.0.0", self.cfg.sync_port))
         except OSError as e:
@@ -127,7 +126,7 @@ class Daemon:
         self._open_control()
         if self.role == "backup" and self.cfg.lan_snoop:
             self._open_snoop()
-        # The primary clones only once a backup follows (see _set_cloning).
+        # The primary clones only once a backup follows (see _backup_changed).
         firewall.apply(self.cfg, self.role, clone=False)
         self.rules_applied = True
         if self.role == "primary":

@@ -105,6 +105,11 @@ def _build_network() -> None:
     sh("ip", "addr", "add", BACKUP_IP + "/24", "dev", LAN_IF, ns=NS_BACKUP)
     sh("ip", "addr", "add", BACKUP_SYNC + "/24", "dev", SYNC_IF, ns=NS_BACKUP)
     sh("ip", "addr", "add", VIP + "/32", "dev", "lo", ns=NS_BACKUP)
+    # Namespaces share one kernel: the same clock, and the same secret for
+    # ISNs and timestamp offsets. Different tcp_timestamps modes make the two
+    # TSval clocks differ (DESIGN.md trap 6). ISNs cannot be made to differ:
+    # in the lab delta_seq is only a few thousand (the 64 ns clock between the
+    # two SYN-ACKs); the unit tests cover large deltas and wraparound.
     sysctls = {
         NS_PRIMARY: {"net.ipv4.tcp_timestamps": "1"},
         # Offset-free clock on the backup: its TSvals differ from the primary's.

@@ -52,6 +52,9 @@ class PrimaryConn:
     clamped: int = 0
     backup_pos: Optional[int] = None  # backup's output position (our space)
     relayed_sack: tuple = ()
+    backup_edge: Optional[int] = None  # right edge of the backup's receive window (client space)
+    shown_edge: Optional[int] = None  # right edge of the window the client has been shown
+    wscale: int = 0  # our window scale (from our SYN-ACK)
     deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
 
     def status(self) -> dict[str, object]:
@@ -136,6 +139,7 @@ class PrimaryCore:
             if early is not None:
                 conn.confirmed = early[0]
         conn.snd_nxt = seg.end_seq
+        conn.wscale = seg.wscale or 0
         self._remember(conn, seg)
         out: list[Action] = []
         if not conn.protected:
@@ -174,7 +178,7 @@ class PrimaryCore:
             allowed = seq_max(allowed, conn.last_ack_sent)
         if not seq_gt(seg.ack, allowed):
             conn.last_ack_sent = seg.ack if conn.last_ack_sent is None else seq_max(conn.last_ack_sent, seg.ack)
-            return [Accept()]
+            return self._clamp_window(conn, seg, data, None)
         conn.owed_ack = True
         conn.clamped += 1
         if seg.is_pure_ack() and conn.last_ack_sent is not None and seq_le(allowed, conn.last_ack_sent):
@@ -188,13 +192,34 @@ class PrimaryCore:
             # bytes are safe which die with the primary: keep only D-SACKs.
             tcpseg.map_sack(buf, seg, lambda left, right: (left, right) if seq_le(right, allowed) else None)
         conn.last_ack_sent = allowed
-        return [Accept(bytes(buf))]
+        return self._clamp_window(conn, seg, data, buf)
+
+    def _clamp_window(self, conn: PrimaryConn, seg: Segment, data: bytes,
+                      buf: Optional[bytearray]) -> list[Action]:
+        """Never offer the client more window than the backup can take: a
+        clone beyond the backup's window is dropped by its stack, and the
+        client, trusting our larger window, would resend it only at its RTO."""
+        if seg.flags & SYN or conn.backup_edge is None:
+            return [Accept(bytes(buf)) if buf is not None else Accept()]
+        ack = seg.ack
+        edge = (ack + (seg.window << conn.wscale)) & 0xFFFFFFFF
+        limit = conn.backup_edge
+        if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
+            limit = conn.shown_edge  # never shrink what the client was already offered
+        if seq_gt(edge, limit):
+            room = (limit - ack) & 0xFFFFFFFF if seq_ge(limit, ack) else 0
+            buf = buf if buf is not None else bytearray(data)
+            tcpseg.set_window(buf, seg, min(room >> conn.wscale, 0xFFFF))
+            edge = (ack + (seg.window << conn.wscale)) & 0xFFFFFFFF
+        if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
+            conn.shown_edge = edge
+        return [Accept(bytes(buf)) if buf is not None else Accept()]
 
     # -- sync ---------------------------------------------------------------
 
     def on_confirm(self, msg: Confirm, now: float) -> list[Action]:
         out: list[Action] = []
-        for key, ack, pos, sack in msg.acks:
+        for key, ack, pos, sack, edge in msg.acks:
             conn = self.conns.get(key)
             if conn is None:
                 if len(self.early_confirms) < 65536:
@@ -203,6 +228,8 @@ class PrimaryCore:
             conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
             if pos is not None:
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
+            if edge is not None:
+                conn.backup_edge = edge if conn.backup_edge is None else seq_max(conn.backup_edge, edge)
             out += self._release_deferred(conn, force=False)
             out += self._release(conn, conn.confirmed, now)
             out += self._relay_backup_sack(conn, sack)
@@ -225,7 +252,8 @@ class PrimaryCore:
         opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
         opts += tcpseg.sack_option(blocks)
         cip, cport, sip, sport = conn.key
-        pkt = tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, conn.last_ack_sent, ACK, conn.window, opts)
+        pkt = tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, conn.last_ack_sent, ACK,
+                                   self._window_for(conn, conn.last_ack_sent), opts)
         return [Inject(pkt, "backup's SACK relayed"), Count("sack_relayed")]
 
     def _release_deferred(self, conn: PrimaryConn, force: bool) -> list[Action]:
@@ -262,10 +290,24 @@ class PrimaryCore:
         conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
         return out
 
+    def _window_for(self, conn: PrimaryConn, ack: int) -> int:
+        """Our latest window, within the backup's (see _clamp_window)."""
+        window = conn.window
+        if conn.backup_edge is not None and self.backup_following:
+            limit = conn.backup_edge
+            if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
+                limit = conn.shown_edge
+            room = (limit - ack) & 0xFFFFFFFF if seq_ge(limit, ack) else 0
+            window = min(window, room >> conn.wscale, 0xFFFF)
+            edge = (ack + (window << conn.wscale)) & 0xFFFFFFFF
+            if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
+                conn.shown_edge = edge
+        return window
+
     def _pure_ack(self, conn: PrimaryConn, ack: int) -> bytes:
         cip, cport, sip, sport = conn.key
         opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
-        return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK, conn.window, opts)
+        return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK, self._window_for(conn, ack), opts)
 
     # -- backup presence and time ----------------------------------------------
 

@@ -24,7 +24,7 @@ MAGIC = b"ST"
 VERSION = 1
 MAX_MESSAGE = 1400
 MAC_LEN = 32
-MAX_CONFIRMS = 28
+MAX_CONFIRMS = 26
 MAX_SACK = 3
 
 T_HEARTBEAT, T_CONN_ISN, T_CONFIRM = 1, 2, 3
@@ -33,7 +33,7 @@ _HDR = struct.Struct("!2sBBQQ")
 _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQI")
 _ISN = struct.Struct("!12sIIBHBBI")
-_CONFIRM_ENTRY = struct.Struct("!12sIIBB24s")
+_CONFIRM_ENTRY = struct.Struct("!12sIIBB24sI")
 
 ConnKey = tuple[str, int, str, int]
 
@@ -69,9 +69,11 @@ class Confirm:
     """Per connection, the backup's ack field (the client bytes it holds) and
     how far its own output has got, in the primary's sequence space (None
     while the mapping is unknown), and the SACK blocks of its latest ack (the
-    client bytes it holds beyond a hole; at most MAX_SACK)."""
+    client bytes it holds beyond a hole; at most MAX_SACK), and the right edge
+    of its receive window (client space; None while unknown): the primary
+    never offers the client more window than the backup can take."""
 
-    acks: tuple[tuple[ConnKey, int, Optional[int], tuple[tuple[int, int], ...]], ...]
+    acks: tuple[tuple[ConnKey, int, Optional[int], tuple[tuple[int, int], ...], Optional[int]], ...]
 
 
 SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
@@ -102,9 +104,10 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
             raise SyncError("too many confirmations in one message")
         mtype = T_CONFIRM
         body = struct.pack("!H", len(msg.acks)) + b"".join(
-            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0, p is not None, len(sk[:MAX_SACK]),
-                                b"".join(struct.pack("!II", left, right) for left, right in sk[:MAX_SACK]).ljust(24, b"\0"))
-            for k, a, p, sk in msg.acks)
+            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0, (p is not None) | ((e is not None) << 1), len(sk[:MAX_SACK]),
+                                b"".join(struct.pack("!II", left, right) for left, right in sk[:MAX_SACK]).ljust(24, b"\0"),
+                                e or 0)
+            for k, a, p, sk, e in msg.acks)
     else:  # pragma: no cover - guarded by the type
         raise SyncError("unknown message type %r" % (msg,))
     data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
@@ -153,11 +156,11 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
                 raise SyncError("confirm message of wrong size")
             entries = []
             for i in range(n):
-                k, a, p, has_p, nb, blob = _CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
-                if nb > MAX_SACK:
-                    raise SyncError("confirm entry with %d SACK blocks" % nb)
+                k, a, p, has, nb, blob, e = _CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
+                if nb > MAX_SACK or has > 3:
+                    raise SyncError("malformed confirm entry")
                 blocks = tuple(struct.unpack_from("!II", blob, 8 * j) for j in range(nb))
-                entries.append((_unpack_key(k), a, p if has_p else None, blocks))
+                entries.append((_unpack_key(k), a, p if has & 1 else None, blocks, e if has & 2 else None))
             acks = tuple(entries)
             return epoch, counter, Confirm(acks)
     except (struct.error, OSError) as e:

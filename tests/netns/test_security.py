@@ -49,7 +49,7 @@ while time.time() < end:
     elif kind == "isn":        # a forged ISN for a live connection
         msg, src, dst = ConnIsn(ck, 12345, 999, True, 1460, 7, True), "10.78.0.1", "10.78.0.2"
     else:                      # a forged confirmation, to unclamp the primary
-        msg, src, dst = Confirm(((ck, 4000000000, None, ()),)), "10.78.0.2", "10.78.0.1"
+        msg, src, dst = Confirm(((ck, 4000000000, None, (), None),)), "10.78.0.2", "10.78.0.1"
     for k in (key, None):      # a wrong key, and no MAC at all
         send(IP(src=src, dst=dst) / UDP(sport=7788, dport=7788) / Raw(syncproto.encode(msg, 2**63, n, k)))
     time.sleep(0.01)

@@ -109,7 +109,7 @@ def test_primary_releases_everything_when_the_backup_is_lost():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=1000))
     p.backup_following = True
     p.on_outbound(server_synack(5000, 100, 7000), 0)
-    p.on_confirm(Confirm(((KEY, 101, 5001, ()),)), 0)
+    p.on_confirm(Confirm(((KEY, 101, 5001, (), None),)), 0)
     # client bytes the backup has not confirmed: acks clamped, pure ack held, data deferred by the lag bound
     first = p.on_outbound(from_server(5001, 300, payload=b"a" * 900), 0.1)
     assert tcpseg.parse(verdicts(first)[0].payload).ack == 101
@@ -136,7 +136,7 @@ def test_backup_relays_its_sack_and_primary_shows_it_to_the_client():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS))
     p.backup_following = True
     p.on_outbound(server_synack(5000, 100, 7000), 0)
-    p.on_confirm(Confirm(((KEY, 101, None, ()),)), 0)
+    p.on_confirm(Confirm(((KEY, 101, None, (), None),)), 0)
     p.on_outbound(from_server(5001, 3101), 0.1)  # our stack has everything
     acts = p.on_confirm(confirm, 0.1)
     relayed = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject) and "SACK" in a.why]
@@ -250,3 +250,21 @@ def test_a_reset_after_a_complete_close_is_kept_from_the_client():
     acts = b.on_outbound(rst, 1.25)
     assert isinstance(verdicts(acts)[0], Drop)
     assert any(isinstance(a, Count) and a.name == "rst_after_close_dropped" for a in acts)
+
+
+def test_the_client_is_never_offered_more_window_than_the_backup_has():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)  # wscale 7
+    # the backup holds up to 1101 and can take 256 KiB more
+    p.on_confirm(Confirm(((KEY, 1101, None, (), 1101 + 262144),)), 0)
+    out = verdicts(p.on_outbound(from_server(5001, 1101, payload=b"x" * 100, window=20000), 0.1))[0]
+    seg = tcpseg.parse(out.payload)
+    assert seg.window << 7 <= 262144 and seg.window == 262144 >> 7
+    assert tcpseg.tcp_checksum_ok(out.payload, seg)
+    # a smaller window of our own passes untouched
+    assert verdicts(p.on_outbound(from_server(5101, 1101, payload=b"y", window=100), 0.2))[0] == Accept()
+    # the backup's window moves on: so may ours, but what was offered never shrinks
+    p.on_confirm(Confirm(((KEY, 1101, None, (), 1101 + 100000),)), 0.3)
+    out = verdicts(p.on_outbound(from_server(5102, 1101, payload=b"z", window=20000), 0.3))[0]
+    assert tcpseg.parse(out.payload).window == 262144 >> 7
