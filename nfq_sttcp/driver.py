@@ -308,7 +308,8 @@ class Daemon:
     def _send_heartbeats(self, now: float) -> None:
         state = self.watchdog.state if self.watchdog else "serving"
         gen = self.primary.generation if self.primary is not None else 0
-        self._send_sync(Heartbeat(self.role, state, time.monotonic_ns(), gen), to=self.cfg.peer_addresses(self.role))
+        for addr in self.cfg.peer_addresses(self.role):  # one message per path, each its own counter
+            self._send_sync(Heartbeat(self.role, state, time.monotonic_ns(), gen), to=[addr])
 
     def _on_sync_readable(self) -> None:
         peers = set(self.cfg.peer_addresses(self.role))
@@ -339,7 +340,7 @@ class Daemon:
                 # (A replay within the epoch lands here too, harmlessly.)
                 self.counters["sync_duplicate"] += 1
                 continue
-            self._on_sync(msg, time.monotonic())
+            self._on_sync(msg, time.monotonic(), addr)
 
     def _note_beat(self, msg: Heartbeat, now: float) -> None:
         """Heartbeat timing: the gap between the peer's sends (its loop) and
@@ -364,18 +365,22 @@ class Daemon:
             self._last_reject_log = now
             self.log.warning("sync_rejected", peer=addr, why=why, total=self.counters["sync_rejected"])
 
-    def _on_sync(self, msg: syncproto.SyncMessage, now: float) -> None:
+    def _on_sync(self, msg: syncproto.SyncMessage, now: float, addr: str = "") -> None:
         if isinstance(msg, Heartbeat):
             expected = "backup" if self.role == "primary" else "primary"
             if msg.role != expected:
                 self.counters["sync_rejected"] += 1
                 return
-            self._note_beat(msg, now)
+            if addr in (self.cfg.primary_sync, self.cfg.backup_sync):
+                self._note_beat(msg, now)
             if self.watchdog is not None:
                 self._perform(self.watchdog.on_heartbeat(now))
             if self.backup is not None:
                 self._perform(self.backup.on_primary_generation(msg.generation, now))
-            if self.role == "primary":
+            if self.role == "primary" and addr == self.cfg.backup_sync:
+                # Only the sync path says the backup can follow: the clones
+                # travel on it. (The LAN path only keeps the backup from
+                # taking over while we live.)
                 changed, acts = self.peer.on_heartbeat(now, msg.state)
                 self._perform(acts)
                 if changed and self.primary is not None:

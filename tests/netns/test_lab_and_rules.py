@@ -203,3 +203,36 @@ def test_daemon_refuses_a_missing_interface_and_a_busy_queue(scratch_ns, tmp_pat
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(10)
+
+
+def test_a_cut_sync_link_alone_is_no_crash_and_stalls_nothing(make_lab):
+    """The LAN heartbeat path keeps the backup from taking over while the
+    primary lives; the primary, no longer hearing the backup on the sync
+    link (where the clones go), drops protection instead of stalling clients."""
+    make_lab()
+    p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-c", """
+import socket, sys, time
+s = socket.create_connection(("10.77.0.100", 7000), timeout=5)
+for i in range(40):
+    msg = b"%04d" % i * 250
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        got += s.recv(65536)
+    assert got == msg
+    if i == 10:
+        print("CUT", flush=True); sys.stdin.readline()
+    time.sleep(0.05)
+print("DONE", flush=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "CUT"
+    run("ip", "link", "set", "ps0", "down", ns=lab.NS_SYNC)
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    assert p.stdout.readline().strip() == "DONE"
+    assert p.wait(30) == 0
+    st = lab.status()
+    assert st["vip_owner"] == ["primary"], "two owners, or a takeover while the primary lives"
+    assert st["daemons"]["backup"]["state"] in ("following", "suspect")
+    assert st["daemons"]["primary"]["backup"] == "absent"
+    assert all(not c["protected"] for c in st["daemons"]["primary"]["connections"])
