@@ -55,6 +55,7 @@ class BackupConn:
     last_confirmed: Optional[int] = None
     last_window: int = 0
     sack: tuple = ()  # SACK blocks of our latest ack: client bytes we hold beyond a hole
+    reported_edge: Optional[int] = None  # window edge last reported to the primary
     last_tsval_b: int = 0
     last_tsval_b_at: float = 0.0
     # what the client has shown us
@@ -98,6 +99,7 @@ class BackupConfig:
     ts_margin: int = 0  # added to TSval after takeover, PAWS safety (DESIGN.md trap 6)
     closed_linger_s: float = 30.0
     max_pending_in: int = 256
+    max_ack_ahead: int = 1 << 30  # how far a client ack may lie beyond our output (the primary's lag bound + slack)
 
 
 def _opts(seg: Segment) -> tuple:
@@ -168,6 +170,10 @@ class BackupCore:
         # A packet socket on a veth hands over CHECKSUM_PARTIAL packets: the
         # checksum field holds only the pseudo-header sum. Recompute it, or
         # our incremental rewrite keeps it wrong and our stack drops it.
+        # Short frames carry Ethernet padding: cut it, or the raw send (which
+        # sets the IP length from the buffer) would turn it into payload.
+        if len(data) >= 4:
+            data = data[:int.from_bytes(data[2:4], "big")]
         try:
             data = tcpseg.with_correct_checksum(data)
         except MalformedPacket:
@@ -205,7 +211,7 @@ class BackupCore:
             # for data it has not sent, so never show it one.
             ack_b = conn.snd_max
         tcpseg.set_ack(buf, seg, ack_b)
-        if conn.stack_ack is None or seq_gt(ack_b, conn.stack_ack):
+        if trusted and (conn.stack_ack is None or seq_gt(ack_b, conn.stack_ack)):
             conn.stack_ack = ack_b
         if seg.sack_off >= 0:
             limit = conn.snd_max
@@ -234,12 +240,24 @@ class BackupCore:
         timestamps): a forged segment out of the window is passed to our
         stack, which discards it as the primary's did, and changes nothing here.
         """
-        if conn.rcv_ack is None:
-            return True
+        if conn.rcv_ack is None or conn.snd_max is None:
+            return False
         wscale = conn.opts_b[2] if conn.opts_b and conn.opts_b[2] >= 0 else 0
-        # The client follows the primary's window, which may exceed ours.
-        window = max(conn.last_window << wscale, 1 << 24)
-        return seq_ge(seg.end_seq, (conn.rcv_ack - 65536) & MASK) and seq_le(seg.seq, (conn.rcv_ack + window) & MASK)
+        # The primary never offers the client more than our window (plus what
+        # it offered before our first report): allow 1 MiB of slack.
+        window = (conn.last_window << wscale) + (1 << 20)
+        if not (seq_ge(seg.end_seq, (conn.rcv_ack - 65536) & MASK) and seq_le(seg.seq, (conn.rcv_ack + window) & MASK)):
+            return False
+        if not seg.flags & ACK:
+            return True
+        # The ack, mapped: never beyond what the primary can have sent (our
+        # output plus its lag bound), never far behind what the client acked.
+        ack_b = seq_sub(seg.ack, conn.delta_seq or 0)
+        if seq_gt(ack_b, (conn.snd_max + self.cfg.max_ack_ahead) & MASK):
+            return False
+        if conn.client_ack_b is not None and seq_lt(ack_b, (conn.client_ack_b - (1 << 30)) & MASK):
+            return False
+        return True
 
     # == outbound: the backup's own replies ===================================
 
@@ -290,6 +308,7 @@ class BackupCore:
             conn.tsval_b_syn = seg.tsval
             conn.opts_b = _opts(seg)
             conn.snd_max = seq_add(seg.seq, 1)
+            conn.rcv_ack = seg.ack  # before clones held for the mapping are judged
             conn.uses_ts = seg.has_ts
             return self._maybe_map(conn)
         return []
@@ -303,13 +322,27 @@ class BackupCore:
         if seg.flags & ACK and (conn.rcv_ack is None or seq_gt(seg.ack, conn.rcv_ack)):
             conn.rcv_ack = seg.ack
             moved = True
-        conn.last_window = seg.window
+        if not seg.flags & SYN:  # a SYN's window is never scaled
+            conn.last_window = seg.window
+            edge = self.window_edge(conn)
+            if edge is not None and (conn.reported_edge is None or seq_gt(edge, conn.reported_edge)):
+                # A window that opens without the ack moving (the app read)
+                # must reach the primary too, or its window clamp stays shut.
+                moved = True
         if seg.has_ts:
             conn.last_tsval_b, conn.last_tsval_b_at = seg.tsval, now
         if seg.flags & ACK and seg.sack_blocks != conn.sack:
             conn.sack = seg.sack_blocks
             moved = True
         return moved
+
+    @staticmethod
+    def window_edge(conn: BackupConn) -> Optional[int]:
+        """Right edge of our receive window (client space), once known."""
+        if conn.opts_b is None or conn.rcv_ack is None or not conn.last_window:
+            return None
+        wscale = conn.opts_b[2] if conn.opts_b[2] >= 0 else 0
+        return seq_add(conn.rcv_ack, conn.last_window << wscale)
 
     def _already_acked(self, conn: BackupConn, seg: Segment) -> bool:
         return (seg.seq_len > 0 and not seg.flags & (SYN | RST) and conn.client_ack_b is not None
@@ -342,10 +375,9 @@ class BackupCore:
                 pos = None
                 if conn.delta_seq is not None and conn.snd_max is not None:
                     pos = seq_add(conn.snd_max, conn.delta_seq)
-                edge = None
-                if conn.opts_b is not None:
-                    wscale = conn.opts_b[2] if conn.opts_b[2] >= 0 else 0
-                    edge = seq_add(conn.rcv_ack, conn.last_window << wscale)
+                edge = self.window_edge(conn)
+                if edge is not None:
+                    conn.reported_edge = edge
                 entries.append((key, conn.rcv_ack, pos, conn.sack[:MAX_SACK], edge))
             self.unconfirmed.clear()
             for i in range(0, len(entries), MAX_CONFIRMS):

@@ -78,8 +78,10 @@ class Daemon:
             self.watchdog: Optional[Watchdog] = None
         else:
             self.primary = None
+            lag = cfg.max_backup_lag_kb * 1024
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
-                                                  ts_margin=cfg.ts_margin_ms))
+                                                  ts_margin=cfg.ts_margin_ms,
+                                                  max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
             self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
 
@@ -571,7 +573,7 @@ class Daemon:
         except OSError:
             return
         with conn:
-            conn.settimeout(0.5)
+            conn.settimeout(0.02)  # a silent local client must not stall the loop
             try:
                 cmd = conn.recv(256).decode(errors="replace").strip()
                 if cmd == "status":

@@ -78,6 +78,7 @@ class PrimaryConfig:
     closed_linger_s: float = 30.0
     max_lag: int = 256 * 1024  # bytes our output may run ahead of the backup's; 0 = unbounded
     lag_hold_s: float = 2.0
+    idle_expiry_s: float = 4 * 3600.0  # forget a connection we have not sent on for this long
 
 
 @dataclass
@@ -105,6 +106,8 @@ class PrimaryCore:
             return self._on_synack(seg, data, key, now)
         conn = self.conns.get(key)
         if conn is None:
+            if seg.flags & RST:
+                return [Accept()]  # our stack refusing a stranger: nothing to track
             conn = self.conns[key] = PrimaryConn(key, False, REASON_BEFORE_JOIN, last_seen=now)
             return [Accept(), Log("connection_unprotected", "warning",
                                   {"conn": key, "reason": conn.reason})]
@@ -131,19 +134,22 @@ class PrimaryCore:
 
     def _on_synack(self, seg: Segment, data: bytes, key: ConnKey, now: float) -> list[Action]:
         conn = self.conns.get(key)
+        out0: list[Action] = []
         if conn is None or conn.isn != seg.seq or conn.closing_since is not None:
+            if conn is not None:
+                out0 = self._release_all(conn)  # nothing of the old connection stays held
             conn = self.conns[key] = PrimaryConn(key, self.backup_following,
                                                  "" if self.backup_following else REASON_BEFORE_JOIN,
                                                  isn=seg.seq, last_seen=now, held_since=now)
             early = self.early_confirms.pop(key, None)
-            if early is not None:
+            if early is not None and early[0] == seg.ack:  # exactly this handshake, not an older one
                 conn.confirmed = early[0]
         conn.snd_nxt = seg.end_seq
         conn.wscale = seg.wscale or 0
         self._remember(conn, seg)
-        out: list[Action] = []
+        out: list[Action] = out0
         if not conn.protected:
-            return [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
+            return out + [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
         out.append(SendSync(ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
                                     -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation)))
         if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
@@ -348,7 +354,8 @@ class PrimaryCore:
                 conn.protected, conn.reason = False, REASON_TOO_FAR_BEHIND
                 out += self._release_all(conn)
                 out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
-            if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s:
+            if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \
+                    (now - conn.last_seen > self.cfg.idle_expiry_s and not conn.deferred and conn.held_synack is None):
                 del self.conns[key]
         for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
             del self.early_confirms[key]

@@ -268,3 +268,38 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
     p.on_confirm(Confirm(((KEY, 1101, None, (), 1101 + 100000),)), 0.3)
     out = verdicts(p.on_outbound(from_server(5102, 1101, payload=b"z", window=20000), 0.3))[0]
     assert tcpseg.parse(out.payload).window == 262144 >> 7
+
+
+def test_review_findings_stay_fixed():
+    # a forged segment in the window but with a wild ack changes nothing
+    b = BackupCore(BackupConfig(VIP, PORTS, max_ack_ahead=1 << 20))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b.on_outbound(from_server(901, 101, payload=b"x" * 1000), 0)
+    conn = b.conns[KEY]
+    b.on_inbound(from_client(101, 5001 + 1_000_000_000, tsecr=7000), 0.1)
+    assert conn.client_ack_b is None and conn.held
+    # the SYN-ACK's unscaled window is not taken as scaled
+    assert BackupCore.window_edge(conn) == 101 + (2000 << 7)
+    # a window that opens without the ack moving is reported
+    b.on_batch_end(0.2)
+    b.on_outbound(from_server(1901, 101, window=4000), 0.3)
+    confirm = [a.message for a in b.on_batch_end(0.3) if isinstance(a, SendSync)]
+    assert confirm and confirm[0].acks[0][4] == 101 + (4000 << 7)
+    # a stale early confirmation is not applied to a new handshake
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    p.on_confirm(Confirm(((KEY, 3_000_000_000, None, (), None),)), 0)
+    assert isinstance(verdicts(p.on_outbound(server_synack(5000, 100, 7000), 0.1))[0], Drop)
+    assert p.conns[KEY].confirmed is None
+    # a reset from our stack to a stranger leaves no entry behind
+    stranger = tcpseg.build_segment(VIP, "10.77.0.99", 7000, 1234, 0, 77, tcpseg.RST | tcpseg.ACK, 0)
+    assert verdicts(p.on_outbound(stranger, 0.2)) == [Accept()]
+    assert ("10.77.0.99", 1234, VIP, 7000) not in p.conns
+    # snooped frames lose their Ethernet padding before injection
+    b2 = BackupCore(BackupConfig(VIP, PORTS))
+    b2.activate(0)
+    padded = client_syn(100) + b"\0" * 6
+    injected = [a.packet for a in b2.on_snooped(padded, 0.1) if isinstance(a, Inject)]
+    assert injected and len(injected[0]) == len(client_syn(100))
