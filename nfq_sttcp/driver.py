@@ -132,6 +132,8 @@ class Daemon:
         firewall.apply(self.cfg, self.role, clone=False)
         self.rules_applied = True
         if self.role == "primary":
+            self._cloning = _CloningSwitch(self.cfg, self.log)
+        if self.role == "primary":
             binds = [(self.cfg.queue_primary_out, self._cb_primary_out)]
         else:
             binds = [(self.cfg.queue_backup_in, self._cb_backup_in), (self.cfg.queue_backup_out, self._cb_backup_out)]
@@ -147,6 +149,8 @@ class Daemon:
             self.fds[q.get_fd()] = (lambda q=q, r=reader: r.drain(q))
 
     def _teardown(self) -> None:
+        if getattr(self, "_cloning", None) is not None:
+            self._cloning.stop()  # before the rules go: it must not re-add any
         if self.primary is not None and self.deferred:
             try:
                 self._perform(self.primary.release_everything())
@@ -412,11 +416,7 @@ class Daemon:
         """Clone client segments only to a backup that follows us: a backup
         host without its daemon would answer the clones from its own stack."""
         assert self.primary is not None
-        try:
-            firewall.set_cloning(self.cfg, following)
-            self.log.info("cloning", on=following)
-        except Exception as e:
-            self.log.error("cloning_switch_failed", on=following, error=str(e))
+        self._cloning.set(following)
         self._perform(self.primary.set_backup_following(following, now))
 
     def _watchdog_tick(self, now: float) -> None:
@@ -625,6 +625,56 @@ class Daemon:
             st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
             st["connections"] = self.primary.status()
         return st
+
+
+class _CloningSwitch:
+    """Turns the primary's clone rules on and off from a worker thread.
+
+    iptables-restore takes 10-20 ms here and waits for the xtables lock if
+    another tool holds it: run in the loop, that could stall heartbeats past
+    the detection time and make the backup take over a live primary. Only
+    the latest wish counts; the thread is the only one that touches rules
+    while the daemon runs.
+    """
+
+    def __init__(self, cfg: Config, log: Any) -> None:
+        import threading
+
+        self.cfg, self.log = cfg, log
+        self.wanted: Optional[bool] = None
+        self.cond = threading.Condition()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="cloning", daemon=True)
+        self.thread.start()
+
+    def set(self, on: bool) -> None:
+        with self.cond:
+            self.wanted = on
+            self.cond.notify()
+
+    def _run(self) -> None:
+        applied: Optional[bool] = None
+        while True:
+            with self.cond:
+                while not self.done and self.wanted == applied:
+                    self.cond.wait()
+                if self.done:
+                    return
+                want = self.wanted
+            try:
+                firewall.set_cloning(self.cfg, bool(want))
+                applied = want
+                self.log.info("cloning", on=want)
+            except Exception as e:
+                self.log.error("cloning_switch_failed", on=want, error=str(e))
+                with self.cond:
+                    self.cond.wait(1.0)  # then try again
+
+    def stop(self) -> None:
+        with self.cond:
+            self.done = True
+            self.cond.notify()
+        self.thread.join(timeout=5)
 
 
 class _BoundedReader:
