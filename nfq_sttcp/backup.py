@@ -75,6 +75,11 @@ class BackupConn:
     fin_end: Optional[int] = None  # just past our FIN
     client_fin_end: Optional[int] = None  # just past the client's FIN
 
+    @property
+    def wscale(self) -> int:
+        """Our window scale, from our SYN-ACK (0 before it, or without the option)."""
+        return self.opts_b[2] if self.opts_b is not None and self.opts_b[2] >= 0 else 0
+
     def fully_closed(self) -> bool:
         """Both FINs sent and acknowledged: nothing is left to say."""
         return (self.fin_end is not None and self.client_ack_b is not None and seq_ge(self.client_ack_b, self.fin_end)
@@ -242,10 +247,9 @@ class BackupCore:
         """
         if conn.rcv_ack is None or conn.snd_max is None:
             return False
-        wscale = conn.opts_b[2] if conn.opts_b and conn.opts_b[2] >= 0 else 0
         # The primary never offers the client more than our window (plus what
         # it offered before our first report): allow 1 MiB of slack.
-        window = (conn.last_window << wscale) + (1 << 20)
+        window = (conn.last_window << conn.wscale) + (1 << 20)
         if not (seq_ge(seg.end_seq, (conn.rcv_ack - 65536) & MASK) and seq_le(seg.seq, (conn.rcv_ack + window) & MASK)):
             return False
         if not seg.flags & ACK:
@@ -341,8 +345,7 @@ class BackupCore:
         """Right edge of our receive window (client space), once known."""
         if conn.opts_b is None or conn.rcv_ack is None or not conn.last_window:
             return None
-        wscale = conn.opts_b[2] if conn.opts_b[2] >= 0 else 0
-        return seq_add(conn.rcv_ack, conn.last_window << wscale)
+        return seq_add(conn.rcv_ack, conn.last_window << conn.wscale)
 
     def _already_acked(self, conn: BackupConn, seg: Segment) -> bool:
         return (seg.seq_len > 0 and not seg.flags & (SYN | RST) and conn.client_ack_b is not None

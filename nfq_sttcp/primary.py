@@ -205,20 +205,11 @@ class PrimaryCore:
         """Never offer the client more window than the backup can take: a
         clone beyond the backup's window is dropped by its stack, and the
         client, trusting our larger window, would resend it only at its RTO."""
-        if seg.flags & SYN or conn.backup_edge is None:
-            return [Accept(bytes(buf)) if buf is not None else Accept()]
-        ack = seg.ack
-        edge = (ack + (seg.window << conn.wscale)) & 0xFFFFFFFF
-        limit = conn.backup_edge
-        if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
-            limit = conn.shown_edge  # never shrink what the client was already offered
-        if seq_gt(edge, limit):
-            room = (limit - ack) & 0xFFFFFFFF if seq_ge(limit, ack) else 0
-            buf = buf if buf is not None else bytearray(data)
-            tcpseg.set_window(buf, seg, min(room >> conn.wscale, 0xFFFF))
-            edge = (ack + (seg.window << conn.wscale)) & 0xFFFFFFFF
-        if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
-            conn.shown_edge = edge
+        if not seg.flags & SYN:
+            window = self._window_for(conn, seg.ack, seg.window)
+            if window != seg.window:
+                buf = buf if buf is not None else bytearray(data)
+                tcpseg.set_window(buf, seg, window)
         return [Accept(bytes(buf)) if buf is not None else Accept()]
 
     # -- sync ---------------------------------------------------------------
@@ -259,7 +250,7 @@ class PrimaryCore:
         opts += tcpseg.sack_option(blocks)
         cip, cport, sip, sport = conn.key
         pkt = tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, conn.last_ack_sent, ACK,
-                                   self._window_for(conn, conn.last_ack_sent), opts)
+                                   self._window_for(conn, conn.last_ack_sent, conn.window), opts)
         return [Inject(pkt, "backup's SACK relayed"), Count("sack_relayed")]
 
     def _release_deferred(self, conn: PrimaryConn, force: bool) -> list[Action]:
@@ -296,24 +287,27 @@ class PrimaryCore:
         conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
         return out
 
-    def _window_for(self, conn: PrimaryConn, ack: int) -> int:
-        """Our latest window, within the backup's (see _clamp_window)."""
-        window = conn.window
-        if conn.backup_edge is not None and self.backup_following:
-            limit = conn.backup_edge
-            if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
-                limit = conn.shown_edge
-            room = (limit - ack) & 0xFFFFFFFF if seq_ge(limit, ack) else 0
-            window = min(window, room >> conn.wscale, 0xFFFF)
-            edge = (ack + (window << conn.wscale)) & 0xFFFFFFFF
-            if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
-                conn.shown_edge = edge
+    def _window_for(self, conn: PrimaryConn, ack: int, window: int) -> int:
+        """``window`` (ours, scaled by conn.wscale) cut to the backup's right
+        edge, but never below what the client was already offered; records
+        the edge the client is shown (see _clamp_window)."""
+        if conn.backup_edge is None or not self.backup_following:
+            return window
+        limit = conn.backup_edge
+        if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
+            limit = conn.shown_edge
+        room = (limit - ack) & 0xFFFFFFFF if seq_ge(limit, ack) else 0
+        window = min(window, room >> conn.wscale, 0xFFFF)
+        edge = (ack + (window << conn.wscale)) & 0xFFFFFFFF
+        if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
+            conn.shown_edge = edge
         return window
 
     def _pure_ack(self, conn: PrimaryConn, ack: int) -> bytes:
         cip, cport, sip, sport = conn.key
         opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
-        return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK, self._window_for(conn, ack), opts)
+        return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK,
+                                    self._window_for(conn, ack, conn.window), opts)
 
     # -- backup presence and time ----------------------------------------------
 
