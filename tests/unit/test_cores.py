@@ -13,6 +13,16 @@ PORTS = frozenset({7000})
 GARBAGE = [b"", b"\x45", b"\x45" + b"\0" * 30, bytes(from_client(1, 2))[:30]]
 
 
+def mapped_backup(**cfg):
+    """A backup core with one connection (KEY) whose mapping is known:
+    client ISN 100, ours 900, the primary's 5000 (delta_seq 4100)."""
+    b = BackupCore(BackupConfig(VIP, PORTS, **cfg))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    return b
+
+
 def verdicts(acts):
     return [a for a in acts if isinstance(a, (Accept, Drop))]
 
@@ -74,10 +84,7 @@ def test_option_mismatch_marks_the_connection_unprotected():
 
 
 def test_sack_blocks_mapped_inbound_and_clamped_to_what_we_sent():
-    b = BackupCore(BackupConfig(VIP, PORTS))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup()
     b.on_outbound(from_server(901, 101, payload=b"x" * 3000), 0)  # we sent up to 3901
     acts = b.on_inbound(from_client(101, 5001, sack=((6001, 7001), (7501, 9001), (8501, 9001))), 0.1)
     seg = tcpseg.parse(verdicts(acts)[0].payload)
@@ -125,10 +132,7 @@ def test_primary_releases_everything_when_the_backup_is_lost():
 
 
 def test_backup_relays_its_sack_and_primary_shows_it_to_the_client():
-    b = BackupCore(BackupConfig(VIP, PORTS))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup()
     b.on_batch_end(0)
     b.on_outbound(from_server(901, 1101, sack=((2101, 3101),)), 0.1)
     confirm = [a.message for a in b.on_batch_end(0.1) if isinstance(a, SendSync)][0]
@@ -145,10 +149,7 @@ def test_backup_relays_its_sack_and_primary_shows_it_to_the_client():
 
 
 def test_a_forged_syn_does_not_reset_a_live_connection():
-    b = BackupCore(BackupConfig(VIP, PORTS))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup()
     before = b.conns[KEY]
     acts = b.on_inbound(client_syn(777777), 1.0)
     assert b.conns[KEY] is before and before.delta_seq == 4100
@@ -159,10 +160,7 @@ def test_a_forged_syn_does_not_reset_a_live_connection():
 
 
 def test_out_of_window_segments_do_not_move_the_backup_state():
-    b = BackupCore(BackupConfig(VIP, PORTS))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup()
     b.on_outbound(from_server(901, 101, payload=b"x" * 1000), 0)
     conn = b.conns[KEY]
     # a forged segment far outside the receive window, with a wild ack and RST
@@ -213,10 +211,7 @@ def test_fuzzed_packets_never_raise_and_always_get_one_verdict(events):
     any order: the cores never raise, and every packet gets exactly one verdict."""
     p = PrimaryCore(PrimaryConfig(VIP, PORTS))
     p.backup_following = True
-    b = BackupCore(BackupConfig(VIP, PORTS))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup()
     p.on_outbound(server_synack(5000, 100, 7000), 0)
     for i, (where, junk, seq, ack, flags) in enumerate(events):
         t = 0.01 * i
@@ -237,10 +232,7 @@ def test_fuzzed_packets_never_raise_and_always_get_one_verdict(events):
 
 
 def test_a_reset_after_a_complete_close_is_kept_from_the_client():
-    b = BackupCore(BackupConfig(VIP, PORTS))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup()
     b.activate(1.0)
     b.on_inbound(from_client(101, 5001, tcpseg.FIN | tcpseg.ACK, tsecr=7000), 1.1)  # client closes
     b.on_outbound(from_server(901, 102, tcpseg.FIN | tcpseg.ACK, tsval=1100), 1.1)    # we close
@@ -272,10 +264,7 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
 
 def test_review_findings_stay_fixed():
     # a forged segment in the window but with a wild ack changes nothing
-    b = BackupCore(BackupConfig(VIP, PORTS, max_ack_ahead=1 << 20))
-    b.on_inbound(client_syn(100), 0)
-    b.on_outbound(server_synack(900, 100, 50), 0)
-    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    b = mapped_backup(max_ack_ahead=1 << 20)
     b.on_outbound(from_server(901, 101, payload=b"x" * 1000), 0)
     conn = b.conns[KEY]
     b.on_inbound(from_client(101, 5001 + 1_000_000_000, tsecr=7000), 0.1)
