@@ -64,6 +64,9 @@ class Daemon:
         self.beat_stats: dict[str, float] = {}
         self.next_beat = 0.0
         self._last_batch_end = 0.0
+        self._last_beat_sent_ns: Optional[int] = None
+        self._last_beat_rx: Optional[float] = None
+        self._last_reject_log = 0.0
         self.garp_due: list[float] = []
         self.garp_frames: list[bytes] = []
         self.l2sock: Any = None
@@ -351,9 +354,9 @@ class Daemon:
     def _note_beat(self, msg: Heartbeat, now: float) -> None:
         """Heartbeat timing: the gap between the peer's sends (its loop) and
         between our receipts. A long send gap means the peer's loop stalled."""
-        prev = getattr(self, "_last_beat_sent_ns", None)
+        prev = self._last_beat_sent_ns
         self._last_beat_sent_ns = msg.sent_ns
-        prev_rx = getattr(self, "_last_beat_rx", None)
+        prev_rx = self._last_beat_rx
         self._last_beat_rx = now
         if prev is None or prev_rx is None or msg.sent_ns <= prev:
             return
@@ -367,7 +370,7 @@ class Daemon:
     def _log_rejection(self, addr: str, why: str) -> None:
         """Warn about rejected sync messages at most once a second."""
         now = time.monotonic()
-        if now - getattr(self, "_last_reject_log", 0.0) >= 1.0:
+        if now - self._last_reject_log >= 1.0:
             self._last_reject_log = now
             self.log.warning("sync_rejected", peer=addr, why=why, total=self.counters["sync_rejected"])
 

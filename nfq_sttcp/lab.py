@@ -263,7 +263,7 @@ def crash(host: str = "primary") -> tuple[float, float]:
     t, wall = time.monotonic(), time.time()
     _kill_ns(ns, signal.SIGKILL)
     deadline = time.monotonic() + 3
-    while sh("ip", "netns", "pids", ns, check=False).stdout.strip() and time.monotonic() < deadline:
+    while _ns_pids([ns]) and time.monotonic() < deadline:
         _kill_ns(ns, signal.SIGKILL)
         time.sleep(0.02)
     with open(os.path.join(STATE_DIR, "crashes"), "a") as f:
