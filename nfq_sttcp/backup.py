@@ -216,7 +216,11 @@ class BackupCore:
             # for data it has not sent, so never show it one.
             ack_b = conn.snd_max
         tcpseg.set_ack(buf, seg, ack_b)
-        if trusted and (conn.stack_ack is None or seq_gt(ack_b, conn.stack_ack)):
+        # Our stack processes the ack only of a segment it finds acceptable: a
+        # retransmission wholly below its receive point is discarded, ack and
+        # all, so it must not count as shown (the self-ack is still owed).
+        if trusted and (conn.rcv_ack is None or seq_ge(seg.end_seq, conn.rcv_ack)) \
+                and (conn.stack_ack is None or seq_gt(ack_b, conn.stack_ack)):
             conn.stack_ack = ack_b
         if seg.sack_off >= 0:
             limit = conn.snd_max

@@ -292,3 +292,17 @@ def test_review_findings_stay_fixed():
     padded = client_syn(100) + b"\0" * 6
     injected = [a.packet for a in b2.on_snooped(padded, 0.1) if isinstance(a, Inject)]
     assert injected and len(injected[0]) == len(client_syn(100))
+
+
+def test_an_ack_in_a_discarded_retransmission_does_not_count_as_shown():
+    b = mapped_backup()
+    b.on_inbound(from_client(101, 5001, payload=b"q" * 150), 0.1)
+    b.on_outbound(from_server(901, 251, payload=b"r" * 100), 0.1)  # we ack the client's 150 bytes
+    # an old segment of the client's again, wholly below our receive point, acking our reply
+    b.on_inbound(from_client(101, 5101, payload=b"q" * 100), 0.2)
+    assert b.conns[KEY].stack_ack is None or b.conns[KEY].stack_ack != 1001
+    # so when our stack resends the reply the client already has, we owe it a self-ack
+    b.activate(0.3)
+    b.on_outbound(from_server(901, 251, payload=b"r" * 100), 0.3)
+    acks = [tcpseg.parse(a.packet) for a in b.on_batch_end(0.3) if isinstance(a, Inject)]
+    assert [(s.dst, s.ack) for s in acks] == [(VIP, 1001)]
