@@ -12,6 +12,14 @@ from nfq_sttcp import lab, scenario
 MB = 1 << 20
 
 
+def _backup_tcp_drops():
+    """The backup stack's drop counters, to say where lost clones went."""
+    r = subprocess.run(["ip", "netns", "exec", lab.NS_BACKUP, "nstat", "-az"], capture_output=True, text=True)
+    keep = ("Drop", "Prune", "OFO", "InErrs", "InCsumErrors", "Collapsed")
+    return {l.split()[0]: int(l.split()[1]) for l in r.stdout.splitlines()[1:]
+            if len(l.split()) >= 2 and any(k in l.split()[0] for k in keep) and l.split()[1] != "0"}
+
+
 def survived(report, expect_bytes=None):
     assert report["connections"], report.get("error")
     st = lab.status()
@@ -20,7 +28,8 @@ def survived(report, expect_bytes=None):
     assert st["vip_owner"] == ["backup"]
     for c in report["connections"]:
         label = "%s:%s" % (c["kind"], c["local_port"])
-        assert c["ok"], "%s failed: %s (first mismatch at %s)" % (label, c["error"], c["first_mismatch"])
+        assert c["ok"], "%s failed: %s (first mismatch at %s); backup queues %s, counters %s; backup TCP: %s" % (
+            label, c["error"], c["first_mismatch"], backup.get("queues"), backup.get("counters"), _backup_tcp_drops())
         assert c["rsts_received"] == 0, "%s: client saw %d RSTs" % (label, c["rsts_received"])
         assert c["syns_sent"] == 1, "%s: client sent %d SYNs (reconnected?)" % (label, c["syns_sent"])
         assert c["wire_gap_ms"] is not None, "%s: no failover gap measured" % label
