@@ -21,7 +21,7 @@ from typing import Optional
 from . import tcpseg
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
 from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_min, seq_sub
-from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConnIsn
+from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 UNPROTECTED_NO_ISN = "primary never sent the ISN"
@@ -57,6 +57,7 @@ class BackupConn:
     sack: tuple = ()  # SACK blocks of our latest ack: client bytes we hold beyond a hole
     reported_edge: Optional[int] = None  # window edge last reported to the primary
     last_tsval_b: int = 0
+    tsecr_b: Optional[int] = None  # the client TSval our latest ack echoed (reported with it)
     last_tsval_b_at: float = 0.0
     # what the client has shown us
     client_ack_b: Optional[int] = None  # highest client ack mapped into backup space
@@ -140,6 +141,11 @@ class BackupCore:
                 # our stack answers it with a challenge ACK, which we hold; the
                 # connection's state stays as it is.
                 return [Accept(), Count("syn_into_live_connection")]
+            if self.active and (conn is None or conn.client_isn != seg.seq):
+                # Born after takeover: nothing to map. (A PromotedCore protects
+                # it with the next backup, as any primary would.)
+                self.conns.pop(key, None)
+                return [Accept()]
             if conn is None or conn.client_isn != seg.seq:
                 conn = self.conns[key] = BackupConn(key, now, client_isn=seg.seq)
                 early = self.early_isn.pop(key, None)
@@ -339,6 +345,8 @@ class BackupCore:
                 moved = True
         if seg.has_ts:
             conn.last_tsval_b, conn.last_tsval_b_at = seg.tsval, now
+            if seg.flags & ACK:
+                conn.tsecr_b = seg.tsecr
         if seg.flags & ACK and seg.sack_blocks != conn.sack:
             conn.sack = seg.sack_blocks
             moved = True
@@ -385,7 +393,7 @@ class BackupCore:
                 edge = self.window_edge(conn)
                 if edge is not None:
                     conn.reported_edge = edge
-                entries.append((key, conn.rcv_ack, pos, conn.sack[:MAX_SACK], edge))
+                entries.append(ConfirmEntry(key, conn.rcv_ack, pos, conn.sack[:MAX_SACK], edge, conn.tsecr_b))
             self.unconfirmed.clear()
             for i in range(0, len(entries), MAX_CONFIRMS):
                 out.append(SendSync(Confirm(tuple(entries[i:i + MAX_CONFIRMS]))))

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="TOML config file")
         p.add_argument("--insecure-no-auth", action="store_true",
                        help="run without sync.key_file: anyone on the sync link can forge messages")
+        p.add_argument("--control-socket", help="control socket path (default: control_socket_dir/ROLE.sock)")
 
     p = sub.add_parser("rules", help="apply, remove or show a role's iptables rules by hand")
     p.add_argument("action", choices=("apply", "remove", "show", "render"))
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-daemons", action="store_true", help="network and applications only: start the daemons by hand")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
+    p = lsub.add_parser("rejoin", help="restart a crashed server as the backup of the one that took over")
+    p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
     p.add_argument("--json", action="store_true")
     p = lsub.add_parser("crash", help="simulate a host crash")
@@ -133,7 +136,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                         "(head -c 32 /dev/urandom | base64 > KEYFILE; chmod 600 KEYFILE), set sync.key_file, "
                         "or pass --insecure-no-auth")
         try:
-            return Daemon(cfg, args.cmd).run()
+            return Daemon(cfg, args.cmd, control_path=args.control_socket).run()
         except (DaemonError, FirewallError) as e:
             return _die(str(e), 1)
         except Exception as e:  # a bug: one clear line, the traceback with -v
@@ -228,6 +231,9 @@ def _lab(args: argparse.Namespace) -> int:
             return 0
         if args.lab_cmd == "start-backup":
             lab.start_backup_daemon()
+            return 0
+        if args.lab_cmd == "rejoin":
+            lab.rejoin(args.host)
             return 0
         if args.lab_cmd == "crash":
             lab.crash(args.host)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 try:
@@ -76,6 +76,13 @@ class Config:
         if role == "primary":
             return [a for a in (self.primary_sync, self.primary_lan) if a]
         return [a for a in (self.backup_sync, self.backup_lan) if a]
+
+    def swapped(self) -> "Config":
+        """The same pair with the roles' addresses exchanged: the view of a
+        host that serves in the other role than the file names it for (an old
+        primary rejoining as the backup, an old backup now serving)."""
+        return replace(self, primary_sync=self.backup_sync, backup_sync=self.primary_sync,
+                                   primary_lan=self.backup_lan, backup_lan=self.primary_lan)
 
     def read_key(self) -> Optional[bytes]:
         if not self.sync_key_file:

@@ -26,6 +26,7 @@ from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, S
 from .backup import BackupConfig, BackupCore
 from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
+from .promoted import PromotedCore
 from .syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
 from .watchdog import ACTIVE, PeerMonitor, Watchdog
 
@@ -45,9 +46,10 @@ class _Stop(Exception):
 
 
 class Daemon:
-    def __init__(self, cfg: Config, role: str) -> None:
+    def __init__(self, cfg: Config, role: str, control_path: Optional[str] = None) -> None:
         self.cfg = cfg
         self.role = role
+        self.control_path = control_path or cfg.control_socket(role)
         self.log = structlog.get_logger("nfq_sttcp").bind(role=role)
         self.key = cfg.read_key()
         # Start time as the epoch: a restarted daemon's epoch is larger, so
@@ -73,9 +75,10 @@ class Daemon:
         self.timeline: list[tuple[str, float]] = []
         self.started = time.monotonic()
         ports = frozenset(cfg.ports)
+        self.promoted: Optional[PromotedCore] = None  # a backup after takeover, serving a new backup
+        self._cloning: Optional[_CloningSwitch] = None
         if role == "primary":
-            self.primary: Optional[PrimaryCore] = PrimaryCore(PrimaryConfig(
-                cfg.vip, ports, synack_hold_s=cfg.synack_hold_ms / 1000, max_lag=cfg.max_backup_lag_kb * 1024))
+            self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
             self.backup: Optional[BackupCore] = None
             self.watchdog: Optional[Watchdog] = None
@@ -136,7 +139,6 @@ class Daemon:
         self.rules_applied = True
         if self.role == "primary":
             self._cloning = _CloningSwitch(self.cfg, self.log)
-        if self.role == "primary":
             binds = [(self.cfg.queue_primary_out, self._cb_primary_out)]
         else:
             binds = [(self.cfg.queue_backup_in, self._cb_backup_in), (self.cfg.queue_backup_out, self._cb_backup_out)]
@@ -152,7 +154,7 @@ class Daemon:
             self.fds[q.get_fd()] = (lambda q=q, r=reader: r.drain(q))
 
     def _teardown(self) -> None:
-        if getattr(self, "_cloning", None) is not None:
+        if self._cloning is not None:
             self._cloning.stop()  # before the rules go: it must not re-add any
         if self.primary is not None and self.deferred:
             try:
@@ -169,6 +171,8 @@ class Daemon:
                                      "until 'nfq-sttcp rules remove --role backup' or the next start")
                 else:
                     firewall.remove(self.cfg, self.role)
+                if self.promoted is not None:
+                    firewall.remove(self.cfg, "primary")  # the clone hook it added when promoted
         except Exception as e:  # keep tearing down
             self.log.error("rules_teardown_failed", error=str(e))
         for r in self.readers:
@@ -183,7 +187,7 @@ class Daemon:
             if sock is not None:
                 sock.close()
         try:
-            os.unlink(self.cfg.control_socket(self.role))
+            os.unlink(self.control_path)
         except OSError:
             pass
         if getattr(self, "rules_applied", False):
@@ -251,11 +255,13 @@ class Daemon:
 
     def _cb_backup_in(self, pkt: Any) -> None:
         assert self.backup is not None
-        self._verdict(pkt, self.backup.on_inbound, fallback_accept=False)
+        core = self.promoted or self.backup
+        self._verdict(pkt, core.on_inbound, fallback_accept=False)
 
     def _cb_backup_out(self, pkt: Any) -> None:
         assert self.backup is not None
-        self._verdict(pkt, self.backup.on_outbound, fallback_accept=False)
+        core = self.promoted or self.backup
+        self._verdict(pkt, core.on_outbound, fallback_accept=False)
 
     def _perform(self, actions: list[Action], pkt: Any = None) -> None:
         for a in actions:
@@ -314,11 +320,16 @@ class Daemon:
                 self._last_batch_end = now
                 self._perform(self.backup.on_batch_end(now))
 
+    @property
+    def serving_as(self) -> str:
+        """The role this daemon plays now: a promoted backup is a primary."""
+        return "primary" if self.primary is not None else "backup"
+
     def _send_heartbeats(self, now: float) -> None:
-        state = self.watchdog.state if self.watchdog else "serving"
+        state = "serving" if self.primary is not None else self.watchdog.state if self.watchdog else "serving"
         gen = self.primary.generation if self.primary is not None else 0
         for addr in self.cfg.peer_addresses(self.role):  # one message per path, each its own counter
-            self._send_sync(Heartbeat(self.role, state, time.monotonic_ns(), gen), to=[addr])
+            self._send_sync(Heartbeat(self.serving_as, state, time.monotonic_ns(), gen), to=[addr])
 
     def _on_sync_readable(self) -> None:
         peers = set(self.cfg.peer_addresses(self.role))
@@ -344,6 +355,8 @@ class Daemon:
                 self.counters["sync_replayed"] += 1
                 self._log_rejection(addr, "message from an earlier epoch (a replay)")
                 continue
+            if self.guard.epoch is not None and epoch > self.guard.epoch:
+                self._last_beat_sent_ns = None  # a new peer daemon: no gap to measure yet
             if not self.guard.accept(epoch, counter):
                 # The same beat arrives over both paths: only the first counts.
                 # (A replay within the epoch lands here too, harmlessly.)
@@ -376,25 +389,24 @@ class Daemon:
 
     def _on_sync(self, msg: syncproto.SyncMessage, now: float, addr: str = "") -> None:
         if isinstance(msg, Heartbeat):
-            expected = "backup" if self.role == "primary" else "primary"
+            expected = "backup" if self.serving_as == "primary" else "primary"
             if msg.role != expected:
                 self.counters["sync_rejected"] += 1
                 return
             if addr in (self.cfg.primary_sync, self.cfg.backup_sync):
                 self._note_beat(msg, now)
-            if self.watchdog is not None:
+            if self.primary is None and self.watchdog is not None and self.backup is not None:
                 self._perform(self.watchdog.on_heartbeat(now))
-            if self.backup is not None:
                 self._perform(self.backup.on_primary_generation(msg.generation, now))
-            if self.role == "primary" and addr == self.cfg.backup_sync:
+            if self.primary is not None and addr == self.cfg.peer_addresses(self.role)[0]:
                 # Only the sync path says the backup can follow: the clones
                 # travel on it. (The LAN path only keeps the backup from
                 # taking over while we live.)
                 changed, acts = self.peer.on_heartbeat(now, msg.state)
                 self._perform(acts)
-                if changed and self.primary is not None:
+                if changed:
                     self._backup_changed(self.peer.state == "present", now)
-        elif isinstance(msg, ConnIsn) and self.backup is not None:
+        elif isinstance(msg, ConnIsn) and self.backup is not None and self.promoted is None:
             self._perform(self.backup.on_conn_isn(msg, now))
         elif isinstance(msg, Confirm) and self.primary is not None:
             self._perform(self.primary.on_confirm(msg, now))
@@ -418,7 +430,7 @@ class Daemon:
     def _backup_changed(self, following: bool, now: float) -> None:
         """Clone client segments only to a backup that follows us: a backup
         host without its daemon would answer the clones from its own stack."""
-        assert self.primary is not None
+        assert self.primary is not None and self._cloning is not None
         self._cloning.set(following)
         self._perform(self.primary.set_backup_following(following, now))
 
@@ -444,11 +456,25 @@ class Daemon:
                 raise DaemonError("LAN interface %s does not exist" % self.cfg.lan_interface)
             self.lan_index = links[0]
             addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)]
+            local = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
         net = ipaddress.IPv4Network("%s/%d" % (self.cfg.vip, self.cfg.lan_prefix), strict=False)
         own = [a for a in addrs if a != self.cfg.vip]
         if own and not any(ipaddress.IPv4Address(a) in net for a in own):
             raise DaemonError("VIP %s is outside the LAN subnet: %s has %s, none in %s"
                               % (self.cfg.vip, self.cfg.lan_interface, ", ".join(own), net))
+        mine, theirs = self.cfg.own_addresses(self.role)[0], self.cfg.peer_addresses(self.role)[0]
+        if mine not in local and theirs in local:
+            # The file names this host for the other role: an old primary
+            # rejoining as the backup of the host that took over (or the
+            # reverse). Serve the role asked for, from this host's address.
+            self.cfg = self.cfg.swapped()
+            self.log.warning("roles_swapped", role=self.role, sync_address=theirs,
+                             peer=self.cfg.peer_addresses(self.role)[0],
+                             note="this host holds the config's %s sync address"
+                             % ("backup" if self.role == "primary" else "primary"))
+        elif mine not in local:
+            raise DaemonError("neither sync address is on this host (sync.%s = %s, sync.%s = %s)"
+                              % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
 
     def _prepare_garp(self) -> None:
         """Build the gratuitous ARP frames now: importing scapy takes ~1 s."""
@@ -485,11 +511,23 @@ class Daemon:
             self._perform(self.backup.activate(time.monotonic()))
             self._mark("held_released")
         self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
+        if ok:
+            self._promote()
         t = self.watchdog.times
         t0 = self.timeline[0][1] if self.timeline else time.monotonic()
         self.log.warning("takeover", reason=reason, ok=ok, detection_ms=_r(t.detection_ms),
                          takeover_ms=_r(t.takeover_ms),
                          timeline={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+
+    def _promote(self) -> None:
+        """Serve as the primary for connections born from now on, so that a
+        new backup (the old primary host, restarted) can protect them. Its
+        clone rules point at the old primary's sync address."""
+        assert self.backup is not None
+        self.primary = _primary_core(self.cfg)
+        self.promoted = PromotedCore(self.backup, self.primary)
+        self._cloning = _CloningSwitch(self.cfg.swapped(), self.log, add_hook=True)
+        self.log.info("serving_as_primary", waiting_for_backup=self.cfg.peer_addresses(self.role)[0])
 
     def _move_vip(self) -> None:
         from pyroute2 import IPRoute
@@ -557,7 +595,7 @@ class Daemon:
     # == control socket ======================================================
 
     def _open_control(self) -> None:
-        path = self.cfg.control_socket(self.role)
+        path = self.control_path
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             os.unlink(path)
@@ -611,6 +649,9 @@ class Daemon:
         st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
                               "counters": dict(self.counters), "queues": self._queue_stats(), "heartbeats": self.beat_stats}
+        if self.promoted is not None:
+            st["serving_as"] = "primary"
+            st["backup"] = self.peer.state
         if self.watchdog is not None:
             st["state"] = self.watchdog.state
             st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)
@@ -620,7 +661,7 @@ class Daemon:
                 st["failover"] = {"detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),
                                   "timeline_ms": {k: round((v - t0) * 1000, 2) for k, v in self.timeline}}
             assert self.backup is not None
-            st["connections"] = self.backup.status()
+            st["connections"] = self.promoted.status() if self.promoted is not None else self.backup.status()
         else:
             assert self.primary is not None
             st["state"] = "serving"
@@ -628,6 +669,11 @@ class Daemon:
             st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
             st["connections"] = self.primary.status()
         return st
+
+
+def _primary_core(cfg: Config) -> PrimaryCore:
+    return PrimaryCore(PrimaryConfig(cfg.vip, frozenset(cfg.ports), synack_hold_s=cfg.synack_hold_ms / 1000,
+                                     max_lag=cfg.max_backup_lag_kb * 1024))
 
 
 class _CloningSwitch:
@@ -640,10 +686,11 @@ class _CloningSwitch:
     while the daemon runs.
     """
 
-    def __init__(self, cfg: Config, log: Any) -> None:
+    def __init__(self, cfg: Config, log: Any, add_hook: bool = False) -> None:
         import threading
 
         self.cfg, self.log = cfg, log
+        self.add_hook = add_hook  # a promoted backup has no clone chain yet
         self.wanted: Optional[bool] = None
         self.cond = threading.Condition()
         self.done = False
@@ -665,6 +712,9 @@ class _CloningSwitch:
                     return
                 want = self.wanted
             try:
+                if self.add_hook:
+                    firewall.add_clone_hook(self.cfg)
+                    self.add_hook = False
                 firewall.set_cloning(self.cfg, bool(want))
                 applied = want
                 self.log.info("cloning", on=want)

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 
 from .config import Config
-from .rules import Hook, all_hooks, hooks, render, render_cloning
+from .rules import Hook, all_hooks, hooks, render, render_clone_hook, render_cloning
 
 
 class FirewallError(RuntimeError):
@@ -62,10 +62,19 @@ def teardown_hooks(hs: list[Hook]) -> list[str]:
     return errors
 
 
+def _jump_present(h: Hook) -> bool:
+    return _iptables("iptables", "-w", "-t", h.table, "-C", h.builtin, "-j", h.chain).returncode == 0
+
+
 def apply(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> None:
+    """Replace the role's rules in one transaction: chains that exist are
+    flushed and refilled, never left empty in between. (A backup restarting
+    over its exit fence must not have a moment without it: its stack would
+    answer clones still in flight.)"""
     require_iptables()
-    teardown_hooks(hooks(cfg, role))
-    r = _iptables("iptables-restore", "-w", "--noflush", stdin=render(cfg, role, fence=fence, clone=clone))
+    present = frozenset(h.chain for h in hooks(cfg, role) if _jump_present(h))
+    r = _iptables("iptables-restore", "-w", "--noflush",
+                  stdin=render(cfg, role, fence=fence, clone=clone, jumps_present=present))
     if r.returncode != 0:
         teardown_hooks(hooks(cfg, role))
         raise FirewallError("iptables-restore refused the %s rules: %s" % (role, explain_restore_error(r.stderr)))
@@ -75,6 +84,15 @@ def set_cloning(cfg: Config, on: bool) -> None:
     r = _iptables("iptables-restore", "-w", "--noflush", stdin=render_cloning(cfg, on))
     if r.returncode != 0:
         raise FirewallError("iptables-restore refused the clone rules: %s" % explain_restore_error(r.stderr))
+
+
+def add_clone_hook(cfg: Config) -> None:
+    """The primary's clone chain and its jump, empty (a backup promoted to primary)."""
+    tee = hooks(cfg, "primary")[0]
+    teardown_hooks([tee])
+    r = _iptables("iptables-restore", "-w", "--noflush", stdin=render_clone_hook(cfg))
+    if r.returncode != 0:
+        raise FirewallError("iptables-restore refused the clone hook: %s" % explain_restore_error(r.stderr))
 
 
 def remove(cfg: Config, role: str) -> list[str]:

@@ -113,17 +113,25 @@ def _build_network() -> None:
     sysctls = {
         NS_PRIMARY: {"net.ipv4.tcp_timestamps": "1"},
         # Offset-free clock on the backup: its TSvals differ from the primary's.
-        NS_BACKUP: {"net.ipv4.tcp_timestamps": "2",
-                    "net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
-                    "net.ipv4.conf.%s.arp_ignore" % LAN_IF: "1", "net.ipv4.conf.%s.arp_announce" % LAN_IF: "2",
-                    "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
-                    "net.ipv4.conf.%s.rp_filter" % SYNC_IF: "0", "net.ipv4.conf.%s.rp_filter" % LAN_IF: "0",
-                    "net.ipv4.conf.lo.rp_filter": "0"},
+        NS_BACKUP: dict(BACKUP_SYSCTLS, **{"net.ipv4.tcp_timestamps": "2"}),
         NS_CLIENT: {"net.ipv4.tcp_timestamps": "1"},
     }
     for ns, kv in sysctls.items():
-        for k, v in kv.items():
-            sh("sysctl", "-q", "-w", "%s=%s" % (k, v), ns=ns)
+        _sysctls(ns, kv)
+
+
+# A backup holds the VIP on lo: it must not answer ARP for it, and clones
+# arrive on the sync link for an address on another interface.
+BACKUP_SYSCTLS = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
+                  "net.ipv4.conf.%s.arp_ignore" % LAN_IF: "1", "net.ipv4.conf.%s.arp_announce" % LAN_IF: "2",
+                  "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
+                  "net.ipv4.conf.%s.rp_filter" % SYNC_IF: "0", "net.ipv4.conf.%s.rp_filter" % LAN_IF: "0",
+                  "net.ipv4.conf.lo.rp_filter": "0"}
+
+
+def _sysctls(ns: str, kv: dict[str, str]) -> None:
+    for k, v in kv.items():
+        sh("sysctl", "-q", "-w", "%s=%s" % (k, v), ns=ns)
 
 
 def _spawn(host: str, name: str, argv: list[str], env_role: Optional[str] = None) -> int:
@@ -141,12 +149,20 @@ def _spawn(host: str, name: str, argv: list[str], env_role: Optional[str] = None
     return p.pid
 
 
-def _daemon_argv(role: str) -> list[str]:
-    return [sys.executable, "-m", "nfq_sttcp", "--log-format", "json", "-v", role, "--config", config_path()]
+def _daemon_argv(role: str, host: str) -> list[str]:
+    return [sys.executable, "-m", "nfq_sttcp", "--log-format", "json", "-v", role, "--config", config_path(),
+            "--control-socket", control_path(host)]
 
 
-def control(role: str, command: str = "status", timeout: float = 2.0) -> dict:
-    return control_mod.request(load_config().control_socket(role), command, timeout)
+def control_path(host: str) -> str:
+    """Lab daemons' control sockets are named by host, not role: after a
+    failover and a rejoin, the primary host runs the backup daemon."""
+    return os.path.join(STATE_DIR, "ctl", "%s.sock" % host)
+
+
+def control(host: str, command: str = "status", timeout: float = 2.0) -> dict:
+    load_config()  # a clear error when the lab is not up
+    return control_mod.request(control_path(host), command, timeout)
 
 
 def _log_tail(host: str, name: str, lines: int = 8) -> str:
@@ -201,6 +217,8 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
         cfg = config_mod.load(config_path())
         progress("[2/5] application on primary and backup: %s" % (app or "built-in test server"))
         argv = ["sh", "-c", app] if app else [sys.executable, "-m", "nfq_sttcp.testapp"]
+        with open(os.path.join(STATE_DIR, "app"), "w") as f:
+            f.write(app or "")
         for host in ("primary", "backup"):
             _spawn(host, "app", argv, env_role=host)
         for host in ("primary", "backup"):
@@ -212,7 +230,7 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
             progress("[5/5] lab up without daemons")
             return cfg
         progress("[3/5] primary daemon")
-        _spawn("primary", "daemon", _daemon_argv("primary"))
+        _spawn("primary", "daemon", _daemon_argv("primary", "primary"))
         _wait("the primary daemon", lambda: control("primary")["state"] == "serving", 20,
               log=("primary", "daemon"))
         if start_backup:
@@ -228,7 +246,7 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
 
 def start_backup_daemon(progress=print) -> None:
     progress("[4/5] backup daemon, waiting until it follows the primary")
-    _spawn("backup", "daemon", _daemon_argv("backup"))
+    _spawn("backup", "daemon", _daemon_argv("backup", "backup"))
     _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20,
           log=("backup", "daemon"))
     _wait("the primary to see its backup", lambda: control("primary")["backup"] == "present", 10,
@@ -269,6 +287,48 @@ def crash(host: str = "primary") -> tuple[float, float]:
     with open(os.path.join(STATE_DIR, "crashes"), "a") as f:
         f.write("%s %.6f %.6f\n" % (host, t, wall))
     return t, wall
+
+
+def rejoin(host: str = "primary", progress=print) -> None:
+    """Restart a crashed server as the backup of the server that took over,
+    as after a reboot: no socket of its old life survives, the VIP sits on lo,
+    and its replies are fenced before its links come back."""
+    ns, other = HOSTS[host], "backup" if host == "primary" else "primary"
+    cfg = load_config()
+    try:
+        serving = control(other).get("serving_as") == "primary"
+    except (OSError, ValueError) as e:
+        raise LabError("the %s daemon does not answer (%s): nothing to rejoin" % (other, e)) from None
+    if not serving:
+        raise LabError("the %s has not taken over: 'lab rejoin' follows 'lab crash %s' and a failover" % (other, host))
+    if _ns_pids([ns]):
+        raise LabError("%s still runs processes: crash it first ('lab crash %s')" % (host, host))
+    progress("[1/4] %s reboots: sockets of its old life destroyed, VIP on lo, replies fenced" % host)
+    # A killed process leaves orphan sockets that retransmit their FIN: with
+    # the same sequence space as the connection the other host now serves,
+    # the client would take it. Destroy them while the links are still down.
+    sh("ss", "-K", "-t", "-a", ns=ns, check=False)
+    sh("ip", "addr", "del", VIP + "/24", "dev", LAN_IF, ns=ns, check=False)
+    sh("ip", "addr", "replace", VIP + "/32", "dev", "lo", ns=ns)
+    _sysctls(ns, BACKUP_SYSCTLS)
+    from . import rules
+    r = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "-w", "--noflush"], text=True,
+                       input=rules.render(cfg, "backup", fence=True), capture_output=True)
+    if r.returncode != 0:
+        raise LabError("cannot fence %s: %s" % (host, r.stderr.strip()))
+    sh("ip", "link", "set", LAN_IF, "up", ns=ns)
+    sh("ip", "link", "set", SYNC_IF, "up", ns=ns)
+    progress("[2/4] application on %s" % host)
+    app = open(os.path.join(STATE_DIR, "app")).read() if os.path.exists(os.path.join(STATE_DIR, "app")) else ""
+    _spawn(host, "app", ["sh", "-c", app] if app else [sys.executable, "-m", "nfq_sttcp.testapp"], env_role="backup")
+    for p in cfg.ports:
+        _wait("%s to listen on port %d" % (host, p), lambda p=p: _listening(host, p), 15, log=(host, "app"))
+    progress("[3/4] backup daemon on %s, waiting until it follows the %s" % (host, other))
+    _spawn(host, "daemon", _daemon_argv("backup", host))
+    _wait("%s to follow %s" % (host, other), lambda: control(host)["state"] == "following", 20, log=(host, "daemon"))
+    _wait("%s to see its new backup" % other, lambda: control(other)["backup"] == "present", 10,
+          log=(other, "daemon"))
+    progress("[4/4] %s serves, %s is its backup: new connections are protected" % (other, host))
 
 
 def vip_owner() -> list[str]:

@@ -53,6 +53,7 @@ class PrimaryConn:
     backup_pos: Optional[int] = None  # backup's output position (our space)
     relayed_sack: tuple = ()
     backup_edge: Optional[int] = None  # right edge of the backup's receive window (client space)
+    backup_tsecr: Optional[int] = None  # the client TSval the backup's latest ack echoed
     shown_edge: Optional[int] = None  # right edge of the window the client has been shown
     wscale: int = 0  # our window scale (from our SYN-ACK)
     deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
@@ -193,6 +194,13 @@ class PrimaryCore:
             return [Drop("pure ack held for the backup"), Count("ack_held")]
         buf = bytearray(data)
         tcpseg.set_ack(buf, seg, allowed)
+        if seg.has_ts and conn.backup_tsecr is not None:
+            # Echo what the backup echoed. Our own TSecr can predate a
+            # retransmission that only the backup needed: acked with an older
+            # echo, the client's Eifel check (RFC 3522) calls the retransmission
+            # spurious and undoes its recovery, and the rest of the hole then
+            # goes one segment per RTO.
+            tcpseg.set_tsecr(buf, seg, conn.backup_tsecr)
         if seg.sack_off >= 0:
             # A SACK block above the clamped ack would tell the client that
             # bytes are safe which die with the primary: keep only D-SACKs.
@@ -216,7 +224,7 @@ class PrimaryCore:
 
     def on_confirm(self, msg: Confirm, now: float) -> list[Action]:
         out: list[Action] = []
-        for key, ack, pos, sack, edge in msg.acks:
+        for key, ack, pos, sack, edge, tsecr in msg.acks:
             conn = self.conns.get(key)
             if conn is None:
                 if len(self.early_confirms) < 65536:
@@ -227,6 +235,8 @@ class PrimaryCore:
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
             if edge is not None:
                 conn.backup_edge = edge if conn.backup_edge is None else seq_max(conn.backup_edge, edge)
+            if tsecr is not None and (conn.backup_tsecr is None or seq_gt(tsecr, conn.backup_tsecr)):
+                conn.backup_tsecr = tsecr
             out += self._release_deferred(conn, force=False)
             out += self._release(conn, conn.confirmed, now)
             out += self._relay_backup_sack(conn, sack)
@@ -246,7 +256,7 @@ class PrimaryCore:
         blocks = [(left, right) for left, right in sack if seq_gt(left, conn.last_ack_sent)][:3]
         if not blocks:
             return []
-        opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
+        opts = tcpseg.ts_option(conn.tsval, self._echo(conn)) if conn.has_ts else b""
         opts += tcpseg.sack_option(blocks)
         cip, cport, sip, sport = conn.key
         pkt = tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, conn.last_ack_sent, ACK,
@@ -282,7 +292,7 @@ class PrimaryCore:
             return out
         new_ack = seq_min(conn.latest_ack, allowed)
         if seq_gt(new_ack, conn.last_ack_sent):
-            out.append(Inject(self._pure_ack(conn, new_ack), "ack released after confirmation"))
+            out.append(Inject(self._pure_ack(conn, new_ack, self._echo(conn)), "ack released after confirmation"))
             conn.last_ack_sent = new_ack
         conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
         return out
@@ -303,9 +313,14 @@ class PrimaryCore:
             conn.shown_edge = edge
         return window
 
-    def _pure_ack(self, conn: PrimaryConn, ack: int) -> bytes:
+    @staticmethod
+    def _echo(conn: PrimaryConn) -> int:
+        """TSecr for an ack at the backup's point (see clamp_ack_to_backup)."""
+        return conn.backup_tsecr if conn.backup_tsecr is not None else conn.tsecr
+
+    def _pure_ack(self, conn: PrimaryConn, ack: int, tsecr: int) -> bytes:
         cip, cport, sip, sport = conn.key
-        opts = tcpseg.ts_option(conn.tsval, conn.tsecr) if conn.has_ts else b""
+        opts = tcpseg.ts_option(conn.tsval, tsecr) if conn.has_ts else b""
         return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK,
                                     self._window_for(conn, ack, conn.window), opts)
 
@@ -332,7 +347,7 @@ class PrimaryCore:
             out.append(Inject(conn.held_synack, "synack released unprotected"))
             conn.held_synack = None
         if conn.owed_ack and conn.latest_ack is not None:
-            out.append(Inject(self._pure_ack(conn, conn.latest_ack), "ack released unprotected"))
+            out.append(Inject(self._pure_ack(conn, conn.latest_ack, conn.tsecr), "ack released unprotected"))
             conn.last_ack_sent, conn.owed_ack = conn.latest_ack, False
         return out
 

@@ -63,7 +63,15 @@ def render_cloning(cfg: Config, on: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> str:
+def render_clone_hook(cfg: Config) -> str:
+    """The primary's clone chain, empty, and the jump into it: what a backup
+    adds when it takes over and starts serving as the primary."""
+    tee = hooks(cfg, "primary")[0]
+    return "*%s\n:%s - [0:0]\n-I %s 1 -j %s\nCOMMIT\n" % (tee.table, tee.chain, tee.builtin, tee.chain)
+
+
+def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
+           jumps_present: frozenset[str] = frozenset()) -> str:
     """iptables-restore input for ``role``.
 
     ``fence=True`` renders the backup's exit state: its replies are dropped
@@ -78,7 +86,8 @@ def render(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> s
     for h in hs:
         body.setdefault(h.table, []).append(":%s - [0:0]" % h.chain)
     for h in hs:
-        body[h.table].append("-I %s 1 -j %s" % (h.builtin, h.chain))
+        if h.chain not in jumps_present:  # declaring a chain flushes it; its jump stays
+            body[h.table].append("-I %s 1 -j %s" % (h.builtin, h.chain))
     if role == "primary":
         tee, out = hs
         if clone:

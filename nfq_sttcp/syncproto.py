@@ -18,13 +18,13 @@ import hmac
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 MAGIC = b"ST"
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE = 1400
 MAC_LEN = 32
-MAX_CONFIRMS = 26
+MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE
 MAX_SACK = 3
 
 T_HEARTBEAT, T_CONN_ISN, T_CONFIRM = 1, 2, 3
@@ -33,7 +33,7 @@ _HDR = struct.Struct("!2sBBQQ")
 _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQI")
 _ISN = struct.Struct("!12sIIBHBBI")
-_CONFIRM_ENTRY = struct.Struct("!12sIIBB24sI")
+_CONFIRM_ENTRY = struct.Struct("!12sIIBB24sII")
 
 ConnKey = tuple[str, int, str, int]
 
@@ -64,16 +64,25 @@ class ConnIsn:
     generation: int = 0  # the primary's protection generation when it sent this
 
 
+class ConfirmEntry(NamedTuple):
+    """The backup's state of one connection, as the primary needs it."""
+
+    key: ConnKey
+    ack: int  # the backup's ack field: the client bytes it holds
+    pos: Optional[int] = None  # how far its output has got (primary space); None while unmapped
+    sack: tuple[tuple[int, int], ...] = ()  # SACK blocks of its latest ack, at most MAX_SACK
+    edge: Optional[int] = None  # right edge of its receive window (client space)
+    tsecr: Optional[int] = None  # the client TSval its latest ack echoed
+
+
 @dataclass(frozen=True, slots=True)
 class Confirm:
-    """Per connection, the backup's ack field (the client bytes it holds) and
-    how far its own output has got, in the primary's sequence space (None
-    while the mapping is unknown), and the SACK blocks of its latest ack (the
-    client bytes it holds beyond a hole; at most MAX_SACK), and the right edge
-    of its receive window (client space; None while unknown): the primary
-    never offers the client more window than the backup can take."""
+    """Per connection, a ConfirmEntry: the primary never shows the client an
+    ack beyond ``ack`` nor a window beyond ``edge``, relays ``sack`` so the
+    client resends what only the backup lacks, bounds its output to ``pos``
+    plus the lag, and echoes ``tsecr`` on the acks it clamps."""
 
-    acks: tuple[tuple[ConnKey, int, Optional[int], tuple[tuple[int, int], ...], Optional[int]], ...]
+    acks: tuple[ConfirmEntry, ...]
 
 
 SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
@@ -104,10 +113,11 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
             raise SyncError("too many confirmations in one message")
         mtype = T_CONFIRM
         body = struct.pack("!H", len(msg.acks)) + b"".join(
-            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0, (p is not None) | ((e is not None) << 1), len(sk[:MAX_SACK]),
+            _CONFIRM_ENTRY.pack(_pack_key(k), a, p or 0,
+                                (p is not None) | ((e is not None) << 1) | ((t is not None) << 2), len(sk[:MAX_SACK]),
                                 b"".join(struct.pack("!II", left, right) for left, right in sk[:MAX_SACK]).ljust(24, b"\0"),
-                                e or 0)
-            for k, a, p, sk, e in msg.acks)
+                                e or 0, t or 0)
+            for k, a, p, sk, e, t in msg.acks)
     else:  # pragma: no cover - guarded by the type
         raise SyncError("unknown message type %r" % (msg,))
     data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
@@ -156,11 +166,12 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
                 raise SyncError("confirm message of wrong size")
             entries = []
             for i in range(n):
-                k, a, p, has, nb, blob, e = _CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
-                if nb > MAX_SACK or has > 3:
+                k, a, p, has, nb, blob, e, t = _CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
+                if nb > MAX_SACK or has > 7:
                     raise SyncError("malformed confirm entry")
                 blocks = tuple(struct.unpack_from("!II", blob, 8 * j) for j in range(nb))
-                entries.append((_unpack_key(k), a, p if has & 1 else None, blocks, e if has & 2 else None))
+                entries.append(ConfirmEntry(_unpack_key(k), a, p if has & 1 else None, blocks,
+                                            e if has & 2 else None, t if has & 4 else None))
             acks = tuple(entries)
             return epoch, counter, Confirm(acks)
     except (struct.error, OSError) as e:

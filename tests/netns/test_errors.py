@@ -84,3 +84,7 @@ def test_missing_interface_and_vip_outside_the_lan(ns, tmp_path):
     subprocess.run(["ip", "-n", ns, "addr", "add", "192.168.50.1/24", "dev", "lan0"], check=True)
     err = daemon(ns, "backup", "--config", conf)
     assert "VIP 10.77.0.100 is outside the LAN subnet" in err and "192.168.50.1" in err
+    subprocess.run(["ip", "-n", ns, "addr", "flush", "dev", "lan0"], check=True)
+    subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.1/24", "dev", "lan0"], check=True)
+    err = daemon(ns, "backup", "--config", conf)
+    assert err.startswith("nfq-sttcp: neither sync address is on this host (sync.backup = "), err

@@ -86,6 +86,8 @@ def scratch_ns():
     subprocess.run(["ip", "netns", "del", SCRATCH], capture_output=True)
     run("ip", "netns", "add", SCRATCH)
     run("ip", "link", "set", "lo", "up", ns=SCRATCH)
+    for addr in (lab.PRIMARY_SYNC, lab.BACKUP_SYNC):  # a daemon refuses a host without its sync address
+        run("ip", "addr", "add", addr + "/32", "dev", "lo", ns=SCRATCH)
     # rules that were there before us
     run("iptables", "-w", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "ACCEPT", ns=SCRATCH)
     run("iptables", "-w", "-t", "raw", "-A", "PREROUTING", "-p", "icmp", "-j", "ACCEPT", ns=SCRATCH)

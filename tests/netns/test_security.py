@@ -36,7 +36,7 @@ import sys, time
 from scapy.all import IP, UDP, Raw, send, conf
 conf.verb = 0
 from nfq_sttcp import syncproto
-from nfq_sttcp.syncproto import Heartbeat, ConnIsn, Confirm
+from nfq_sttcp.syncproto import Heartbeat, ConnIsn, Confirm, ConfirmEntry
 kind, seconds = sys.argv[1], float(sys.argv[2])
 key = b"not-the-real-key-0123456789"
 ck = ("10.77.0.10", int(sys.argv[3]) if len(sys.argv) > 3 else 1, "10.77.0.100", 7000)
@@ -49,7 +49,7 @@ while time.time() < end:
     elif kind == "isn":        # a forged ISN for a live connection
         msg, src, dst = ConnIsn(ck, 12345, 999, True, 1460, 7, True), "10.78.0.1", "10.78.0.2"
     else:                      # a forged confirmation, to unclamp the primary
-        msg, src, dst = Confirm(((ck, 4000000000, None, (), None),)), "10.78.0.2", "10.78.0.1"
+        msg, src, dst = Confirm((ConfirmEntry(ck, 4000000000, None, (), None),)), "10.78.0.2", "10.78.0.1"
     for k in (key, None):      # a wrong key, and no MAC at all
         send(IP(src=src, dst=dst) / UDP(sport=7788, dport=7788) / Raw(syncproto.encode(msg, 2**63, n, k)))
     time.sleep(0.01)

@@ -5,7 +5,7 @@ from nfq_sttcp import tcpseg
 from nfq_sttcp.actions import Accept, Count, Drop, Inject, Log, Release, SendSync
 from nfq_sttcp.backup import UNPROTECTED_NO_ISN, UNPROTECTED_OPTIONS, BackupConfig, BackupCore
 from nfq_sttcp.primary import REASON_BACKUP_LOST, REASON_BEFORE_JOIN, REASON_NO_CONFIRM, PrimaryConfig, PrimaryCore
-from nfq_sttcp.syncproto import Confirm, ConnIsn
+from nfq_sttcp.syncproto import Confirm, ConfirmEntry, ConnIsn
 
 from .helpers import KEY, VIP, client_syn, from_client, from_server, server_synack
 
@@ -116,7 +116,7 @@ def test_primary_releases_everything_when_the_backup_is_lost():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=1000))
     p.backup_following = True
     p.on_outbound(server_synack(5000, 100, 7000), 0)
-    p.on_confirm(Confirm(((KEY, 101, 5001, (), None),)), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
     # client bytes the backup has not confirmed: acks clamped, pure ack held, data deferred by the lag bound
     first = p.on_outbound(from_server(5001, 300, payload=b"a" * 900), 0.1)
     assert tcpseg.parse(verdicts(first)[0].payload).ack == 101
@@ -140,7 +140,7 @@ def test_backup_relays_its_sack_and_primary_shows_it_to_the_client():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS))
     p.backup_following = True
     p.on_outbound(server_synack(5000, 100, 7000), 0)
-    p.on_confirm(Confirm(((KEY, 101, None, (), None),)), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0)
     p.on_outbound(from_server(5001, 3101), 0.1)  # our stack has everything
     acts = p.on_confirm(confirm, 0.1)
     relayed = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject) and "SACK" in a.why]
@@ -249,7 +249,7 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
     p.backup_following = True
     p.on_outbound(server_synack(5000, 100, 7000), 0)  # wscale 7
     # the backup holds up to 1101 and can take 256 KiB more
-    p.on_confirm(Confirm(((KEY, 1101, None, (), 1101 + 262144),)), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 1101, None, (), 1101 + 262144),)), 0)
     out = verdicts(p.on_outbound(from_server(5001, 1101, payload=b"x" * 100, window=20000), 0.1))[0]
     seg = tcpseg.parse(out.payload)
     assert seg.window << 7 <= 262144 and seg.window == 262144 >> 7
@@ -257,7 +257,7 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
     # a smaller window of our own passes untouched
     assert verdicts(p.on_outbound(from_server(5101, 1101, payload=b"y", window=100), 0.2))[0] == Accept()
     # the backup's window moves on: so may ours, but what was offered never shrinks
-    p.on_confirm(Confirm(((KEY, 1101, None, (), 1101 + 100000),)), 0.3)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 1101, None, (), 1101 + 100000),)), 0.3)
     out = verdicts(p.on_outbound(from_server(5102, 1101, payload=b"z", window=20000), 0.3))[0]
     assert tcpseg.parse(out.payload).window == 262144 >> 7
 
@@ -279,7 +279,7 @@ def test_review_findings_stay_fixed():
     # a stale early confirmation is not applied to a new handshake
     p = PrimaryCore(PrimaryConfig(VIP, PORTS))
     p.backup_following = True
-    p.on_confirm(Confirm(((KEY, 3_000_000_000, None, (), None),)), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 3_000_000_000, None, (), None),)), 0)
     assert isinstance(verdicts(p.on_outbound(server_synack(5000, 100, 7000), 0.1))[0], Drop)
     assert p.conns[KEY].confirmed is None
     # a reset from our stack to a stranger leaves no entry behind
@@ -306,3 +306,28 @@ def test_an_ack_in_a_discarded_retransmission_does_not_count_as_shown():
     b.on_outbound(from_server(901, 251, payload=b"r" * 100), 0.3)
     acks = [tcpseg.parse(a.packet) for a in b.on_batch_end(0.3) if isinstance(a, Inject)]
     assert [(s.dst, s.ack) for s in acks] == [(VIP, 1001)]
+
+
+def test_a_clamped_ack_echoes_the_backups_timestamp_not_ours():
+    """The client resent a segment only the backup lacked: the ack that covers
+    it must echo that retransmission's TSval (what the backup echoed), or the
+    client's Eifel check calls the retransmission spurious and undoes recovery."""
+    b = mapped_backup()
+    b.on_batch_end(0)
+    b.on_outbound(from_server(901, 1101, tsecr=4242), 0.1)
+    confirm = [a.message for a in b.on_batch_end(0.1) if isinstance(a, SendSync)][0]
+    assert confirm.acks[0].tsecr == 4242
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(confirm, 0.1)
+    # our stack has everything up to 3101 and echoes an older TSval
+    clamped = verdicts(p.on_outbound(from_server(5001, 3101, payload=b"r", tsecr=1111), 0.1))[0]
+    seg = tcpseg.parse(clamped.payload)
+    assert (seg.ack, seg.tsecr) == (1101, 4242)
+    assert tcpseg.tcp_checksum_ok(clamped.payload, seg)
+    # an ack our stack sends at or below the backup's point keeps its own echo
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 3101, None, (), None, 4300),)), 0.2)
+    sent = from_server(5002, 3101, payload=b"s", tsecr=4400)
+    own = verdicts(p.on_outbound(sent, 0.2))[0]
+    assert tcpseg.parse(own.payload if own.payload is not None else sent).tsecr == 4400

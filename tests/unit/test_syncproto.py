@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nfq_sttcp import syncproto
-from nfq_sttcp.syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
+from nfq_sttcp.syncproto import Confirm, ConfirmEntry, ConnIsn, Heartbeat, ReplayGuard, SyncError
 
 KEY = b"k" * 32
 CK = ("10.77.0.10", 40000, "10.77.0.100", 7000)
@@ -11,7 +11,7 @@ MESSAGES = [
     Heartbeat("backup", "following", 0),
     ConnIsn(CK, 2**32 - 1, 77, True, 1460, 7, True),
     ConnIsn(CK, 0, 0, False, 0, -1, False),
-    Confirm(((CK, 5, None, (), None), (("1.2.3.4", 1, "5.6.7.8", 2), 2**32 - 1, 12, ((1, 2), (2**32 - 1, 9)), 77))),
+    Confirm((ConfirmEntry(CK, 5), ConfirmEntry(("1.2.3.4", 1, "5.6.7.8", 2), 2**32 - 1, 12, ((1, 2), (2**32 - 1, 9)), 77, 2**32 - 2))),
 ]
 
 
@@ -45,7 +45,7 @@ def test_bad_sizes_versions_and_types():
     with pytest.raises(SyncError, match="exceeds"):
         syncproto.decode(b"S" * 5000, None)
     with pytest.raises(SyncError):
-        syncproto.encode(Confirm(tuple((CK, i, None, (), None) for i in range(syncproto.MAX_CONFIRMS + 1))), 1, 1, None)
+        syncproto.encode(Confirm(tuple(ConfirmEntry(CK, i) for i in range(syncproto.MAX_CONFIRMS + 1))), 1, 1, None)
 
 
 @settings(max_examples=500, deadline=None)

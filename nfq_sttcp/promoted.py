@@ -1,0 +1,52 @@
+"""A backup after takeover, serving as the primary for a new backup (pure).
+
+The connections it migrated keep their mapping in the BackupCore for the
+rest of their lives; no other host has their state, so they stay
+unprotected. Connections born after the takeover are the PrimaryCore's: it
+protects them with whichever backup joins next, exactly as a primary does.
+Each segment goes to the core that owns its connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import tcpseg
+from .actions import Accept, Action, Count
+from .backup import BackupCore
+from .primary import PrimaryCore
+from .tcpseg import MalformedPacket
+
+REASON_MIGRATED = "migrated at a failover; no backup holds its state"
+
+
+@dataclass
+class PromotedCore:
+    backup: BackupCore
+    primary: PrimaryCore
+
+    def on_outbound(self, data: bytes, now: float) -> list[Action]:
+        try:
+            key = tcpseg.parse(data).server_key()
+        except MalformedPacket:
+            return self.backup.on_outbound(data, now)  # it gives the safe verdict
+        if key in self.backup.conns:
+            return self.backup.on_outbound(data, now)
+        return self.primary.on_outbound(data, now)
+
+    def on_inbound(self, data: bytes, now: float) -> list[Action]:
+        try:
+            key = tcpseg.parse(data).client_key()
+        except MalformedPacket:
+            return self.backup.on_inbound(data, now)
+        if key in self.backup.conns:
+            return self.backup.on_inbound(data, now)
+        return [Accept(), Count("promoted_in")]
+
+    def status(self) -> list[dict[str, object]]:
+        migrated = []
+        for st in self.backup.status():
+            if st["protected"]:
+                st = dict(st, protected=False, reason=REASON_MIGRATED)
+            migrated.append(st)
+        return migrated + self.primary.status()

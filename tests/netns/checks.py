@@ -1,0 +1,38 @@
+"""Checks shared by the end-to-end tests."""
+
+import subprocess
+
+from nfq_sttcp import lab
+
+
+def _tcp_drops(host):
+    """A host stack's drop counters, to say where lost clones went."""
+    r = subprocess.run(["ip", "netns", "exec", lab.HOSTS[host], "nstat", "-az"], capture_output=True, text=True)
+    keep = ("Drop", "Prune", "OFO", "InErrs", "InCsumErrors", "Collapsed")
+    return {l.split()[0]: int(l.split()[1]) for l in r.stdout.splitlines()[1:]
+            if len(l.split()) >= 2 and any(k in l.split()[0] for k in keep) and l.split()[1] != "0"}
+
+
+def survived(report, expect_bytes=None, serving="backup"):
+    """Every connection of ``report`` crossed the crash whole, and ``serving``
+    (the host that took over) owns the VIP. Returns its daemon's status."""
+    assert report["connections"], report.get("error")
+    st = lab.status()
+    backup = st["daemons"][serving]
+    assert backup["state"] == "active", backup
+    assert st["vip_owner"] == [serving]
+    for c in report["connections"]:
+        label = "%s:%s" % (c["kind"], c["local_port"])
+        assert c["ok"], "%s failed: %s (first mismatch at %s); backup queues %s, counters %s; backup TCP: %s" % (
+            label, c["error"], c["first_mismatch"], backup.get("queues"), backup.get("counters"), _tcp_drops(serving))
+        assert c["rsts_received"] == 0, "%s: client saw %d RSTs" % (label, c["rsts_received"])
+        assert c["syns_sent"] == 1, "%s: client sent %d SYNs (reconnected?)" % (label, c["syns_sent"])
+        assert c["wire_gap_ms"] is not None, "%s: no failover gap measured" % label
+        if expect_bytes is not None and c["kind"] in expect_bytes:
+            assert c["verified"] == expect_bytes[c["kind"]], label
+    drops = {q: v["queue_dropped"] for q, v in backup["queues"].items()}
+    assert not any(drops.values()), "the backup's queues overflowed: %s" % drops
+    print("failover: detection %s ms, takeover %s ms; gaps %s" % (
+        backup["failover"]["detection_ms"], backup["failover"]["takeover_ms"],
+        {"%s:%s" % (c["kind"], c["local_port"]): c["wire_gap_ms"] for c in report["connections"]}))
+    return backup

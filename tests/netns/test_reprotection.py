@@ -1,0 +1,86 @@
+"""After a failover the old primary rejoins as the backup of the host that
+took over: connections born after it joined are protected, and a second
+failover carries them back; connections migrated earlier are reported
+unprotected."""
+
+import subprocess
+import sys
+
+from nfq_sttcp import lab, scenario
+
+from .checks import survived
+
+MB = 1 << 20
+
+PROBE = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7000))
+print(s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    msg = line.encode()
+    s.sendall(msg)
+    got = b""
+    while len(got) < len(msg):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    print("ok" if got == msg else "bad %r" % got, flush=True)
+"""
+
+
+class EchoProbe:
+    """One long-lived echo connection from the client, driven line by line."""
+
+    def __init__(self):
+        self.p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-c", PROBE, lab.VIP],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.port = int(self.p.stdout.readline())
+
+    def ping(self, text):
+        self.p.stdin.write(text + "\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(10)
+
+
+def _conn(status, port):
+    return [c for c in status["connections"] if c["conn"].startswith("%s:%d " % (lab.CLIENT_IP, port))]
+
+
+def test_a_rejoined_backup_protects_new_connections_through_a_second_failover(make_lab):
+    make_lab()
+    probe = EchoProbe()
+    try:
+        assert probe.ping("before the first failover") == "ok"
+        first = scenario.run_with_crash(["echo:count=20,size=2000,pause_ms=20,crash_msg=5,after=5"])
+        survived(first)
+        assert probe.ping("migrated to the backup") == "ok"
+
+        lab.rejoin("primary", progress=lambda *_: None)
+        serving = lab.control("backup")
+        assert serving["serving_as"] == "primary" and serving["backup"] == "present", serving
+        migrated = _conn(serving, probe.port)
+        assert migrated and not migrated[0]["protected"] and "migrated" in migrated[0]["reason"], migrated
+        assert probe.ping("still served after the rejoin") == "ok"
+    finally:
+        probe.close()
+
+    seen = {}
+
+    def before_second_crash():
+        seen["serving"] = lab.control("backup")
+        seen["new_backup"] = lab.control("primary")
+
+    second = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
+                                      "upload:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
+                                      "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10"],
+                                     crash_host="backup", before_crash=before_second_crash)
+    for c in second["connections"]:
+        mine = _conn(seen["serving"], c["local_port"])
+        assert mine and mine[0]["protected"], (c["kind"], mine)
+        assert _conn(seen["new_backup"], c["local_port"]), "the new backup never saw %s" % c["kind"]
+    survived(second, {"download": 20 * MB, "upload": 20 * MB}, serving="primary")
