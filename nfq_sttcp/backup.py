@@ -28,6 +28,7 @@ UNPROTECTED_NO_ISN = "primary never sent the ISN"
 UNPROTECTED_OPTIONS = "TCP options differ from the primary's"
 UNPROTECTED_BEFORE_JOIN = "opened before the backup joined"
 UNPROTECTED_DROPPED = "the primary lost this backup for a while and dropped protection"
+UNPROTECTED_RESTARTED = "the primary's daemon restarted: its acks went unclamped meanwhile"
 TAKEOVER_ACK_PROMPTS = 3
 
 
@@ -121,6 +122,7 @@ class BackupCore:
     unconfirmed: set[ConnKey] = field(default_factory=set)
     primary_generation: int = 0
     self_ack_due: set[ConnKey] = field(default_factory=set)
+    suspended: str = ""  # why protection is suspended (the primary's daemon is silent), "" if not
 
     # == inbound: client -> service ===========================================
 
@@ -507,6 +509,31 @@ class BackupCore:
             out += extra
         return out
 
+    # == the primary's daemon ==================================================
+
+    def suspend(self, reason: str) -> list[Action]:
+        """The primary's daemon is silent while its host lives: unless it comes
+        back, its acks go unclamped (fail-open) and ours may lack bytes the
+        client was told are safe. Nothing is migrated while suspended."""
+        self.suspended = reason
+        return [Log("protection_suspended", "warning", {"reason": reason, "connections": len(self.conns)})]
+
+    def resume(self) -> list[Action]:
+        """The same daemon is back (it had stalled): its clamping never stopped."""
+        was, self.suspended = self.suspended, ""
+        return [Log("protection_resumed", "info", {})] if was else []
+
+    def primary_restarted(self) -> list[Action]:
+        """A new life of the primary's daemon: while it was down its queue was
+        bypassed, so no connection of the old life can be migrated safely."""
+        self.suspended = ""
+        n = 0
+        for conn in self.conns.values():
+            if conn.protected:
+                conn.protected, conn.reason = False, UNPROTECTED_RESTARTED
+                n += 1
+        return [Log("primary_daemon_restarted", "warning", {"unprotected": n})] if n else []
+
     # == takeover ============================================================
 
     def activate(self, now: float) -> list[Action]:
@@ -515,7 +542,7 @@ class BackupCore:
         out: list[Action] = []
         migrated = unprotected = resent = 0
         for conn in self.conns.values():
-            if conn.delta_seq is None or not conn.protected:
+            if conn.delta_seq is None or not conn.protected or self.suspended:
                 unprotected += 1
                 continue
             migrated += 1
@@ -570,4 +597,7 @@ class BackupCore:
         return out
 
     def status(self) -> list[dict[str, object]]:
-        return [c.status() for c in self.conns.values()]
+        out = [c.status() for c in self.conns.values()]
+        if self.suspended:
+            out = [dict(st, protected=False, reason=self.suspended) for st in out]
+        return out

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("primary", "backup"), required=True)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("switchover", help="planned handover: the backup takes over now (run where the service runs)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--control-socket", help="the serving daemon's control socket (default: try both roles')")
+
     lab = sub.add_parser("lab", help="the namespace lab")
     lsub = lab.add_subparsers(dest="lab_cmd", required=True, metavar="LABCOMMAND")
     p = lsub.add_parser("up", help="create the lab and start apps and daemons")
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-daemons", action="store_true", help="network and applications only: start the daemons by hand")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
+    lsub.add_parser("switchover", help="planned handover to the backup")
     p = lsub.add_parser("rejoin", help="restart a crashed server as the backup of the one that took over")
     p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
@@ -181,6 +186,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "status":
         return _daemon_status(args)
+    if args.cmd == "switchover":
+        return _switchover(args)
     if args.cmd == "lab":
         return _lab(args)
     if args.cmd == "demo":
@@ -201,6 +208,26 @@ def _daemon_status(args: argparse.Namespace) -> int:
         return _die("no %s daemon answering on %s: %s" % (args.role, cfg.control_socket(args.role), e), 3)
     print(json.dumps(st, indent=2) if args.json else _format_daemon(st))
     return 0
+
+
+def _switchover(args: argparse.Namespace) -> int:
+    from . import control
+    cfg = _load(args.config)
+    paths = [args.control_socket] if args.control_socket else [cfg.control_socket(r) for r in ("primary", "backup")]
+    for path in paths:
+        try:
+            st = control.request(path)
+        except (OSError, ValueError):
+            continue
+        if control.serves(st):
+            r = control.switchover(path)
+            if not r["done"]:
+                return _die("switchover failed: %s" % r.get("error"), 1)
+            print("switchover done: the backup serves; this host's replies stay fenced until "
+                  "'nfq-sttcp rules remove --role %s'" % st["role"])
+            return 0
+    return _die("no daemon serving the VIP answers here (%s): run switchover on the serving host"
+                % ", ".join(paths), 3)
 
 
 def _format_daemon(st: dict) -> str:
@@ -231,6 +258,10 @@ def _lab(args: argparse.Namespace) -> int:
             return 0
         if args.lab_cmd == "start-backup":
             lab.start_backup_daemon()
+            return 0
+        if args.lab_cmd == "switchover":
+            host, _t, _w = lab.switchover()
+            print("switchover done: %s serves" % host)
             return 0
         if args.lab_cmd == "rejoin":
             lab.rejoin(args.host)

@@ -21,14 +21,14 @@ from typing import Any, Callable, Optional
 
 import structlog
 
-from . import firewall, syncproto
+from . import firewall, probe, syncproto
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
 from .syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
-from .watchdog import ACTIVE, PeerMonitor, Watchdog
+from .watchdog import ACTIVE, ORPHANED, PRESENT, SERVING, STOPPING, PeerMonitor, Watchdog
 
 SO_MARK = 36
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
@@ -76,6 +76,12 @@ class Daemon:
         self.started = time.monotonic()
         ports = frozenset(cfg.ports)
         self.promoted: Optional[PromotedCore] = None  # a backup after takeover, serving a new backup
+        self.switchover: Optional[str] = None  # stepping_down | done | failed (a planned handover)
+        self.switchover_deadline = 0.0
+        self.icmp: Optional[socket.socket] = None  # the backup's probe of the primary's host
+        self.next_probe = 0.0
+        self.probe_seq = 0
+        self.peer_epoch: Optional[int] = None  # the life of the primary's daemon we follow
         self._cloning: Optional[_CloningSwitch] = None
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
@@ -134,6 +140,8 @@ class Daemon:
         self._open_control()
         if self.role == "backup" and self.cfg.lan_snoop:
             self._open_snoop()
+        if self.role == "backup":
+            self._open_probe()
         # The primary clones only once a backup follows (see _backup_changed).
         firewall.apply(self.cfg, self.role, clone=False)
         self.rules_applied = True
@@ -164,7 +172,10 @@ class Daemon:
         # Rules go before the queues are unbound: an unbound queue drops.
         try:
             if getattr(self, "rules_applied", False):
-                if self.role == "backup" and not (self.backup and self.backup.active):
+                if self.switchover == "done":
+                    self.log.warning("fenced_after_switchover", note="replies from the service address stay "
+                                     "dropped until 'nfq-sttcp rules remove --role %s' or the next start" % self.role)
+                elif self.role == "backup" and not (self.backup and self.backup.active):
                     # Fail closed past our own exit: our stack must stay silent.
                     firewall.apply(self.cfg, "backup", fence=True)
                     self.log.warning("backup_fenced", note="replies from the service address stay dropped "
@@ -182,7 +193,7 @@ class Daemon:
                 q.unbind()
             except Exception:
                 pass
-        for s in ("raw", "sync", "ctl", "snoop", "l2sock"):
+        for s in ("raw", "sync", "ctl", "snoop", "l2sock", "icmp"):
             sock = getattr(self, s, None)
             if sock is not None:
                 sock.close()
@@ -251,6 +262,9 @@ class Daemon:
 
     def _cb_primary_out(self, pkt: Any) -> None:
         assert self.primary is not None
+        if self.switchover in ("stepping_down", "done"):
+            pkt.drop()  # queued before the fence went up: the backup sends its own copy
+            return
         self._verdict(pkt, self.primary.on_outbound, fallback_accept=True)
 
     def _cb_backup_in(self, pkt: Any) -> None:
@@ -260,6 +274,9 @@ class Daemon:
 
     def _cb_backup_out(self, pkt: Any) -> None:
         assert self.backup is not None
+        if self.switchover in ("stepping_down", "done"):
+            pkt.drop()
+            return
         core = self.promoted or self.backup
         self._verdict(pkt, core.on_outbound, fallback_accept=False)
 
@@ -326,7 +343,10 @@ class Daemon:
         return "primary" if self.primary is not None else "backup"
 
     def _send_heartbeats(self, now: float) -> None:
-        state = "serving" if self.primary is not None else self.watchdog.state if self.watchdog else "serving"
+        if self.primary is not None:
+            state = STOPPING if self.switchover in ("stepping_down", "done") else SERVING
+        else:
+            state = self.watchdog.state if self.watchdog else SERVING
         gen = self.primary.generation if self.primary is not None else 0
         for addr in self.cfg.peer_addresses(self.role):  # one message per path, each its own counter
             self._send_sync(Heartbeat(self.serving_as, state, time.monotonic_ns(), gen), to=[addr])
@@ -362,7 +382,7 @@ class Daemon:
                 # (A replay within the epoch lands here too, harmlessly.)
                 self.counters["sync_duplicate"] += 1
                 continue
-            self._on_sync(msg, time.monotonic(), addr)
+            self._on_sync(msg, time.monotonic(), addr, epoch)
 
     def _note_beat(self, msg: Heartbeat, now: float) -> None:
         """Heartbeat timing: the gap between the peer's sends (its loop) and
@@ -387,8 +407,14 @@ class Daemon:
             self._last_reject_log = now
             self.log.warning("sync_rejected", peer=addr, why=why, total=self.counters["sync_rejected"])
 
-    def _on_sync(self, msg: syncproto.SyncMessage, now: float, addr: str = "") -> None:
+    def _on_sync(self, msg: syncproto.SyncMessage, now: float, addr: str = "", epoch: int = 0) -> None:
         if isinstance(msg, Heartbeat):
+            if self.switchover == "stepping_down" and msg.role == "primary":
+                # The backup took over and serves now (as the primary).
+                self.switchover = "done"
+                self.log.warning("switchover_done", note="the backup serves; this host stays fenced; exiting")
+                self.stop = True
+                return
             expected = "backup" if self.serving_as == "primary" else "primary"
             if msg.role != expected:
                 self.counters["sync_rejected"] += 1
@@ -396,9 +422,15 @@ class Daemon:
             if addr in (self.cfg.primary_sync, self.cfg.backup_sync):
                 self._note_beat(msg, now)
             if self.primary is None and self.watchdog is not None and self.backup is not None:
-                self._perform(self.watchdog.on_heartbeat(now))
+                was = self.watchdog.state
+                self._perform(self.watchdog.on_heartbeat(now, msg.state))
+                if self.peer_epoch is not None and epoch != self.peer_epoch:
+                    self._perform(self.backup.primary_restarted())
+                elif was == ORPHANED:
+                    self._perform(self.backup.resume())
+                self.peer_epoch = epoch
                 self._perform(self.backup.on_primary_generation(msg.generation, now))
-            if self.primary is not None and addr == self.cfg.peer_addresses(self.role)[0]:
+            if self.switchover in (None, "failed") and self.primary is not None and addr == self.cfg.peer_addresses(self.role)[0]:
                 # Only the sync path says the backup can follow: the clones
                 # travel on it. (The LAN path only keeps the backup from
                 # taking over while we live.)
@@ -408,7 +440,7 @@ class Daemon:
                     self._backup_changed(self.peer.state == "present", now)
         elif isinstance(msg, ConnIsn) and self.backup is not None and self.promoted is None:
             self._perform(self.backup.on_conn_isn(msg, now))
-        elif isinstance(msg, Confirm) and self.primary is not None:
+        elif isinstance(msg, Confirm) and self.primary is not None and self.switchover in (None, "failed"):
             self._perform(self.primary.on_confirm(msg, now))
         else:
             self.counters["sync_unexpected"] += 1
@@ -416,6 +448,8 @@ class Daemon:
     # == time ================================================================
 
     def _tick(self, now: float) -> None:
+        if self.switchover == "stepping_down" and now > self.switchover_deadline:
+            self._undo_step_down()
         if self.primary is not None:
             self._on_sync_readable()  # never declare the backup lost with a beat still unread
             now = time.monotonic()
@@ -438,7 +472,51 @@ class Daemon:
         if self.watchdog is not None:
             if self.watchdog.next_deadline() is not None and now >= self.watchdog.next_deadline():
                 self._on_sync_readable()  # never declare a death with a beat still unread
+                self._on_probe_readable()
+            was = self.watchdog.state
             self._perform(self.watchdog.on_tick(time.monotonic()))
+            if self.watchdog.state == ORPHANED and was != ORPHANED and self.backup is not None:
+                self._perform(self.backup.suspend("the primary's daemon is silent while its host answers"))
+            if self.watchdog.probing() and now >= self.next_probe:
+                self._send_probe(now)
+
+    # == host probe (backup) ================================================
+
+    def _probe_target(self) -> str:
+        return self.cfg.primary_lan or self.cfg.primary_sync
+
+    def _open_probe(self) -> None:
+        try:
+            self.icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except OSError as e:
+            self.log.warning("probe_unavailable", error=e.strerror,
+                             note="a silent primary daemon will look like a dead host")
+            return
+        self.icmp.setblocking(False)
+        self.fds[self.icmp.fileno()] = self._on_probe_readable
+
+    def _send_probe(self, now: float) -> None:
+        self.next_probe = now + self.cfg.heartbeat_interval / 2
+        if self.icmp is None:
+            return
+        self.probe_seq += 1
+        try:
+            self.icmp.sendto(probe.echo_request(os.getpid(), self.probe_seq), (self._probe_target(), 0))
+        except OSError:
+            self.counters["probe_send_errors"] += 1
+
+    def _on_probe_readable(self) -> None:
+        if self.icmp is None or self.watchdog is None:
+            return
+        target, ident = self._probe_target(), os.getpid() & 0xFFFF
+        for _ in range(64):
+            try:
+                data = self.icmp.recv(2048)
+            except OSError:
+                return
+            r = probe.parse_echo_reply(data)
+            if r is not None and r[0] == target and r[1] == ident:
+                self.watchdog.on_probe_reply(time.monotonic())
 
     # == takeover ============================================================
 
@@ -518,6 +596,50 @@ class Daemon:
         self.log.warning("takeover", reason=reason, ok=ok, detection_ms=_r(t.detection_ms),
                          takeover_ms=_r(t.takeover_ms),
                          timeline={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+
+    # == switchover ==========================================================
+
+    def _step_down(self) -> dict[str, Any]:
+        """A planned handover: silence our replies, give up the VIP, then
+        tell the backup (heartbeat state STOPPING) to take over at once. The
+        fence goes up first: the backup must never answer while we still do.
+        Client segments keep being cloned to the backup until we exit."""
+        if self.primary is None:
+            return {"error": "this daemon does not serve the VIP: run switchover where the service runs"}
+        if self.switchover == "stepping_down":
+            return {"ok": True, "switchover": self.switchover}
+        if self.peer.state != PRESENT:
+            return {"error": "no backup follows this host: a switchover would stop the service"}
+        now = time.monotonic()
+        firewall.apply(self.cfg, self.role, fence=True)
+        for pkt in self.deferred.values():
+            pkt.drop()  # our output only; the backup resends its own copy
+        self.deferred.clear()
+        self._vip_on_lan(False)
+        self.switchover = "stepping_down"
+        self.switchover_deadline = now + max(2.0, 10 * self.cfg.detection_ms / 1000)
+        self.log.warning("switchover_started", note="replies fenced, VIP released; the backup takes over")
+        self._send_heartbeats(now)
+        return {"ok": True, "switchover": self.switchover}
+
+    def _undo_step_down(self) -> None:
+        """The backup never took over: serve again rather than leave nobody."""
+        firewall.apply(self.cfg, self.role)
+        if self._cloning is not None:
+            self._cloning.set(True)
+        self._vip_on_lan(True)
+        self.switchover = "failed"
+        self.log.error("switchover_failed", note="the backup did not take over in time; serving again")
+
+    def _vip_on_lan(self, on: bool) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            try:
+                ipr.addr("add" if on else "del", index=self.lan_index, address=self.cfg.vip,
+                         prefixlen=self.cfg.lan_prefix)
+            except Exception as e:
+                self.log.warning("vip_change_failed", on=on, error=str(e))
 
     def _promote(self) -> None:
         """Serve as the primary for connections born from now on, so that a
@@ -619,6 +741,8 @@ class Daemon:
                 cmd = conn.recv(256).decode(errors="replace").strip()
                 if cmd == "status":
                     reply: dict[str, Any] = self.status()
+                elif cmd == "switchover":
+                    reply = self._step_down()
                 elif cmd == "takeover" and self.watchdog is not None:
                     self._perform(self.watchdog.force_takeover(time.monotonic(), "operator switchover"))
                     reply = {"ok": True, "state": self.watchdog.state}
@@ -652,13 +776,15 @@ class Daemon:
         if self.promoted is not None:
             st["serving_as"] = "primary"
             st["backup"] = self.peer.state
+        if self.switchover is not None:
+            st["switchover"] = self.switchover
         if self.watchdog is not None:
             st["state"] = self.watchdog.state
             st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)
             t = self.watchdog.times
             if self.watchdog.state == ACTIVE or t.declared is not None:
                 t0 = self.timeline[0][1] if self.timeline else now
-                st["failover"] = {"detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),
+                st["failover"] = {"reason": t.reason, "detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),
                                   "timeline_ms": {k: round((v - t0) * 1000, 2) for k, v in self.timeline}}
             assert self.backup is not None
             st["connections"] = self.promoted.status() if self.promoted is not None else self.backup.status()

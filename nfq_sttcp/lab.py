@@ -289,6 +289,29 @@ def crash(host: str = "primary") -> tuple[float, float]:
     return t, wall
 
 
+def kill_daemon(host: str, sig: int = signal.SIGKILL) -> tuple[float, float]:
+    """Signal the daemon on ``host`` (SIGKILL: a handler dies, its host lives).
+    Returns (time.monotonic(), time.time()) of the kill."""
+    pids = []
+    with open(os.path.join(STATE_DIR, "pids")) as f:
+        for line in f:
+            h, name, pid = line.split()
+            if h == host and name == "daemon" and not _gone(int(pid)):
+                pids.append(int(pid))
+    if not pids:
+        raise LabError("no daemon runs on %s" % host)
+    t, wall = time.monotonic(), time.time()
+    for pid in pids:
+        os.kill(pid, sig)
+    return t, wall
+
+
+def mac(host: str) -> str:
+    """The MAC address of a server's LAN interface."""
+    out = sh("ip", "-o", "link", "show", "dev", LAN_IF if host != "client" else CLIENT_IF, ns=HOSTS[host]).stdout
+    return out.split("link/ether ")[1].split()[0]
+
+
 def rejoin(host: str = "primary", progress=print) -> None:
     """Restart a crashed server as the backup of the server that took over,
     as after a reboot: no socket of its old life survives, the VIP sits on lo,
@@ -329,6 +352,31 @@ def rejoin(host: str = "primary", progress=print) -> None:
     _wait("%s to see its new backup" % other, lambda: control(other)["backup"] == "present", 10,
           log=(other, "daemon"))
     progress("[4/4] %s serves, %s is its backup: new connections are protected" % (other, host))
+
+
+def switchover(progress=print) -> tuple[str, float, float]:
+    """Planned handover from the serving host to its backup. Returns the host
+    that serves now and (time.monotonic(), time.time()) of the request."""
+    serving = [h for h in ("primary", "backup") if _answers(h) and control_mod.serves(control(h))]
+    if not serving:
+        raise LabError("no lab daemon serves the VIP: nothing to switch over")
+    host = serving[0]
+    other = "backup" if host == "primary" else "primary"
+    t, wall = time.monotonic(), time.time()
+    r = control_mod.switchover(control_path(host))
+    if not r["done"]:
+        raise LabError("switchover from %s failed: %s" % (host, r.get("error")))
+    _wait("%s to serve" % other, lambda: control(other)["state"] == "active", 10, log=(other, "daemon"))
+    progress("switchover: %s serves, %s is fenced (its daemon exited)" % (other, host))
+    return other, t, wall
+
+
+def _answers(host: str) -> bool:
+    try:
+        control(host, timeout=1.0)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def vip_owner() -> list[str]:

@@ -74,8 +74,9 @@ def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
            jumps_present: frozenset[str] = frozenset()) -> str:
     """iptables-restore input for ``role``.
 
-    ``fence=True`` renders the backup's exit state: its replies are dropped
-    outright, so a backup whose daemon stopped stays silent. ``clone=False``
+    ``fence=True`` renders a silenced server: its replies are dropped
+    outright. A backup's daemon leaves it when it exits; a primary that
+    stepped down for a switchover leaves it (with its clone rules) too. ``clone=False``
     leaves the primary's clone chain empty (the daemon fills it once a backup
     follows).
     """
@@ -93,8 +94,11 @@ def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
         if clone:
             body["mangle"] += _tee_rules(cfg, tee.chain)
         for ports in _port_chunks(cfg.ports):
-            body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d "
-                                  "--queue-bypass" % (out.chain, vip, ports, mark, cfg.queue_primary_out))
+            if fence:
+                body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s -j DROP" % (out.chain, vip, ports))
+            else:
+                body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d "
+                                      "--queue-bypass" % (out.chain, vip, ports, mark, cfg.queue_primary_out))
     else:
         bin_, bout = hs
         for ports in _port_chunks(cfg.ports):

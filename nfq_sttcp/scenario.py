@@ -49,10 +49,12 @@ class Capture:
 
 def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
                    before_crash: Optional[Callable[[], None]] = None, capture_dir: Optional[str] = None,
-                   target: str = lab.VIP, crash_host: str = "primary") -> dict[str, Any]:
+                   target: str = lab.VIP, crash_host: str = "primary",
+                   disrupt: Optional[Callable[[], tuple[float, float]]] = None) -> dict[str, Any]:
     """Start ``traffic`` in the client namespace with ``conns`` specs; when it
     prints CRASHPOINT, crash ``crash_host`` (unless ``crash`` is False) and tell
-    the client when. Returns the client's report, with per connection what
+    the client when. ``disrupt`` replaces the crash (for example a switchover)
+    and returns (time.monotonic(), time.time()) of its start. Returns the client's report, with per connection what
     the client's capture shows: SYNs sent, RSTs received, gap on the wire."""
     tmp = capture_dir or tempfile.mkdtemp(prefix="sttcp-cap-")
     os.makedirs(tmp, exist_ok=True)
@@ -75,7 +77,7 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
                 if before_crash is not None:
                     before_crash()
                 if crash:
-                    crash_t, crash_wall = lab.crash(crash_host)
+                    crash_t, crash_wall = disrupt() if disrupt is not None else lab.crash(crash_host)
                     p.stdin.write("CRASH %.6f\n" % crash_t)
                 else:
                     p.stdin.write("NOCRASH\n")

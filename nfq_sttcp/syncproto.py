@@ -88,7 +88,7 @@ class Confirm:
 SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
 
 ROLES = ("primary", "backup")
-STATES = ("waiting", "following", "suspect", "takeover", "active", "fault", "serving", "stopping")
+STATES = ("waiting", "following", "suspect", "takeover", "active", "fault", "serving", "stopping", "orphaned")
 
 
 def _pack_key(key: ConnKey) -> bytes:

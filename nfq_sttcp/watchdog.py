@@ -3,10 +3,18 @@
 Backup side::
 
     WAITING --beat--> FOLLOWING --missed 1--> SUSPECT --missed K--> TAKEOVER --done--> ACTIVE
-                          ^------------beat-------'                     '--failed--> FAULT
+                          ^------------beat-------'   |                 ^  '--failed--> FAULT
+                          ^                           | missed K, host  |
+                          '--------beat----------- ORPHANED --host silent K--'
+                                                      (answers probes)
 
 The backup only ever takes over from a primary it has followed: a backup that
 never heard a primary stays WAITING and never grabs the service address.
+While SUSPECT the driver probes the primary's host (ICMP echo on the LAN).
+A host that answers while its daemon is silent is alive: its daemon died
+(or stalls) and its service runs on, fail-open. Taking over would give the
+VIP two owners, so the backup goes ORPHANED instead: protection is
+suspended, and it takes over only if the host stops answering too.
 The primary runs a PeerMonitor on the backup: PRESENT or ABSENT.
 """
 
@@ -19,11 +27,15 @@ from .actions import Action, Log, TakeOver
 
 WAITING, FOLLOWING, SUSPECT, TAKEOVER, ACTIVE, FAULT = (
     "waiting", "following", "suspect", "takeover", "active", "fault")
+ORPHANED = "orphaned"
+SERVING, STOPPING = "serving", "stopping"  # the primary's states, as its heartbeats carry them
+SWITCHOVER = "the primary stepped down (switchover)"
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     WAITING: frozenset({FOLLOWING, TAKEOVER}),
     FOLLOWING: frozenset({SUSPECT, TAKEOVER}),
-    SUSPECT: frozenset({FOLLOWING, TAKEOVER}),
+    SUSPECT: frozenset({FOLLOWING, TAKEOVER, ORPHANED}),
+    ORPHANED: frozenset({FOLLOWING, TAKEOVER}),
     TAKEOVER: frozenset({ACTIVE, FAULT}),
     ACTIVE: frozenset(),
     FAULT: frozenset(),
@@ -39,6 +51,7 @@ class FailoverTimes:
     last_beat: Optional[float] = None
     declared: Optional[float] = None
     active: Optional[float] = None
+    reason: str = ""
 
     @property
     def detection_ms(self) -> Optional[float]:
@@ -61,6 +74,7 @@ class Watchdog:
         self.missed = missed
         self.state = WAITING
         self.last_beat: Optional[float] = None
+        self.last_probe_reply: Optional[float] = None
         self.times = FailoverTimes()
 
     def _go(self, new: str, now: float, **why: object) -> list[Action]:
@@ -70,23 +84,49 @@ class Watchdog:
         return [Log("watchdog_transition", "warning" if new in (SUSPECT, TAKEOVER, FAULT) else "info",
                     {"old": old, "new": new, **why})]
 
-    def on_heartbeat(self, now: float) -> list[Action]:
+    def on_heartbeat(self, now: float, peer_state: str = SERVING) -> list[Action]:
         if self.state in (TAKEOVER, ACTIVE, FAULT):
             return []
         self.last_beat = now
-        if self.state in (WAITING, SUSPECT):
+        if peer_state == STOPPING and self.state in (FOLLOWING, SUSPECT, ORPHANED):
+            # A planned handover: the primary has fenced itself and given up
+            # the VIP. Take over now, without the detection wait.
+            return self.force_takeover(now, SWITCHOVER)
+        if self.state in (WAITING, SUSPECT, ORPHANED):
             return self._go(FOLLOWING, now)
         return []
+
+    def on_probe_reply(self, now: float) -> None:
+        """The primary's host answered a probe."""
+        self.last_probe_reply = now
+
+    def probing(self) -> bool:
+        """Should the driver probe the primary's host now?"""
+        return self.state in (SUSPECT, ORPHANED)
+
+    def _host_answers(self, now: float) -> bool:
+        return self.last_probe_reply is not None and now - self.last_probe_reply < 1.5 * self.interval
 
     def silence(self, now: float) -> float:
         return 0.0 if self.last_beat is None else now - self.last_beat
 
     def on_tick(self, now: float) -> list[Action]:
+        if self.state == ORPHANED:
+            if self.last_probe_reply is not None and now - self.last_probe_reply < self.interval * self.missed:
+                return []
+            reason = "the primary's host stopped answering too"
+            self.times = FailoverTimes(last_beat=self.last_probe_reply, declared=now, reason=reason)
+            return self._go(TAKEOVER, now, reason=reason) + [TakeOver(reason)]
         if self.state not in (FOLLOWING, SUSPECT) or self.last_beat is None:
             return []
         missed = int(self.silence(now) / self.interval)
+        if missed >= self.missed and self.state == SUSPECT and self._host_answers(now):
+            return self._go(ORPHANED, now, missed_beats=missed,
+                            note="the primary's host answers but its daemon is silent: not taking over; "
+                                 "protection lost until its daemon is back")
         if missed >= self.missed:
-            self.times = FailoverTimes(last_beat=self.last_beat, declared=now)
+            self.times = FailoverTimes(last_beat=self.last_beat, declared=now,
+                                       reason="primary missed %d heartbeats" % missed)
             out = self._go(TAKEOVER, now, missed_beats=missed,
                            silence_ms=round(self.silence(now) * 1000, 1))
             return out + [TakeOver("primary missed %d heartbeats" % missed)]
@@ -96,9 +136,9 @@ class Watchdog:
 
     def force_takeover(self, now: float, reason: str) -> list[Action]:
         """Planned or operator-driven takeover: no detection wait."""
-        if self.state not in (WAITING, FOLLOWING, SUSPECT):
+        if self.state not in (WAITING, FOLLOWING, SUSPECT, ORPHANED):
             return []
-        self.times = FailoverTimes(last_beat=self.last_beat or now, declared=now)
+        self.times = FailoverTimes(last_beat=self.last_beat or now, declared=now, reason=reason)
         return self._go(TAKEOVER, now, reason=reason) + [TakeOver(reason)]
 
     def takeover_done(self, now: float, ok: bool, **why: object) -> list[Action]:
@@ -106,7 +146,7 @@ class Watchdog:
         return self._go(ACTIVE if ok else FAULT, now, **why)
 
     def next_deadline(self) -> Optional[float]:
-        if self.state not in (FOLLOWING, SUSPECT) or self.last_beat is None:
+        if self.state not in (FOLLOWING, SUSPECT, ORPHANED) or self.last_beat is None:
             return None
         return self.last_beat + self.interval
 

@@ -13,6 +13,22 @@ def _tcp_drops(host):
             if len(l.split()) >= 2 and any(k in l.split()[0] for k in keep) and l.split()[1] != "0"}
 
 
+def intact(report, expect_bytes=None, status=None):
+    """Every connection of ``report`` is byte-exact, saw no RST and never
+    reconnected. ``status`` (a daemon's) is quoted when one is not."""
+    assert report["connections"], report.get("error")
+    status = status or {}
+    for c in report["connections"]:
+        label = "%s:%s" % (c["kind"], c["local_port"])
+        assert c["ok"], "%s failed: %s (first mismatch at %s); daemon queues %s, counters %s" % (
+            label, c["error"], c["first_mismatch"], status.get("queues"), status.get("counters"))
+        assert c["rsts_received"] == 0, "%s: client saw %d RSTs" % (label, c["rsts_received"])
+        assert c["syns_sent"] == 1, "%s: client sent %d SYNs (reconnected?)" % (label, c["syns_sent"])
+        assert c["wire_gap_ms"] is not None, "%s: no gap measured" % label
+        if expect_bytes is not None and c["kind"] in expect_bytes:
+            assert c["verified"] == expect_bytes[c["kind"]], label
+
+
 def survived(report, expect_bytes=None, serving="backup"):
     """Every connection of ``report`` crossed the crash whole, and ``serving``
     (the host that took over) owns the VIP. Returns its daemon's status."""
@@ -21,15 +37,10 @@ def survived(report, expect_bytes=None, serving="backup"):
     backup = st["daemons"][serving]
     assert backup["state"] == "active", backup
     assert st["vip_owner"] == [serving]
-    for c in report["connections"]:
-        label = "%s:%s" % (c["kind"], c["local_port"])
-        assert c["ok"], "%s failed: %s (first mismatch at %s); backup queues %s, counters %s; backup TCP: %s" % (
-            label, c["error"], c["first_mismatch"], backup.get("queues"), backup.get("counters"), _tcp_drops(serving))
-        assert c["rsts_received"] == 0, "%s: client saw %d RSTs" % (label, c["rsts_received"])
-        assert c["syns_sent"] == 1, "%s: client sent %d SYNs (reconnected?)" % (label, c["syns_sent"])
-        assert c["wire_gap_ms"] is not None, "%s: no failover gap measured" % label
-        if expect_bytes is not None and c["kind"] in expect_bytes:
-            assert c["verified"] == expect_bytes[c["kind"]], label
+    try:
+        intact(report, expect_bytes, backup)
+    except AssertionError as e:
+        raise AssertionError("%s; %s TCP drops: %s" % (e, serving, _tcp_drops(serving))) from None
     drops = {q: v["queue_dropped"] for q, v in backup["queues"].items()}
     assert not any(drops.values()), "the backup's queues overflowed: %s" % drops
     print("failover: detection %s ms, takeover %s ms; gaps %s" % (

@@ -84,3 +84,22 @@ def test_a_rejoined_backup_protects_new_connections_through_a_second_failover(ma
         assert mine and mine[0]["protected"], (c["kind"], mine)
         assert _conn(seen["new_backup"], c["local_port"]), "the new backup never saw %s" % c["kind"]
     survived(second, {"download": 20 * MB, "upload": 20 * MB}, serving="primary")
+
+
+def test_switchover_hands_over_at_once_and_leaves_the_old_primary_fenced(make_lab):
+    make_lab()
+    report = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
+                                      "upload:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
+                                      "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10",
+                                      "banner:lines=30,pause_ms=20,crash_line=8,after=10"],
+                                     disrupt=lambda: lab.switchover(progress=lambda *_: None)[1:])
+    backup = survived(report, {"download": 20 * MB, "upload": 20 * MB})
+    # No detection wait: the backup took over on the primary's word.
+    assert backup["failover"]["reason"] == "the primary stepped down (switchover)", backup["failover"]
+    gaps = [c["wire_gap_ms"] for c in report["connections"]]
+    print("switchover gaps (ms): %s; detection time %d ms" % (gaps, backup["detection_ms"]))
+    # The old primary's daemon exited and left its replies fenced.
+    assert not lab.sh("pgrep", "-f", "nfq_sttcp --log-format json -v primary", ns=lab.NS_PRIMARY, check=False).stdout
+    rules = lab.sh("iptables-save", "-t", "mangle", ns=lab.NS_PRIMARY).stdout
+    assert "-j DROP" in rules and "NFQUEUE" not in rules, rules
+    assert lab.vip_owner() == ["backup"]

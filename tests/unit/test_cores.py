@@ -331,3 +331,19 @@ def test_a_clamped_ack_echoes_the_backups_timestamp_not_ours():
     sent = from_server(5002, 3101, payload=b"s", tsecr=4400)
     own = verdicts(p.on_outbound(sent, 0.2))[0]
     assert tcpseg.parse(own.payload if own.payload is not None else sent).tsecr == 4400
+
+
+def test_suspended_protection_migrates_nothing_and_a_restarted_primary_unprotects_for_good():
+    b = mapped_backup()
+    b.on_inbound(from_client(101, 5001), 0.1)
+    assert b.status()[0]["protected"]
+    b.suspend("silent")
+    assert [st["protected"] for st in b.status()] == [False]
+    b.resume()
+    assert b.status()[0]["protected"]
+    b.suspend("silent")
+    acts = b.activate(0.5)
+    assert [a for a in acts if isinstance(a, Log)][-1].fields["migrated"] == 0
+    b2 = mapped_backup()
+    b2.primary_restarted()
+    assert b2.status()[0]["protected"] is False and "restarted" in b2.status()[0]["reason"]

@@ -68,3 +68,10 @@ def test_replay_guard_window():
     assert not g.accept(5, 12), "older than the window"
     assert g.accept(6, 1), "a restarted peer starts a new epoch"
     assert not g.accept(5, 99999), "a message from an earlier life of the peer is a replay"
+
+
+def test_every_state_a_heartbeat_can_carry_encodes():
+    from nfq_sttcp import watchdog
+    for state in set(watchdog.TRANSITIONS) | {watchdog.SERVING, watchdog.STOPPING}:
+        msg = Heartbeat("backup", state, 1)
+        assert syncproto.decode(syncproto.encode(msg, 1, 1, KEY), KEY)[2] == msg

@@ -52,3 +52,66 @@ def test_peer_monitor():
     m.on_heartbeat(0.3, "following")
     changed, acts = m.on_heartbeat(0.35, "active")
     assert changed and m.state == ABSENT and acts[0].event == "backup_left"
+
+
+def test_a_silent_daemon_on_a_live_host_is_orphaned_not_taken_over():
+    from nfq_sttcp.watchdog import ORPHANED
+    w = Watchdog(0.05, 3)
+    w.on_heartbeat(1.0)
+    w.on_tick(1.06)
+    assert w.state == SUSPECT and w.probing()
+    w.on_probe_reply(1.11)
+    w.on_probe_reply(1.14)
+    acts = w.on_tick(1.16)
+    assert w.state == ORPHANED and not any(isinstance(a, TakeOver) for a in acts)
+    w.on_probe_reply(1.2)
+    assert w.on_tick(1.3) == [] and w.state == ORPHANED  # host still answered within K intervals
+    w.on_heartbeat(1.31)  # the daemon is back
+    assert w.state == FOLLOWING
+
+
+def test_an_orphaned_backup_takes_over_when_the_host_stops_answering_too():
+    from nfq_sttcp.watchdog import ORPHANED
+    w = Watchdog(0.05, 3)
+    w.on_heartbeat(1.0)
+    w.on_tick(1.06)
+    w.on_probe_reply(1.14)
+    w.on_tick(1.16)
+    assert w.state == ORPHANED
+    assert w.on_tick(1.28) == []
+    acts = w.on_tick(1.30)
+    assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
+    assert w.times.reason == "the primary's host stopped answering too"
+
+
+def test_a_dead_host_is_taken_over_at_the_usual_deadline():
+    w = Watchdog(0.05, 3)
+    w.on_heartbeat(1.0)
+    w.on_tick(1.06)
+    w.on_probe_reply(1.01)  # an old answer, from before the silence
+    acts = w.on_tick(1.151)
+    assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
+
+
+def test_a_stepping_down_primary_is_taken_over_at_once():
+    from nfq_sttcp.watchdog import STOPPING, SWITCHOVER
+    w = Watchdog(0.05, 3)
+    w.on_heartbeat(1.0)
+    acts = w.on_heartbeat(1.01, STOPPING)
+    assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts) and w.times.reason == SWITCHOVER
+    assert w.times.detection_ms == 0
+
+
+def test_probe_echo_round_trip_against_scapy():
+    from scapy.layers.inet import ICMP, IP
+    from nfq_sttcp import probe
+    req = probe.echo_request(0x1234, 7)
+    pkt = ICMP(req)
+    assert (pkt.type, pkt.id, pkt.seq) == (8, 0x1234, 7)
+    from scapy.packet import Raw
+    assert req == bytes(ICMP(type=8, id=0x1234, seq=7) / Raw(b"nfq-sttcp probe"))  # scapy computes the checksum
+    reply = bytes(IP(src="10.77.0.1", dst="10.77.0.2") / ICMP(type=0, id=0x1234, seq=7))
+    assert probe.parse_echo_reply(reply) == ("10.77.0.1", 0x1234, 7)
+    assert probe.parse_echo_reply(bytes(IP(src="10.77.0.1", dst="10.77.0.2") / ICMP(type=8))) is None
+    for bad in (b"", b"\x45" + b"\0" * 10, reply[:22]):
+        assert probe.parse_echo_reply(bad) is None
