@@ -142,7 +142,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                         "or pass --insecure-no-auth")
         try:
             return Daemon(cfg, args.cmd, control_path=args.control_socket).run()
-        except (DaemonError, FirewallError) as e:
+        except DaemonError as e:
+            return _die(str(e), e.exit_code)
+        except FirewallError as e:
             return _die(str(e), 1)
         except Exception as e:  # a bug: one clear line, the traceback with -v
             if args.verbose:

@@ -40,6 +40,14 @@ CONFIRM_EVERY_S = 0.001
 class DaemonError(RuntimeError):
     """A start-up failure with a message meant for the operator."""
 
+    exit_code = 1
+
+
+class PeerServes(DaemonError):
+    """The peer took over and serves the VIP: this host must rejoin as its backup."""
+
+    exit_code = 4  # systemd units name it in RestartPreventExitStatus
+
 
 class _Stop(Exception):
     pass
@@ -136,6 +144,9 @@ class Daemon:
         except OSError as e:
             raise DaemonError("cannot bind the sync port %d: %s" % (self.cfg.sync_port, e.strerror)) from None
         self.sync.setblocking(False)
+        if self.role == "primary":
+            self._refuse_if_peer_serves()
+            self._claim_vip()
         self.fds[self.sync.fileno()] = self._on_sync_readable
         self._open_control()
         if self.role == "backup" and self.cfg.lan_snoop:
@@ -553,6 +564,34 @@ class Daemon:
         elif mine not in local:
             raise DaemonError("neither sync address is on this host (sync.%s = %s, sync.%s = %s)"
                               % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
+
+    def _refuse_if_peer_serves(self) -> None:
+        """A primary coming back after a failover must not claim the VIP the
+        other host now serves: listen for its heartbeats for a few intervals
+        first. One from the peer as a primary means it took over."""
+        deadline = time.monotonic() + max(0.5, 3 * self.cfg.heartbeat_interval)
+        peers = set(self.cfg.peer_addresses(self.role))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sync], [], [], left)[0]:
+                return
+            try:
+                data, (addr, _port) = self.sync.recvfrom(2048)
+                _epoch, _counter, msg = syncproto.decode(data, self.key)
+            except (OSError, SyncError):
+                continue
+            if addr in peers and isinstance(msg, Heartbeat) and msg.role == "primary":
+                raise PeerServes("the peer at %s serves the VIP (it took over): start this host as its backup "
+                                 "('nfq-sttcp backup' with the same config rejoins it)" % addr)
+
+    def _claim_vip(self) -> None:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)}
+        if self.cfg.vip not in have:
+            self._vip_on_lan(True)
+            self.log.info("vip_claimed", vip=self.cfg.vip, interface=self.cfg.lan_interface)
 
     def _prepare_garp(self) -> None:
         """Build the gratuitous ARP frames now: importing scapy takes ~1 s."""

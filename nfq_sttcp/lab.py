@@ -312,6 +312,29 @@ def mac(host: str) -> str:
     return out.split("link/ether ")[1].split()[0]
 
 
+def reboot(host: str) -> None:
+    """Bring a crashed server back as a host, not yet a server: no socket of
+    its old life, the VIP on lo, the backup's sysctls, its replies fenced,
+    then its links up. Its application and daemon are not started."""
+    ns = HOSTS[host]
+    if _ns_pids([ns]):
+        raise LabError("%s still runs processes: crash it first ('lab crash %s')" % (host, host))
+    # A killed process leaves orphan sockets that retransmit their FIN: with
+    # the same sequence space as the connection the other host now serves,
+    # the client would take it. Destroy them while the links are still down.
+    sh("ss", "-K", "-t", "-a", ns=ns, check=False)
+    sh("ip", "addr", "del", VIP + "/24", "dev", LAN_IF, ns=ns, check=False)
+    sh("ip", "addr", "replace", VIP + "/32", "dev", "lo", ns=ns)
+    _sysctls(ns, BACKUP_SYSCTLS)
+    from . import rules
+    r = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "-w", "--noflush"], text=True,
+                       input=rules.render(load_config(), "backup", fence=True), capture_output=True)
+    if r.returncode != 0:
+        raise LabError("cannot fence %s: %s" % (host, r.stderr.strip()))
+    sh("ip", "link", "set", LAN_IF, "up", ns=ns)
+    sh("ip", "link", "set", SYNC_IF, "up", ns=ns)
+
+
 def rejoin(host: str = "primary", progress=print) -> None:
     """Restart a crashed server as the backup of the server that took over,
     as after a reboot: no socket of its old life survives, the VIP sits on lo,
@@ -324,23 +347,11 @@ def rejoin(host: str = "primary", progress=print) -> None:
         raise LabError("the %s daemon does not answer (%s): nothing to rejoin" % (other, e)) from None
     if not serving:
         raise LabError("the %s has not taken over: 'lab rejoin' follows 'lab crash %s' and a failover" % (other, host))
-    if _ns_pids([ns]):
-        raise LabError("%s still runs processes: crash it first ('lab crash %s')" % (host, host))
-    progress("[1/4] %s reboots: sockets of its old life destroyed, VIP on lo, replies fenced" % host)
-    # A killed process leaves orphan sockets that retransmit their FIN: with
-    # the same sequence space as the connection the other host now serves,
-    # the client would take it. Destroy them while the links are still down.
-    sh("ss", "-K", "-t", "-a", ns=ns, check=False)
-    sh("ip", "addr", "del", VIP + "/24", "dev", LAN_IF, ns=ns, check=False)
-    sh("ip", "addr", "replace", VIP + "/32", "dev", "lo", ns=ns)
-    _sysctls(ns, BACKUP_SYSCTLS)
-    from . import rules
-    r = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "-w", "--noflush"], text=True,
-                       input=rules.render(cfg, "backup", fence=True), capture_output=True)
-    if r.returncode != 0:
-        raise LabError("cannot fence %s: %s" % (host, r.stderr.strip()))
-    sh("ip", "link", "set", LAN_IF, "up", ns=ns)
-    sh("ip", "link", "set", SYNC_IF, "up", ns=ns)
+    if "LOWER_UP" not in sh("ip", "-o", "link", "show", "dev", SYNC_IF, ns=ns).stdout:
+        progress("[1/4] %s reboots: sockets of its old life destroyed, VIP on lo, replies fenced" % host)
+        reboot(host)
+    else:
+        progress("[1/4] %s is up (rebooted already)" % host)
     progress("[2/4] application on %s" % host)
     app = open(os.path.join(STATE_DIR, "app")).read() if os.path.exists(os.path.join(STATE_DIR, "app")) else ""
     _spawn(host, "app", ["sh", "-c", app] if app else [sys.executable, "-m", "nfq_sttcp.testapp"], env_role="backup")

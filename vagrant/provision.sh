@@ -84,12 +84,14 @@ if [ "$role" = client ]; then
 fi
 
 case "$role" in
-    primary) lan_ip="$STTCP_PRIMARY_LAN" ;;
-    backup) lan_ip="$STTCP_BACKUP_LAN" ;;
+    primary) other=backup ;;
+    backup) other=primary ;;
     *) echo "provision.sh: role must be primary, backup or client" >&2; exit 2 ;;
 esac
-lan_if="$(iface_of "$lan_ip")"
-[ -n "$lan_if" ] || { echo "provision.sh: no interface holds $lan_ip" >&2; exit 1; }
+# Either LAN address: after a failover the old primary VM rejoins as the backup.
+lan_if="$(iface_of "$STTCP_PRIMARY_LAN")"
+[ -n "$lan_if" ] || lan_if="$(iface_of "$STTCP_BACKUP_LAN")"
+[ -n "$lan_if" ] || { echo "provision.sh: no interface holds $STTCP_PRIMARY_LAN or $STTCP_BACKUP_LAN" >&2; exit 1; }
 
 # 1. nfq-sttcp itself, exactly as `make` installs it (idempotent).
 STTCP_VENV="$SRC/.venv" bash "$SRC/scripts/bootstrap.sh" runtime
@@ -125,6 +127,7 @@ render_config "$lan_if" | write_if_changed "$ETC/config.toml" 0644 && changed=1
 render_units "$lan_if"
 systemctl daemon-reload
 systemctl enable --now nfq-sttcp-testapp.service >/dev/null
+systemctl disable --now nfq-sttcp-"$other".service >/dev/null 2>&1 || true
 systemctl enable nfq-sttcp-"$role".service >/dev/null
 if [ "$changed" = 1 ]; then
     systemctl restart nfq-sttcp-"$role".service

@@ -60,6 +60,14 @@ def test_a_rejoined_backup_protects_new_connections_through_a_second_failover(ma
         survived(first)
         assert probe.ping("migrated to the backup") == "ok"
 
+        # The crashed host comes back. As a primary it would claim the VIP
+        # the backup now serves: its daemon refuses, and claims nothing.
+        lab.reboot("primary")
+        r = subprocess.run(["ip", "netns", "exec", lab.NS_PRIMARY, sys.executable, "-m", "nfq_sttcp", "primary",
+                            "--config", lab.config_path(), "--control-socket", "/run/nfq-sttcp-lab/ctl/x.sock"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 4 and "serves the VIP (it took over)" in r.stderr, (r.returncode, r.stderr)
+        assert lab.vip_owner() == ["backup"]
         lab.rejoin("primary", progress=lambda *_: None)
         serving = lab.control("backup")
         assert serving["serving_as"] == "primary" and serving["backup"] == "present", serving
