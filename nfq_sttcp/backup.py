@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import tcpseg
+from .divergence import OutputChecker
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
 from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_min, seq_sub
-from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn
+from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn, Digest, Diverged
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 UNPROTECTED_NO_ISN = "primary never sent the ISN"
@@ -29,6 +30,8 @@ UNPROTECTED_OPTIONS = "TCP options differ from the primary's"
 UNPROTECTED_BEFORE_JOIN = "opened before the backup joined"
 UNPROTECTED_DROPPED = "the primary lost this backup for a while and dropped protection"
 UNPROTECTED_RESTARTED = "the primary's daemon restarted: its acks went unclamped meanwhile"
+UNPROTECTED_DIVERGED = "diverged: our application wrote other bytes than the primary's"
+UNPROTECTED_UNVERIFIABLE = "our output ran too far ahead of the primary's to verify"
 TAKEOVER_ACK_PROMPTS = 3
 
 
@@ -71,6 +74,7 @@ class BackupConn:
     held: "OrderedDict[int, tuple[int, bytes]]" = field(default_factory=OrderedDict)
     held_bytes: int = 0
     pending_in: list[bytes] = field(default_factory=list)
+    checker: Optional[OutputChecker] = None  # our output against the primary's digests
     # after takeover
     last_tsval_out: Optional[int] = None
     closing_since: Optional[float] = None
@@ -172,6 +176,14 @@ class BackupCore:
                 return [Drop("pending buffer full"), Count("pending_overflow")]
             conn.pending_in.append(bytes(data))
             return [Drop("held until the primary's ISN arrives"), Count("pending_in")]
+        if self.active and not conn.protected:
+            # A connection we could not migrate: answer the client with a reset
+            # exactly at its receive point (its ack field, already in the
+            # primary's space), so it is accepted at once (RFC 5961).
+            if seg.flags & RST or not seg.flags & ACK:
+                return [Drop("unprotected connection after takeover")]
+            return [Drop("unprotected connection after takeover"), Count("unprotected_reset"),
+                    Inject(self._reset(conn, seg.ack), "reset of an unprotected connection")]
         buf, out = self._map_inbound(conn, seg, data)
         return [Accept(buf)] + out
 
@@ -300,6 +312,14 @@ class BackupCore:
             conn.fin_end = seg.end_seq
         if seg.flags & SYN and seg.flags & ACK:
             out += self._on_own_synack(conn, seg)
+        if self.active and conn.delta_seq is not None and not conn.protected:
+            # Not migrated (diverged, or protection was dropped): our stack's
+            # bytes for it may differ from what the client was sent. The
+            # client gets a reset instead (see on_inbound), never these.
+            return out + [Drop("unprotected connection after takeover"), Count("unprotected_out_dropped")]
+        if seg.payload_len and conn.checker is not None and not self.active:
+            conn.checker.feed(seg.seq, tcpseg.payload(data, seg))
+            out += self._check_output(conn)
         if self._track_own(conn, seg, now) and not self.active:
             self.unconfirmed.add(key)
         if seg.flags & (FIN | RST) and conn.closing_since is None:
@@ -383,6 +403,8 @@ class BackupCore:
         """After a batch of packets: one confirmation message for every connection
         that moved, and one self-ack per connection that needs one."""
         out: list[Action] = []
+        if self.active:
+            self.unconfirmed.clear()  # nobody to confirm to: we serve
         if self.unconfirmed:
             entries = []
             for key in self.unconfirmed:
@@ -489,6 +511,7 @@ class BackupCore:
             return []
         out: list[Action] = []
         conn.delta_seq = seq_sub(conn.isn_p, conn.isn_b)
+        conn.checker = OutputChecker(seq_add(conn.isn_b, 1))
         if conn.uses_ts and conn.tsval_p_syn is not None and conn.tsval_b_syn is not None:
             conn.delta_ts = seq_sub(conn.tsval_p_syn, conn.tsval_b_syn)
         if conn.opts_p != conn.opts_b:
@@ -508,6 +531,38 @@ class BackupCore:
             out.append(Inject(mapped if mapped is not None else data, "clone released after ISN"))
             out += extra
         return out
+
+    # == divergence ===========================================================
+
+    def on_digest(self, msg: Digest, now: float) -> list[Action]:
+        """The primary's digests of its output: compare ours (divergence.py)."""
+        out: list[Action] = []
+        for key, start, length, dig in msg.entries:
+            conn = self.conns.get(key)
+            if conn is None or conn.checker is None or conn.delta_seq is None or not conn.protected:
+                continue
+            conn.checker.expect(seq_sub(start, conn.delta_seq), length, dig)
+            out += self._check_output(conn)
+        return out
+
+    def _check_output(self, conn: BackupConn) -> list[Action]:
+        assert conn.checker is not None
+        at = conn.checker.check()
+        reason = None
+        if at is not None:
+            reason = UNPROTECTED_DIVERGED
+        elif conn.checker.too_far_ahead():
+            reason, at = UNPROTECTED_UNVERIFIABLE, conn.checker.base
+        if reason is None:
+            return []
+        offset = seq_sub(at, seq_add(conn.isn_b or 0, 1))
+        conn.protected, conn.reason, conn.checker = False, reason, None
+        return [SendSync(Diverged(conn.key, offset)), Count("diverged"),
+                Log("connection_diverged", "error", {"conn": conn.key, "offset": offset, "why": reason})]
+
+    def _reset(self, conn: BackupConn, seq: int) -> bytes:
+        cip, cport, vip, vport = conn.key
+        return tcpseg.build_segment(vip, cip, vport, cport, seq, 0, RST, 0, b"")
 
     # == the primary's daemon ==================================================
 
@@ -542,8 +597,16 @@ class BackupCore:
         out: list[Action] = []
         migrated = unprotected = resent = 0
         for conn in self.conns.values():
-            if conn.delta_seq is None or not conn.protected or self.suspended:
+            if self.suspended and conn.protected:
+                conn.protected, conn.reason = False, self.suspended
+            if conn.delta_seq is None or not conn.protected:
                 unprotected += 1
+                if conn.delta_seq is not None and conn.client_ack_b is not None and conn.closing_since is None:
+                    # Best guess of the client's receive point; a miss draws a
+                    # challenge ACK, which on_inbound answers exactly.
+                    out.append(Inject(self._reset(conn, seq_add(conn.client_ack_b, conn.delta_seq)),
+                                      "reset of an unprotected connection at takeover"))
+                    out.append(Count("unprotected_reset"))
                 continue
             migrated += 1
             for _seq, (end, data) in list(conn.held.items()):

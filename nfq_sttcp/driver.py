@@ -27,7 +27,7 @@ from .backup import BackupConfig, BackupCore
 from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
-from .syncproto import Confirm, ConnIsn, Heartbeat, ReplayGuard, SyncError
+from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError
 from .watchdog import ACTIVE, ORPHANED, PRESENT, SERVING, STOPPING, PeerMonitor, Watchdog
 
 SO_MARK = 36
@@ -240,7 +240,8 @@ class Daemon:
             deadline = min(self.next_beat, next_tick, now + interval / 5)
             if self.garp_due:
                 deadline = min(deadline, self.garp_due[0])
-            if self.backup is not None and (self.backup.unconfirmed or self.backup.self_ack_due):
+            if (self.backup is not None and (self.backup.unconfirmed or self.backup.self_ack_due)) or \
+                    (self.primary is not None and self.primary.hashing):
                 deadline = min(deadline, self._last_batch_end + CONFIRM_EVERY_S)
             try:
                 ready, _, _ = select.select(list(self.fds), [], [], max(0.0, deadline - time.monotonic()))
@@ -339,14 +340,17 @@ class Daemon:
                 self.counters["sync_send_errors"] += 1
 
     def _batch_end(self) -> None:
+        now = time.monotonic()
+        # Confirmations and digests at most every CONFIRM_EVERY_S: under load
+        # the loop turns thousands of times a second, and each message costs
+        # the peer work per connection.
+        if now - self._last_batch_end < CONFIRM_EVERY_S:
+            return
+        self._last_batch_end = now
         if self.backup is not None:
-            now = time.monotonic()
-            # Confirmations at most every CONFIRM_EVERY_S: under load the loop
-            # turns thousands of times a second, and each message costs the
-            # primary work per connection.
-            if now - self._last_batch_end >= CONFIRM_EVERY_S:
-                self._last_batch_end = now
-                self._perform(self.backup.on_batch_end(now))
+            self._perform(self.backup.on_batch_end(now))
+        if self.primary is not None and self.switchover is None:
+            self._perform(self.primary.on_batch_end(now))
 
     @property
     def serving_as(self) -> str:
@@ -453,6 +457,10 @@ class Daemon:
             self._perform(self.backup.on_conn_isn(msg, now))
         elif isinstance(msg, Confirm) and self.primary is not None and self.switchover in (None, "failed"):
             self._perform(self.primary.on_confirm(msg, now))
+        elif isinstance(msg, Digest) and self.backup is not None and self.promoted is None:
+            self._perform(self.backup.on_digest(msg, now))
+        elif isinstance(msg, Diverged) and self.primary is not None:
+            self._perform(self.primary.on_diverged(msg, now))
         else:
             self.counters["sync_unexpected"] += 1
 

@@ -19,15 +19,17 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import tcpseg
+from .divergence import OutputHasher
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync
 from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min
-from .syncproto import Confirm, ConnIsn
+from .syncproto import MAX_DIGESTS, Confirm, ConnIsn, Digest, DigestEntry, Diverged
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 REASON_BEFORE_JOIN = "opened before the backup joined"
 REASON_BACKUP_LOST = "backup lost"
 REASON_NO_CONFIRM = "backup never confirmed the handshake"
 REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
+REASON_DIVERGED = "diverged: the backup's application wrote other bytes"
 
 
 @dataclass
@@ -57,6 +59,7 @@ class PrimaryConn:
     shown_edge: Optional[int] = None  # right edge of the window the client has been shown
     wscale: int = 0  # our window scale (from our SYN-ACK)
     deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
+    hasher: Optional[OutputHasher] = None  # our output, for the backup's divergence check
 
     def status(self) -> dict[str, object]:
         lag = None
@@ -90,6 +93,7 @@ class PrimaryCore:
     early_confirms: dict[ConnKey, tuple[int, float]] = field(default_factory=dict)
     next_token: int = 0
     generation: int = 0  # bumped whenever protection is dropped for every connection
+    hashing: set[ConnKey] = field(default_factory=set)  # connections with output not yet digested
 
     # -- packets -------------------------------------------------------------
 
@@ -117,6 +121,9 @@ class PrimaryCore:
             conn.closing_since = now
         if not conn.protected or not self.backup_following:
             return [Accept()]
+        if seg.payload_len and conn.hasher is not None:
+            conn.hasher.feed(seg.seq, tcpseg.payload(data, seg))
+            self.hashing.add(key)
         if seg.seq_len and self._must_wait_for_backup(conn, seg):
             self._remember(conn, seg)
             self.next_token += 1
@@ -151,6 +158,8 @@ class PrimaryCore:
         out: list[Action] = out0
         if not conn.protected:
             return out + [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
+        if conn.hasher is None:
+            conn.hasher = OutputHasher((seg.seq + 1) & 0xFFFFFFFF)
         out.append(SendSync(ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
                                     -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation)))
         if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
@@ -241,6 +250,32 @@ class PrimaryCore:
             out += self._release(conn, conn.confirmed, now)
             out += self._relay_backup_sack(conn, sack)
         return out
+
+    def on_batch_end(self, now: float) -> list[Action]:
+        """Digests of what we wrote since the last batch, for the backup to
+        compare with its own output (divergence.py)."""
+        entries = []
+        for key in self.hashing:
+            conn = self.conns.get(key)
+            if conn is None or conn.hasher is None or not conn.protected:
+                continue
+            r = conn.hasher.take()
+            if r is not None:
+                entries.append(DigestEntry(key, *r))
+        self.hashing.clear()
+        return [SendSync(Digest(tuple(entries[i:i + MAX_DIGESTS]))) for i in range(0, len(entries), MAX_DIGESTS)]
+
+    def on_diverged(self, msg: Diverged, now: float) -> list[Action]:
+        """The backup's application wrote other bytes: this connection cannot
+        be migrated; stop holding the client back for it."""
+        conn = self.conns.get(msg.key)
+        if conn is None or not conn.protected:
+            return []
+        conn.protected, conn.reason = False, REASON_DIVERGED
+        conn.hasher = None
+        return self._release_all(conn) + [Count("diverged"), Log("connection_diverged", "error", {
+            "conn": msg.key, "offset": msg.offset, "note": "the application is not deterministic; "
+            "this connection is unprotected and would be reset at a failover"})]
 
     def _relay_backup_sack(self, conn: PrimaryConn, sack: tuple) -> list[Action]:
         """The backup lost a clone: it holds client bytes beyond a hole. Show the

@@ -27,13 +27,16 @@ MAC_LEN = 32
 MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE
 MAX_SACK = 3
 
-T_HEARTBEAT, T_CONN_ISN, T_CONFIRM = 1, 2, 3
+T_HEARTBEAT, T_CONN_ISN, T_CONFIRM, T_DIGEST, T_DIVERGED = 1, 2, 3, 4, 5
+MAX_DIGESTS = 48  # header 20 + count 2 + 48 x 28 + MAC 32 <= MAX_MESSAGE
 
 _HDR = struct.Struct("!2sBBQQ")
 _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQI")
 _ISN = struct.Struct("!12sIIBHBBI")
 _CONFIRM_ENTRY = struct.Struct("!12sIIBB24sII")
+_DIGEST_ENTRY = struct.Struct("!12sII8s")
+_DIVERGED = struct.Struct("!12sQ")
 
 ConnKey = tuple[str, int, str, int]
 
@@ -85,7 +88,31 @@ class Confirm:
     acks: tuple[ConfirmEntry, ...]
 
 
-SyncMessage = Union[Heartbeat, ConnIsn, Confirm]
+class DigestEntry(NamedTuple):
+    """The primary's output bytes [start, start+length) (its sequence space) hash to ``digest``."""
+
+    key: ConnKey
+    start: int
+    length: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """Primary -> backup: digests of consecutive ranges of its output (divergence detection)."""
+
+    entries: tuple[DigestEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Diverged:
+    """Backup -> primary: our output differs from yours at stream byte ``offset``."""
+
+    key: ConnKey
+    offset: int
+
+
+SyncMessage = Union[Heartbeat, ConnIsn, Confirm, Digest, Diverged]
 
 ROLES = ("primary", "backup")
 STATES = ("waiting", "following", "suspect", "takeover", "active", "fault", "serving", "stopping", "orphaned")
@@ -118,6 +145,15 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
                                 b"".join(struct.pack("!II", left, right) for left, right in sk[:MAX_SACK]).ljust(24, b"\0"),
                                 e or 0, t or 0)
             for k, a, p, sk, e, t in msg.acks)
+    elif isinstance(msg, Digest):
+        if len(msg.entries) > MAX_DIGESTS:
+            raise SyncError("too many digests in one message")
+        mtype = T_DIGEST
+        body = struct.pack("!H", len(msg.entries)) + b"".join(
+            _DIGEST_ENTRY.pack(_pack_key(e.key), e.start, e.length, e.digest) for e in msg.entries)
+    elif isinstance(msg, Diverged):
+        mtype = T_DIVERGED
+        body = _DIVERGED.pack(_pack_key(msg.key), msg.offset)
     else:  # pragma: no cover - guarded by the type
         raise SyncError("unknown message type %r" % (msg,))
     data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
@@ -174,6 +210,24 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
                                             e if has & 2 else None, t if has & 4 else None))
             acks = tuple(entries)
             return epoch, counter, Confirm(acks)
+        if mtype == T_DIGEST:
+            if len(body) < 2:
+                raise SyncError("digest message too short")
+            (n,) = struct.unpack_from("!H", body, 0)
+            if n > MAX_DIGESTS or len(body) != 2 + n * _DIGEST_ENTRY.size:
+                raise SyncError("digest message of wrong size")
+            digests = []
+            for i in range(n):
+                k, start, length, dig = _DIGEST_ENTRY.unpack_from(body, 2 + i * _DIGEST_ENTRY.size)
+                if not 0 < length <= 1 << 30:
+                    raise SyncError("digest of an empty or absurd range")
+                digests.append(DigestEntry(_unpack_key(k), start, length, dig))
+            return epoch, counter, Digest(tuple(digests))
+        if mtype == T_DIVERGED:
+            if len(body) != _DIVERGED.size:
+                raise SyncError("diverged message of wrong size")
+            k, off = _DIVERGED.unpack(body)
+            return epoch, counter, Diverged(_unpack_key(k), off)
     except (struct.error, OSError) as e:
         raise SyncError("undecodable body: %s" % e) from None
     raise SyncError("unknown message type %d" % mtype)

@@ -157,6 +157,11 @@ def _parse_options(buf: bytes | bytearray, i: int, end: int, seg: Segment) -> No
 
 # --- checksums -------------------------------------------------------------
 
+def payload(buf: bytes | bytearray, seg: Segment) -> memoryview:
+    """The segment's data bytes."""
+    return memoryview(buf)[seg.tcp_off + seg.doff:seg.total_len]
+
+
 def ones_complement_sum(data: bytes | bytearray | memoryview, start: int = 0) -> int:
     if len(data) % 2:
         data = bytes(data) + b"\0"

@@ -1,6 +1,8 @@
 """Checks shared by the end-to-end tests."""
 
+import ast
 import subprocess
+import sys
 
 from nfq_sttcp import lab
 
@@ -47,3 +49,47 @@ def survived(report, expect_bytes=None, serving="backup"):
         backup["failover"]["detection_ms"], backup["failover"]["takeover_ms"],
         {"%s:%s" % (c["kind"], c["local_port"]): c["wire_gap_ms"] for c in report["connections"]}))
     return backup
+
+
+PROBE = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+print(s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    try:
+        s.sendall(line.encode())
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("closed by the server")
+            got += chunk
+        print(repr(got.decode(errors="replace")), flush=True)
+    except Exception as e:
+        print(repr("ERR " + type(e).__name__), flush=True)
+"""
+
+
+class EchoProbe:
+    """One long-lived connection from the client, driven line by line: each
+    line sent gets one line back (the echo service, or any line server)."""
+
+    def __init__(self, port=7000):
+        self.p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-c", PROBE, lab.VIP,
+                                   str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.port = int(self.p.stdout.readline())
+
+    def ping(self, text):
+        """"ok" when the echo came back whole; for other servers, see request()."""
+        reply = self.request(text)
+        return "ok" if reply == text + "\n" else "bad %r" % reply
+
+    def request(self, text):
+        """The line the server answered (with its newline), or "ERR <what>"."""
+        self.p.stdin.write(text + "\n")
+        self.p.stdin.flush()
+        return ast.literal_eval(self.p.stdout.readline())
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(10)

@@ -8,44 +8,9 @@ import sys
 
 from nfq_sttcp import lab, scenario
 
-from .checks import survived
+from .checks import EchoProbe, survived
 
 MB = 1 << 20
-
-PROBE = r"""
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7000))
-print(s.getsockname()[1], flush=True)
-for line in sys.stdin:
-    msg = line.encode()
-    s.sendall(msg)
-    got = b""
-    while len(got) < len(msg):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        got += chunk
-    print("ok" if got == msg else "bad %r" % got, flush=True)
-"""
-
-
-class EchoProbe:
-    """One long-lived echo connection from the client, driven line by line."""
-
-    def __init__(self):
-        self.p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-c", PROBE, lab.VIP],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.port = int(self.p.stdout.readline())
-
-    def ping(self, text):
-        self.p.stdin.write(text + "\n")
-        self.p.stdin.flush()
-        return self.p.stdout.readline().strip()
-
-    def close(self):
-        self.p.stdin.close()
-        self.p.wait(10)
-
 
 def _conn(status, port):
     return [c for c in status["connections"] if c["conn"].startswith("%s:%d " % (lab.CLIENT_IP, port))]

@@ -1,0 +1,135 @@
+"""Divergence detection: do both copies of the application write the same
+bytes? (pure)
+
+The primary hashes its output stream per connection in consecutive ranges
+(``OutputHasher``) and sends each range's digest over the sync link. The
+backup keeps its own output since the last verified byte (``OutputChecker``)
+and hashes the same ranges. A mismatch means the application is not
+deterministic: that connection cannot be migrated without handing the
+client bytes the primary never sent, so it is marked unprotected, and reset
+at a failover.
+
+Ranges follow the primary's output, so segmentation never matters, and a
+digest lost on the sync link only leaves a range unverified. The limit: a
+byte is verified once both copies produced it and the primary's digest has
+arrived (one sync round trip); bytes the primary wrote in the last instant
+before a crash are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Optional
+
+from .seqmath import seq_gt, seq_lt, seq_sub
+
+DIGEST_LEN = 8
+MAX_AHEAD = 16 << 20  # output the backup buffers ahead of the primary's digests
+MAX_PENDING = 4096
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()[:DIGEST_LEN]
+
+
+class OutputHasher:
+    """The primary's side: new output bytes accumulate into the current range."""
+
+    __slots__ = ("start", "next", "h", "n")
+
+    def __init__(self, start: int) -> None:
+        self.start = self.next = start  # sequence numbers (our space)
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def feed(self, seq: int, payload: bytes | memoryview) -> None:
+        """A data segment we sent; retransmitted bytes are not new."""
+        end = (seq + len(payload)) & 0xFFFFFFFF
+        if not seq_gt(end, self.next):
+            return
+        if seq_gt(seq, self.next):  # a hole (we missed a segment): start a range after it
+            self.start = self.next = seq
+            self.h, self.n = hashlib.sha256(), 0
+        skip = seq_sub(self.next, seq)
+        self.h.update(payload[skip:])
+        self.n += len(payload) - skip
+        self.next = end
+
+    def take(self) -> Optional[tuple[int, int, bytes]]:
+        """(start, length, digest) of the range so far, and start the next one."""
+        if not self.n:
+            return None
+        out = (self.start, self.n, self.h.digest()[:DIGEST_LEN])
+        self.start, self.h, self.n = self.next, hashlib.sha256(), 0
+        return out
+
+
+class OutputChecker:
+    """The backup's side: its own output, kept until the primary's digests
+    cover it. Sequence numbers here are the backup's own."""
+
+    __slots__ = ("base", "buf", "pending", "skipped")
+
+    def __init__(self, start: int) -> None:
+        self.base = start  # sequence number of buf[0]
+        self.buf = bytearray()
+        self.pending: deque[tuple[int, int, bytes]] = deque()
+        self.skipped = 0  # ranges left unverified (a digest lost, or overlapping)
+
+    @property
+    def end(self) -> int:
+        return (self.base + len(self.buf)) & 0xFFFFFFFF
+
+    def feed(self, seq: int, payload: bytes | memoryview) -> None:
+        end = (seq + len(payload)) & 0xFFFFFFFF
+        if not seq_gt(end, self.end):
+            return
+        if seq_gt(seq, self.end):  # a hole in our own output: nothing before it can be checked
+            self.base, self.buf = seq, bytearray()
+        self.buf += payload[seq_sub(self.end, seq):]
+
+    def expect(self, start: int, length: int, dig: bytes) -> None:
+        """The primary's digest of [start, start+length) (mapped into our space)."""
+        if len(self.pending) >= MAX_PENDING:
+            self.pending.popleft()
+            self.skipped += 1
+        self.pending.append((start, length, dig))
+
+    def too_far_ahead(self) -> bool:
+        return len(self.buf) > MAX_AHEAD
+
+    def check(self) -> Optional[int]:
+        """Verify every range we have the bytes for; the sequence number where
+        a mismatching range starts, or None."""
+        while self.pending:
+            start, length, dig = self.pending[0]
+            end = (start + length) & 0xFFFFFFFF
+            if seq_lt(start, self.base):
+                # Behind what we verified (an overlap after a skip): unverifiable.
+                self.pending.popleft()
+                self.skipped += 1
+                if seq_gt(end, self.base):
+                    self._drop_to(end)
+                continue
+            if seq_gt(start, self.base):
+                self.skipped += 1  # the digest of [base, start) was lost
+                if seq_gt(start, self.end):
+                    self.base, self.buf = start, bytearray()
+                else:
+                    self._drop_to(start)
+            if seq_lt(self.end, end):
+                return None  # we have not written these bytes yet
+            self.pending.popleft()
+            if digest(memoryview(self.buf)[:length]) != dig:
+                return start
+            self._drop_to(end)
+        return None
+
+    def _drop_to(self, seq: int) -> None:
+        n = seq_sub(seq, self.base)
+        if n >= len(self.buf):
+            self.base, self.buf = seq, bytearray()
+        else:
+            del self.buf[:n]
+            self.base = seq
