@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("primary", "backup"), required=True)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("replay", help="replay the client side of a pcap against a server and check its answers")
+    p.add_argument("capture", help="a pcap file (tcpdump -s 0 -w FILE)")
+    p.add_argument("--target", required=True, help="HOST:PORT, or HOST to keep each connection's server port")
+    p.add_argument("--speed", type=float, default=1.0, help="time scale: 2 replays twice as fast (default 1)")
+    p.add_argument("--crash-primary-at", metavar="T",
+                   help="crash the lab's primary at T seconds (2.5, 2.5s) or bytes moved (10MB, 64KB); implies --lab")
+    p.add_argument("--lab", action="store_true", help="replay from the lab's client namespace")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to allow beyond the capture's length")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("switchover", help="planned handover: the backup takes over now (run where the service runs)")
     p.add_argument("--config", required=True)
     p.add_argument("--control-socket", help="the serving daemon's control socket (default: try both roles')")
@@ -190,6 +200,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _daemon_status(args)
     if args.cmd == "switchover":
         return _switchover(args)
+    if args.cmd == "replay":
+        return _replay(args)
     if args.cmd == "lab":
         return _lab(args)
     if args.cmd == "demo":
@@ -210,6 +222,55 @@ def _daemon_status(args: argparse.Namespace) -> int:
         return _die("no %s daemon answering on %s: %s" % (args.role, cfg.control_socket(args.role), e), 3)
     print(json.dumps(st, indent=2) if args.json else _format_daemon(st))
     return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from . import replay
+    from .pcap import PcapError
+
+    host, _, port_s = args.target.rpartition(":") if ":" in args.target else (args.target, "", "")
+    try:
+        port = int(port_s) if port_s else None
+        crash_at = replay.parse_crash_point(args.crash_primary_at) if args.crash_primary_at else None
+        if port is not None and not 0 < port < 65536:
+            raise ValueError("--target: port %d out of range" % port)
+        if args.speed <= 0:
+            raise ValueError("--speed must be positive")
+    except ValueError as e:
+        return _die(str(e))
+    try:
+        ex = replay.extract(args.capture)
+    except PcapError as e:
+        return _die("cannot replay: %s" % e)
+    for note in ex.notes:
+        print("note: %s" % note, file=sys.stderr)
+    crash = None
+    if crash_at is not None or args.lab:
+        from . import lab
+        if os.geteuid() != 0 or lab.NS_CLIENT not in lab.namespaces():
+            return _die("--lab and --crash-primary-at need root and a lab that is up ('nfq-sttcp lab up')", 1)
+        replay.enter_netns(lab.NS_CLIENT)
+        crash = lambda: lab.crash("primary")[0]  # noqa: E731
+    print("replaying %d connection(s), %d client bytes, to %s at speed %g%s" % (
+        len(ex.streams), sum(s.client_bytes for s in ex.streams), args.target, args.speed,
+        "" if crash_at is None else ", crashing the primary at %s" % args.crash_primary_at), file=sys.stderr)
+    report = replay.replay(ex.streams, host, port, args.speed, crash_at, crash, args.timeout,
+                           progress_cb=lambda m: print("  " + m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("%-44s %10s %10s %10s %9s %8s  %s" % ("connection", "sent", "received", "expected",
+                                                   "mismatch", "gap ms", "result"))
+        for c in report["connections"]:
+            print("%-44s %10d %10d %10d %9s %8s  %s" % (
+                c["connection"], c["sent"], c["received"], c["expected"],
+                "-" if c["first_mismatch"] is None else c["first_mismatch"],
+                "-" if c["failover_gap_ms"] is None else c["failover_gap_ms"],
+                "ok" if c["ok"] else "FAILED" + (": " + c["error"] if c["error"] else "")))
+        n_ok = sum(1 for c in report["connections"] if c["ok"])
+        print("%d of %d connections byte-exact%s" % (n_ok, len(report["connections"]),
+                                                      "; the primary was crashed" if report["crashed"] else ""))
+    return 0 if report["ok"] else 1
 
 
 def _switchover(args: argparse.Namespace) -> int:

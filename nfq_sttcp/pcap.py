@@ -39,7 +39,20 @@ def _ip(b: bytes) -> str:
 
 def read_tcp(path: str) -> Iterator[TcpRecord]:
     """Yield the IPv4/TCP records of a pcap file; other records are skipped."""
-    with open(path, "rb") as f:
+    for t, linktype, data, _orig in read_frames(path, strict=False):
+        r = _parse_frame(data, linktype, t)
+        if r is not None:
+            yield r
+
+
+def read_frames(path: str, strict: bool = True) -> Iterator[tuple[float, int, bytes, int]]:
+    """(time, link type, captured bytes, original length) of each record.
+    ``strict``: a file cut off inside a record is an error, not its end."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise PcapError("%s: %s" % (path, e.strerror)) from None
+    with f:
         gh = f.read(24)
         if len(gh) < 24:
             raise PcapError("%s: not a pcap file (too short)" % path)
@@ -57,29 +70,36 @@ def read_tcp(path: str) -> Iterator[TcpRecord]:
             rh = f.read(16)
             if len(rh) < 16:
                 return
-            sec, frac, incl, _orig = rec.unpack(rh)
+            if 0 < len(rh) < 16 and strict:
+                raise PcapError("%s: the file is cut off inside a record header" % path)
+            if len(rh) < 16:
+                return
+            sec, frac, incl, orig = rec.unpack(rh)
             data = f.read(incl)
             if len(data) < incl:
+                if strict:
+                    raise PcapError("%s: the file is cut off inside a record (%d of %d bytes)"
+                                    % (path, len(data), incl))
                 return  # truncated final record
-            t = sec + frac / (1e9 if nano else 1e6)
-            r = _parse_frame(data, linktype, t)
-            if r is not None:
-                yield r
+            yield sec + frac / (1e9 if nano else 1e6), linktype, data, orig
+
+
+def network_layer(data: bytes, linktype: int) -> tuple[int, int]:
+    """(ethertype-like protocol, offset of the network header) of a frame;
+    protocol 0x0800 is IPv4, 0x86DD IPv6."""
+    if linktype == LINKTYPE_ETHERNET:
+        return (int.from_bytes(data[12:14], "big") if len(data) >= 14 else 0), 14
+    if linktype == LINKTYPE_LINUX_SLL:
+        return (int.from_bytes(data[14:16], "big") if len(data) >= 16 else 0), 16
+    if linktype == LINKTYPE_RAW:
+        return ({4: 0x0800, 6: 0x86DD}.get(data[0] >> 4, 0) if data else 0), 0
+    raise PcapError("unsupported link type %d (Ethernet, Linux cooked and raw IP are)" % linktype)
 
 
 def _parse_frame(data: bytes, linktype: int, t: float) -> Optional[TcpRecord]:
-    if linktype == LINKTYPE_ETHERNET:
-        if len(data) < 14 or data[12:14] != b"\x08\x00":
-            return None
-        off = 14
-    elif linktype == LINKTYPE_LINUX_SLL:
-        if len(data) < 16 or data[14:16] != b"\x08\x00":
-            return None
-        off = 16
-    elif linktype == LINKTYPE_RAW:
-        off = 0
-    else:
-        raise PcapError("unsupported link type %d" % linktype)
+    proto, off = network_layer(data, linktype)
+    if proto != 0x0800:
+        return None
     if len(data) < off + 20 or data[off] >> 4 != 4 or data[off + 9] != 6:
         return None
     ihl = (data[off] & 0x0F) * 4
