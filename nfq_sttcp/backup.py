@@ -22,7 +22,7 @@ from . import tcpseg
 from .divergence import OutputChecker
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
 from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_min, seq_sub
-from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn, Digest, Diverged
+from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn, Digest, Diverged, Unprotect
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 UNPROTECTED_NO_ISN = "primary never sent the ISN"
@@ -32,6 +32,8 @@ UNPROTECTED_DROPPED = "the primary lost this backup for a while and dropped prot
 UNPROTECTED_RESTARTED = "the primary's daemon restarted: its acks went unclamped meanwhile"
 UNPROTECTED_DIVERGED = "diverged: our application wrote other bytes than the primary's"
 UNPROTECTED_UNVERIFIABLE = "our output ran too far ahead of the primary's to verify"
+UNPROTECTED_BY_PRIMARY = "the primary stopped protecting it (it waited too long for us)"
+RECONFIRM_S = 2.0  # a connection that changed this recently is confirmed again every tick (lost confirmations)
 TAKEOVER_ACK_PROMPTS = 3
 
 
@@ -75,6 +77,7 @@ class BackupConn:
     held_bytes: int = 0
     pending_in: list[bytes] = field(default_factory=list)
     checker: Optional[OutputChecker] = None  # our output against the primary's digests
+    changed_at: float = -1e9  # when our state last moved (see RECONFIRM_S)
     # after takeover
     last_tsval_out: Optional[int] = None
     closing_since: Optional[float] = None
@@ -322,6 +325,7 @@ class BackupCore:
             out += self._check_output(conn)
         if self._track_own(conn, seg, now) and not self.active:
             self.unconfirmed.add(key)
+            conn.changed_at = now
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
         if self._already_acked(conn, seg):
@@ -347,6 +351,9 @@ class BackupCore:
             conn.rcv_ack = seg.ack  # before clones held for the mapping are judged
             conn.uses_ts = seg.has_ts
             return self._maybe_map(conn)
+        # Our stack resends its SYN-ACK: our first confirmation may have been
+        # lost, and the primary holds its own SYN-ACK until it has one.
+        self.unconfirmed.add(conn.key)
         return []
 
     def _track_own(self, conn: BackupConn, seg: Segment, now: float) -> bool:
@@ -462,11 +469,27 @@ class BackupCore:
         conn.last_tsval_out = v
         return v
 
+    @staticmethod
+    def _ack_seq(conn: BackupConn, seq: int) -> int:
+        """The sequence number for a segment that only carries our ack (our space).
+
+        Our output can be behind what the primary sent (the client has it):
+        a bare ack at our own snd_nxt lies below the client's receive point,
+        and the client drops it unread (RFC 793 acceptability) with its ack
+        and SACK blocks. If we also lack client bytes (a lost clone), we
+        cannot regenerate that output, the client never learns of the hole,
+        and both wait forever. A bare ack placed at the client's receive
+        point is accepted."""
+        if conn.client_ack_b is not None and seq_gt(conn.client_ack_b, seq):
+            return conn.client_ack_b
+        return seq
+
     def _map_outbound(self, conn: BackupConn, seg: Segment, data: bytes, now: float,
                       fresh_ts: bool = False) -> bytes:
         assert conn.delta_seq is not None
         buf = bytearray(data)
-        tcpseg.set_seq(buf, seg, seq_add(seg.seq, conn.delta_seq))
+        tcpseg.set_seq(buf, seg, seq_add(self._ack_seq(conn, seg.seq) if seg.is_pure_ack() else seg.seq,
+                                         conn.delta_seq))
         if seg.has_ts:
             tsval_b = self._current_tsval_b(conn, now) if fresh_ts else seg.tsval
             tcpseg.set_tsval(buf, seg, self._out_tsval(conn, tsval_b))
@@ -531,6 +554,17 @@ class BackupCore:
             out.append(Inject(mapped if mapped is not None else data, "clone released after ISN"))
             out += extra
         return out
+
+    def on_unprotect(self, msg: Unprotect, now: float) -> list[Action]:
+        """The primary stopped holding the client back for these connections:
+        the client may have been shown acks for bytes we never got."""
+        n = 0
+        for key in msg.keys:
+            conn = self.conns.get(key)
+            if conn is not None and conn.protected:
+                conn.protected, conn.reason = False, UNPROTECTED_BY_PRIMARY
+                n += 1
+        return [Count("unprotected_by_primary", n)] if n else []
 
     # == divergence ===========================================================
 
@@ -636,7 +670,7 @@ class BackupCore:
         opts = b""
         if conn.uses_ts:
             opts = tcpseg.ts_option(self._out_tsval(conn, self._current_tsval_b(conn, now)), conn.client_tsval)
-        pkt = tcpseg.build_segment(vip, cip, vport, cport, seq_add(conn.snd_max, conn.delta_seq),
+        pkt = tcpseg.build_segment(vip, cip, vport, cport, seq_add(self._ack_seq(conn, conn.snd_max), conn.delta_seq),
                                    conn.rcv_ack, ACK, conn.last_window, opts)
         return [Inject(pkt, "takeover prompt")] * TAKEOVER_ACK_PROMPTS
 
@@ -646,6 +680,8 @@ class BackupCore:
         out: list[Action] = []
         for key in list(self.conns):
             conn = self.conns[key]
+            if not self.active and now - conn.changed_at < RECONFIRM_S:
+                self.unconfirmed.add(key)  # a lost confirmation would hold the client back until we move again
             if conn.delta_seq is None and not self.active and now - conn.created > self.cfg.handshake_hold_s \
                     and conn.reason != UNPROTECTED_NO_ISN:
                 conn.reason = UNPROTECTED_NO_ISN

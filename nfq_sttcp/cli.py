@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     lsub.add_parser("switchover", help="planned handover to the backup")
+    p = lsub.add_parser("matrix", help="the fault matrix: crash points x workloads x connections x loss")
+    p.add_argument("--points", default="syn,synack,mid,client_fin,server_fin", help="comma-separated crash points")
+    p.add_argument("--workloads", default="echo,down,up,rr,banner", help="comma-separated workloads")
+    p.add_argument("--conns", default="1,100", help="comma-separated connection counts")
+    p.add_argument("--loss", default="0,1,5", help="comma-separated loss percentages (clone path and sync link)")
+    p.add_argument("--json", metavar="FILE", help="also write the cells as JSON")
     p = lsub.add_parser("rejoin", help="restart a crashed server as the backup of the one that took over")
     p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
@@ -273,6 +279,37 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    from . import lab, matrix
+
+    def names(text: str, known: tuple, what: str) -> list[str]:
+        got = [x for x in text.split(",") if x]
+        bad = [x for x in got if x not in known]
+        if bad or not got:
+            raise ValueError("%s: unknown %s (known: %s)" % (what, ", ".join(bad) or "none given", ", ".join(known)))
+        return got
+
+    try:
+        points = names(args.points, matrix.POINTS, "--points")
+        workloads = names(args.workloads, matrix.WORKLOADS, "--workloads")
+        conns = [int(x) for x in args.conns.split(",") if x]
+        losses = [int(x) for x in args.loss.split(",") if x]
+        if not conns or any(not 1 <= n <= 500 for n in conns) or any(not 0 <= x < 100 for x in losses):
+            raise ValueError("--conns must be 1..500 and --loss 0..99")
+    except ValueError as e:
+        return _die(str(e))
+    if lab.namespaces():
+        return _die("a lab is up: the matrix brings up its own ('nfq-sttcp lab down' first)", 1)
+    n = len(points) * len(workloads) * len(conns) * len(losses)
+    print("fault matrix: %d cells, each a lab brought up, loaded and crashed (about 5 s a cell)" % n, flush=True)
+    cells = matrix.run(points, workloads, conns, losses, progress=lambda m: print(m, flush=True))
+    print(matrix.table(cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(matrix.to_json(cells))
+    return 0 if all(c.ok for c in cells) else 1
+
+
 def _switchover(args: argparse.Namespace) -> int:
     from . import control
     cfg = _load(args.config)
@@ -312,7 +349,7 @@ def _lab(args: argparse.Namespace) -> int:
     try:
         if args.lab_cmd == "up":
             if args.port and not args.app:
-                return _die("--port goes with --app (the built-in app uses 7000-7003)")
+                return _die("--port goes with --app (the built-in app uses 7000-7004)")
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
                    missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons)
             return 0
@@ -322,6 +359,8 @@ def _lab(args: argparse.Namespace) -> int:
         if args.lab_cmd == "start-backup":
             lab.start_backup_daemon()
             return 0
+        if args.lab_cmd == "matrix":
+            return _matrix(args)
         if args.lab_cmd == "switchover":
             host, _t, _w = lab.switchover()
             print("switchover done: %s serves" % host)

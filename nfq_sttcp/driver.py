@@ -27,7 +27,7 @@ from .backup import BackupConfig, BackupCore
 from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
-from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError
+from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError, Unprotect
 from .watchdog import ACTIVE, ORPHANED, PRESENT, SERVING, STOPPING, PeerMonitor, Watchdog
 
 SO_MARK = 36
@@ -459,6 +459,8 @@ class Daemon:
             self._perform(self.primary.on_confirm(msg, now))
         elif isinstance(msg, Digest) and self.backup is not None and self.promoted is None:
             self._perform(self.backup.on_digest(msg, now))
+        elif isinstance(msg, Unprotect) and self.backup is not None and self.promoted is None:
+            self._perform(self.backup.on_unprotect(msg, now))
         elif isinstance(msg, Diverged) and self.primary is not None:
             self._perform(self.primary.on_diverged(msg, now))
         else:

@@ -39,7 +39,7 @@ CLIENT_IP, PRIMARY_IP, BACKUP_IP, VIP = "10.77.0.10", "10.77.0.1", "10.77.0.2", 
 PRIMARY_SYNC, BACKUP_SYNC = "10.78.0.1", "10.78.0.2"
 LAN_IF, SYNC_IF, CLIENT_IF = "lan0", "sync0", "eth0"
 STATE_DIR = "/run/nfq-sttcp-lab"
-DEFAULT_PORTS = (7000, 7001, 7002, 7003)
+DEFAULT_PORTS = (7000, 7001, 7002, 7003, 7004)
 
 
 class LabError(RuntimeError):

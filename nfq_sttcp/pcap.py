@@ -8,7 +8,7 @@ packets because the checks never need the payload bytes.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from .tcpseg import ACK, FIN, RST, SYN
@@ -118,7 +118,8 @@ class ClientView:
     """What one client connection saw on the wire."""
 
     client_port: int
-    syns_sent: int = 0
+    syns_sent: int = 0  # connection attempts (distinct ISNs)
+    syn_isns: set = field(default_factory=set)
     rsts_received: int = 0
     rsts_sent: int = 0
     server_segments: int = 0
@@ -142,7 +143,9 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
     for r in records:
         if r.src == client_ip and r.dst == server_ip:
             v = views.setdefault(r.sport, ClientView(r.sport))
-            if r.flags & SYN and not r.flags & ACK:
+            if r.flags & SYN and not r.flags & ACK and r.seq not in v.syn_isns:
+                # A retransmitted SYN is not a reconnect: count initial sequence numbers.
+                v.syn_isns.add(r.seq)
                 v.syns_sent += 1
             if r.flags & RST:
                 v.rsts_sent += 1

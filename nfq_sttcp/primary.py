@@ -22,7 +22,7 @@ from . import tcpseg
 from .divergence import OutputHasher
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync
 from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min
-from .syncproto import MAX_DIGESTS, Confirm, ConnIsn, Digest, DigestEntry, Diverged
+from .syncproto import MAX_DIGESTS, MAX_UNPROTECT, Confirm, ConnIsn, Digest, DigestEntry, Diverged, Unprotect
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 REASON_BEFORE_JOIN = "opened before the backup joined"
@@ -30,6 +30,7 @@ REASON_BACKUP_LOST = "backup lost"
 REASON_NO_CONFIRM = "backup never confirmed the handshake"
 REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
 REASON_DIVERGED = "diverged: the backup's application wrote other bytes"
+UNPROTECT_REPEAT_S = 3.0  # how long a connection given up on is repeated to the backup (each tick)
 
 
 @dataclass
@@ -94,6 +95,9 @@ class PrimaryCore:
     next_token: int = 0
     generation: int = 0  # bumped whenever protection is dropped for every connection
     hashing: set[ConnKey] = field(default_factory=set)  # connections with output not yet digested
+    # Connections we stopped protecting on our own, and until when we repeat
+    # that to the backup (sync messages can be lost; it must never migrate them).
+    unprotect_until: dict[ConnKey, float] = field(default_factory=dict)
 
     # -- packets -------------------------------------------------------------
 
@@ -121,6 +125,14 @@ class PrimaryCore:
             conn.closing_since = now
         if not conn.protected or not self.backup_following:
             return [Accept()]
+        if seg.flags & RST and not seg.flags & ACK and conn.closing_since is not None:
+            # "No such socket" (a bare RST): our stack closed the connection
+            # both ways, while the client, shown only the clamped ack, resends
+            # its last segment (or that resend was still in flight when the
+            # final ack went out). The reset is our clamping's doing: the
+            # client gets the final ack when the backup confirms. An
+            # application's abort (RST|ACK) still goes.
+            return [Drop("reset of a socket closed under a clamped ack"), Count("rst_held_for_clamp")]
         if seg.payload_len and conn.hasher is not None:
             conn.hasher.feed(seg.seq, tcpseg.payload(data, seg))
             self.hashing.add(key)
@@ -160,8 +172,8 @@ class PrimaryCore:
             return out + [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
         if conn.hasher is None:
             conn.hasher = OutputHasher((seg.seq + 1) & 0xFFFFFFFF)
-        out.append(SendSync(ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
-                                    -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation)))
+        # Sent again with every retransmission of the SYN-ACK: the sync link may lose it.
+        out.append(SendSync(self._conn_isn(key, seg)))
         if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
             conn.held_synack = None
             conn.last_ack_sent = seg.ack
@@ -172,7 +184,13 @@ class PrimaryCore:
             out += [Drop("synack held until the backup has the SYN"), Count("synack_held")]
         return out
 
+    def _conn_isn(self, key: ConnKey, seg: Segment) -> ConnIsn:
+        return ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
+                       -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation)
+
     def _remember(self, conn: PrimaryConn, seg: Segment) -> None:
+        if seg.flags & RST:
+            return  # its window (0) and timestamps mean nothing for the acks we re-emit
         if seg.flags & ACK:
             conn.latest_ack = seg.ack if conn.latest_ack is None else seq_max(conn.latest_ack, seg.ack)
         conn.snd_nxt = seq_max(conn.snd_nxt, seg.end_seq)
@@ -391,19 +409,29 @@ class PrimaryCore:
         for key in list(self.conns):
             conn = self.conns[key]
             if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
-                conn.protected, conn.reason = False, REASON_NO_CONFIRM
-                out += self._release_all(conn)
-                out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
+                out += self._give_up(conn, REASON_NO_CONFIRM, now)
             if conn.deferred and now - conn.deferred[0][3] > self.cfg.lag_hold_s:
-                conn.protected, conn.reason = False, REASON_TOO_FAR_BEHIND
-                out += self._release_all(conn)
-                out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
+                out += self._give_up(conn, REASON_TOO_FAR_BEHIND, now)
             if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \
                     (now - conn.last_seen > self.cfg.idle_expiry_s and not conn.deferred and conn.held_synack is None):
                 del self.conns[key]
         for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
             del self.early_confirms[key]
-        return out
+        return self._repeat_unprotect(now) + out
+
+    def _give_up(self, conn: PrimaryConn, reason: str, now: float) -> list[Action]:
+        """Stop protecting one connection. The backup hears it first (the
+        Unprotect message goes out before anything we held back is released)."""
+        conn.protected, conn.reason = False, reason
+        self.unprotect_until[conn.key] = now + UNPROTECT_REPEAT_S
+        return ([SendSync(Unprotect((conn.key,)))] + self._release_all(conn)
+                + [Log("connection_unprotected", "warning", {"conn": conn.key, "reason": reason})])
+
+    def _repeat_unprotect(self, now: float) -> list[Action]:
+        for key in [k for k, t in self.unprotect_until.items() if now > t]:
+            del self.unprotect_until[key]
+        keys = list(self.unprotect_until)
+        return [SendSync(Unprotect(tuple(keys[i:i + MAX_UNPROTECT]))) for i in range(0, len(keys), MAX_UNPROTECT)]
 
     def release_everything(self) -> list[Action]:
         """On shutdown: the primary fails open, nothing stays held."""

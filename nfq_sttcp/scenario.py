@@ -23,7 +23,7 @@ class Capture:
                  snaplen: int = 96) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-s", str(snaplen), "-U", "-n",
+            ["ip", "netns", "exec", ns, "tcpdump", "-i", iface, "-s", str(snaplen), "-U", "-n", "-B", "32768",
              "-w", path, bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # tcpdump says "listening on" once the capture is live.
         assert self.proc.stderr is not None
@@ -38,7 +38,15 @@ class Capture:
         return list(pcap.read_tcp(self.path))
 
     def finish(self) -> None:
-        time.sleep(0.2)
+        # tcpdump starved of CPU by a burst lags behind its kernel buffer, and
+        # SIGINT discards what it has not read: wait until it has caught up
+        # (with -U its file grows as it reads).
+        deadline, last, still = time.monotonic() + 10, -1, 0
+        while time.monotonic() < deadline and still < 3:
+            time.sleep(0.1)
+            size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+            still = still + 1 if size == last else 0
+            last = size
         self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(5)
@@ -50,7 +58,8 @@ class Capture:
 def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
                    before_crash: Optional[Callable[[], None]] = None, capture_dir: Optional[str] = None,
                    target: str = lab.VIP, crash_host: str = "primary",
-                   disrupt: Optional[Callable[[], tuple[float, float]]] = None) -> dict[str, Any]:
+                   disrupt: Optional[Callable[[], tuple[float, float]]] = None,
+                   crash_after_ms: Optional[float] = None) -> dict[str, Any]:
     """Start ``traffic`` in the client namespace with ``conns`` specs; when it
     prints CRASHPOINT, crash ``crash_host`` (unless ``crash`` is False) and tell
     the client when. ``disrupt`` replaces the crash (for example a switchover)
@@ -63,6 +72,8 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
             "--wait-crash", "--timeout", "30", "--target", target]
     for c in conns:
         argv += ["--conn", c]
+    if crash_after_ms is not None:
+        argv += ["--crash-after-ms", str(crash_after_ms)]
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = threading.Timer(timeout, p.kill)
     timer.start()

@@ -27,7 +27,8 @@ MAC_LEN = 32
 MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE
 MAX_SACK = 3
 
-T_HEARTBEAT, T_CONN_ISN, T_CONFIRM, T_DIGEST, T_DIVERGED = 1, 2, 3, 4, 5
+T_HEARTBEAT, T_CONN_ISN, T_CONFIRM, T_DIGEST, T_DIVERGED, T_UNPROTECT = 1, 2, 3, 4, 5, 6
+MAX_UNPROTECT = 100  # header 20 + count 2 + 100 x 12 + MAC 32 <= MAX_MESSAGE
 MAX_DIGESTS = 48  # header 20 + count 2 + 48 x 28 + MAC 32 <= MAX_MESSAGE
 
 _HDR = struct.Struct("!2sBBQQ")
@@ -112,7 +113,15 @@ class Diverged:
     offset: int
 
 
-SyncMessage = Union[Heartbeat, ConnIsn, Confirm, Digest, Diverged]
+@dataclass(frozen=True, slots=True)
+class Unprotect:
+    """Primary -> backup: these connections are no longer protected (the
+    primary stopped holding the client back for them): never migrate them."""
+
+    keys: tuple[ConnKey, ...]
+
+
+SyncMessage = Union[Heartbeat, ConnIsn, Confirm, Digest, Diverged, Unprotect]
 
 ROLES = ("primary", "backup")
 STATES = ("waiting", "following", "suspect", "takeover", "active", "fault", "serving", "stopping", "orphaned")
@@ -154,6 +163,11 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
     elif isinstance(msg, Diverged):
         mtype = T_DIVERGED
         body = _DIVERGED.pack(_pack_key(msg.key), msg.offset)
+    elif isinstance(msg, Unprotect):
+        if len(msg.keys) > MAX_UNPROTECT:
+            raise SyncError("too many connections in one message")
+        mtype = T_UNPROTECT
+        body = struct.pack("!H", len(msg.keys)) + b"".join(_pack_key(k) for k in msg.keys)
     else:  # pragma: no cover - guarded by the type
         raise SyncError("unknown message type %r" % (msg,))
     data = _HDR.pack(MAGIC, VERSION, mtype, epoch, counter) + body
@@ -228,6 +242,14 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
                 raise SyncError("diverged message of wrong size")
             k, off = _DIVERGED.unpack(body)
             return epoch, counter, Diverged(_unpack_key(k), off)
+        if mtype == T_UNPROTECT:
+            if len(body) < 2:
+                raise SyncError("unprotect message too short")
+            (n,) = struct.unpack_from("!H", body, 0)
+            if n > MAX_UNPROTECT or len(body) != 2 + n * _KEY.size:
+                raise SyncError("unprotect message of wrong size")
+            return epoch, counter, Unprotect(tuple(_unpack_key(body[2 + i * _KEY.size:2 + (i + 1) * _KEY.size])
+                                                   for i in range(n)))
     except (struct.error, OSError) as e:
         raise SyncError("undecodable body: %s" % e) from None
     raise SyncError("unknown message type %d" % mtype)

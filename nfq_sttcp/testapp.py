@@ -7,6 +7,8 @@
   sha256 hex digest of everything it read and a newline, and closes.
 * 7003 banner (server speaks first): ``220 nfq-sttcp banner ready\\r\\n``,
   then ``250 N <line>\\r\\n`` for the N-th line received; ``QUIT`` closes.
+* 7004 request-response: for each request line ``SIZE SEED\\n`` the server
+  answers ``stream_bytes(SEED, 0, SIZE)``; it closes after the client's FIN.
 
 Both copies must write identical bytes (ST-TCP's determinism requirement).
 ``--backup-delay-ms`` makes the copy started with STTCP_ROLE=backup slower
@@ -23,7 +25,8 @@ import threading
 import time
 from array import array
 
-ECHO, BULK, SINK, BANNER = 7000, 7001, 7002, 7003
+ECHO, BULK, SINK, BANNER, RR = 7000, 7001, 7002, 7003, 7004
+MAX_RR_RESPONSE = 1 << 24
 BANNER_LINE = b"220 nfq-sttcp banner ready\r\n"
 _WORDS_PER_BLOCK = 8192  # 64 KiB
 
@@ -117,6 +120,14 @@ class Server:
                 return
             c.sendall(b"250 %d %s\r\n" % (n, text))
 
+    def serve_rr(self, c: socket.socket) -> None:
+        for line in c.makefile("rb"):
+            parts = line.split()
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) > MAX_RR_RESPONSE:
+                return
+            self._slow()
+            c.sendall(stream_bytes(int(parts[1]), 0, int(parts[0])))
+
     def listen(self, port: int, handler) -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -144,16 +155,16 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--base-port", type=int, default=ECHO,
-                    help="echo on BASE, bulk on BASE+1, sink on BASE+2, banner on BASE+3")
+                    help="echo on BASE, bulk on BASE+1, sink on BASE+2, banner on BASE+3, request-response on BASE+4")
     ap.add_argument("--backup-delay-ms", type=float, default=0.0,
                     help="delay each response by this much when STTCP_ROLE=backup")
     args = ap.parse_args(argv)
     delay = args.backup_delay_ms / 1000.0 if os.environ.get("STTCP_ROLE") == "backup" else 0.0
     srv = Server(args.host, delay)
     b = args.base_port
-    for off, h in enumerate((srv.serve_echo, srv.serve_bulk, srv.serve_sink, srv.serve_banner)):
+    for off, h in enumerate((srv.serve_echo, srv.serve_bulk, srv.serve_sink, srv.serve_banner, srv.serve_rr)):
         srv.listen(b + off, h)
-    print("testapp listening on %s:%d-%d (delay %.0f ms)" % (args.host, b, b + 3, delay * 1000), flush=True)
+    print("testapp listening on %s:%d-%d (delay %.0f ms)" % (args.host, b, b + 4, delay * 1000), flush=True)
     try:
         while True:
             time.sleep(3600)

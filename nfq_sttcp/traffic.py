@@ -14,6 +14,16 @@ Kinds (defaults in brackets):
   download:bytes=[50MB],seed=[1],rate_kbps=[0 = unlimited],crash_at=[bytes/3]
   upload:bytes=[50MB],seed=[2],rate_kbps=[0],crash_at=[bytes/3]
   banner:lines=[30],pause_ms=[20],crash_line=[lines/2],after=[5]
+  rr:count=[40],size=[20000],pause_ms=[20],crash_msg=[count/2],after=[5]
+
+With ``pipelined=1`` a connection sends its whole request stream at once
+(a sender thread), shuts down writing, and reads the whole answer (at
+``rate_kbps`` if given); it is ready for the crash once its FIN is sent
+(``ready=0``), or (``ready=1``) once its FIN is sent and nothing has arrived
+for 200 ms: the end of the answer and the server's FIN are held up (the
+matrix drops the FINs the client receives until the crash). ``--crash-after-ms`` prints
+CRASHPOINT after that long whatever the connections' state (for crashes in
+the handshake).
 
 Interactive kinds keep going past their count until ``after`` more
 exchanges followed the crash, so they are mid-stream when it happens.
@@ -34,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .testapp import BANNER_LINE, stream_bytes
+from .testapp import BANNER_LINE, RR, stream_bytes
 
 TCP_INFO = 11
 CRASHED = threading.Event()  # set once the crash happened (or will not happen)
@@ -85,7 +95,7 @@ class Worker(threading.Thread):
         self.target, self.kind, self.p = target, kind, params
         self.ready = ready
         self.timeout = timeout
-        port = {"echo": 7000, "download": 7001, "upload": 7002, "banner": 7003}[kind]
+        port = {"echo": 7000, "download": 7001, "upload": 7002, "banner": 7003, "rr": RR}[kind]
         self.port = params.get("port", port)
         self.result = Result(kind, self.port)
         self.after_crash_start: Optional[int] = None
@@ -96,7 +106,10 @@ class Worker(threading.Thread):
             s = socket.create_connection((self.target, self.port), timeout=self.timeout)
             r.local_port = s.getsockname()[1]
             with s:
-                getattr(self, "run_" + self.kind)(s)
+                if self.p.get("pipelined"):
+                    self.run_pipelined(s)
+                else:
+                    getattr(self, "run_" + self.kind)(s)
         except Exception as e:  # reported, never raised
             r.error = "%s: %s" % (type(e).__name__, e)
             r.ok = False
@@ -285,9 +298,115 @@ class Worker(threading.Thread):
         r.ok = True
 
 
+    def run_rr(self, s: socket.socket) -> None:
+        p, r = self.p, self.result
+        count, size = p.get("count", 40), p.get("size", 20000)
+        pause = p.get("pause_ms", 20) / 1000
+        crash_msg = p.get("crash_msg", count // 2)
+        i = 0
+        while self._more(i, count):
+            seed = (p.get("seed", 3) * 1000 + i) & 0xFFFF
+            r.request()
+            req = b"%d %d\n" % (size, seed)
+            s.sendall(req)
+            r.bytes_sent += len(req)
+            got = self._recv_exact(s, size)
+            want = stream_bytes(seed, 0, size)
+            if got != want:
+                r.first_mismatch = r.verified + next(j for j in range(size) if got[j] != want[j])
+                raise ValueError("response %d differs" % i)
+            r.verified += size
+            if i == crash_msg:
+                self.ready.set()
+            time.sleep(pause)
+            i += 1
+        s.shutdown(socket.SHUT_WR)
+        if s.recv(1):
+            raise ValueError("unexpected bytes after the last response")
+        r.ok = True
+
+    def pipeline(self) -> tuple[bytes, bytes]:
+        """The whole request stream of this connection and the answer it must get."""
+        p, k = self.p, self.kind
+        if k == "echo":
+            data = random.Random(p.get("seed", 7)).randbytes(p.get("count", 40) * p.get("size", 2000))
+            return data, data
+        if k == "download":
+            total, seed = p.get("bytes", 2 << 20), p.get("seed", 1)
+            return b"%d %d\n" % (total, seed), stream_bytes(seed, 0, total)
+        if k == "upload":
+            data = stream_bytes(p.get("seed", 2), 0, p.get("bytes", 2 << 20))
+            return data, hashlib.sha256(data).hexdigest().encode() + b"\n"
+        if k == "banner":
+            lines = [b"line %d %s" % (i, b"x" * (i % 50)) for i in range(1, p.get("lines", 30) + 1)]
+            req = b"".join(t + b"\r\n" for t in lines) + b"QUIT\r\n"
+            return req, BANNER_LINE + b"".join(b"250 %d %s\r\n" % (i, t) for i, t in enumerate(lines, 1)) + \
+                b"221 bye\r\n"
+        seeds = [(p.get("seed", 3) * 1000 + i) & 0xFFFF for i in range(p.get("count", 40))]
+        size = p.get("size", 20000)
+        return b"".join(b"%d %d\n" % (size, sd) for sd in seeds), b"".join(stream_bytes(sd, 0, size) for sd in seeds)
+
+    def run_pipelined(self, s: socket.socket) -> None:
+        p, r = self.p, self.result
+        req, want = self.pipeline()
+        at_end = bool(p.get("ready", 0))
+        rate = p.get("rate_kbps", 0) * 1000 / 8
+        sent = threading.Event()
+
+        def send() -> None:
+            try:
+                for off in range(0, len(req), 65536):
+                    s.sendall(req[off:off + 65536])
+                    r.bytes_sent += len(req[off:off + 65536])
+                s.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                r.error = r.error or "send: %s" % e
+            sent.set()
+            if not at_end:
+                self.ready.set()
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        r.request()
+        got = bytearray()
+        start = time.monotonic()
+        last = time.monotonic()
+        while True:
+            if at_end and not select.select([s], [], [], 0.2)[0]:
+                if sent.is_set():
+                    self.ready.set()
+                if time.monotonic() - last > self.timeout:
+                    raise TimeoutError("no answer for %.0f s" % self.timeout)
+                continue
+            d = s.recv(16384 if rate else 65536)
+            last = time.monotonic()
+            if not d:
+                break
+            base = len(got)
+            got += d
+            r.bytes_received = len(got)
+            r.progress()
+            exp = want[base:base + len(d)]
+            if d != exp:
+                n = min(len(d), len(exp))
+                r.first_mismatch = base + next((j for j in range(n) if d[j] != exp[j]), n)
+                raise ValueError("answer differs at offset %d" % r.first_mismatch)
+            r.verified = len(got)
+            if rate:
+                ahead = len(got) / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+        sender.join()
+        if r.error:
+            raise ValueError(r.error)
+        if len(got) != len(want):
+            raise ValueError("answer ended after %d of %d bytes" % (len(got), len(want)))
+        r.ok = True
+
+
 def parse_conn(spec: str) -> tuple[str, dict[str, int]]:
     kind, _, rest = spec.partition(":")
-    if kind not in ("echo", "download", "upload", "banner"):
+    if kind not in ("echo", "download", "upload", "banner", "rr"):
         raise ValueError("unknown connection kind %r" % kind)
     params: dict[str, int] = {}
     for item in filter(None, rest.split(",")):
@@ -304,6 +423,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
     ap.add_argument("--wait-crash", action="store_true",
                     help="after CRASHPOINT, read 'CRASH <monotonic>' from stdin to measure the gap")
+    ap.add_argument("--crash-after-ms", type=float, help="CRASHPOINT after this long, ready or not")
     args = ap.parse_args(argv)
     workers = []
     for spec in args.conn:
@@ -311,8 +431,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         workers.append(Worker(args.target, kind, params, threading.Event(), args.timeout))
     for w in workers:
         w.start()
-    for w in workers:
-        w.ready.wait()
+    if args.crash_after_ms is not None:
+        time.sleep(args.crash_after_ms / 1000)
+    else:
+        for w in workers:
+            w.ready.wait()
     print("CRASHPOINT", flush=True)
     crash_t: Optional[float] = None
     if args.wait_crash:

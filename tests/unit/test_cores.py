@@ -3,9 +3,21 @@ fail-open vs fail-closed, the handshake race, and what stays unprotected."""
 
 from nfq_sttcp import tcpseg
 from nfq_sttcp.actions import Accept, Count, Drop, Inject, Log, Release, SendSync
-from nfq_sttcp.backup import UNPROTECTED_NO_ISN, UNPROTECTED_OPTIONS, BackupConfig, BackupCore
-from nfq_sttcp.primary import REASON_BACKUP_LOST, REASON_BEFORE_JOIN, REASON_NO_CONFIRM, PrimaryConfig, PrimaryCore
+from nfq_sttcp.backup import (
+    UNPROTECTED_NO_ISN,
+    UNPROTECTED_OPTIONS,
+    BackupConfig,
+    BackupCore,
+)
+from nfq_sttcp.primary import (
+    REASON_BACKUP_LOST,
+    REASON_BEFORE_JOIN,
+    REASON_NO_CONFIRM,
+    PrimaryConfig,
+    PrimaryCore,
+)
 from nfq_sttcp.syncproto import Confirm, ConfirmEntry, ConnIsn
+from nfq_sttcp.tcpseg import ACK, FIN, RST
 
 from .helpers import KEY, VIP, client_syn, from_client, from_server, server_synack
 
@@ -200,7 +212,8 @@ def test_protection_dropped_by_the_primary_reaches_the_backup():
     assert b.conns[k2].protected
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(max_examples=300, deadline=None)
@@ -347,3 +360,60 @@ def test_suspended_protection_migrates_nothing_and_a_restarted_primary_unprotect
     b2 = mapped_backup()
     b2.primary_restarted()
     assert b2.status()[0]["protected"] is False and "restarted" in b2.status()[0]["reason"]
+
+
+def test_primary_holds_the_reset_of_a_socket_closed_under_a_clamped_ack():
+    """Our stack got everything and closed; the client, shown only the backup's
+    ack, resends its FIN and meets "no such socket": that reset must not reach
+    it. A reset from the application (RST|ACK) still goes."""
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
+    p.on_outbound(from_server(5001, 302, flags=ACK | FIN, payload=b"bye"), 0.1)  # clamped to 101
+    held = p.on_outbound(from_server(5005, 0, flags=RST, window=0), 0.2)
+    assert isinstance(verdicts(held)[0], Drop)
+    acts = p.on_confirm(Confirm((ConfirmEntry(KEY, 302, 5005, (), None),)), 0.3)
+    ack = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
+    assert ack and ack[0].ack == 302 and ack[0].window > 0  # the final ack, with a real window
+    assert verdicts(p.on_outbound(from_server(5005, 302, flags=RST | ACK, window=0), 0.4)) == [Accept()]
+
+
+def test_a_connection_the_primary_gives_up_on_is_never_migrated():
+    """The primary waited too long for the backup and released what it held:
+    it says so first (repeatedly: sync messages get lost), and the backup
+    resets that connection at a takeover instead of migrating it."""
+    from nfq_sttcp.syncproto import Unprotect
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=1000, lag_hold_s=2.0))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
+    p.on_outbound(from_server(5001, 300, payload=b"a" * 900), 0.1)
+    assert not verdicts(p.on_outbound(from_server(5901, 300, payload=b"b" * 900), 0.1))  # deferred
+    acts = p.on_tick(2.5)
+    kinds = [type(a).__name__ for a in acts]
+    assert kinds.index("SendSync") < kinds.index("Release")  # the backup hears it before the client is released
+    msgs = [a.message for a in acts if isinstance(a, SendSync)]
+    assert msgs[0] == Unprotect((KEY,))
+    assert [a.message for a in p.on_tick(2.6) if isinstance(a, SendSync)] == [Unprotect((KEY,))]  # repeated
+    assert not [a for a in p.on_tick(6.0) if isinstance(a, SendSync)]  # for a while, not forever
+    b = mapped_backup()
+    b.on_inbound(from_client(101, 5001), 0.1)
+    b.on_unprotect(msgs[0], 2.5)
+    assert b.conns[KEY].protected is False
+    acts = b.activate(3.0)
+    assert [a for a in acts if isinstance(a, Log)][-1].fields["migrated"] == 0
+    assert any(isinstance(a, Inject) and tcpseg.parse(a.packet).flags & RST for a in acts)
+
+
+def test_the_backup_confirms_again_what_it_may_have_lost():
+    b = mapped_backup()
+    b.on_batch_end(0)
+    b.on_outbound(from_server(901, 1101), 0.1)
+    assert [a for a in b.on_batch_end(0.1) if isinstance(a, SendSync)]
+    assert not [a for a in b.on_batch_end(0.15) if isinstance(a, SendSync)]
+    b.on_tick(0.2)  # changed recently: confirmed again, in case that one was lost
+    again = [a.message for a in b.on_batch_end(0.2) if isinstance(a, SendSync)]
+    assert again and again[0].acks[0].ack == 1101
+    b.on_tick(3.0)
+    assert not [a for a in b.on_batch_end(3.0) if isinstance(a, SendSync)]

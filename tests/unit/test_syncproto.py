@@ -2,7 +2,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nfq_sttcp import syncproto
-from nfq_sttcp.syncproto import Confirm, ConfirmEntry, ConnIsn, Heartbeat, ReplayGuard, SyncError
+from nfq_sttcp.syncproto import (Confirm, ConfirmEntry, ConnIsn, Digest, DigestEntry, Diverged, Heartbeat, ReplayGuard,
+                                 SyncError, Unprotect)
 
 KEY = b"k" * 32
 CK = ("10.77.0.10", 40000, "10.77.0.100", 7000)
@@ -12,6 +13,11 @@ MESSAGES = [
     ConnIsn(CK, 2**32 - 1, 77, True, 1460, 7, True),
     ConnIsn(CK, 0, 0, False, 0, -1, False),
     Confirm((ConfirmEntry(CK, 5), ConfirmEntry(("1.2.3.4", 1, "5.6.7.8", 2), 2**32 - 1, 12, ((1, 2), (2**32 - 1, 9)), 77, 2**32 - 2))),
+    Digest((DigestEntry(CK, 2**32 - 1, 1448, b"\x01" * 8), DigestEntry(CK, 0, 1, b"abcdefgh"))),
+    Digest(tuple(DigestEntry(CK, i, 100, b"12345678") for i in range(syncproto.MAX_DIGESTS))),
+    Diverged(CK, 2**40),
+    Unprotect((CK,)),
+    Unprotect(tuple(("10.0.%d.%d" % (i // 250, i % 250), i, "10.77.0.100", 7000) for i in range(syncproto.MAX_UNPROTECT))),
 ]
 
 

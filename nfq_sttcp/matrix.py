@@ -1,0 +1,197 @@
+"""The fault matrix: crash points x workloads x concurrency x loss.
+
+Every cell is a real lab: it is brought up, loaded, has its primary crashed
+at the cell's point, and is checked from the client's side: every
+connection byte-exact, no RST seen, never reconnected. The crash points:
+
+* ``syn``: right after the client's SYN (the client's stack drops the SYN-ACK);
+* ``synack``: after the SYN-ACK, before the client's ACK reaches the server
+  (the client's stack drops everything it sends but SYNs);
+* ``mid``: mid-stream, data in flight both ways;
+* ``client_fin``: after the client's FIN, the server still answering;
+* ``server_fin``: while the server's FIN is in flight (the client's stack
+  drops FINs until the crash).
+
+The client's filters go away the instant after the crash. Loss is random
+(``-m statistic``) on everything the backup receives on the sync link (the
+clone path and the sync messages) and on the sync messages the primary
+receives.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from . import lab, scenario
+
+POINTS = ("syn", "synack", "mid", "client_fin", "server_fin")
+WORKLOADS = ("echo", "down", "up", "rr", "banner")
+CONNS = (1, 100)
+LOSS = (0, 1, 5)
+
+# iptables in the client's namespace that holds a connection at the crash point.
+_HOLD = {
+    "syn": ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"],
+    "synack": ["OUTPUT", "-d", lab.VIP, "-p", "tcp", "!", "--syn", "-j", "DROP"],
+    "server_fin": ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "FIN", "FIN", "-j", "DROP"],
+}
+
+
+@dataclass
+class Cell:
+    point: str
+    workload: str
+    conns: int
+    loss: int
+    ok: bool = False
+    failures: list[str] = field(default_factory=list)
+    gap_p50_ms: Optional[float] = None
+    gap_p99_ms: Optional[float] = None
+    detection_ms: Optional[float] = None
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "%s/%s/%dconn/%d%%" % (self.point, self.workload, self.conns, self.loss)
+
+
+def conn_specs(point: str, workload: str, n: int) -> list[str]:
+    """The traffic clients of one cell (see traffic.py for the kinds)."""
+    small = n > 1
+    if point == "mid":
+        spec = {
+            "echo": "echo:count=%d,size=2000,pause_ms=20,crash_msg=%d,after=5" % ((12, 4) if small else (30, 10)),
+            "down": "download:bytes=%d,rate_kbps=%d,crash_at=%d" % (
+                (300000, 4000, 100000) if small else (3000000, 16000, 1000000)),
+            "up": "upload:bytes=%d,rate_kbps=%d,crash_at=%d" % (
+                (300000, 4000, 100000) if small else (3000000, 16000, 1000000)),
+            "rr": "rr:count=%d,size=%d,pause_ms=20,crash_msg=%d,after=5" % ((12, 6000, 4) if small else (30, 20000, 10)),
+            "banner": "banner:lines=%d,pause_ms=20,crash_line=%d,after=5" % ((12, 4) if small else (30, 10)),
+        }[workload]
+    else:
+        ready = 1 if point == "server_fin" else 0
+        rate = 4000 if small else 16000  # kbit/s of reading: answers still flowing after a client FIN
+        spec = {
+            "echo": "echo:pipelined=1,count=%d,size=2000" % (150 if small else 1000),
+            "down": "download:pipelined=1,bytes=%d" % (300000 if small else 3000000),
+            "up": "upload:pipelined=1,bytes=%d" % (300000 if small else 3000000),
+            "rr": "rr:pipelined=1,count=%d,size=%d" % ((20, 10000) if small else (60, 40000)),
+            "banner": "banner:pipelined=1,lines=%d" % (20 if small else 60),
+        }[workload] + ",ready=%d" % ready + (",rate_kbps=%d" % rate if point == "client_fin" else "")
+    return [spec + ",seed=%d" % (i + 1) for i in range(n)]
+
+
+def _loss(percent: int) -> None:
+    if not percent:
+        return
+    p = "%.3f" % (percent / 100)
+    lab.sh("iptables", "-w", "-t", "raw", "-I", "PREROUTING", "1", "-i", lab.SYNC_IF, "-m", "statistic",
+           "--mode", "random", "--probability", p, "-j", "DROP", ns=lab.NS_BACKUP)
+    lab.sh("iptables", "-w", "-t", "raw", "-I", "PREROUTING", "1", "-i", lab.SYNC_IF, "-p", "udp", "-m", "statistic",
+           "--mode", "random", "--probability", p, "-j", "DROP", ns=lab.NS_PRIMARY)
+
+
+def _percentile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    v = sorted(values)
+    return round(v[min(len(v) - 1, int(round(q * (len(v) - 1))))], 1)
+
+
+def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
+    cell = Cell(point, workload, n, loss)
+    t0 = time.monotonic()
+    hold = _HOLD.get(point)
+    try:
+        lab.up(progress=lambda *_: None)
+        _loss(loss)
+        if hold:
+            lab.sh("iptables", "-w", "-I", *hold, ns=lab.NS_CLIENT)
+
+        def disrupt() -> tuple[float, float]:
+            if point == "server_fin":
+                time.sleep(0.1)  # the servers' FINs are on their way (and dropped)
+            t, wall = lab.crash("primary")
+            if hold:
+                lab.sh("iptables", "-w", "-D", *hold, ns=lab.NS_CLIENT)
+            return t, wall
+
+        specs = conn_specs(point, workload, n)
+        report = scenario.run_with_crash(specs, disrupt=disrupt, timeout=240,
+                                         crash_after_ms=300 if point in ("syn", "synack") else None)
+        _judge(cell, report, n)
+    except Exception as e:  # a broken cell is a failed cell, with the reason
+        cell.failures.append("%s: %s" % (type(e).__name__, e))
+        cell.ok = False
+    finally:
+        lab.down(quiet=True)
+    cell.seconds = round(time.monotonic() - t0, 1)
+    return cell
+
+
+def _judge(cell: Cell, report: dict[str, Any], n: int) -> None:
+    conns = report.get("connections", [])
+    if len(conns) != n:
+        cell.failures.append("%d of %d connections reported (%s)" % (len(conns), n, report.get("error")))
+    for c in conns:
+        label = "%s:%s" % (c["kind"], c["local_port"])
+        if not c["ok"]:
+            cell.failures.append("%s: %s" % (label, c["error"]))
+        if c["rsts_received"]:
+            cell.failures.append("%s: %d RSTs" % (label, c["rsts_received"]))
+        if c["syns_sent"] > 1:
+            cell.failures.append("%s: reconnected (%d SYNs)" % (label, c["syns_sent"]))
+    st = lab.status()
+    backup = st["daemons"].get("backup", {})
+    if backup.get("state") != "active":
+        cell.failures.append("the backup did not take over (state %s)" % backup.get("state"))
+    if st["vip_owner"] != ["backup"]:
+        cell.failures.append("VIP owned by %s" % st["vip_owner"])
+    cell.detection_ms = (backup.get("failover") or {}).get("detection_ms")
+    gaps = [c["wire_gap_ms"] for c in conns if c.get("wire_gap_ms") is not None]
+    cell.gap_p50_ms, cell.gap_p99_ms = _percentile(gaps, 0.5), _percentile(gaps, 0.99)
+    cell.ok = not cell.failures
+
+
+def run(points=POINTS, workloads=WORKLOADS, conns=CONNS, losses=LOSS,
+        progress: Callable[[str], None] = print) -> list[Cell]:
+    cells = [(p, w, n, lo) for lo in losses for n in conns for p in points for w in workloads]
+    out = []
+    for i, (p, w, n, lo) in enumerate(cells, 1):
+        c = run_cell(p, w, n, lo)
+        out.append(c)
+        progress("[%d/%d] %-34s %s  gap p50 %s, p99 %s  (%.0f s)%s" % (
+            i, len(cells), c.name, "ok  " if c.ok else "FAIL", _ms(c.gap_p50_ms), _ms(c.gap_p99_ms), c.seconds,
+            "" if c.ok else "\n        " + "\n        ".join(c.failures[:5])))
+    return out
+
+
+def table(cells: list[Cell]) -> str:
+    lines = ["%-11s %-7s %6s %5s  %-6s %9s %9s %9s" % ("point", "load", "conns", "loss", "result", "gap p50",
+                                                        "gap p99", "detect")]
+    for c in cells:
+        lines.append("%-11s %-7s %6d %4d%%  %-6s %9s %9s %9s" % (
+            c.point, c.workload, c.conns, c.loss, "ok" if c.ok else "FAIL",
+            "-" if c.gap_p50_ms is None else "%.0f ms" % c.gap_p50_ms,
+            "-" if c.gap_p99_ms is None else "%.0f ms" % c.gap_p99_ms,
+            "-" if c.detection_ms is None else "%.0f ms" % c.detection_ms))
+    n_ok = sum(c.ok for c in cells)
+    lines.append("%d of %d cells passed" % (n_ok, len(cells)))
+    return "\n".join(lines)
+
+
+def to_json(cells: list[Cell]) -> str:
+    return json.dumps([asdict(c) for c in cells], indent=2)
+
+
+def summary_gaps(cells: list[Cell]) -> Optional[float]:
+    gaps = [c.gap_p50_ms for c in cells if c.gap_p50_ms is not None]
+    return statistics.median(gaps) if gaps else None
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else "%.0f ms" % v
