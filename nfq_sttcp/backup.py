@@ -45,6 +45,8 @@ class BackupConn:
     # our handshake
     isn_b: Optional[int] = None
     tsval_b_syn: Optional[int] = None
+    tsval_b_syn_last: Optional[int] = None  # TSval of our latest SYN-ACK (retransmissions)
+    established_b: bool = False  # our stack sent something other than a SYN-ACK: it took the handshake
     opts_b: Optional[tuple] = None
     # the primary's handshake
     isn_p: Optional[int] = None
@@ -262,7 +264,18 @@ class BackupCore:
             if trusted and (conn.client_max_tsecr is None or seq_gt(seg.tsecr, conn.client_max_tsecr)):
                 conn.client_max_tsecr = seg.tsecr
             margin = self.cfg.ts_margin if self.active else 0
-            tcpseg.set_tsecr(buf, seg, seq_sub(seg.tsecr, (conn.delta_ts + margin) & MASK))
+            tsecr = seq_sub(seg.tsecr, (conn.delta_ts + margin) & MASK)
+            if not conn.established_b and conn.tsval_b_syn is not None and conn.tsval_b_syn_last is not None:
+                # Still in the handshake. Linux (6.x) drops an ACK whose TSecr
+                # is not one of the TSvals its SYN-ACKs carried (TSEcrRejected).
+                # Echoing a retransmitted SYN-ACK of the primary, the mapped
+                # value is off by the few ms between the two stacks' retransmit
+                # timers: keep it within ours.
+                if seq_lt(tsecr, conn.tsval_b_syn):
+                    tsecr = conn.tsval_b_syn
+                elif seq_gt(tsecr, conn.tsval_b_syn_last):
+                    tsecr = conn.tsval_b_syn_last
+            tcpseg.set_tsecr(buf, seg, tsecr)
         return bytes(buf), out
 
     def _acceptable(self, conn: BackupConn, seg: Segment) -> bool:
@@ -306,15 +319,19 @@ class BackupCore:
                 return [Accept()]  # a connection born after takeover needs no mapping
             return [Drop("backup stays silent"), Count("silenced_out")]
         out: list[Action] = []
-        if seg.flags & RST and conn.fully_closed():
-            # Our stack resetting a connection both sides have closed (a late
-            # duplicate ack found no socket): it would only reach the client's
-            # TIME_WAIT. Keep it.
-            return [Drop("reset after a complete close"), Count("rst_after_close_dropped")]
+        if seg.flags & RST and (conn.fully_closed() or (not seg.flags & ACK and conn.client_fin_end is not None)):
+            # Our stack resetting a connection the client has closed: a bare
+            # RST is "no such socket", drawn by a late duplicate, by one of our
+            # self-acks or takeover prompts, or by the client's own reset of a
+            # socket it already closed (our output lagged the primary's). The
+            # client has nothing left to send: keep it.
+            return [Drop("reset after the client closed"), Count("rst_after_close_dropped")]
         if seg.flags & FIN:
             conn.fin_end = seg.end_seq
         if seg.flags & SYN and seg.flags & ACK:
             out += self._on_own_synack(conn, seg)
+        else:
+            conn.established_b = True
         if self.active and conn.delta_seq is not None and not conn.protected:
             # Not migrated (diverged, or protection was dropped): our stack's
             # bytes for it may differ from what the client was sent. The
@@ -345,7 +362,7 @@ class BackupCore:
     def _on_own_synack(self, conn: BackupConn, seg: Segment) -> list[Action]:
         if conn.isn_b is None or conn.isn_b != seg.seq:
             conn.isn_b = seg.seq
-            conn.tsval_b_syn = seg.tsval
+            conn.tsval_b_syn = conn.tsval_b_syn_last = seg.tsval
             conn.opts_b = _opts(seg)
             conn.snd_max = seq_add(seg.seq, 1)
             conn.rcv_ack = seg.ack  # before clones held for the mapping are judged
@@ -353,6 +370,7 @@ class BackupCore:
             return self._maybe_map(conn)
         # Our stack resends its SYN-ACK: our first confirmation may have been
         # lost, and the primary holds its own SYN-ACK until it has one.
+        conn.tsval_b_syn_last = seg.tsval
         self.unconfirmed.add(conn.key)
         return []
 

@@ -244,17 +244,25 @@ def test_fuzzed_packets_never_raise_and_always_get_one_verdict(events):
     b.activate(1.0)
 
 
-def test_a_reset_after_a_complete_close_is_kept_from_the_client():
+def test_a_bare_reset_after_the_client_closed_is_kept_from_the_client():
+    """After takeover our stack can lag the client: a bare RST ("no such
+    socket", drawn by a late duplicate, a self-ack or a prompt) for a
+    connection the client has closed would only reach a closed socket. An
+    abort by our application (RST|ACK) of an open connection still goes."""
     b = mapped_backup()
     b.activate(1.0)
-    b.on_inbound(from_client(101, 5001, tcpseg.FIN | tcpseg.ACK, tsecr=7000), 1.1)  # client closes
-    b.on_outbound(from_server(901, 102, tcpseg.FIN | tcpseg.ACK, tsval=1100), 1.1)    # we close
-    rst = from_server(902, 0, tcpseg.RST, opts=b"")
-    assert isinstance(verdicts(b.on_outbound(rst, 1.15))[0], Accept), "not closed yet: the reset goes out"
-    b.on_inbound(from_client(102, 5002, tsecr=7000), 1.2)                              # client acks our FIN
-    acts = b.on_outbound(rst, 1.25)
+    abort = from_server(901, 101, tcpseg.RST | tcpseg.ACK, opts=b"")
+    assert isinstance(verdicts(b.on_outbound(abort, 1.05))[0], Accept), "the client has not closed: it goes"
+    b2 = mapped_backup()
+    b2.activate(1.0)
+    b2.on_inbound(from_client(101, 5001, tcpseg.FIN | tcpseg.ACK, tsecr=7000), 1.1)  # client closes
+    rst = from_server(901, 0, tcpseg.RST, opts=b"")
+    acts = b2.on_outbound(rst, 1.15)
     assert isinstance(verdicts(acts)[0], Drop)
     assert any(isinstance(a, Count) and a.name == "rst_after_close_dropped" for a in acts)
+    b2.on_outbound(from_server(901, 102, tcpseg.FIN | tcpseg.ACK, tsval=1100), 1.2)  # we close
+    b2.on_inbound(from_client(102, 5002, tsecr=7000), 1.25)                            # client acks our FIN
+    assert isinstance(verdicts(b2.on_outbound(from_server(902, 102, tcpseg.RST | tcpseg.ACK, opts=b""), 1.3))[0], Drop)
 
 
 def test_the_client_is_never_offered_more_window_than_the_backup_has():
@@ -417,3 +425,18 @@ def test_the_backup_confirms_again_what_it_may_have_lost():
     assert again and again[0].acks[0].ack == 1101
     b.on_tick(3.0)
     assert not [a for a in b.on_batch_end(3.0) if isinstance(a, SendSync)]
+
+
+def test_a_handshake_ack_echoing_a_retransmitted_synack_stays_within_our_synack_tsvals():
+    """Linux drops a handshake ACK whose TSecr is not one of its SYN-ACKs'
+    TSvals. The client echoes the primary's retransmitted SYN-ACK, whose
+    mapped TSval can be a few ms past ours: it is kept within ours."""
+    b = mapped_backup()  # primary SYN-ACK TSval 7000, ours 50: delta_ts 6950
+    b.on_outbound(server_synack(900, 100, 1050), 1.0)  # our stack resends its SYN-ACK
+    ack = tcpseg.parse(verdicts(b.on_inbound(from_client(101, 5001, tsecr=8003), 1.1))[0].payload)
+    assert ack.tsecr == 1050  # 8003 - 6950 = 1053 would be rejected
+    early = tcpseg.parse(verdicts(b.on_inbound(from_client(101, 5001, tsecr=6990), 1.1))[0].payload)
+    assert early.tsecr == 50
+    b.on_outbound(from_server(901, 101), 1.2)  # our stack took the handshake
+    later = tcpseg.parse(verdicts(b.on_inbound(from_client(101, 5001, tsecr=8003), 1.3))[0].payload)
+    assert later.tsecr == 1053
