@@ -349,7 +349,7 @@ class Daemon:
         self._last_batch_end = now
         if self.backup is not None:
             self._perform(self.backup.on_batch_end(now))
-        if self.primary is not None and self.switchover is None:
+        if self.primary is not None and self.switchover in (None, "failed"):
             self._perform(self.primary.on_batch_end(now))
 
     @property
@@ -424,8 +424,11 @@ class Daemon:
 
     def _on_sync(self, msg: syncproto.SyncMessage, now: float, addr: str = "", epoch: int = 0) -> None:
         if isinstance(msg, Heartbeat):
-            if self.switchover == "stepping_down" and msg.role == "primary":
-                # The backup took over and serves now (as the primary).
+            if self.switchover in ("stepping_down", "failed") and msg.role == "primary":
+                # The backup took over and serves now (as the primary), even if
+                # too late for our deadline: silence ourselves again.
+                if self.switchover == "failed":
+                    self._fence_and_release_vip()
                 self.switchover = "done"
                 self.log.warning("switchover_done", note="the backup serves; this host stays fenced; exiting")
                 self.stop = True
@@ -471,7 +474,9 @@ class Daemon:
     def _tick(self, now: float) -> None:
         if self.switchover == "stepping_down" and now > self.switchover_deadline:
             self._undo_step_down()
-        if self.primary is not None:
+        if self.primary is not None and self.switchover != "stepping_down":
+            # (While stepping down the backup's beats go unread by the monitor:
+            # it must not declare the backup lost and stop the cloning.)
             self._on_sync_readable()  # never declare the backup lost with a beat still unread
             now = time.monotonic()
             changed, acts = self.peer.on_tick(now)
@@ -660,24 +665,36 @@ class Daemon:
         if self.peer.state != PRESENT:
             return {"error": "no backup follows this host: a switchover would stop the service"}
         now = time.monotonic()
-        firewall.apply(self.cfg, self.role, fence=True)
+        try:
+            self._fence_and_release_vip()
+        except Exception as e:  # nothing changed for the backup yet: keep serving
+            self.log.error("switchover_refused", error=repr(e))
+            self._undo_step_down()
+            return {"error": "cannot fence this host: %s" % e}
         for pkt in self.deferred.values():
             pkt.drop()  # our output only; the backup resends its own copy
         self.deferred.clear()
-        self._vip_on_lan(False)
         self.switchover = "stepping_down"
         self.switchover_deadline = now + max(2.0, 10 * self.cfg.detection_ms / 1000)
         self.log.warning("switchover_started", note="replies fenced, VIP released; the backup takes over")
         self._send_heartbeats(now)
         return {"ok": True, "switchover": self.switchover}
 
+    def _fence_and_release_vip(self) -> None:
+        firewall.apply(self.cfg, self.role, fence=True)
+        self._vip_on_lan(False)
+
     def _undo_step_down(self) -> None:
-        """The backup never took over: serve again rather than leave nobody."""
-        firewall.apply(self.cfg, self.role)
-        if self._cloning is not None:
-            self._cloning.set(True)
+        """The backup never took over: serve again rather than leave nobody.
+        The VIP first: it must come back even if the rules cannot."""
         self._vip_on_lan(True)
         self.switchover = "failed"
+        try:
+            firewall.apply(self.cfg, self.role)
+        except Exception as e:
+            self.log.error("unfence_failed", error=repr(e))
+        if self._cloning is not None:
+            self._cloning.set(self.peer.state == PRESENT)
         self.log.error("switchover_failed", note="the backup did not take over in time; serving again")
 
     def _vip_on_lan(self, on: bool) -> None:

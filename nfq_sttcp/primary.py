@@ -51,6 +51,7 @@ class PrimaryConn:
     held_since: float = 0.0
     owed_ack: bool = False
     closing_since: Optional[float] = None
+    fin_sent: bool = False  # our stack sent its FIN
     last_seen: float = 0.0
     clamped: int = 0
     backup_pos: Optional[int] = None  # backup's output position (our space)
@@ -121,11 +122,13 @@ class PrimaryCore:
             return [Accept(), Log("connection_unprotected", "warning",
                                   {"conn": key, "reason": conn.reason})]
         conn.last_seen = now
+        if seg.flags & FIN:
+            conn.fin_sent = True
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
         if not conn.protected or not self.backup_following:
             return [Accept()]
-        if seg.flags & RST and not seg.flags & ACK and conn.closing_since is not None:
+        if seg.flags & RST and not seg.flags & ACK and conn.fin_sent:
             # "No such socket" (a bare RST): our stack closed the connection
             # both ways, while the client, shown only the clamped ack, resends
             # its last segment (or that resend was still in flight when the

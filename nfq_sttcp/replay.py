@@ -169,6 +169,8 @@ def _one_stream(ps: list[_Packet], notes: list[str]) -> Optional[Stream]:
         return None
     s = Stream(client, server, syn.t)
     up, down = _Reassembler(syn.seq), _Reassembler(synack.seq)
+    fin_up: Optional[int] = None  # stream offset of each side's FIN, once seen (it may come before a hole is filled)
+    fin_down: Optional[int] = None
     for p in ps:
         if p.t < syn.t:
             continue
@@ -180,12 +182,14 @@ def _one_stream(ps: list[_Packet], notes: list[str]) -> Optional[Stream]:
             new = up.add(p.seq, p.payload)
             if new:
                 s.chunks.append(ClientChunk(p.t, len(s.server_data), new))
-            if p.flags & FIN and ((p.seq + len(p.payload) - up.base) & MASK) == up.next:
-                s.client_fin = True
+            if p.flags & FIN:
+                fin_up = (p.seq + len(p.payload) - up.base) & MASK
+            s.client_fin = fin_up is not None and up.next >= fin_up
         elif p.src == server and not p.flags & SYN:
             s.server_data += down.add(p.seq, p.payload)
-            if p.flags & FIN and ((p.seq + len(p.payload) - down.base) & MASK) == down.next:
-                s.server_fin = True
+            if p.flags & FIN:
+                fin_down = (p.seq + len(p.payload) - down.base) & MASK
+            s.server_fin = fin_down is not None and down.next >= fin_down
     if not s.client_fin and not s.reset:
         notes.append("%s: the capture ends before the client's FIN" % s.label)
     return s
@@ -324,7 +328,8 @@ def replay(streams: list[Stream], host: str, port: Optional[int], speed: float =
         raise ValueError("--speed must be positive")
     t0 = streams[0].t_syn
     start = time.monotonic() + 0.05
-    deadline = start + (streams[-1].chunks[-1].t - t0 if streams[-1].chunks else 0) / speed + timeout
+    last = max((s.chunks[-1].t for s in streams if s.chunks), default=t0)
+    deadline = start + (last - t0) / speed + timeout
     progress = _Progress()
     results = [Result(s.label) for s in streams]
     threads = [threading.Thread(target=_run_one, daemon=True,

@@ -173,3 +173,16 @@ def test_replay_reports_the_first_mismatching_offset(tmp_path, corrupt):
     (c,) = report["connections"]
     assert c["sent"] == len(up) and c["received"] == c["expected"] == len(answer)
     assert c["first_mismatch"] == corrupt and report["ok"] == (corrupt is None)
+
+
+def test_a_fin_seen_before_a_hole_is_filled_still_ends_the_stream(tmp_path):
+    up = bytes(range(250))
+    pk = _conn(up, b"ok")
+    fin = pk[-2]  # the client's FIN
+    pk = pk[:4] + [fin] + pk[4:-2] + pk[-1:]  # the FIN arrives before the rest of the data
+    for i, p in enumerate(pk):
+        p.time = 1000 + i * 0.001
+    path = str(tmp_path / "finooo.pcap")
+    wrpcap(path, pk)
+    (s,) = replay.extract(path).streams
+    assert b"".join(c.data for c in s.chunks) == up and s.client_fin
