@@ -337,7 +337,7 @@ class BackupCore:
             # bytes for it may differ from what the client was sent. The
             # client gets a reset instead (see on_inbound), never these.
             return out + [Drop("unprotected connection after takeover"), Count("unprotected_out_dropped")]
-        if seg.payload_len and conn.checker is not None and conn.protected and not self.active:
+        if seg.payload_len and conn.checker is not None and not self.active:
             conn.checker.feed(seg.seq, tcpseg.payload(data, seg))
             out += self._check_output(conn)
         if self._track_own(conn, seg, now) and not self.active:
@@ -498,10 +498,7 @@ class BackupCore:
         cannot regenerate that output, the client never learns of the hole,
         and both wait forever. A bare ack placed at the client's receive
         point is accepted."""
-        # Only an ack at our own snd_nxt: a keepalive or window probe sits one
-        # below it on purpose and must stay there.
-        if conn.client_ack_b is not None and conn.snd_max is not None and seq == conn.snd_max \
-                and seq_gt(conn.client_ack_b, seq):
+        if conn.client_ack_b is not None and seq_gt(conn.client_ack_b, seq):
             return conn.client_ack_b
         return seq
 
