@@ -21,7 +21,6 @@ receives.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -186,11 +185,6 @@ def table(cells: list[Cell]) -> str:
 
 def to_json(cells: list[Cell]) -> str:
     return json.dumps([asdict(c) for c in cells], indent=2)
-
-
-def summary_gaps(cells: list[Cell]) -> Optional[float]:
-    gaps = [c.gap_p50_ms for c in cells if c.gap_p50_ms is not None]
-    return statistics.median(gaps) if gaps else None
 
 
 def _ms(v: Optional[float]) -> str:

@@ -176,6 +176,16 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
     return data
 
 
+def _entries(body: bytes, entry: struct.Struct, most: int, what: str) -> list[bytes]:
+    """The entries of a count-prefixed body, each ``entry.size`` bytes."""
+    if len(body) < 2:
+        raise SyncError("%s message too short" % what)
+    (n,) = struct.unpack_from("!H", body, 0)
+    if n > most or len(body) != 2 + n * entry.size:
+        raise SyncError("%s message of wrong size" % what)
+    return [body[2 + i * entry.size:2 + (i + 1) * entry.size] for i in range(n)]
+
+
 def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
     """Return (epoch, counter, message) or raise SyncError."""
     if len(data) > MAX_MESSAGE:
@@ -209,14 +219,9 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
             return epoch, counter, ConnIsn(_unpack_key(k), isn, tsval, bool(has_ts), mss,
                                            -1 if ws == 0xFF else ws, bool(sack), gen)
         if mtype == T_CONFIRM:
-            if len(body) < 2:
-                raise SyncError("confirm message too short")
-            (n,) = struct.unpack_from("!H", body, 0)
-            if n > MAX_CONFIRMS or len(body) != 2 + n * _CONFIRM_ENTRY.size:
-                raise SyncError("confirm message of wrong size")
             entries = []
-            for i in range(n):
-                k, a, p, has, nb, blob, e, t = _CONFIRM_ENTRY.unpack_from(body, 2 + i * _CONFIRM_ENTRY.size)
+            for raw in _entries(body, _CONFIRM_ENTRY, MAX_CONFIRMS, "confirm"):
+                k, a, p, has, nb, blob, e, t = _CONFIRM_ENTRY.unpack(raw)
                 if nb > MAX_SACK or has > 7:
                     raise SyncError("malformed confirm entry")
                 blocks = tuple(struct.unpack_from("!II", blob, 8 * j) for j in range(nb))
@@ -225,14 +230,9 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
             acks = tuple(entries)
             return epoch, counter, Confirm(acks)
         if mtype == T_DIGEST:
-            if len(body) < 2:
-                raise SyncError("digest message too short")
-            (n,) = struct.unpack_from("!H", body, 0)
-            if n > MAX_DIGESTS or len(body) != 2 + n * _DIGEST_ENTRY.size:
-                raise SyncError("digest message of wrong size")
             digests = []
-            for i in range(n):
-                k, start, length, dig = _DIGEST_ENTRY.unpack_from(body, 2 + i * _DIGEST_ENTRY.size)
+            for raw in _entries(body, _DIGEST_ENTRY, MAX_DIGESTS, "digest"):
+                k, start, length, dig = _DIGEST_ENTRY.unpack(raw)
                 if not 0 < length <= 1 << 30:
                     raise SyncError("digest of an empty or absurd range")
                 digests.append(DigestEntry(_unpack_key(k), start, length, dig))
@@ -243,13 +243,8 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
             k, off = _DIVERGED.unpack(body)
             return epoch, counter, Diverged(_unpack_key(k), off)
         if mtype == T_UNPROTECT:
-            if len(body) < 2:
-                raise SyncError("unprotect message too short")
-            (n,) = struct.unpack_from("!H", body, 0)
-            if n > MAX_UNPROTECT or len(body) != 2 + n * _KEY.size:
-                raise SyncError("unprotect message of wrong size")
-            return epoch, counter, Unprotect(tuple(_unpack_key(body[2 + i * _KEY.size:2 + (i + 1) * _KEY.size])
-                                                   for i in range(n)))
+            return epoch, counter, Unprotect(tuple(_unpack_key(raw)
+                                                   for raw in _entries(body, _KEY, MAX_UNPROTECT, "unprotect")))
     except (struct.error, OSError) as e:
         raise SyncError("undecodable body: %s" % e) from None
     raise SyncError("unknown message type %d" % mtype)

@@ -137,6 +137,21 @@ class Worker(threading.Thread):
             self.result.progress()
         return bytes(buf)
 
+    def _verify(self, got: bytes, want: bytes, what: str) -> None:
+        """One exchange's answer, byte for byte; counts it as verified."""
+        r = self.result
+        if got != want:
+            r.first_mismatch = r.verified + next(j for j in range(len(want)) if got[j] != want[j])
+            raise ValueError(what)
+        r.verified += len(want)
+
+    def _close_quietly(self, s: socket.socket, after: str) -> None:
+        """Our FIN, then the server's, with nothing in between."""
+        s.shutdown(socket.SHUT_WR)
+        if s.recv(1):
+            raise ValueError("unexpected bytes after %s" % after)
+        self.result.ok = True
+
     def run_echo(self, s: socket.socket) -> None:
         p, r = self.p, self.result
         count, size = p.get("count", 40), p.get("size", 2000)
@@ -162,18 +177,12 @@ class Worker(threading.Thread):
                 s.sendall(msg)
                 r.bytes_sent += size
                 got = self._recv_exact(s, size)
-            if got != msg:
-                r.first_mismatch = r.verified + next(j for j in range(size) if got[j] != msg[j])
-                raise ValueError("echo mismatch in message %d" % i)
-            r.verified += size
+            self._verify(got, msg, "echo mismatch in message %d" % i)
             if not inside and i == crash_msg:
                 self.ready.set()
             time.sleep(pause)
             i += 1
-        s.shutdown(socket.SHUT_WR)
-        if s.recv(1):
-            raise ValueError("unexpected bytes after the echo session")
-        r.ok = True
+        self._close_quietly(s, "the echo session")
 
     def run_download(self, s: socket.socket) -> None:
         p, r = self.p, self.result
@@ -311,19 +320,12 @@ class Worker(threading.Thread):
             s.sendall(req)
             r.bytes_sent += len(req)
             got = self._recv_exact(s, size)
-            want = stream_bytes(seed, 0, size)
-            if got != want:
-                r.first_mismatch = r.verified + next(j for j in range(size) if got[j] != want[j])
-                raise ValueError("response %d differs" % i)
-            r.verified += size
+            self._verify(got, stream_bytes(seed, 0, size), "response %d differs" % i)
             if i == crash_msg:
                 self.ready.set()
             time.sleep(pause)
             i += 1
-        s.shutdown(socket.SHUT_WR)
-        if s.recv(1):
-            raise ValueError("unexpected bytes after the last response")
-        r.ok = True
+        self._close_quietly(s, "the last response")
 
     def pipeline(self) -> tuple[bytes, bytes]:
         """The whole request stream of this connection and the answer it must get."""
