@@ -227,7 +227,11 @@ class BackupCore:
             if seg.flags & FIN:
                 conn.client_fin_end = seg.end_seq
             conn.client_window = seg.window
-            if seg.has_ts:
+            if seg.has_ts and (not conn.client_tsval or seq_gt(seg.tsval, conn.client_tsval)):
+                # Never backwards: clones (NFQUEUE) and snooped frames (packet
+                # socket) reach us by two paths, and the newer can come first.
+                # Our stack keeps the newest as ts_recent, and a self-ack
+                # echoing an older one fails PAWS, silently (TCP_RFC7323_PAWS).
                 conn.client_tsval = seg.tsval
         else:
             out.append(Count("out_of_window_in"))
@@ -349,6 +353,12 @@ class BackupCore:
             # The client already has these bytes (from the primary): keep our
             # stack ack-clocked by its own output instead (DESIGN.md trap 9).
             # One self-ack per batch acks them all (on_batch_end).
+            if conn.stack_ack is not None and seq_le(seg.end_seq, conn.stack_ack):
+                # Our stack resends bytes we believed it had seen acked: that
+                # ack never reached it (dropped by its PAWS or sequence check,
+                # without a trace). Owe it again, or its RTO backs off forever
+                # while we keep dropping what it resends.
+                conn.stack_ack = seg.seq
             self.self_ack_due.add(key)
             return out + [Drop("already acked by the client")]
         if not self.active or conn.delta_seq is None:

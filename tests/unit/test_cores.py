@@ -449,3 +449,24 @@ def test_only_a_bare_reset_after_our_fin_is_held():
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
     # a "no such socket" reset before any FIN of ours (say an accept-queue overflow) goes out
     assert verdicts(p.on_outbound(from_server(5001, 0, flags=RST, window=0, opts=b""), 0.1)) == [Accept()]
+
+
+def test_self_acks_echo_the_newest_client_timestamp_and_are_owed_again_when_lost():
+    """Clones and snooped frames arrive by two paths: an older TSval can come
+    second. Our stack keeps the newest (ts_recent) and would drop a self-ack
+    echoing the older one by PAWS; and if a self-ack is lost anyway, our
+    stack's next resend of the same bytes shows it and is answered again."""
+    b = mapped_backup()
+    b.on_outbound(from_server(901, 101, payload=b"r" * 100), 0.1)
+    b.on_inbound(from_client(101, 5101, tsval=2000), 0.2)  # the client has our 100 bytes
+    b.on_inbound(from_client(101, 5051, tsval=1500), 0.2)  # a late, older copy
+    assert b.conns[KEY].client_tsval == 2000
+    b.activate(0.3)
+    b.on_batch_end(0.3)
+    b.conns[KEY].stack_ack = None  # the clone's ack was shown to our stack, but say it was lost too
+    seen = []
+    for t in (0.4, 0.9):  # our stack resends at its RTO, twice: every resend is answered
+        assert isinstance(verdicts(b.on_outbound(from_server(901, 101, payload=b"r" * 100), t))[0], Drop)
+        acks = [tcpseg.parse(a.packet) for a in b.on_batch_end(t) if isinstance(a, Inject)]
+        seen += [(s.ack, s.tsval) for s in acks]
+    assert seen == [(1001, 2000), (1001, 2000)]
