@@ -52,6 +52,7 @@ class PrimaryConn:
     owed_ack: bool = False
     closing_since: Optional[float] = None
     fin_sent: bool = False  # our stack sent its FIN
+    client_fin: bool = False  # the client's FIN went by (known only where we see inbound: PromotedCore)
     last_seen: float = 0.0
     clamped: int = 0
     backup_pos: Optional[int] = None  # backup's output position (our space)
@@ -126,6 +127,12 @@ class PrimaryCore:
             conn.fin_sent = True
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
+        if seg.flags & RST and not seg.flags & ACK and conn.fin_sent and conn.client_fin:
+            # Both FINs went by and our socket is gone: a bare RST answers a
+            # late duplicate (a FIN our stack resent while the client's final
+            # ack sat in a busy queue draws a second one). The client is in
+            # TIME-WAIT; the reset would only cut that short (RFC 1337).
+            return [Drop("reset after both sides closed"), Count("rst_after_close_dropped")]
         if not conn.protected or not self.backup_following:
             return [Accept()]
         if seg.flags & RST and not seg.flags & ACK and conn.fin_sent:
@@ -145,6 +152,12 @@ class PrimaryCore:
             conn.deferred.append((self.next_token, seg.end_seq, data, now))
             return [Defer(self.next_token), Count("deferred_out")]
         return self.clamp_ack_to_backup(conn, seg, data)
+
+    def on_inbound_seen(self, seg: Segment) -> None:
+        """A client segment of one of ours went by (where inbound is queued)."""
+        conn = self.conns.get(seg.client_key())
+        if conn is not None and seg.flags & FIN:
+            conn.client_fin = True
 
     def _must_wait_for_backup(self, conn: PrimaryConn, seg: Segment) -> bool:
         """Bound how far our output runs ahead of the backup's, and so how much

@@ -36,11 +36,12 @@ class PromotedCore:
 
     def on_inbound(self, data: bytes, now: float) -> list[Action]:
         try:
-            key = tcpseg.parse(data).client_key()
+            seg = tcpseg.parse(data)
         except MalformedPacket:
             return self.backup.on_inbound(data, now)
-        if key in self.backup.conns:
+        if seg.client_key() in self.backup.conns:
             return self.backup.on_inbound(data, now)
+        self.primary.on_inbound_seen(seg)
         return [Accept(), Count("promoted_in")]
 
     def status(self) -> list[dict[str, object]]:

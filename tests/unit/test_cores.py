@@ -470,3 +470,24 @@ def test_self_acks_echo_the_newest_client_timestamp_and_are_owed_again_when_lost
         acks = [tcpseg.parse(a.packet) for a in b.on_batch_end(t) if isinstance(a, Inject)]
         seen += [(s.ack, s.tsval) for s in acks]
     assert seen == [(1001, 2000), (1001, 2000)]
+
+
+def test_after_takeover_a_bare_reset_after_both_fins_does_not_reach_the_client():
+    """A connection born after takeover (the PromotedCore's primary side). Our
+    stack resends its FIN while the client's final ack waits in a busy queue;
+    the second ack then finds no socket. That bare RST would cut the client's
+    TIME-WAIT short: it is kept. One before the client's FIN still goes."""
+    from nfq_sttcp.promoted import PromotedCore
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.activate(0)
+    core = PromotedCore(b, PrimaryCore(PrimaryConfig(VIP, PORTS)))
+    assert verdicts(core.on_inbound(client_syn(100), 0)) == [Accept()]
+    core.on_outbound(server_synack(5000, 100, 7000), 0)
+    bare_rst = tcpseg.build_segment(VIP, "10.77.0.10", 7000, 40000, 5002, 0, RST, 0)
+    core.on_outbound(from_server(5001, 101, flags=ACK | FIN), 0.1)
+    assert verdicts(core.on_outbound(bare_rst, 0.2)) == [Accept()]  # the client never closed: it must hear
+    core.on_inbound(from_client(101, 5002, flags=ACK | FIN), 0.3)
+    assert isinstance(verdicts(core.on_outbound(bare_rst, 0.4))[0], Drop)
+    # an application's abort (RST|ACK) is never kept
+    abort = tcpseg.build_segment(VIP, "10.77.0.10", 7000, 40000, 5002, 102, RST | ACK, 0)
+    assert verdicts(core.on_outbound(abort, 0.5)) == [Accept()]
