@@ -93,7 +93,7 @@ class Daemon:
         self._cloning: Optional[_CloningSwitch] = None
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
-            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
+            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.backup_lost_ms / 1000)
             self.backup: Optional[BackupCore] = None
             self.watchdog: Optional[Watchdog] = None
         else:
@@ -103,7 +103,7 @@ class Daemon:
                                                   ts_margin=cfg.ts_margin_ms,
                                                   max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
             self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed)
-            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed)
+            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.backup_lost_ms / 1000)
 
     # == life cycle ==========================================================
 
@@ -112,6 +112,7 @@ class Daemon:
             raise DaemonError("must run as root (needs CAP_NET_ADMIN for iptables and NFQUEUE)")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self._watch_gc()
         try:
             self._setup()
             self.log.info("daemon_started", vip=self.cfg.vip, ports=list(self.cfg.ports),
@@ -122,6 +123,25 @@ class Daemon:
         finally:
             self._teardown()
         return 0
+
+    def _watch_gc(self) -> None:
+        """Record the garbage collector's pauses: the loop sends heartbeats,
+        so a long one looks like a dead daemon to the peer."""
+        import gc
+
+        started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.monotonic()
+                return
+            ms = (time.monotonic() - started[0]) * 1000
+            self.beat_stats["max_gc_pause_ms"] = round(max(self.beat_stats.get("max_gc_pause_ms", 0), ms), 1)
+            if ms > self.cfg.heartbeat_interval_ms:
+                self.log.warning("gc_pause", pause_ms=round(ms, 1), generation=info.get("generation"),
+                                 collected=info.get("collected"))
+
+        gc.callbacks.append(on_gc)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop = True

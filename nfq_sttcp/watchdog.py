@@ -157,9 +157,10 @@ PRESENT, ABSENT = "present", "absent"
 class PeerMonitor:
     """The primary's view of the backup: is somebody following us?"""
 
-    def __init__(self, interval_s: float, missed: int) -> None:
+    def __init__(self, interval_s: float, missed: int, lost_after_s: float = 0.0) -> None:
         self.interval = interval_s
         self.missed = missed
+        self.lost_after = max(lost_after_s, interval_s * missed)
         self.state = ABSENT
         self.last_beat: Optional[float] = None
         self.peer_state: Optional[str] = None
@@ -180,7 +181,7 @@ class PeerMonitor:
 
     def on_tick(self, now: float) -> tuple[bool, list[Action]]:
         if self.state == PRESENT and self.last_beat is not None \
-                and now - self.last_beat >= self.interval * self.missed:
+                and now - self.last_beat >= self.lost_after:
             self.state = ABSENT
             return True, [Log("backup_lost", "warning",
                               {"old": PRESENT, "new": ABSENT,

@@ -52,6 +52,13 @@ def test_peer_monitor():
     m.on_heartbeat(0.3, "following")
     changed, acts = m.on_heartbeat(0.35, "active")
     assert changed and m.state == ABSENT and acts[0].event == "backup_left"
+    # the primary's patience (backup_lost_ms) can outlast the detection time
+    m = PeerMonitor(0.05, 3, 0.6)
+    m.on_heartbeat(0, "following")
+    assert m.on_tick(0.59) == (False, []) and m.state == PRESENT
+    changed, acts = m.on_tick(0.61)
+    assert changed and acts[0].event == "backup_lost"
+    assert abs(PeerMonitor(0.05, 3, 0.01).lost_after - 0.15) < 1e-9  # never shorter than detection
 
 
 def test_a_silent_daemon_on_a_live_host_is_orphaned_not_taken_over():
