@@ -68,9 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cleanup", help="remove every nfq-sttcp chain left behind (after kill -9)")
     p.add_argument("--config", help="config whose chain_prefix to clean (default prefix STTCP)")
 
-    p = sub.add_parser("status", help="ask a running daemon for its status")
+    p = sub.add_parser("status", help="ask a running daemon for its status (exit 0 healthy, 1 degraded, 2 down)")
     p.add_argument("--config", required=True)
-    p.add_argument("--role", choices=("primary", "backup"), required=True)
+    p.add_argument("--role", choices=("primary", "backup"), help="whose control socket (default: whichever answers)")
+    p.add_argument("--control-socket", help="a control socket path (overrides --role)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("replay", help="replay the client side of a pcap against a server and check its answers")
@@ -220,14 +221,26 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _daemon_status(args: argparse.Namespace) -> int:
+    """Exit 0 healthy, 1 degraded, 2 down (no daemon answers, or it failed)."""
     from . import control
     cfg = _load(args.config)
-    try:
-        st = control.request(cfg.control_socket(args.role))
-    except (OSError, ValueError) as e:
-        return _die("no %s daemon answering on %s: %s" % (args.role, cfg.control_socket(args.role), e), 3)
-    print(json.dumps(st, indent=2) if args.json else _format_daemon(st))
-    return 0
+    paths = [args.control_socket] if args.control_socket else \
+        [cfg.control_socket(r) for r in ([args.role] if args.role else ["primary", "backup"])]
+    errors = []
+    for path in paths:
+        try:
+            st = control.request(path)
+            break
+        except (OSError, ValueError) as e:
+            errors.append("%s: %s" % (path, e))
+    else:
+        if args.json:
+            print(json.dumps({"health": control.DOWN, "why": ["no daemon answers"], "errors": errors}))
+        print("down: no daemon answers (%s)" % "; ".join(errors), file=sys.stderr)
+        return control.EXIT_CODES[control.DOWN]
+    level, why = control.health(st)
+    print(json.dumps(dict(st, health=level, why=why), indent=2) if args.json else _format_daemon(st, level, why))
+    return control.EXIT_CODES[level]
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -330,16 +343,26 @@ def _switchover(args: argparse.Namespace) -> int:
                 % ", ".join(paths), 3)
 
 
-def _format_daemon(st: dict) -> str:
-    lines = ["%s: state %s, last heartbeat %s ms ago" % (st["role"], st["state"], st.get("last_heartbeat_ms_ago"))]
-    if "backup" in st:
-        lines.append("  backup: %s" % st["backup"])
+def _format_daemon(st: dict, level: str = "", why: tuple = ()) -> str:
+    beats = st.get("heartbeats", {})
+    lines = ["%s%s: %s%s" % (st["role"], " (serving as primary)" if st.get("serving_as") == "primary" else "",
+                             level.upper() or st["state"], "" if not why else ": " + "; ".join(why)),
+             "  state %s, peer %s, last heartbeat %s ms ago, heartbeat RTT %s ms" % (
+                 st["state"], st.get("backup", "primary"), st.get("last_heartbeat_ms_ago"), beats.get("rtt_ms", "-"))]
     if "failover" in st:
         f = st["failover"]
-        lines.append("  failover: detection %s ms, takeover %s ms" % (f["detection_ms"], f["takeover_ms"]))
-    for c in st.get("connections", []):
-        lines.append("  %-40s %s%s" % (c["conn"], "protected" if c["protected"] else "UNPROTECTED",
-                                       "" if c["protected"] else " (%s)" % c["reason"]))
+        lines.append("  failover (%s): detection %s ms, takeover %s ms" % (f.get("reason"), f["detection_ms"],
+                                                                          f["takeover_ms"]))
+    conns = st.get("connections", [])
+    if conns:
+        lines.append("  %-44s %-9s %10s %10s %11s %11s  %s" % ("connection", "protected", "lag B", "held B",
+                                                             "delta seq", "delta ts", "why not"))
+    for c in conns:
+        lag = c.get("behind_bytes", c.get("backup_behind_bytes"))
+        lines.append("  %-44s %-9s %10s %10s %11s %11s  %s" % (
+            c["conn"], "yes" if c["protected"] else "NO", "-" if lag is None else lag, c.get("held_bytes", "-"),
+            "-" if c.get("delta_seq") is None else c["delta_seq"], "-" if c.get("delta_ts") is None else c["delta_ts"],
+            "" if c["protected"] else c["reason"]))
     return "\n".join(lines)
 
 

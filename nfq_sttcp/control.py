@@ -52,3 +52,31 @@ def switchover(path: str, timeout: float = 10.0) -> dict[str, Any]:
             return dict(reply, done=False, error="the backup did not take over; this host serves again")
         time.sleep(0.02)
     return dict(reply, done=False, error="no answer from the backup within %.0f s" % timeout)
+
+
+HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
+EXIT_CODES = {HEALTHY: 0, DEGRADED: 1, DOWN: 2}
+
+
+def health(status: dict[str, Any]) -> tuple[str, list[str]]:
+    """Judge a daemon's status: (healthy|degraded|down, why not healthy).
+
+    Healthy means every connection would survive a crash now: a serving daemon
+    with a following backup and nothing unprotected, or a backup following a
+    live primary. Down means this daemon protects nothing and serves nothing."""
+    why: list[str] = []
+    state = status.get("state")
+    if state == "fault":
+        return DOWN, ["the takeover failed (state fault)"]
+    if serves(status) or status.get("switchover"):
+        if status.get("backup") != "present":
+            why.append("no backup follows (backup %s)" % status.get("backup"))
+    elif state != "following":
+        why.append({"waiting": "no primary heard yet", "suspect": "the primary missed heartbeats",
+                    "orphaned": "the primary's daemon is silent while its host answers: protection suspended",
+                    "takeover": "taking over"}.get(str(state), "state %s" % state))
+    unprotected = [c for c in status.get("connections", []) if not c.get("protected")]
+    if unprotected:
+        reasons = sorted({str(c.get("reason")) for c in unprotected})
+        why.append("%d connection(s) unprotected: %s" % (len(unprotected), "; ".join(reasons)))
+    return (DEGRADED if why else HEALTHY), why

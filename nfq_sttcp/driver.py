@@ -383,8 +383,11 @@ class Daemon:
         else:
             state = self.watchdog.state if self.watchdog else SERVING
         gen = self.primary.generation if self.primary is not None else 0
+        echo = held = 0
+        if self._last_beat_sent_ns is not None and self._last_beat_rx is not None:
+            echo, held = self._last_beat_sent_ns, int((time.monotonic() - self._last_beat_rx) * 1e9)
         for addr in self.cfg.peer_addresses(self.role):  # one message per path, each its own counter
-            self._send_sync(Heartbeat(self.serving_as, state, time.monotonic_ns(), gen), to=[addr])
+            self._send_sync(Heartbeat(self.serving_as, state, time.monotonic_ns(), gen, echo, held), to=[addr])
 
     def _on_sync_readable(self) -> None:
         peers = set(self.cfg.peer_addresses(self.role))
@@ -426,6 +429,13 @@ class Daemon:
         self._last_beat_sent_ns = msg.sent_ns
         prev_rx = self._last_beat_rx
         self._last_beat_rx = now
+        if msg.echo_ns:
+            # Our own send time, echoed: a round trip on our clock alone.
+            rtt = (time.monotonic_ns() - msg.echo_ns - msg.held_ns) / 1e6
+            if 0 <= rtt < 60000:
+                self.beat_stats["rtt_ms"] = round(rtt, 3)
+                avg = self.beat_stats.get("rtt_avg_ms")
+                self.beat_stats["rtt_avg_ms"] = round(rtt if avg is None else avg + (rtt - avg) / 8, 3)
         if prev is None or prev_rx is None or msg.sent_ns <= prev:
             return
         send_gap = (msg.sent_ns - prev) / 1e6

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 MAGIC = b"ST"
-VERSION = 2
+VERSION = 3
 MAX_MESSAGE = 1400
 MAC_LEN = 32
 MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE
@@ -33,7 +33,7 @@ MAX_DIGESTS = 48  # header 20 + count 2 + 48 x 28 + MAC 32 <= MAX_MESSAGE
 
 _HDR = struct.Struct("!2sBBQQ")
 _KEY = struct.Struct("!4sH4sH")
-_HB = struct.Struct("!BBQI")
+_HB = struct.Struct("!BBQIQQ")
 _ISN = struct.Struct("!12sIIBHBBI")
 _CONFIRM_ENTRY = struct.Struct("!12sIIBB24sII")
 _DIGEST_ENTRY = struct.Struct("!12sII8s")
@@ -52,6 +52,8 @@ class Heartbeat:
     state: str
     sent_ns: int
     generation: int = 0  # primary: bumped each time it lost its backup and dropped protection
+    echo_ns: int = 0  # sent_ns of the peer's latest beat we had (0: none yet), for the RTT
+    held_ns: int = 0  # how long we had it before this beat went out
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,8 @@ def _unpack_key(b: bytes) -> ConnKey:
 def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> bytes:
     if isinstance(msg, Heartbeat):
         mtype = T_HEARTBEAT
-        body = _HB.pack(ROLES.index(msg.role), STATES.index(msg.state), msg.sent_ns & (2**64 - 1), msg.generation)
+        body = _HB.pack(ROLES.index(msg.role), STATES.index(msg.state), msg.sent_ns & (2**64 - 1), msg.generation,
+                        msg.echo_ns & (2**64 - 1), max(0, min(msg.held_ns, 2**64 - 1)))
     elif isinstance(msg, ConnIsn):
         mtype = T_CONN_ISN
         body = _ISN.pack(_pack_key(msg.key), msg.isn, msg.tsval, int(msg.has_ts), msg.mss,
@@ -208,10 +211,10 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
         if mtype == T_HEARTBEAT:
             if len(body) != _HB.size:
                 raise SyncError("heartbeat of wrong size")
-            r, s, ns, gen = _HB.unpack(body)
+            r, s, ns, gen, echo, held = _HB.unpack(body)
             if r >= len(ROLES) or s >= len(STATES):
                 raise SyncError("heartbeat with unknown role or state")
-            return epoch, counter, Heartbeat(ROLES[r], STATES[s], ns, gen)
+            return epoch, counter, Heartbeat(ROLES[r], STATES[s], ns, gen, echo, held)
         if mtype == T_CONN_ISN:
             if len(body) != _ISN.size:
                 raise SyncError("ISN message of wrong size")

@@ -10,6 +10,7 @@ CK = ("10.77.0.10", 40000, "10.77.0.100", 7000)
 MESSAGES = [
     Heartbeat("primary", "serving", 123456789),
     Heartbeat("backup", "following", 0),
+    Heartbeat("backup", "following", 5, 2, 123456789012, 40000),
     ConnIsn(CK, 2**32 - 1, 77, True, 1460, 7, True),
     ConnIsn(CK, 0, 0, False, 0, -1, False),
     Confirm((ConfirmEntry(CK, 5), ConfirmEntry(("1.2.3.4", 1, "5.6.7.8", 2), 2**32 - 1, 12, ((1, 2), (2**32 - 1, 9)), 77, 2**32 - 2))),
