@@ -35,6 +35,7 @@ UNPROTECTED_UNVERIFIABLE = "our output ran too far ahead of the primary's to ver
 UNPROTECTED_BY_PRIMARY = "the primary stopped protecting it (it waited too long for us)"
 RECONFIRM_S = 2.0  # a connection that changed this recently is confirmed again every tick (lost confirmations)
 TAKEOVER_ACK_PROMPTS = 3
+UNPROTECTED_RESET_TRIES = 5  # resets of a connection we cannot migrate, a second apart, until the client answers
 
 
 @dataclass
@@ -85,6 +86,8 @@ class BackupConn:
     closing_since: Optional[float] = None
     fin_end: Optional[int] = None  # just past our FIN
     client_fin_end: Optional[int] = None  # just past the client's FIN
+    reset_probes: int = 0  # after takeover, unprotected: resets sent at our guess (see _reset_unprotected)
+    reset_probed_at: float = 0.0
 
     @property
     def wscale(self) -> int:
@@ -187,6 +190,8 @@ class BackupCore:
             # primary's space), so it is accepted at once (RFC 5961).
             if seg.flags & RST or not seg.flags & ACK:
                 return [Drop("unprotected connection after takeover")]
+            if conn.closing_since is None:
+                conn.closing_since = now
             return [Drop("unprotected connection after takeover"), Count("unprotected_reset"),
                     Inject(self._reset(conn, seg.ack), "reset of an unprotected connection")]
         buf, out = self._map_inbound(conn, seg, data)
@@ -622,6 +627,25 @@ class BackupCore:
         return [SendSync(Diverged(conn.key, offset)), Count("diverged"),
                 Log("connection_diverged", "error", {"conn": conn.key, "offset": offset, "why": reason})]
 
+    def _reset_unprotected(self, conn: BackupConn, now: float) -> list[Action]:
+        """Reset a connection we could not migrate, at our best guess of the
+        client's receive point, then ask the client where it really is.
+
+        The guess (its latest ack we saw) misses when the primary sent more
+        since: a reset below the window is dropped without a word, and a
+        client waiting for an answer never speaks again. So an old-sequence
+        ACK follows; every TCP answers one with an ACK of its receive point
+        (RFC 793), and on_inbound resets that exactly."""
+        assert conn.delta_seq is not None and conn.client_ack_b is not None
+        guess = seq_add(conn.client_ack_b, conn.delta_seq)
+        cip, cport, vip, vport = conn.key
+        probe = tcpseg.build_segment(vip, cip, vport, cport, (guess - 1) & MASK, conn.rcv_ack or 0, ACK,
+                                     0, b"")
+        conn.reset_probes += 1
+        conn.reset_probed_at = now
+        return [Inject(self._reset(conn, guess), "reset of an unprotected connection at takeover"),
+                Inject(probe, "where is the client? (its ACK gets the exact reset)"), Count("unprotected_reset")]
+
     def _reset(self, conn: BackupConn, seq: int) -> bytes:
         cip, cport, vip, vport = conn.key
         return tcpseg.build_segment(vip, cip, vport, cport, seq, 0, RST, 0, b"")
@@ -664,11 +688,7 @@ class BackupCore:
             if conn.delta_seq is None or not conn.protected:
                 unprotected += 1
                 if conn.delta_seq is not None and conn.client_ack_b is not None and conn.closing_since is None:
-                    # Best guess of the client's receive point; a miss draws a
-                    # challenge ACK, which on_inbound answers exactly.
-                    out.append(Inject(self._reset(conn, seq_add(conn.client_ack_b, conn.delta_seq)),
-                                      "reset of an unprotected connection at takeover"))
-                    out.append(Count("unprotected_reset"))
+                    out += self._reset_unprotected(conn, now)
                 continue
             migrated += 1
             for _seq, (end, data) in list(conn.held.items()):
@@ -717,6 +737,9 @@ class BackupCore:
                     out.append(Count("pending_expired", len(conn.pending_in)))
                 conn.pending_in = []
                 out.append(Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason}))
+            if self.active and not conn.protected and conn.closing_since is None and conn.reset_probes \
+                    and conn.reset_probes < UNPROTECTED_RESET_TRIES and now - conn.reset_probed_at >= 1.0:
+                out += self._reset_unprotected(conn, now)  # the reset or the client's answer was lost
             if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s:
                 del self.conns[key]
         for key in [k for k, (_, t) in self.early_isn.items() if now - t > self.cfg.handshake_hold_s]:

@@ -40,12 +40,14 @@ class Config:
     backup_lan: Optional[str] = None
     heartbeat_interval_ms: int = 50
     heartbeat_missed: int = 3
-    # The primary's patience with a silent backup, before it stops clamping
-    # acks and serves unprotected. Longer than the backup's detection: giving
-    # up drops protection for every open connection for good, and under load
-    # a backup's loop can miss 150-200 ms of beats (measured at 100
-    # connections on 2 vCPUs) and live.
-    backup_lost_ms: int = 600
+    # Patience with a silent peer daemon whose host may be alive: the primary
+    # then stops clamping and serves unprotected; a backup whose primary host
+    # still answers ICMP goes orphaned. Both unprotect every open connection
+    # for good, so this outlasts the detection time: under load a daemon's
+    # loop can miss 150-300 ms of beats and live (measured at 100 connections
+    # on 2 vCPUs). A host that stops answering is still taken over at the
+    # detection time.
+    daemon_lost_ms: int = 600
     queue_primary_out: int = 11
     queue_backup_in: int = 12
     queue_backup_out: int = 13
@@ -116,7 +118,7 @@ _LAYOUT: dict[str, dict[str, str]] = {
              "key_file": "sync_key_file"},
     "lan": {"primary": "primary_lan", "backup": "backup_lan"},
     "heartbeat": {"interval_ms": "heartbeat_interval_ms", "missed": "heartbeat_missed",
-                  "backup_lost_ms": "backup_lost_ms"},
+                  "daemon_lost_ms": "daemon_lost_ms"},
     "queues": {"primary_out": "queue_primary_out", "backup_in": "queue_backup_in",
                "backup_out": "queue_backup_out", "max_len": "queue_max_len"},
     "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb", "synack_hold_ms": "synack_hold_ms",
@@ -212,8 +214,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("heartbeat.interval_ms must be in 1..60000")
     if not 1 <= cfg.heartbeat_missed <= 100:
         raise ConfigError("heartbeat.missed must be in 1..100")
-    if not cfg.heartbeat_interval_ms <= cfg.backup_lost_ms <= 600000:
-        raise ConfigError("heartbeat.backup_lost_ms must be in interval_ms..600000")
+    if not cfg.heartbeat_interval_ms <= cfg.daemon_lost_ms <= 600000:
+        raise ConfigError("heartbeat.daemon_lost_ms must be in interval_ms..600000")
     queues = (cfg.queue_primary_out, cfg.queue_backup_in, cfg.queue_backup_out)
     if not all(0 <= q <= 65535 for q in queues) or len(set(queues)) != 3:
         raise ConfigError("queues.primary_out, backup_in and backup_out must be distinct numbers in 0..65535")

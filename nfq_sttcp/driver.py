@@ -93,7 +93,7 @@ class Daemon:
         self._cloning: Optional[_CloningSwitch] = None
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
-            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.backup_lost_ms / 1000)
+            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
             self.backup: Optional[BackupCore] = None
             self.watchdog: Optional[Watchdog] = None
         else:
@@ -102,8 +102,8 @@ class Daemon:
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
                                                   ts_margin=cfg.ts_margin_ms,
                                                   max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
-            self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed)
-            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.backup_lost_ms / 1000)
+            self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
+            self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
 
     # == life cycle ==========================================================
 

@@ -69,9 +69,10 @@ class FailoverTimes:
 class Watchdog:
     """The backup's view of the primary."""
 
-    def __init__(self, interval_s: float, missed: int) -> None:
+    def __init__(self, interval_s: float, missed: int, orphan_after_s: float = 0.0) -> None:
         self.interval = interval_s
         self.missed = missed
+        self.orphan_after = max(orphan_after_s, interval_s * missed)
         self.state = WAITING
         self.last_beat: Optional[float] = None
         self.last_probe_reply: Optional[float] = None
@@ -121,6 +122,8 @@ class Watchdog:
             return []
         missed = int(self.silence(now) / self.interval)
         if missed >= self.missed and self.state == SUSPECT and self._host_answers(now):
+            if self.silence(now) < self.orphan_after:
+                return []  # a live host whose daemon stalls under load: wait (orphaning unprotects all)
             return self._go(ORPHANED, now, missed_beats=missed,
                             note="the primary's host answers but its daemon is silent: not taking over; "
                                  "protection lost until its daemon is back")

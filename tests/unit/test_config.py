@@ -42,7 +42,7 @@ def test_defaults_and_derived_values():
     ({"vip": "10.78.0.1"}, "must not be a host address"),
     ({"heartbeat.interval_ms": 0}, "interval_ms"),
     ({"heartbeat.missed": "3"}, "must be an integer"),
-    ({"heartbeat.backup_lost_ms": 10}, "backup_lost_ms must be in interval_ms"),
+    ({"heartbeat.daemon_lost_ms": 10}, "daemon_lost_ms must be in interval_ms"),
     ({"queues.backup_in": 11}, "distinct"),
     ({"lan.primary": "10.77.0.1"}, "both lan.primary and lan.backup"),
     ({"lan.primary": "192.168.1.1", "lan.backup": "10.77.0.2"}, "outside the VIP's LAN subnet"),

@@ -491,3 +491,22 @@ def test_after_takeover_a_bare_reset_after_both_fins_does_not_reach_the_client()
     # an application's abort (RST|ACK) is never kept
     abort = tcpseg.build_segment(VIP, "10.77.0.10", 7000, 40000, 5002, 102, RST | ACK, 0)
     assert verdicts(core.on_outbound(abort, 0.5)) == [Accept()]
+
+
+def test_a_connection_that_cannot_migrate_is_reset_where_the_client_really_is():
+    from nfq_sttcp.syncproto import Unprotect
+    b = mapped_backup()
+    b.on_outbound(from_server(901, 101, payload=b"r" * 100), 0.1)
+    b.on_inbound(from_client(101, 5101), 0.2)  # the client acked 100 bytes (primary space 5101)
+    b.on_unprotect(Unprotect((KEY,)), 0.3)
+    sent = [tcpseg.parse(a.packet) for a in b.activate(1.0) if isinstance(a, Inject)]
+    # our guess, then an old-sequence ACK to make the client say where it is
+    assert [(s.flags, s.seq) for s in sent] == [(RST, 5101), (ACK, 5100)]
+    assert b.on_tick(1.5) == []  # a second apart
+    again = [tcpseg.parse(a.packet) for a in b.on_tick(2.1) if isinstance(a, Inject)]
+    assert [(s.flags, s.seq) for s in again] == [(RST, 5101), (ACK, 5100)]
+    # the client was further on (the primary sent more): its ACK says where, and is reset exactly
+    acts = b.on_inbound(from_client(101, 5301), 2.2)
+    exact = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
+    assert [(s.flags, s.seq) for s in exact] == [(RST, 5301)]
+    assert not any(isinstance(a, Inject) for a in b.on_tick(3.5))  # answered: no more probes

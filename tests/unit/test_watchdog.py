@@ -75,6 +75,24 @@ def test_a_silent_daemon_on_a_live_host_is_orphaned_not_taken_over():
     assert w.on_tick(1.3) == [] and w.state == ORPHANED  # host still answered within K intervals
     w.on_heartbeat(1.31)  # the daemon is back
     assert w.state == FOLLOWING
+    # with daemon_lost_ms, a live host's stalled daemon is waited for first
+    w = Watchdog(0.05, 3, 0.6)
+    w.on_heartbeat(1.0)
+    for t in (1.06, 1.11, 1.16, 1.3, 1.5):
+        w.on_probe_reply(t - 0.01)
+        assert not any(isinstance(a, TakeOver) for a in w.on_tick(t)) and w.state == SUSPECT
+    w.on_heartbeat(1.55)  # it was load, not death: nothing was given up
+    assert w.state == FOLLOWING
+    for t in (1.61, 1.8, 2.0, 2.16):
+        w.on_probe_reply(t - 0.01)
+        w.on_tick(t)
+    assert w.state == ORPHANED
+    # a host that stops answering meanwhile is still taken over at the detection time
+    w = Watchdog(0.05, 3, 0.6)
+    w.on_heartbeat(1.0)
+    w.on_tick(1.06)
+    w.on_probe_reply(1.1)
+    assert any(isinstance(a, TakeOver) for a in w.on_tick(1.3)) and w.state == TAKEOVER
 
 
 def test_an_orphaned_backup_takes_over_when_the_host_stops_answering_too():
