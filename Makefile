@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test bootstrap unit netns iptables-rules lab-down clean
+.PHONY: demo test bootstrap unit netns iptables-rules keepalived-samples lab-down clean
 
 demo:
 	@bash scripts/bootstrap.sh runtime
@@ -26,6 +26,11 @@ netns: bootstrap
 iptables-rules: bootstrap
 	$(PY) -c "from nfq_sttcp import lab, rules; c = lab.lab_config(); \
 	[open('iptables/%s.rules' % r, 'w').write(rules.render(c, r)) for r in ('primary', 'backup')]"
+
+# The sample keepalived.conf of each role (vip_owner = "keepalived").
+keepalived-samples: bootstrap
+	$(PY) -c "from nfq_sttcp import keepalived as k, lab; c = lab.lab_config(vip_owner='keepalived'); \
+	[open('vagrant/keepalived/keepalived-%s.conf' % r, 'w').write(k.render(c, r, k.SAMPLE_NOTIFY)) for r in ('primary', 'backup')]"
 
 lab-down:
 	$(VENV)/bin/nfq-sttcp lab down

@@ -84,6 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to allow beyond the capture's length")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("doctor", help="preflight check of this host, and with --peer of the pair (exit 1 on a problem)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--role", choices=("primary", "backup"), help="default: the role whose sync address is here")
+    p.add_argument("--peer", action="store_true", help="also compare with the doctor run on the peer (over the sync "
+                   "link, UDP sync.port + 1): start it there within --wait seconds")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the peer's doctor (default 30)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("notify", help="keepalived's notify hook: tell the local daemon its VRRP state")
+    p.add_argument("--config", required=True)
+    p.add_argument("--control-socket", help="the daemon's control socket (default: try both roles')")
+    p.add_argument("vrrp_type", metavar="TYPE", help="INSTANCE or GROUP (as keepalived passes it)")
+    p.add_argument("vrrp_name", metavar="NAME")
+    p.add_argument("vrrp_state", metavar="STATE", help="MASTER, BACKUP, FAULT or STOP")
+    p.add_argument("priority", nargs="?", help="(passed by keepalived, unused)")
+
     p = sub.add_parser("switchover", help="planned handover: the backup takes over now (run where the service runs)")
     p.add_argument("--config", required=True)
     p.add_argument("--control-socket", help="the serving daemon's control socket (default: try both roles')")
@@ -97,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missed", type=int, default=3)
     p.add_argument("--defer-backup", action="store_true", help="start the backup daemon later (lab start-backup)")
     p.add_argument("--no-daemons", action="store_true", help="network and applications only: start the daemons by hand")
+    p.add_argument("--keepalived", action="store_true",
+                   help="keepalived's VRRP owns the VIP (vip_owner = \"keepalived\"); needs the keepalived package")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     lsub.add_parser("switchover", help="planned handover to the backup")
@@ -205,6 +223,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "status":
         return _daemon_status(args)
+    if args.cmd == "notify":
+        return _notify(args)
+    if args.cmd == "doctor":
+        return _doctor(args)
     if args.cmd == "switchover":
         return _switchover(args)
     if args.cmd == "replay":
@@ -241,6 +263,66 @@ def _daemon_status(args: argparse.Namespace) -> int:
     level, why = control.health(st)
     print(json.dumps(dict(st, health=level, why=why), indent=2) if args.json else _format_daemon(st, level, why))
     return control.EXIT_CODES[level]
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+    cfg = _load(args.config)
+    role = args.role
+    local = doctor.local_addresses()
+    if role is None:
+        role = "primary" if cfg.primary_sync in local else "backup" if cfg.backup_sync in local else None
+        if role is None:
+            return _die("neither sync address (%s, %s) is on this host: name the role with --role"
+                        % (cfg.primary_sync, cfg.backup_sync), 1)
+    facts = doctor.gather(cfg, role)
+    findings = [("host", f) for f in doctor.check_host(facts, cfg)]
+    if args.peer:
+        try:
+            theirs = doctor.exchange(cfg, role, facts, args.wait)
+        except (OSError, ConfigError) as e:
+            return _die("doctor --peer: %s" % e, 1)
+        if theirs is None:
+            findings.append(("pair", doctor.Finding(doctor.FAIL, "peer", "no doctor answered from %s within %g s"
+                                                    % (cfg.peer_addresses(role)[0], args.wait),
+                                                    "run 'nfq-sttcp doctor --peer' on the peer too; check the "
+                                                    "sync link and the key")))
+        else:
+            findings += [("pair", f) for f in doctor.compare(facts, theirs)]
+    bad = [f for _w, f in findings if f.level == doctor.FAIL]
+    if args.json:
+        print(json.dumps({"role": role, "ok": not bad, "findings": [dict(f.__dict__, scope=w) for w, f in findings]},
+                         indent=2))
+    else:
+        for where, f in findings:
+            line = "%-4s %-4s %s" % (f.level.upper(), where, f.what)
+            if f.detail:
+                line += ": " + f.detail
+            print(line)
+            if f.fix and f.level != doctor.OK:
+                print("          fix: " + f.fix)
+        print("%s: %d problem(s), %d warning(s)" % (role, len(bad),
+                                                    sum(1 for _w, f in findings if f.level == doctor.WARN)))
+    return 1 if bad else 0
+
+
+def _notify(args: argparse.Namespace) -> int:
+    """keepalived runs this on every VRRP state change (notify script)."""
+    from . import control
+    cfg = _load(args.config)
+    paths = [args.control_socket] if args.control_socket else [cfg.control_socket(r) for r in ("backup", "primary")]
+    errors = []
+    for path in paths:
+        try:
+            reply = control.request(path, "notify %s" % args.vrrp_state, timeout=5.0)
+        except (OSError, ValueError) as e:
+            errors.append("%s: %s" % (path, e))
+            continue
+        if "error" in reply:
+            return _die("notify %s %s: %s" % (args.vrrp_name, args.vrrp_state, reply["error"]), 1)
+        print("notify %s %s: %s" % (args.vrrp_name, args.vrrp_state, reply.get("action")))
+        return 0
+    return _die("notify: no daemon answers (%s)" % "; ".join(errors), 1)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -347,8 +429,10 @@ def _format_daemon(st: dict, level: str = "", why: tuple = ()) -> str:
     beats = st.get("heartbeats", {})
     lines = ["%s%s: %s%s" % (st["role"], " (serving as primary)" if st.get("serving_as") == "primary" else "",
                              level.upper() or st["state"], "" if not why else ": " + "; ".join(why)),
-             "  state %s, peer %s, last heartbeat %s ms ago, heartbeat RTT %s ms" % (
-                 st["state"], st.get("backup", "primary"), st.get("last_heartbeat_ms_ago"), beats.get("rtt_ms", "-"))]
+             "  state %s, peer %s%s, last heartbeat %s ms ago, heartbeat RTT %s ms" % (
+                 st["state"], st.get("peer_state") or "never heard",
+                 " (backup %s)" % st["backup"] if "backup" in st else "",
+                 st.get("last_heartbeat_ms_ago"), beats.get("rtt_ms", "-"))]
     if "failover" in st:
         f = st["failover"]
         lines.append("  failover (%s): detection %s ms, takeover %s ms" % (f.get("reason"), f["detection_ms"],
@@ -374,7 +458,8 @@ def _lab(args: argparse.Namespace) -> int:
             if args.port and not args.app:
                 return _die("--port goes with --app (the built-in app uses 7000-7004)")
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
-                   missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons)
+                   missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons,
+                   keepalived=args.keepalived)
             return 0
         if args.lab_cmd == "down":
             lab.down()

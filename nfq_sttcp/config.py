@@ -26,6 +26,9 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _CHAIN = re.compile(r"^[A-Z][A-Z0-9_-]{0,15}$")
 
 
+VIP_OWNERS = ("builtin", "keepalived")
+
+
 @dataclass(frozen=True)
 class Config:
     vip: str
@@ -57,6 +60,11 @@ class Config:
     ts_margin_ms: int = 0
     max_backup_lag_kb: int = 256
     lan_snoop: bool = True
+    metrics_port: int = 0  # Prometheus endpoint; 0 = none
+    # Who owns the VIP: "builtin" (our heartbeats and watchdog move it) or
+    # "keepalived" (VRRP moves it; its notify script tells us, see notify).
+    vip_owner: str = "builtin"
+    metrics_address: str = "127.0.0.1"
     synack_hold_ms: int = 3000
     handshake_hold_ms: int = 3000
     control_socket_dir: str = "/run/nfq-sttcp"
@@ -113,7 +121,8 @@ class Config:
 _LAYOUT: dict[str, dict[str, str]] = {
     "": {"vip": "vip", "ports": "ports", "lan_interface": "lan_interface", "lan_prefix": "lan_prefix",
          "mark": "mark", "chain_prefix": "chain_prefix", "control_socket_dir": "control_socket_dir",
-         "lan_snoop": "lan_snoop"},
+         "lan_snoop": "lan_snoop", "metrics_port": "metrics_port", "metrics_address": "metrics_address",
+         "vip_owner": "vip_owner"},
     "sync": {"primary": "primary_sync", "backup": "backup_sync", "port": "sync_port",
              "key_file": "sync_key_file"},
     "lan": {"primary": "primary_lan", "backup": "backup_lan"},
@@ -206,6 +215,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ports must name at least one TCP port")
     if len(set(cfg.ports)) != len(cfg.ports) or not all(1 <= p <= 65535 for p in cfg.ports):
         raise ConfigError("ports must be distinct integers in 1..65535")
+    if cfg.vip_owner not in VIP_OWNERS:
+        raise ConfigError("vip_owner must be one of %s" % ", ".join(repr(v) for v in VIP_OWNERS))
+    if not 0 <= cfg.metrics_port <= 65535:
+        raise ConfigError("metrics_port must be in 0..65535 (0: no metrics endpoint)")
+    try:
+        ipaddress.ip_address(cfg.metrics_address)
+    except ValueError:
+        raise ConfigError("metrics_address %r is not an IP address" % cfg.metrics_address) from None
     if not 1 <= cfg.sync_port <= 65535:
         raise ConfigError("sync.port must be in 1..65535")
     if not _IFNAME.match(cfg.lan_interface):

@@ -28,7 +28,7 @@ from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
 from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError, Unprotect
-from .watchdog import ACTIVE, ORPHANED, PRESENT, SERVING, STOPPING, PeerMonitor, Watchdog
+from .watchdog import ACTIVE, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, PeerMonitor, Watchdog
 
 SO_MARK = 36
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
@@ -81,6 +81,13 @@ class Daemon:
         self.garp_frames: list[bytes] = []
         self.l2sock: Any = None
         self.timeline: list[tuple[str, float]] = []
+        self.peer_state: Optional[str] = None  # the state the peer's latest heartbeat carried
+        self.suspected_at: Optional[float] = None  # when the watchdog last turned suspect
+        self.failovers: list[dict[str, Optional[float]]] = []  # seconds: detection, takeover, resume
+        self.awaiting_client = False  # after takeover, until the first client segment
+        self.metrics: Any = None
+        self._snapshot: Optional[dict[str, Any]] = None
+        self._snapshot_at = 0.0
         self.started = time.monotonic()
         ports = frozenset(cfg.ports)
         self.promoted: Optional[PromotedCore] = None  # a backup after takeover, serving a new backup
@@ -102,7 +109,8 @@ class Daemon:
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
                                                   ts_margin=cfg.ts_margin_ms,
                                                   max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
-            self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
+            self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000,
+                                     autonomous=cfg.vip_owner == "builtin")
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
 
     # == life cycle ==========================================================
@@ -166,9 +174,18 @@ class Daemon:
         self.sync.setblocking(False)
         if self.role == "primary":
             self._refuse_if_peer_serves()
-            self._claim_vip()
+            if self.cfg.vip_owner == "builtin":
+                self._claim_vip()  # (with keepalived, VRRP adds it when this host is MASTER)
         self.fds[self.sync.fileno()] = self._on_sync_readable
         self._open_control()
+        if self.cfg.metrics_port:
+            from . import metrics
+            try:
+                self.metrics = metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address, lambda: self._snapshot)
+            except OSError as e:
+                raise DaemonError("cannot serve metrics on %s:%d: %s" % (
+                    self.cfg.metrics_address, self.cfg.metrics_port, e.strerror)) from None
+            self._snapshot = self.status()
         if self.role == "backup" and self.cfg.lan_snoop:
             self._open_snoop()
         if self.role == "backup":
@@ -193,6 +210,8 @@ class Daemon:
             self.fds[q.get_fd()] = (lambda q=q, r=reader: r.drain(q))
 
     def _teardown(self) -> None:
+        if self.metrics is not None:
+            self.metrics.shutdown()
         if self._cloning is not None:
             self._cloning.stop()  # before the rules go: it must not re-add any
         if self.primary is not None and self.deferred:
@@ -301,6 +320,8 @@ class Daemon:
 
     def _cb_backup_in(self, pkt: Any) -> None:
         assert self.backup is not None
+        if self.awaiting_client:
+            self._client_resumed()
         core = self.promoted or self.backup
         self._verdict(pkt, core.on_inbound, fallback_accept=False)
 
@@ -318,18 +339,23 @@ class Daemon:
                 if a.payload is not None:
                     pkt.set_payload(a.payload)
                 pkt.accept()
+                self.counters["verdict_accept"] += 1
             elif isinstance(a, Drop):
                 pkt.drop()
+                self.counters["verdict_drop"] += 1
             elif isinstance(a, Defer):
                 self.deferred[a.token] = pkt
+                self.counters["verdict_defer"] += 1
             elif isinstance(a, Release):
                 held = self.deferred.pop(a.token, None)
                 if held is not None:
                     if a.payload is not None:
                         held.set_payload(a.payload)
                     held.accept()
+                    self.counters["verdict_release"] += 1
             elif isinstance(a, Inject):
                 self._inject(a.packet)
+                self.counters["verdict_inject"] += 1
             elif isinstance(a, SendSync):
                 self._send_sync(a.message)
             elif isinstance(a, Count):
@@ -467,6 +493,7 @@ class Daemon:
             if msg.role != expected:
                 self.counters["sync_rejected"] += 1
                 return
+            self.peer_state = msg.state
             if addr in (self.cfg.primary_sync, self.cfg.backup_sync):
                 self._note_beat(msg, now)
             if self.primary is None and self.watchdog is not None and self.backup is not None:
@@ -502,6 +529,9 @@ class Daemon:
     # == time ================================================================
 
     def _tick(self, now: float) -> None:
+        if self.metrics is not None and now - self._snapshot_at >= 1.0:
+            self._snapshot_at = now
+            self._snapshot = self.status()  # replaced whole: the scrape thread reads only this
         if self.switchover == "stepping_down" and now > self.switchover_deadline:
             self._undo_step_down()
         if self.primary is not None and self.switchover != "stepping_down":
@@ -531,6 +561,8 @@ class Daemon:
                 self._on_probe_readable()
             was = self.watchdog.state
             self._perform(self.watchdog.on_tick(time.monotonic()))
+            if self.watchdog.state == SUSPECT and was != SUSPECT:
+                self.suspected_at = now
             if self.watchdog.state == ORPHANED and was != ORPHANED and self.backup is not None:
                 self._perform(self.backup.suspend("the primary's daemon is silent while its host answers"))
             if self.watchdog.probing() and now >= self.next_probe:
@@ -658,6 +690,9 @@ class Daemon:
 
     def _takeover(self, reason: str) -> None:
         assert self.backup is not None and self.watchdog is not None
+        if self.suspected_at is not None and self.watchdog.times.declared is not None \
+                and 0 <= self.watchdog.times.declared - self.suspected_at < 60:
+            self.timeline.append(("suspected", self.suspected_at))
         self._mark("declared_failed")
         ok = True
         try:
@@ -675,11 +710,50 @@ class Daemon:
         self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
         if ok:
             self._promote()
+            self.awaiting_client = True
         t = self.watchdog.times
+        self.failovers.append({"detection": None if t.detection_ms is None else t.detection_ms / 1000,
+                               "takeover": None if t.takeover_ms is None else t.takeover_ms / 1000,
+                               "resume": None})
         t0 = self.timeline[0][1] if self.timeline else time.monotonic()
         self.log.warning("takeover", reason=reason, ok=ok, detection_ms=_r(t.detection_ms),
                          takeover_ms=_r(t.takeover_ms),
                          timeline={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+
+    def _client_resumed(self) -> None:
+        """The first client segment after takeover: the end of the failover."""
+        self.awaiting_client = False
+        self._mark("first_client_segment")
+        declared = self.watchdog.times.declared if self.watchdog is not None else None
+        if declared is not None and self.failovers:
+            self.failovers[-1]["resume"] = time.monotonic() - declared
+        t0 = self.timeline[0][1]
+        self.log.info("failover_timeline", timeline_ms={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+
+    # == keepalived ==========================================================
+
+    def _on_notify(self, vrrp_state: str) -> dict[str, Any]:
+        """keepalived's notify: MASTER means this host now owns the VIP (take
+        over if we are the backup); BACKUP, FAULT or STOP on the serving host
+        means VRRP moved the VIP away (step down, as a switchover does)."""
+        state = vrrp_state.strip().upper()
+        serving = self.primary is not None
+        self.log.warning("keepalived_notify", vrrp_state=state, serving=serving)
+        if state not in ("MASTER", "BACKUP", "FAULT", "STOP"):
+            return {"error": "unknown VRRP state %r (MASTER, BACKUP, FAULT or STOP)" % vrrp_state}
+        if self.cfg.vip_owner != "keepalived":
+            return {"error": "vip_owner is %r in the config: keepalived does not drive this daemon"
+                             % self.cfg.vip_owner}
+        if state == "MASTER":
+            if serving:
+                return {"ok": True, "action": "none (already serving)"}
+            assert self.watchdog is not None
+            self._perform(self.watchdog.force_takeover(time.monotonic(), "keepalived: this host is MASTER"))
+            return {"ok": True, "action": "takeover", "state": self.watchdog.state}
+        if not serving or self.switchover in ("stepping_down", "done"):
+            return {"ok": True, "action": "none"}
+        reply = self._step_down()
+        return dict(reply, action="step down")
 
     # == switchover ==========================================================
 
@@ -839,6 +913,8 @@ class Daemon:
                     reply: dict[str, Any] = self.status()
                 elif cmd == "switchover":
                     reply = self._step_down()
+                elif cmd.startswith("notify "):
+                    reply = self._on_notify(cmd.split(None, 1)[1])
                 elif cmd == "takeover" and self.watchdog is not None:
                     self._perform(self.watchdog.force_takeover(time.monotonic(), "operator switchover"))
                     reply = {"ok": True, "state": self.watchdog.state}
@@ -868,7 +944,9 @@ class Daemon:
         now = time.monotonic()
         st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
-                              "counters": dict(self.counters), "queues": self._queue_stats(), "heartbeats": self.beat_stats}
+                              "counters": dict(self.counters), "queues": self._queue_stats(),
+                              "heartbeats": dict(self.beat_stats), "failovers": list(self.failovers),
+                              "peer_state": self.peer_state}
         if self.promoted is not None:
             st["serving_as"] = "primary"
             st["backup"] = self.peer.state

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from typing import Optional
 
 from . import config as config_mod
 from . import control as control_mod
+from . import doctor
 from .config import Config
 
 PREFIX = "sttcp-"
@@ -61,10 +63,14 @@ def namespaces() -> list[str]:
     return [line.split()[0] for line in r.stdout.splitlines() if line.startswith(PREFIX)]
 
 
-def lab_config(ports: tuple[int, ...] = DEFAULT_PORTS, interval_ms: int = 50, missed: int = 3) -> Config:
+METRICS_PORT = 9477  # each daemon's Prometheus endpoint, on 127.0.0.1 in its own namespace
+
+
+def lab_config(ports: tuple[int, ...] = DEFAULT_PORTS, interval_ms: int = 50, missed: int = 3,
+               vip_owner: str = "builtin") -> Config:
     return Config(vip=VIP, ports=ports, lan_interface=LAN_IF, primary_sync=PRIMARY_SYNC, backup_sync=BACKUP_SYNC,
                   primary_lan=PRIMARY_IP, backup_lan=BACKUP_IP, sync_key_file=os.path.join(STATE_DIR, "sync.key"),
-                  heartbeat_interval_ms=interval_ms, heartbeat_missed=missed,
+                  heartbeat_interval_ms=interval_ms, heartbeat_missed=missed, metrics_port=METRICS_PORT, vip_owner=vip_owner,
                   control_socket_dir=os.path.join(STATE_DIR, "ctl"), source="nfq-sttcp lab")
 
 
@@ -122,11 +128,7 @@ def _build_network() -> None:
 
 # A backup holds the VIP on lo: it must not answer ARP for it, and clones
 # arrive on the sync link for an address on another interface.
-BACKUP_SYSCTLS = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
-                  "net.ipv4.conf.%s.arp_ignore" % LAN_IF: "1", "net.ipv4.conf.%s.arp_announce" % LAN_IF: "2",
-                  "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0",
-                  "net.ipv4.conf.%s.rp_filter" % SYNC_IF: "0", "net.ipv4.conf.%s.rp_filter" % LAN_IF: "0",
-                  "net.ipv4.conf.lo.rp_filter": "0"}
+BACKUP_SYSCTLS = dict(doctor.backup_sysctls(LAN_IF, SYNC_IF), **{"net.ipv4.conf.default.rp_filter": "0"})
 
 
 def _sysctls(ns: str, kv: dict[str, str]) -> None:
@@ -197,7 +199,7 @@ def _listening(host: str, port: int) -> bool:
 
 
 def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, interval_ms: int = 50, missed: int = 3,
-       start_backup: bool = True, start_daemons: bool = True, progress=print) -> Config:
+       start_backup: bool = True, start_daemons: bool = True, progress=print, keepalived: bool = False) -> Config:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (it creates network namespaces)")
     if namespaces():
@@ -211,7 +213,9 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
         fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(fd, secrets.token_hex(32).encode() + b"\n")
         os.close(fd)
-        cfg = lab_config(ports, interval_ms, missed)
+        cfg = lab_config(ports, interval_ms, missed, "keepalived" if keepalived else "builtin")
+        if keepalived and not shutil.which("keepalived"):
+            raise LabError("--vip-owner keepalived needs keepalived (apt-get install keepalived)")
         with open(config_path(), "w") as f:
             f.write(config_mod.render_toml(cfg))
         cfg = config_mod.load(config_path())
@@ -229,7 +233,13 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
             progress("[3/5] no daemons: start them by hand (config %s)" % config_path())
             progress("[5/5] lab up without daemons")
             return cfg
-        progress("[3/5] primary daemon")
+        if keepalived:
+            progress("[3/5] keepalived on the primary (VRRP owns the VIP), then the primary daemon")
+            _start_keepalived(cfg, "primary")
+            _wait("the primary's keepalived to become MASTER", lambda: vip_owner() == ["primary"], 20,
+                  log=("primary", "keepalived"))
+        else:
+            progress("[3/5] primary daemon")
         _spawn("primary", "daemon", _daemon_argv("primary", "primary"))
         _wait("the primary daemon", lambda: control("primary")["state"] == "serving", 20,
               log=("primary", "daemon"))
@@ -244,8 +254,22 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
         raise
 
 
+def _start_keepalived(cfg: Config, host: str) -> None:
+    from . import keepalived
+    notify = " ".join([sys.executable, "-m", "nfq_sttcp", "notify", "--config", config_path(),
+                       "--control-socket", control_path(host)])
+    conf = os.path.join(STATE_DIR, "keepalived-%s.conf" % host)
+    with open(conf, "w") as f:
+        f.write(keepalived.render(cfg, host, notify, advert_ms=cfg.heartbeat_interval_ms))
+    run = os.path.join(STATE_DIR, "keepalived-%s" % host)
+    _spawn(host, "keepalived", ["keepalived", "--dont-fork", "--log-console", "--no-syslog", "--vrrp",
+                                "--use-file", conf, "--pid", run + ".pid", "--vrrp_pid", run + "-vrrp.pid"])
+
+
 def start_backup_daemon(progress=print) -> None:
     progress("[4/5] backup daemon, waiting until it follows the primary")
+    if load_config().vip_owner == "keepalived":
+        _start_keepalived(load_config(), "backup")
     _spawn("backup", "daemon", _daemon_argv("backup", "backup"))
     _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20,
           log=("backup", "daemon"))

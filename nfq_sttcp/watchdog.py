@@ -69,9 +69,12 @@ class FailoverTimes:
 class Watchdog:
     """The backup's view of the primary."""
 
-    def __init__(self, interval_s: float, missed: int, orphan_after_s: float = 0.0) -> None:
+    def __init__(self, interval_s: float, missed: int, orphan_after_s: float = 0.0, autonomous: bool = True) -> None:
         self.interval = interval_s
         self.missed = missed
+        # Not autonomous: another party (keepalived's VRRP) owns the VIP and
+        # says when to take over (force_takeover); silence only makes us suspect.
+        self.autonomous = autonomous
         self.orphan_after = max(orphan_after_s, interval_s * missed)
         self.state = WAITING
         self.last_beat: Optional[float] = None
@@ -121,6 +124,8 @@ class Watchdog:
         if self.state not in (FOLLOWING, SUSPECT) or self.last_beat is None:
             return []
         missed = int(self.silence(now) / self.interval)
+        if not self.autonomous:
+            return self._go(SUSPECT, now, missed_beats=missed) if missed >= 1 and self.state == FOLLOWING else []
         if missed >= self.missed and self.state == SUSPECT and self._host_answers(now):
             if self.silence(now) < self.orphan_after:
                 return []  # a live host whose daemon stalls under load: wait (orphaning unprotects all)

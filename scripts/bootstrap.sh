@@ -15,8 +15,9 @@ fi
 APT_PACKAGES=(iptables iproute2 tcpdump libnetfilter-queue-dev libnfnetlink-dev
               build-essential python3 python3-venv python3-dev python3-pip make procps)
 if [ "$EXTRAS" = dev ]; then
-    # What the tests check the real-host path with (vagrant validate, shellcheck).
-    APT_PACKAGES+=(vagrant shellcheck)
+    # What the tests check the real-host path with (vagrant validate, shellcheck),
+    # and the VRRP daemon the keepalived test runs.
+    APT_PACKAGES+=(vagrant shellcheck keepalived)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

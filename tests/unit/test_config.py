@@ -43,6 +43,8 @@ def test_defaults_and_derived_values():
     ({"heartbeat.interval_ms": 0}, "interval_ms"),
     ({"heartbeat.missed": "3"}, "must be an integer"),
     ({"heartbeat.daemon_lost_ms": 10}, "daemon_lost_ms must be in interval_ms"),
+    ({"metrics_port": 70000}, "metrics_port must be in 0..65535"),
+    ({"metrics_address": "localhost"}, "not an IP address"),
     ({"queues.backup_in": 11}, "distinct"),
     ({"lan.primary": "10.77.0.1"}, "both lan.primary and lan.backup"),
     ({"lan.primary": "192.168.1.1", "lan.backup": "10.77.0.2"}, "outside the VIP's LAN subnet"),

@@ -140,3 +140,13 @@ def test_probe_echo_round_trip_against_scapy():
     assert probe.parse_echo_reply(bytes(IP(src="10.77.0.1", dst="10.77.0.2") / ICMP(type=8))) is None
     for bad in (b"", b"\x45" + b"\0" * 10, reply[:22]):
         assert probe.parse_echo_reply(bad) is None
+
+
+def test_with_keepalived_silence_only_makes_the_backup_suspect():
+    w = Watchdog(0.05, 3, autonomous=False)
+    w.on_heartbeat(1.0)
+    for t in (1.06, 1.2, 1.5, 3.0):
+        assert not any(isinstance(a, TakeOver) for a in w.on_tick(t))
+    assert w.state == SUSPECT
+    acts = w.force_takeover(3.1, "keepalived: this host is MASTER")
+    assert any(isinstance(a, TakeOver) for a in acts) and w.times.reason.startswith("keepalived")

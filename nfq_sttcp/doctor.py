@@ -1,0 +1,284 @@
+"""`nfq-sttcp doctor`: a preflight check of one host, and of the pair.
+
+Three parts, kept apart:
+
+- ``gather`` reads this host (sysctls, interfaces, listening ports, the
+  iptables backend) and tries each kernel feature for real: it installs an
+  NFQUEUE, a TEE and a conntrack rule in a scratch network namespace that it
+  deletes again. The host's own tables are never touched.
+- ``check_host`` and ``compare`` are pure: facts in, findings out, each with
+  the fix in plain words.
+- ``exchange`` swaps facts with the doctor run on the peer, over the sync
+  link (UDP, port sync.port + 1, HMAC-signed with the sync key when there is
+  one). Start both within ``--wait`` seconds of each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .config import Config
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+SCRATCH_NS = "sttcp-doctor"
+TCP_SYSCTLS = ("tcp_timestamps", "tcp_sack", "tcp_window_scaling", "tcp_rmem", "tcp_wmem")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # ok | warn | fail
+    what: str
+    detail: str = ""
+    fix: str = ""
+
+
+def backup_sysctls(lan_if: str, sync_if: Optional[str] = None) -> dict[str, str]:
+    """What the backup needs: it holds the VIP on lo (it must not answer ARP
+    for it) and receives clones for that address on the sync interface (the
+    reverse-path filter would drop them; it applies the larger of "all" and
+    the interface's value)."""
+    out = {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
+           "net.ipv4.conf.%s.arp_ignore" % lan_if: "1", "net.ipv4.conf.%s.arp_announce" % lan_if: "2",
+           "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.%s.rp_filter" % lan_if: "0",
+           "net.ipv4.conf.lo.rp_filter": "0"}
+    if sync_if and sync_if != lan_if:
+        out["net.ipv4.conf.%s.rp_filter" % sync_if] = "0"
+    return out
+
+
+# == gathering (side effects) ==============================================
+
+def _sysctl(name: str) -> Optional[str]:
+    try:
+        with open("/proc/sys/" + name.replace(".", "/")) as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return None
+
+
+def _run(argv: list[str], ns: Optional[str] = None) -> subprocess.CompletedProcess:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + argv
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _try_features() -> dict[str, str]:
+    """Each netfilter feature nfq-sttcp uses, tried in a scratch namespace:
+    "" when it works, else the error."""
+    rules = {
+        "NFQUEUE": ["-t", "mangle", "-A", "POSTROUTING", "-p", "tcp", "-j", "NFQUEUE", "--queue-num", "9",
+                    "--queue-bypass"],
+        "TEE": ["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-j", "TEE", "--gateway", "127.0.0.1"],
+        "conntrack": ["-t", "filter", "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED", "-j", "ACCEPT"],
+        "mark": ["-t", "raw", "-A", "OUTPUT", "-m", "mark", "--mark", "0x5717", "-j", "ACCEPT"],
+    }
+    out: dict[str, str] = {}
+    r = _run(["ip", "netns", "add", SCRATCH_NS])
+    if r.returncode != 0:
+        return {k: "cannot create a scratch namespace: %s" % r.stderr.strip() for k in rules}
+    try:
+        for name, argv in rules.items():
+            r = _run(["iptables", "-w"] + argv, ns=SCRATCH_NS)
+            out[name] = "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
+    finally:
+        _run(["ip", "netns", "del", SCRATCH_NS])
+    out["nfnetlink_queue"] = "" if os.path.exists("/proc/net/netfilter/nfnetlink_queue") else "not in this kernel"
+    return out
+
+
+def _listening_ports() -> list[int]:
+    r = _run(["ss", "-Hltn"])
+    ports = set()
+    for line in r.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[3].rsplit(":", 1)[-1].isdigit():
+            ports.add(int(parts[3].rsplit(":", 1)[-1]))
+    return sorted(ports)
+
+
+def local_addresses() -> dict[str, str]:
+    """This host's IPv4 addresses, each with its interface."""
+    r = _run(["ip", "-4", "-o", "addr", "show"])
+    return {line.split()[3].split("/")[0]: line.split()[1] for line in r.stdout.splitlines() if len(line.split()) > 3}
+
+
+def _mtu(ifname: str) -> Optional[int]:
+    try:
+        with open("/sys/class/net/%s/mtu" % ifname) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def gather(cfg: Config, role: str) -> dict[str, Any]:
+    """Everything the checks need about this host."""
+    r = _run(["iptables", "--version"])
+    addresses = local_addresses()
+    sync_if = addresses.get(cfg.own_addresses(role)[0])
+    wanted = set(backup_sysctls(cfg.lan_interface, sync_if)) | {"net.core.rmem_max"} | \
+        {"net.ipv4." + k for k in TCP_SYSCTLS}
+    return {
+        "role": role,
+        "root": os.geteuid() == 0,
+        "iptables": r.stdout.strip() if r.returncode == 0 else "",
+        "features": _try_features() if os.geteuid() == 0 else {},
+        "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
+        "lan_mtu": _mtu(cfg.lan_interface),
+        "addresses": sorted(addresses),
+        "sync_if": sync_if,
+        "listening": _listening_ports(),
+    }
+
+
+# == checks (pure) =========================================================
+
+def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
+    role = facts["role"]
+    out: list[Finding] = []
+    if not facts["root"]:
+        return [Finding(FAIL, "privilege", "not root", "run the daemons (and doctor) as root: they need "
+                        "CAP_NET_ADMIN for iptables, NFQUEUE and the VIP")]
+    for feature, err in sorted(facts["features"].items()):
+        if err:
+            out.append(Finding(FAIL, "kernel feature %s" % feature, err,
+                               "load or build it: xt_%s / nfnetlink_queue / nf_conntrack (modprobe, or a kernel "
+                               "with CONFIG_NETFILTER_XT_TARGET_NFQUEUE, _TEE, CONFIG_NF_CONNTRACK)" % feature))
+        else:
+            out.append(Finding(OK, "kernel feature %s" % feature))
+    ipt = facts["iptables"]
+    if not ipt:
+        out.append(Finding(FAIL, "iptables", "not found", "apt-get install iptables"))
+    elif "nf_tables" in ipt:
+        out.append(Finding(OK, "iptables backend", ipt))
+    else:
+        out.append(Finding(WARN, "iptables backend", ipt, "iptables-nft is the tested backend: "
+                           "update-alternatives --set iptables /usr/sbin/iptables-nft"))
+    if facts["lan_mtu"] is None:
+        out.append(Finding(FAIL, "LAN interface", "%s does not exist" % cfg.lan_interface,
+                           "set lan_interface to the interface that carries the VIP"))
+    mine = cfg.own_addresses(role)[0]
+    if mine not in facts["addresses"]:
+        out.append(Finding(FAIL, "sync address", "%s (sync.%s) is not on this host" % (mine, role),
+                           "add it to the sync interface, or run the other role here"))
+    if role == "backup":
+        bad = {k: v for k, v in backup_sysctls(cfg.lan_interface, facts.get("sync_if")).items()
+               if facts["sysctls"].get(k) != v}
+        for k, v in sorted(bad.items()):
+            out.append(Finding(FAIL, "sysctl %s" % k, "is %s, the backup needs %s" % (facts["sysctls"].get(k), v),
+                               "sysctl -w %s=%s (and persist it in /etc/sysctl.d/)" % (k, v)))
+        if not bad:
+            out.append(Finding(OK, "backup sysctls (ARP and reverse-path filter)"))
+    missing = [p for p in cfg.ports if p not in facts["listening"]]
+    if missing:
+        out.append(Finding(WARN, "application", "nothing listens on port(s) %s" % ", ".join(map(str, missing)),
+                           "start the service on both hosts, with the same ports"))
+    else:
+        out.append(Finding(OK, "application listens on %s" % ", ".join(map(str, cfg.ports))))
+    return out
+
+
+def window_scale(sysctls: dict[str, Optional[str]]) -> Optional[int]:
+    """The window scale Linux offers in a SYN-ACK, from the largest receive
+    buffer it may use (tcp_rmem's max, or rmem_max if larger)."""
+    try:
+        space = max(int((sysctls.get("net.ipv4.tcp_rmem") or "").split()[2]), int(sysctls.get("net.core.rmem_max") or 0))
+    except (IndexError, ValueError):
+        return None
+    if sysctls.get("net.ipv4.tcp_window_scaling") == "0":
+        return 0
+    # tcp_select_initial_window(): ilog2(space) - 15, clamped to 0..14
+    return max(0, min(14, space.bit_length() - 1 - 15)) if space > 0 else 0
+
+
+def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[Finding]:
+    """What differs between the two hosts and would break a migration (the
+    backup's SYN-ACK must carry the options the primary's did)."""
+    out: list[Finding] = []
+    a, b = mine["sysctls"], theirs["sysctls"]
+    who = "this host (%s) vs the peer (%s)" % (mine["role"], theirs["role"])
+
+    def on(v: Optional[str]) -> Optional[bool]:
+        return None if v is None else v != "0"
+
+    for key, label in (("net.ipv4.tcp_timestamps", "TCP timestamps"), ("net.ipv4.tcp_sack", "SACK"),
+                       ("net.ipv4.tcp_window_scaling", "window scaling")):
+        if on(a.get(key)) != on(b.get(key)):
+            out.append(Finding(FAIL, label, "%s: %s vs %s" % (who, a.get(key), b.get(key)),
+                               "set %s the same on both hosts: connections whose options differ stay "
+                               "unprotected" % key))
+        else:
+            out.append(Finding(OK, "%s alike (%s)" % (label, a.get(key))))
+    wa, wb = window_scale(a), window_scale(b)
+    if wa != wb:
+        out.append(Finding(FAIL, "window scale", "%s: %s vs %s (from tcp_rmem %r / %r, rmem_max %s / %s)" % (
+            who, wa, wb, a.get("net.ipv4.tcp_rmem"), b.get("net.ipv4.tcp_rmem"), a.get("net.core.rmem_max"),
+            b.get("net.core.rmem_max")), "give net.ipv4.tcp_rmem and net.core.rmem_max the same values on both"))
+    else:
+        out.append(Finding(OK, "window scale alike (%s)" % wa))
+    if mine["lan_mtu"] != theirs["lan_mtu"]:
+        out.append(Finding(FAIL, "MTU", "%s: %s vs %s" % (who, mine["lan_mtu"], theirs["lan_mtu"]),
+                           "use the same MTU on both LAN interfaces: the MSS in each SYN-ACK follows it"))
+    else:
+        out.append(Finding(OK, "LAN MTU alike (%s)" % mine["lan_mtu"]))
+    only_a = sorted(set(mine["listening"]) - set(theirs["listening"]))
+    only_b = sorted(set(theirs["listening"]) - set(mine["listening"]))
+    if only_a or only_b:
+        out.append(Finding(WARN, "listening ports differ", "only here: %s; only on the peer: %s" % (only_a, only_b),
+                           "run the same application, on the same ports, on both hosts"))
+    return out
+
+
+# == the pair, over the sync link ==========================================
+
+def _sign(key: Optional[bytes], payload: bytes) -> bytes:
+    return payload + (hmac.new(key, payload, hashlib.sha256).digest() if key else b"")
+
+
+def _verify(key: Optional[bytes], data: bytes) -> Optional[bytes]:
+    if not key:
+        return data
+    payload, tag = data[:-32], data[-32:]
+    return payload if hmac.compare_digest(tag, hmac.new(key, payload, hashlib.sha256).digest()) else None
+
+
+def exchange(cfg: Config, role: str, facts: dict[str, Any], wait_s: float = 30.0) -> Optional[dict[str, Any]]:
+    """Send our facts to the peer's doctor and receive its own; None if it
+    never answered within ``wait_s``. Keeps sending for a second after it
+    heard the peer, so the peer hears us too."""
+    key = cfg.read_key()
+    port = cfg.sync_port + 1
+    me, peer = cfg.own_addresses(role)[0], cfg.peer_addresses(role)[0]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((me, port))
+    s.settimeout(0.2)
+    msg = _sign(key, json.dumps({"doctor": 1, "facts": facts}).encode())
+    theirs: Optional[dict[str, Any]] = None
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                s.sendto(msg, (peer, port))
+            except OSError:
+                pass
+            try:
+                data, (addr, _p) = s.recvfrom(65535)
+            except socket.timeout:
+                continue
+            payload = _verify(key, data) if addr == peer else None
+            if payload is None:
+                continue
+            try:
+                theirs = json.loads(payload)["facts"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            deadline = min(deadline, time.monotonic() + 1.0)
+    finally:
+        s.close()
+    return theirs

@@ -1,0 +1,91 @@
+"""The Prometheus endpoint (``metrics_port`` in the config).
+
+The HTTP server runs in prometheus-client's thread; it never touches the
+daemon's live state. The daemon's loop publishes a status snapshot (a plain
+dict, replaced whole) about once a second, and each scrape reads the latest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional
+
+# Failover phases, in seconds: detection (last beat to declared failed),
+# takeover (declared to held segments released), resume (declared to the
+# first client segment after takeover).
+FAILOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
+VERDICTS = ("accept", "drop", "defer", "release", "inject")
+REWRITE_ERRORS = ("handler_errors", "malformed_in", "malformed_out", "inject_errors")
+
+
+def _histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:
+    buckets = [(repr(b), float(sum(1 for v in values if v <= b))) for b in FAILOVER_BUCKETS]
+    buckets.append(("+Inf", float(len(values))))
+    return buckets, float(sum(values))
+
+
+class StatusCollector:
+    """Turns a daemon status snapshot into metric families."""
+
+    def __init__(self, snapshot: Callable[[], Optional[dict[str, Any]]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        st = self.snapshot()
+        if st is None:
+            return
+        counters = st.get("counters", {})
+        info = GaugeMetricFamily("nfq_sttcp_state", "The daemon's role and state (1 for the current one)",
+                                 labels=["role", "state", "serving_as"])
+        info.add_metric([st["role"], str(st.get("state")), str(st.get("serving_as", st["role"]))], 1)
+        yield info
+        packets = CounterMetricFamily("nfq_sttcp_packets", "Packets handled, by verdict", labels=["verdict"])
+        for v in VERDICTS:
+            packets.add_metric([v], counters.get("verdict_" + v, 0))
+        yield packets
+        errors = CounterMetricFamily("nfq_sttcp_rewrite_errors", "Packets that could not be parsed, rewritten or "
+                                     "sent (given the role's safe verdict)", labels=["kind"])
+        for k in REWRITE_ERRORS:
+            errors.add_metric([k], counters.get(k, 0))
+        yield errors
+        conns = st.get("connections", [])
+        held = GaugeMetricFamily("nfq_sttcp_held_bytes", "Bytes of the backup's replies held until takeover")
+        held.add_metric([], sum(c.get("held_bytes", 0) for c in conns))
+        yield held
+        protected = GaugeMetricFamily("nfq_sttcp_connections", "Tracked connections", labels=["protected"])
+        n = sum(1 for c in conns if c.get("protected"))
+        protected.add_metric(["true"], n)
+        protected.add_metric(["false"], len(conns) - n)
+        yield protected
+        beats = st.get("heartbeats", {})
+        if "rtt_ms" in beats:
+            rtt = GaugeMetricFamily("nfq_sttcp_heartbeat_rtt_seconds", "Latest heartbeat round trip")
+            rtt.add_metric([], beats["rtt_ms"] / 1000)
+            yield rtt
+        failovers = st.get("failovers", [])
+        total = CounterMetricFamily("nfq_sttcp_failovers", "Takeovers by this daemon")
+        total.add_metric([], len(failovers))
+        yield total
+        for phase in ("detection", "takeover", "resume"):
+            values = [f[phase] for f in failovers if f.get(phase) is not None]
+            h = HistogramMetricFamily("nfq_sttcp_failover_%s_seconds" % phase, "Failover %s time" % phase)
+            buckets, total_s = _histogram(values)
+            h.add_metric([], buckets, total_s)
+            yield h
+        div = CounterMetricFamily("nfq_sttcp_divergences", "Connections whose output differed from the primary's")
+        div.add_metric([], counters.get("diverged", 0))
+        yield div
+        rej = CounterMetricFamily("nfq_sttcp_sync_rejected", "Sync messages rejected (bad, forged or replayed)")
+        rej.add_metric([], counters.get("sync_rejected", 0))
+        yield rej
+
+
+def serve(port: int, address: str, snapshot: Callable[[], Optional[dict[str, Any]]]) -> Any:
+    """Start the endpoint in a daemon thread; returns the server (``shutdown()`` it)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(snapshot))
+    result = start_http_server(port, addr=address, registry=registry)
+    return result[0] if isinstance(result, tuple) else None

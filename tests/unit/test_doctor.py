@@ -1,0 +1,68 @@
+"""The doctor's judgements (pure): facts in, findings with fixes out."""
+
+from nfq_sttcp import doctor, lab
+from nfq_sttcp.doctor import FAIL, OK, WARN
+
+CFG = lab.lab_config()
+
+
+def facts(role="backup", **over):
+    f = {"role": role, "root": True, "iptables": "iptables v1.8.9 (nf_tables)",
+         "features": {"NFQUEUE": "", "TEE": "", "conntrack": "", "mark": "", "nfnetlink_queue": ""},
+         "sysctls": dict(doctor.backup_sysctls("lan0", "sync0"), **{
+             "net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_sack": "1", "net.ipv4.tcp_window_scaling": "1",
+             "net.ipv4.tcp_rmem": "4096 131072 6291456", "net.core.rmem_max": "212992"}),
+         "lan_mtu": 1500, "addresses": ["10.77.0.2", "10.78.0.2"], "sync_if": "sync0",
+         "listening": [22, 7000, 7001, 7002, 7003, 7004]}
+    for k, v in over.items():
+        if k == "sysctls":
+            f["sysctls"] = dict(f["sysctls"], **v)
+        else:
+            f[k] = v
+    return f
+
+
+def levels(findings):
+    return {f.what: f.level for f in findings}
+
+
+def test_a_good_host_passes_and_each_problem_is_named_with_its_fix():
+    assert all(f.level == OK for f in doctor.check_host(facts(), CFG))
+    bad = doctor.check_host(facts(features={"NFQUEUE": "No chain/target/match by that name", "TEE": ""},
+                                  sysctls={"net.ipv4.conf.sync0.rp_filter": "1"}, listening=[22],
+                                  iptables="iptables v1.8.9 (legacy)"), CFG)
+    by = {f.what: f for f in bad}
+    assert by["kernel feature NFQUEUE"].level == FAIL and "xt_NFQUEUE" in by["kernel feature NFQUEUE"].fix
+    assert by["sysctl net.ipv4.conf.sync0.rp_filter"].fix.startswith("sysctl -w net.ipv4.conf.sync0.rp_filter=0")
+    assert by["application"].level == WARN and "7000" in by["application"].detail
+    assert by["iptables backend"].level == WARN
+    assert levels(doctor.check_host(facts(root=False), CFG)) == {"privilege": FAIL}
+    # the primary needs none of the backup's ARP settings
+    assert all(f.level == OK for f in doctor.check_host(
+        facts("primary", addresses=["10.77.0.1", "10.78.0.1"], sysctls={"net.ipv4.conf.all.arp_ignore": "0"}), CFG))
+
+
+def test_the_pair_differences_that_break_a_migration():
+    a, b = facts("primary"), facts()
+    assert all(f.level == OK for f in doctor.compare(a, b))
+    # timestamps 1 (random offsets) and 2 (none) both put the option in the SYN-ACK
+    assert all(f.level == OK for f in doctor.compare(a, facts(sysctls={"net.ipv4.tcp_timestamps": "2"})))
+    got = levels(doctor.compare(a, facts(sysctls={"net.ipv4.tcp_sack": "0", "net.ipv4.tcp_rmem": "4096 131072 33554432"},
+                                         lan_mtu=9000, listening=[7000])))
+    assert got["SACK"] == FAIL and got["window scale"] == FAIL and got["MTU"] == FAIL
+    assert got["listening ports differ"] == WARN
+
+
+def test_window_scale_follows_the_largest_receive_buffer():
+    assert doctor.window_scale({"net.ipv4.tcp_rmem": "4096 131072 6291456", "net.core.rmem_max": "212992"}) == 7
+    assert doctor.window_scale({"net.ipv4.tcp_rmem": "4096 131072 6291456", "net.core.rmem_max": "67108864"}) == 11
+    assert doctor.window_scale({"net.ipv4.tcp_rmem": "4096 131072 6291456", "net.ipv4.tcp_window_scaling": "0"}) == 0
+    assert doctor.window_scale({"net.ipv4.tcp_rmem": "garbage"}) is None
+
+
+def test_facts_are_signed_with_the_sync_key():
+    key = b"k" * 32
+    data = doctor._sign(key, b'{"doctor": 1}')
+    assert doctor._verify(key, data) == b'{"doctor": 1}'
+    assert doctor._verify(key, data[:-1] + bytes([data[-1] ^ 1])) is None
+    assert doctor._verify(b"x" * 32, data) is None
