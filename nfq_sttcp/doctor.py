@@ -28,7 +28,7 @@ from typing import Any, Optional
 from .config import Config
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-SCRATCH_NS = "sttcp-doctor"
+SCRATCH_PREFIX = "sttcp-doctor-"  # + pid: the doctors of both roles may run at once on one machine (the lab)
 TCP_SYSCTLS = ("tcp_timestamps", "tcp_sack", "tcp_window_scaling", "tcp_rmem", "tcp_wmem")
 
 
@@ -80,15 +80,16 @@ def _try_features() -> dict[str, str]:
         "mark": ["-t", "raw", "-A", "OUTPUT", "-m", "mark", "--mark", "0x5717", "-j", "ACCEPT"],
     }
     out: dict[str, str] = {}
-    r = _run(["ip", "netns", "add", SCRATCH_NS])
+    scratch = SCRATCH_PREFIX + str(os.getpid())
+    r = _run(["ip", "netns", "add", scratch])
     if r.returncode != 0:
-        return {k: "cannot create a scratch namespace: %s" % r.stderr.strip() for k in rules}
+        return {"scratch": r.stderr.strip() or "ip netns add failed"}
     try:
         for name, argv in rules.items():
-            r = _run(["iptables", "-w"] + argv, ns=SCRATCH_NS)
+            r = _run(["iptables", "-w"] + argv, ns=scratch)
             out[name] = "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
     finally:
-        _run(["ip", "netns", "del", SCRATCH_NS])
+        _run(["ip", "netns", "del", scratch])
     out["nfnetlink_queue"] = "" if os.path.exists("/proc/net/netfilter/nfnetlink_queue") else "not in this kernel"
     return out
 
@@ -146,7 +147,11 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
         return [Finding(FAIL, "privilege", "not root", "run the daemons (and doctor) as root: they need "
                         "CAP_NET_ADMIN for iptables, NFQUEUE and the VIP")]
     for feature, err in sorted(facts["features"].items()):
-        if err:
+        if feature == "scratch":
+            out.append(Finding(WARN, "kernel features untested", "no scratch namespace: %s" % err,
+                               "the features are tried in a throwaway network namespace: run doctor where "
+                               "'ip netns add' works"))
+        elif err:
             out.append(Finding(FAIL, "kernel feature %s" % feature, err,
                                "load or build it: xt_%s / nfnetlink_queue / nf_conntrack (modprobe, or a kernel "
                                "with CONFIG_NETFILTER_XT_TARGET_NFQUEUE, _TEE, CONFIG_NF_CONNTRACK)" % feature))

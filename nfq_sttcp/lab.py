@@ -256,8 +256,13 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
 
 def _start_keepalived(cfg: Config, host: str) -> None:
     from . import keepalived
-    notify = " ".join([sys.executable, "-m", "nfq_sttcp", "notify", "--config", config_path(),
-                       "--control-socket", control_path(host)])
+    # The console script, not "python -m": keepalived resolves the notify
+    # program's symlinks before running it, and a venv's python is a symlink
+    # to the base interpreter, which then runs outside the venv.
+    entry = os.path.join(os.path.dirname(sys.executable), "nfq-sttcp")
+    if not os.path.exists(entry):
+        raise LabError("--keepalived needs the nfq-sttcp console script next to %s" % sys.executable)
+    notify = " ".join([entry, "notify", "--config", config_path(), "--control-socket", control_path(host)])
     conf = os.path.join(STATE_DIR, "keepalived-%s.conf" % host)
     with open(conf, "w") as f:
         f.write(keepalived.render(cfg, host, notify, advert_ms=cfg.heartbeat_interval_ms))
