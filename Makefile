@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test bootstrap unit netns iptables-rules keepalived-samples lab-down clean
+.PHONY: demo test bench bootstrap unit netns iptables-rules keepalived-samples lab-down clean
 
 demo:
 	@bash scripts/bootstrap.sh runtime
@@ -15,6 +15,11 @@ test: bootstrap
 
 bootstrap:
 	@bash scripts/bootstrap.sh dev
+
+# The benchmark against plain TCP (about 25 minutes; BENCH_ARGS=--quick for ~3).
+bench:
+	@bash scripts/bootstrap.sh bench
+	$(VENV)/bin/nfq-sttcp bench $(BENCH_ARGS)
 
 unit: bootstrap
 	$(PY) -m pytest -q tests/unit

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the peer's doctor (default 30)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench", help="ST-TCP against plain TCP in the lab: throughput, latency, connections, "
+                       "failover gaps (table, JSON, PNG plots)")
+    p.add_argument("--quick", action="store_true", help="small sizes and 3 crashes per workload (minutes, not half an hour)")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json and the plots (default bench-out)")
+
     p = sub.add_parser("notify", help="keepalived's notify hook: tell the local daemon its VRRP state")
     p.add_argument("--config", required=True)
     p.add_argument("--control-socket", help="the daemon's control socket (default: try both roles')")
@@ -227,6 +232,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _notify(args)
     if args.cmd == "doctor":
         return _doctor(args)
+    if args.cmd == "bench":
+        return _bench(args)
     if args.cmd == "switchover":
         return _switchover(args)
     if args.cmd == "replay":
@@ -263,6 +270,29 @@ def _daemon_status(args: argparse.Namespace) -> int:
     level, why = control.health(st)
     print(json.dumps(dict(st, health=level, why=why), indent=2) if args.json else _format_daemon(st, level, why))
     return control.EXIT_CODES[level]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench, lab
+    if os.geteuid() != 0:
+        return _die("bench needs root: it builds the namespace lab", 1)
+    if lab.namespaces():
+        return _die("a lab is up: 'nfq-sttcp lab down' first (the bench builds its own)", 1)
+    try:
+        res = bench.run(quick=args.quick, out_dir=args.out)
+    except (lab.LabError, RuntimeError) as e:
+        lab.down(quiet=True)
+        return _die("bench: %s" % e, 1)
+    print()
+    print(bench.table(res))
+    try:
+        made = bench.plots(res, args.out)
+    except ImportError:
+        made = []
+        print("(no plots: matplotlib is not installed; 'make bench' installs it)")
+    print("\nbench done in %.0f s: %s%s" % (res["seconds"], os.path.join(args.out, "bench.json"),
+                                        "".join(", " + m for m in made)))
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:

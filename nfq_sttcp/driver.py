@@ -712,9 +712,13 @@ class Daemon:
             self._promote()
             self.awaiting_client = True
         t = self.watchdog.times
+        now_wall, now = time.time(), time.monotonic()
         self.failovers.append({"detection": None if t.detection_ms is None else t.detection_ms / 1000,
                                "takeover": None if t.takeover_ms is None else t.takeover_ms / 1000,
-                               "resume": None})
+                               "resume": None,
+                               # wall clock, to line the failover up with a capture
+                               "declared_wall": None if t.declared is None else now_wall - (now - t.declared),
+                               "active_wall": None if t.active is None else now_wall - (now - t.active)})
         t0 = self.timeline[0][1] if self.timeline else time.monotonic()
         self.log.warning("takeover", reason=reason, ok=ok, detection_ms=_r(t.detection_ms),
                          takeover_ms=_r(t.takeover_ms),

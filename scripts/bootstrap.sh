@@ -5,7 +5,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${STTCP_VENV:-$ROOT/.venv}"
-EXTRAS="${1:-dev}"  # dev: with the test tools; runtime: the daemons only
+EXTRAS="${1:-dev}"  # dev: with the test tools; runtime: the daemons only; bench: with the plotting library
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "bootstrap: must run as root (it installs packages and creates network namespaces)" >&2

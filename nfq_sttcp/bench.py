@@ -1,0 +1,436 @@
+"""`nfq-sttcp bench`: ST-TCP against plain TCP, side by side, in the namespace lab.
+
+Each figure is measured twice in one run through the same lab topology:
+once as plain TCP (the lab's network and applications, no daemons and no
+rules, the client talking to the primary's own address) and once through
+nfq-sttcp (both daemons, the client talking to the VIP). Ratios and
+differences are taken between the two. These machines are noisy: quote
+medians and ratios, never a single absolute run.
+
+The measuring clients run in the client's namespace (``python -m
+nfq_sttcp.bench SPEC``, one JSON line out); the orchestration runs here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from . import lab, scenario
+
+MB = 1 << 20
+SHAPE_RATE = "1gbit"
+
+
+# == the measuring clients (run inside the client namespace) ================
+
+def _down(host: str, nbytes: int) -> float:
+    s = socket.create_connection((host, lab.DEFAULT_PORTS[1]))
+    t0 = time.perf_counter()
+    s.sendall(b"%d 1\n" % nbytes)
+    got = 0
+    buf = bytearray(1 << 20)
+    while got < nbytes:
+        n = s.recv_into(buf)
+        if not n:
+            raise RuntimeError("short download: %d of %d bytes" % (got, nbytes))
+        got += n
+    dt = time.perf_counter() - t0
+    s.close()
+    return nbytes * 8 / dt / 1e9
+
+
+def _up(host: str, nbytes: int) -> float:
+    s = socket.create_connection((host, lab.DEFAULT_PORTS[2]))
+    chunk = bytes(range(256)) * 256  # 64 KiB
+    t0 = time.perf_counter()
+    left = nbytes
+    while left > 0:
+        left -= s.send(chunk[:min(left, len(chunk))])
+    s.shutdown(socket.SHUT_WR)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        part = s.recv(128)
+        if not part:
+            break
+        answer += part
+    dt = time.perf_counter() - t0
+    s.close()
+    if len(answer.strip()) != 64:
+        raise RuntimeError("upload got no digest back: %r" % answer[:80])
+    return nbytes * 8 / dt / 1e9
+
+
+def _rr(host: str, size: int, count: int) -> list[float]:
+    """Transaction latencies in microseconds, one persistent connection."""
+    s = socket.create_connection((host, lab.DEFAULT_PORTS[4]))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out = []
+    req = b"%d 7\n" % size
+    buf = bytearray(max(size, 1))
+    for _ in range(count):
+        t0 = time.perf_counter()
+        s.sendall(req)
+        got = 0
+        while got < size:
+            n = s.recv_into(memoryview(buf)[got:])
+            if not n:
+                raise RuntimeError("request-response: connection closed")
+            got += n
+        out.append((time.perf_counter() - t0) * 1e6)
+    s.close()
+    return out
+
+
+def _connrate(host: str, seconds: float) -> float:
+    """New connections per second, each a full echo exchange and close."""
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        s = socket.create_connection((host, lab.DEFAULT_PORTS[0]))
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise RuntimeError("echo failed")
+        s.close()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _idle(host: str, count: int) -> None:
+    """Open ``count`` idle echo connections, report, hold them until stdin closes."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection((host, lab.DEFAULT_PORTS[0]))
+        socks.append(s)
+    print(json.dumps({"opened": len(socks)}), flush=True)
+    sys.stdin.read()
+    for s in socks:
+        s.close()
+
+
+def client_main(spec: dict[str, Any]) -> Any:
+    kind, host = spec["kind"], spec["host"]
+    if kind == "down":
+        return [_down(host, spec["bytes"]) for _ in range(spec["runs"])]
+    if kind == "up":
+        return [_up(host, spec["bytes"]) for _ in range(spec["runs"])]
+    if kind == "rr":
+        return _rr(host, spec["size"], spec["count"])
+    if kind == "connrate":
+        return _connrate(host, spec["seconds"])
+    if kind == "idle":
+        return _idle(host, spec["count"])
+    raise ValueError("unknown bench client kind %r" % kind)
+
+
+def _client(spec: dict[str, Any], timeout: float = 600) -> Any:
+    r = subprocess.run(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp.bench",
+                        json.dumps(spec)], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError("bench client %s failed: %s" % (spec["kind"], r.stderr.strip()[-400:]))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# == measurements in one lab ================================================
+
+def _daemon_pids() -> dict[str, int]:
+    pids = {}
+    with open(os.path.join(lab.STATE_DIR, "pids")) as f:
+        for line in f:
+            host, name, pid = line.split()
+            if name == "daemon":
+                pids[host] = int(pid)
+    # the recorded pid is `ip netns exec`'s, which execs the daemon: the same process
+    return pids
+
+
+def _cpu_s(pid: int) -> float:
+    with open("/proc/%d/stat" % pid) as f:
+        v = f.read().rsplit(")", 1)[1].split()
+    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kb(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _packets(host: str) -> int:
+    c = lab.control(host)["counters"]
+    return sum(v for k, v in c.items() if k.startswith("verdict_"))
+
+
+def _shape(on: bool) -> None:
+    """tbf at 1 Gbit/s on both directions of the client's link."""
+    for ns, dev in ((lab.NS_CLIENT, lab.CLIENT_IF), (lab.NS_LAN, "c0")):
+        if on:
+            lab.sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", SHAPE_RATE, "burst", "256kb",
+                   "latency", "10ms", ns=ns)
+        else:
+            lab.sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
+
+
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every steady-state figure for one mode ("plain" or "sttcp")."""
+    sttcp = mode == "sttcp"
+    lab.up(start_daemons=sttcp, progress=lambda *_: None)
+    out: dict[str, Any] = {}
+    try:
+        host = lab.VIP  # plain: on the primary's LAN interface with no daemon; sttcp: the protected service
+        pids = _daemon_pids() if sttcp else {}
+        if sttcp:  # first, while the daemons track nothing else (closed connections linger in their tables)
+            out.update(_idle_connections(host, sizes["idle"], pids, progress))
+        for shaped in (False, True):
+            _shape(shaped)
+            tag = "shaped" if shaped else "veth"
+            for kind in ("down", "up"):
+                progress("  %s: bulk %s, %s" % (mode, kind, "1 Gbit/s tbf" if shaped else "unshaped veth"))
+                cpu0 = {h: _cpu_s(p) for h, p in pids.items()}
+                pk0 = {h: _packets(h) for h in pids}
+                runs = _client({"kind": kind, "host": host, "bytes": sizes["bulk"], "runs": sizes["runs"]})
+                out["%s_%s_gbps" % (kind, tag)] = statistics.median(runs)
+                out["%s_%s_runs" % (kind, tag)] = runs
+                if sttcp and not shaped:
+                    for h, p in pids.items():
+                        n = _packets(h) - pk0[h]
+                        if n:
+                            out.setdefault("cpu_us_per_packet", {})["%s_%s" % (h, kind)] = round(
+                                (_cpu_s(p) - cpu0[h]) / n * 1e6, 2)
+        _shape(False)
+        for size, count in ((1, sizes["rr_small"]), (16384, sizes["rr_large"])):
+            progress("  %s: request-response, %d-byte answers" % (mode, size))
+            lat = _client({"kind": "rr", "host": host, "size": size, "count": count})
+            out["rr%d_p50_us" % size], out["rr%d_p99_us" % size] = _pct(lat, 0.5), _pct(lat, 0.99)
+        progress("  %s: new connections per second" % mode)
+        out["conn_per_s"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"]})
+    finally:
+        _shape(False)
+        lab.down(quiet=True)
+    return out
+
+
+def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Callable[[str], None]) -> dict[str, Any]:
+    progress("  sttcp: %d idle connections held protected" % count)
+    rss0 = {h: _rss_kb(p) for h, p in pids.items()}
+    p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp.bench",
+                          json.dumps({"kind": "idle", "host": host, "count": count})],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        opened = json.loads(line)["opened"] if line else 0
+        deadline = time.monotonic() + 60
+        protected = 0
+        while time.monotonic() < deadline:
+            conns = lab.control("primary", timeout=10)["connections"]
+            protected = sum(1 for c in conns if c["protected"] and c["conn"].endswith(":%d" % lab.DEFAULT_PORTS[0]))
+            if protected >= opened:
+                break
+            time.sleep(1)
+        rss1 = {h: _rss_kb(pid) for h, pid in pids.items()}
+    finally:
+        if p.stdin:
+            p.stdin.close()
+        p.wait(timeout=120)
+    return {"idle_opened": opened, "idle_protected": protected,
+            "bytes_per_conn": {h: round((rss1[h] - rss0[h]) * 1024 / max(opened, 1)) for h in pids}}
+
+
+# == failover gaps ===========================================================
+
+FAILOVER_SPECS = {
+    "echo": "echo:count=30,size=1000,pause_ms=10,crash_msg=10,after=15",
+    "down": "download:bytes=4000000,rate_kbps=16000,crash_at=1000000",
+    "up": "upload:bytes=4000000,rate_kbps=16000,crash_at=1000000",
+}
+
+
+def failover_runs(interval_ms: int, missed: int, crashes: int, progress: Callable[[str], None],
+                  capture_dir: Optional[str] = None) -> dict[str, list[dict[str, float]]]:
+    """``crashes`` crashes per workload; each gives the client's gap and the
+    backup's split: detection, takeover, resume (first client segment)."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for workload, spec in FAILOVER_SPECS.items():
+        runs = out.setdefault(workload, [])
+        for i in range(crashes):
+            progress("  failover %d ms x %d: %s, crash %d/%d" % (interval_ms, missed, workload, i + 1, crashes))
+            lab.up(interval_ms=interval_ms, missed=missed, progress=lambda *_: None)
+            try:
+                keep = capture_dir if (capture_dir and workload == "down" and i == 0) else None
+                r = scenario.run_with_crash([spec], capture_dir=keep)
+                c = r["connections"][0] if r.get("connections") else {}
+                f = (lab.control("backup").get("failovers") or [{}])[-1]
+                if not c.get("ok") or c.get("rsts_received") or c.get("wire_gap_ms") is None:
+                    runs.append({"failed": 1.0})
+                    continue
+                runs.append({"gap_ms": c["wire_gap_ms"], "detection_ms": (f.get("detection") or 0) * 1000,
+                             "takeover_ms": (f.get("takeover") or 0) * 1000,
+                             "resume_ms": (f.get("resume") or 0) * 1000, "crash_wall": r.get("crash_wall"),
+                             "declared_wall": f.get("declared_wall"), "active_wall": f.get("active_wall")})
+            finally:
+                lab.down(quiet=True)
+    return out
+
+
+# == the whole run ==========================================================
+
+SIZES = {"full": {"bulk": 100 * MB, "runs": 3, "rr_small": 2000, "rr_large": 500, "connrate_s": 5.0,
+                  "idle": 10000, "crashes": 20},
+         "quick": {"bulk": 20 * MB, "runs": 2, "rr_small": 300, "rr_large": 100, "connrate_s": 2.0,
+                   "idle": 500, "crashes": 3}}
+
+
+def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str], None] = print) -> dict[str, Any]:
+    sizes = SIZES["quick" if quick else "full"]
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.monotonic()
+    res: dict[str, Any] = {"sizes": sizes, "modes": {}}
+    for i, mode in enumerate(("plain", "sttcp"), 1):
+        progress("[%d/4] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
+                                             else "through nfq-sttcp"))
+        res["modes"][mode] = measure_mode(mode, sizes, progress)
+    res["failover"] = {}
+    for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 3):
+        progress("[%d/4] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
+        res["failover"]["%dx%d" % (interval, missed)] = failover_runs(
+            interval, missed, sizes["crashes"], progress, capture_dir=os.path.join(out_dir, "timeseq-%d" % interval))
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return res
+
+
+def table(res: dict[str, Any]) -> str:
+    p, s = res["modes"]["plain"], res["modes"]["sttcp"]
+    lines = ["%-34s %12s %12s %10s" % ("figure", "plain TCP", "nfq-sttcp", "ratio/diff")]
+
+    def row(label: str, key: str, fmt: str = "%.3f", diff: bool = False) -> None:
+        a, b = p.get(key), s.get(key)
+        if a is None or b is None:
+            return
+        rel = ("%+.0f us" % (b - a)) if diff else ("%.2f" % (b / a if a else 0))
+        lines.append("%-34s %12s %12s %10s" % (label, fmt % a, fmt % b, rel))
+
+    row("download Gbit/s, unshaped veth", "down_veth_gbps")
+    row("upload Gbit/s, unshaped veth", "up_veth_gbps")
+    row("download Gbit/s, 1 Gbit/s tbf", "down_shaped_gbps")
+    row("upload Gbit/s, 1 Gbit/s tbf", "up_shaped_gbps")
+    row("1-byte request-response p50 us", "rr1_p50_us", "%.0f", diff=True)
+    row("1-byte request-response p99 us", "rr1_p99_us", "%.0f", diff=True)
+    row("16 KiB request-response p50 us", "rr16384_p50_us", "%.0f", diff=True)
+    row("16 KiB request-response p99 us", "rr16384_p99_us", "%.0f", diff=True)
+    row("new connections per second", "conn_per_s", "%.0f")
+    if "idle_opened" in s:
+        lines.append("idle connections: %d opened, %d protected; daemon memory per connection: %s" % (
+            s["idle_opened"], s["idle_protected"],
+            ", ".join("%s %d B" % kv for kv in sorted(s["bytes_per_conn"].items()))))
+    if "cpu_us_per_packet" in s:
+        lines.append("CPU time per packet (us): %s" % ", ".join(
+            "%s %.1f" % kv for kv in sorted(s["cpu_us_per_packet"].items())))
+    lines.append("")
+    lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
+                                                          "detect p50", "takeover", "resume"))
+    for hb, per in res["failover"].items():
+        for workload, runs in per.items():
+            good = [r for r in runs if "gap_ms" in r]
+            if not good:
+                lines.append("%-10s %-6s %5d  all failed" % (hb, workload, len(runs)))
+                continue
+            lines.append("%-10s %-6s %5s %6.0f ms %6.0f ms %7.0f ms %6.1f ms %6.0f ms" % (
+                hb, workload, "%d/%d" % (len(good), len(runs)),
+                _pct([r["gap_ms"] for r in good], 0.5), _pct([r["gap_ms"] for r in good], 0.99),
+                _pct([r["detection_ms"] for r in good], 0.5), _pct([r["takeover_ms"] for r in good], 0.5),
+                _pct([r["resume_ms"] for r in good], 0.5)))
+    return "\n".join(lines)
+
+
+def plots(res: dict[str, Any], out_dir: str) -> list[str]:
+    """PNG plots: the failover gaps, and one failover's time-sequence."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels, data = [], []
+    for hb, per in res["failover"].items():
+        for workload, runs in per.items():
+            gaps = [r["gap_ms"] for r in runs if "gap_ms" in r]
+            if gaps:
+                labels.append("%s\n%s" % (workload, hb))
+                data.append(gaps)
+    if data:
+        ax.boxplot(data)
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+        ax.set_ylabel("client gap across the crash (ms)")
+        ax.set_title("Failover gap per workload and heartbeat (interval ms x missed beats)")
+        path = os.path.join(out_dir, "failover-gaps.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        made.append(path)
+    plt.close(fig)
+    for hb in res["failover"]:
+        interval = hb.split("x")[0]
+        pcap_path = os.path.join(out_dir, "timeseq-%s" % interval, "client.pcap")
+        runs = res["failover"][hb].get("down", [])
+        if not os.path.exists(pcap_path) or not runs or not runs[0].get("crash_wall"):
+            continue
+        made.append(_timeseq_plot(pcap_path, runs[0], hb, os.path.join(out_dir, "timeseq-%s.png" % hb), plt))
+    return made
+
+
+def _timeseq_plot(pcap_path: str, run: dict[str, float], hb: str, path: str, plt: Any) -> str:
+    from . import pcap
+
+    t, total, t_first = [], 0, None
+    for ts, linktype, frame, _orig in pcap.read_frames(pcap_path, strict=False):
+        proto, off = pcap.network_layer(frame, linktype)
+        pkt = frame[off:]
+        if proto != 0x0800 or len(pkt) < 40 or pkt[9] != 6:
+            continue
+        ihl = (pkt[0] & 0xF) * 4
+        src = socket.inet_ntoa(pkt[12:16])
+        if src != lab.VIP:
+            continue
+        doff = (pkt[ihl + 12] >> 4) * 4
+        n = int.from_bytes(pkt[2:4], "big") - ihl - doff
+        if n <= 0:
+            continue
+        if t_first is None:
+            t_first = ts
+        total += n
+        t.append((ts - t_first, total))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([x for x, _ in t], [y / MB for _, y in t], ".", markersize=2)
+    if t_first is not None:
+        for key, label, style in (("crash_wall", "crash", "r-"), ("declared_wall", "declared failed", "m--"),
+                                  ("active_wall", "takeover done", "g:")):
+            if run.get(key):
+                ax.axvline(run[key] - t_first, color=style[0], linestyle=style[1:], label=label)
+        ax.legend(loc="upper left")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("bytes received by the client (MiB)")
+    ax.set_title("One failover, bulk download, heartbeat %s: gap %.0f ms (detection %.0f, takeover %.1f)" % (
+        hb, run["gap_ms"], run["detection_ms"], run["takeover_ms"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    print(json.dumps(client_main(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,32 @@
+"""The benchmark's report (pure): ratios and differences side by side, and
+the failover split; the measuring itself runs in the lab (make bench)."""
+
+import pytest
+
+from nfq_sttcp import bench
+
+
+def test_table_gives_ratios_differences_and_the_failover_split():
+    res = {"modes": {
+        "plain": {"down_veth_gbps": 8.0, "up_veth_gbps": 6.0, "rr1_p50_us": 40.0, "conn_per_s": 2000.0},
+        "sttcp": {"down_veth_gbps": 2.0, "up_veth_gbps": 3.0, "rr1_p50_us": 140.0, "conn_per_s": 500.0,
+                  "idle_opened": 100, "idle_protected": 100, "bytes_per_conn": {"primary": 2048, "backup": 4096},
+                  "cpu_us_per_packet": {"primary_down": 20.5}}},
+        "failover": {"50x3": {"down": [{"gap_ms": 170.0, "detection_ms": 152.0, "takeover_ms": 9.0, "resume_ms": 30.0},
+                                       {"failed": 1.0}],
+                              "echo": [{"failed": 1.0}]}}}
+    t = bench.table(res)
+    assert "download Gbit/s, unshaped veth" in t and " 0.25" in t
+    assert "upload Gbit/s, unshaped veth" in t and " 0.50" in t
+    assert "+100 us" in t  # latency added, not a ratio
+    assert "download Gbit/s, 1 Gbit/s tbf" not in t  # not measured: no made-up row
+    assert "100 opened, 100 protected" in t and "backup 4096 B" in t and "primary_down 20.5" in t
+    down = [line for line in t.splitlines() if line.startswith("50x3") and " down " in line][0]
+    assert "1/2" in down and "170 ms" in down and "152 ms" in down
+    assert [line for line in t.splitlines() if " echo " in line][0].endswith("all failed")
+
+
+def test_percentile_and_a_bad_client_spec():
+    assert bench._pct([5, 1, 3, 2, 4], 0.5) == 3 and bench._pct([1, 2, 3], 0.99) == 3
+    with pytest.raises(ValueError, match="unknown bench client kind"):
+        bench.client_main({"kind": "warp", "host": "127.0.0.1"})
