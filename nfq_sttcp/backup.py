@@ -689,6 +689,12 @@ class BackupCore:
                 unprotected += 1
                 if conn.delta_seq is not None and conn.client_ack_b is not None and conn.closing_since is None:
                     out += self._reset_unprotected(conn, now)
+                if conn.delta_seq is not None and conn.rcv_ack is not None and conn.closing_since is None:
+                    # Our own socket too, at its receive point: alive, it would
+                    # go on writing to a client that is no longer there.
+                    cip, cport, vip, vport = conn.key
+                    out.append(Inject(tcpseg.build_segment(cip, vip, cport, vport, conn.rcv_ack, 0, RST, 0, b""),
+                                      "reset of our own socket of an unprotected connection"))
                 continue
             migrated += 1
             for _seq, (end, data) in list(conn.held.items()):
@@ -740,7 +746,10 @@ class BackupCore:
             if self.active and not conn.protected and conn.closing_since is None and conn.reset_probes \
                     and conn.reset_probes < UNPROTECTED_RESET_TRIES and now - conn.reset_probed_at >= 1.0:
                 out += self._reset_unprotected(conn, now)  # the reset or the client's answer was lost
-            if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s:
+            if conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s \
+                    and not (self.active and not conn.protected and conn.delta_seq is not None):
+                # (One we could not migrate stays: forgotten, its late output
+                # would go out unmapped; remembered, it is always dropped.)
                 del self.conns[key]
         for key in [k for k, (_, t) in self.early_isn.items() if now - t > self.cfg.handshake_hold_s]:
             del self.early_isn[key]

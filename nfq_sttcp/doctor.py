@@ -28,8 +28,20 @@ from typing import Any, Optional
 from .config import Config
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-SCRATCH_PREFIX = "sttcp-doctor-"  # + pid: the doctors of both roles may run at once on one machine (the lab)
+# + pid: the doctors of both roles may run at once on one machine (the lab).
+# Not "sttcp-": the lab owns those names and deletes them on "lab down".
+SCRATCH_PREFIX = "nfqdoctor-"
 TCP_SYSCTLS = ("tcp_timestamps", "tcp_sack", "tcp_window_scaling", "tcp_rmem", "tcp_wmem")
+
+
+FEATURE_FIX = {
+    "NFQUEUE": "modprobe xt_NFQUEUE nfnetlink_queue (CONFIG_NETFILTER_XT_TARGET_NFQUEUE), and iptables-nft",
+    "TEE": "modprobe xt_TEE (CONFIG_NETFILTER_XT_TARGET_TEE)",
+    "conntrack": "modprobe xt_conntrack nf_conntrack (CONFIG_NF_CONNTRACK, CONFIG_NETFILTER_XT_MATCH_CONNTRACK)",
+    "mark": "modprobe xt_mark (CONFIG_NETFILTER_XT_MARK)",
+    "nfnetlink_queue": "modprobe nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE): /proc/net/netfilter/"
+                       "nfnetlink_queue appears once it is loaded",
+}
 
 
 @dataclass(frozen=True)
@@ -84,12 +96,19 @@ def _try_features() -> dict[str, str]:
     r = _run(["ip", "netns", "add", scratch])
     if r.returncode != 0:
         return {"scratch": r.stderr.strip() or "ip netns add failed"}
+    import signal
+
+    def interrupted(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # so the scratch namespace is deleted below
+
+    old = signal.signal(signal.SIGTERM, interrupted)
     try:
         for name, argv in rules.items():
             r = _run(["iptables", "-w"] + argv, ns=scratch)
             out[name] = "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
     finally:
-        _run(["ip", "netns", "del", scratch])
+        _run(["ip", "netns", "del", scratch])  # also when killed by SIGTERM (raised as KeyboardInterrupt)
+        signal.signal(signal.SIGTERM, old)
     out["nfnetlink_queue"] = "" if os.path.exists("/proc/net/netfilter/nfnetlink_queue") else "not in this kernel"
     return out
 
@@ -152,9 +171,7 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
                                "the features are tried in a throwaway network namespace: run doctor where "
                                "'ip netns add' works"))
         elif err:
-            out.append(Finding(FAIL, "kernel feature %s" % feature, err,
-                               "load or build it: xt_%s / nfnetlink_queue / nf_conntrack (modprobe, or a kernel "
-                               "with CONFIG_NETFILTER_XT_TARGET_NFQUEUE, _TEE, CONFIG_NF_CONNTRACK)" % feature))
+            out.append(Finding(FAIL, "kernel feature %s" % feature, err, FEATURE_FIX.get(feature, "")))
         else:
             out.append(Finding(OK, "kernel feature %s" % feature))
     ipt = facts["iptables"]
@@ -205,6 +222,14 @@ def window_scale(sysctls: dict[str, Optional[str]]) -> Optional[int]:
 def compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[Finding]:
     """What differs between the two hosts and would break a migration (the
     backup's SYN-ACK must carry the options the primary's did)."""
+    try:
+        return _compare(mine, theirs)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        return [Finding(FAIL, "peer", "its doctor sent facts this one cannot read (%s: %s)" % (type(e).__name__, e),
+                        "run the same nfq-sttcp version on both hosts")]
+
+
+def _compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[Finding]:
     out: list[Finding] = []
     a, b = mine["sysctls"], theirs["sysctls"]
     who = "this host (%s) vs the peer (%s)" % (mine["role"], theirs["role"])

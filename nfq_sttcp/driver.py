@@ -28,7 +28,7 @@ from .config import Config
 from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
 from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError, Unprotect
-from .watchdog import ACTIVE, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, PeerMonitor, Watchdog
+from .watchdog import ACTIVE, FOLLOWING, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, PeerMonitor, Watchdog
 
 SO_MARK = 36
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
@@ -178,14 +178,6 @@ class Daemon:
                 self._claim_vip()  # (with keepalived, VRRP adds it when this host is MASTER)
         self.fds[self.sync.fileno()] = self._on_sync_readable
         self._open_control()
-        if self.cfg.metrics_port:
-            from . import metrics
-            try:
-                self.metrics = metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address, lambda: self._snapshot)
-            except OSError as e:
-                raise DaemonError("cannot serve metrics on %s:%d: %s" % (
-                    self.cfg.metrics_address, self.cfg.metrics_port, e.strerror)) from None
-            self._snapshot = self.status()
         if self.role == "backup" and self.cfg.lan_snoop:
             self._open_snoop()
         if self.role == "backup":
@@ -208,6 +200,15 @@ class Daemon:
             reader = _BoundedReader(socket.socket(fileno=os.dup(q.get_fd())))
             self.readers.append(reader)
             self.fds[q.get_fd()] = (lambda q=q, r=reader: r.drain(q))
+        # Last: a busy queue (another daemon) is the clearer error than a busy port.
+        if self.cfg.metrics_port:
+            from . import metrics
+            try:
+                self.metrics = metrics.serve(self.cfg.metrics_port, self.cfg.metrics_address, lambda: self._snapshot)
+            except OSError as e:
+                raise DaemonError("cannot serve metrics on %s:%d: %s" % (
+                    self.cfg.metrics_address, self.cfg.metrics_port, e.strerror)) from None
+            self._snapshot = self.status()
 
     def _teardown(self) -> None:
         if self.metrics is not None:
@@ -308,6 +309,7 @@ class Daemon:
             self.log.error("handler_error", error=repr(e))
             try:
                 pkt.accept() if fallback_accept else pkt.drop()
+                self.counters["verdict_accept" if fallback_accept else "verdict_drop"] += 1
             except Exception:
                 pass  # verdict already given
 
@@ -315,6 +317,7 @@ class Daemon:
         assert self.primary is not None
         if self.switchover in ("stepping_down", "done"):
             pkt.drop()  # queued before the fence went up: the backup sends its own copy
+            self.counters["verdict_drop"] += 1
             return
         self._verdict(pkt, self.primary.on_outbound, fallback_accept=True)
 
@@ -499,6 +502,8 @@ class Daemon:
             if self.primary is None and self.watchdog is not None and self.backup is not None:
                 was = self.watchdog.state
                 self._perform(self.watchdog.on_heartbeat(now, msg.state))
+                if self.watchdog.state == FOLLOWING:
+                    self.suspected_at = None
                 if self.peer_epoch is not None and epoch != self.peer_epoch:
                     self._perform(self.backup.primary_restarted())
                 elif was == ORPHANED:
@@ -590,6 +595,8 @@ class Daemon:
         self.probe_seq += 1
         try:
             self.icmp.sendto(probe.echo_request(os.getpid(), self.probe_seq), (self._probe_target(), 0))
+            if self.watchdog is not None:
+                self.watchdog.on_probe_sent(now)
         except OSError:
             self.counters["probe_send_errors"] += 1
 
@@ -806,6 +813,8 @@ class Daemon:
         self.log.error("switchover_failed", note="the backup did not take over in time; serving again")
 
     def _vip_on_lan(self, on: bool) -> None:
+        if self.cfg.vip_owner == "keepalived":
+            return  # VRRP alone adds and removes it: two movers would give it two owners
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -830,7 +839,8 @@ class Daemon:
 
         with IPRoute() as ipr:
             try:
-                ipr.addr("add", index=self.lan_index, address=self.cfg.vip, prefixlen=self.cfg.lan_prefix)
+                if self.cfg.vip_owner == "builtin":  # (keepalived: VRRP put it there already)
+                    ipr.addr("add", index=self.lan_index, address=self.cfg.vip, prefixlen=self.cfg.lan_prefix)
             except Exception as e:  # already there (a retried takeover) is fine
                 if "File exists" not in str(e):
                     raise
@@ -916,7 +926,9 @@ class Daemon:
                 if cmd == "status":
                     reply: dict[str, Any] = self.status()
                 elif cmd == "switchover":
-                    reply = self._step_down()
+                    reply = self._step_down() if self.cfg.vip_owner == "builtin" else {
+                        "error": "keepalived owns the VIP here: hand over through it (stop keepalived on this "
+                                 "host, or lower its priority); its notify steps this daemon down"}
                 elif cmd.startswith("notify "):
                     reply = self._on_notify(cmd.split(None, 1)[1])
                 elif cmd == "takeover" and self.watchdog is not None:

@@ -79,6 +79,7 @@ class Watchdog:
         self.state = WAITING
         self.last_beat: Optional[float] = None
         self.last_probe_reply: Optional[float] = None
+        self.unanswered_since: Optional[float] = None  # our oldest probe with no reply after it
         self.times = FailoverTimes()
 
     def _go(self, new: str, now: float, **why: object) -> list[Action]:
@@ -100,45 +101,57 @@ class Watchdog:
             return self._go(FOLLOWING, now)
         return []
 
+    def on_probe_sent(self, now: float) -> None:
+        if self.unanswered_since is None:
+            self.unanswered_since = now
+
     def on_probe_reply(self, now: float) -> None:
         """The primary's host answered a probe."""
         self.last_probe_reply = now
+        self.unanswered_since = None
 
     def probing(self) -> bool:
         """Should the driver probe the primary's host now?"""
         return self.state in (SUSPECT, ORPHANED)
 
-    def _host_answers(self, now: float) -> bool:
-        return self.last_probe_reply is not None and now - self.last_probe_reply < 1.5 * self.interval
+    def _host_answers(self, now: float, grace: float) -> bool:
+        """The host answered during this suspicion, and no probe of ours has
+        gone unanswered for ``grace``. Dated from our own probes, not from the
+        last reply: a stall of our own loop sends no probes and reads no
+        replies, and must not pass for the host's silence (a takeover of a
+        live primary would give the VIP two owners)."""
+        return self.last_probe_reply is not None and (
+            self.unanswered_since is None or now - self.unanswered_since < grace)
 
     def silence(self, now: float) -> float:
         return 0.0 if self.last_beat is None else now - self.last_beat
 
     def on_tick(self, now: float) -> list[Action]:
         if self.state == ORPHANED:
-            if self.last_probe_reply is not None and now - self.last_probe_reply < self.interval * self.missed:
-                return []
+            if self._host_answers(now, self.interval * self.missed) or not self.autonomous:
+                return []  # (with keepalived, VRRP decides when to take over)
             reason = "the primary's host stopped answering too"
             self.times = FailoverTimes(last_beat=self.last_probe_reply, declared=now, reason=reason)
             return self._go(TAKEOVER, now, reason=reason) + [TakeOver(reason)]
         if self.state not in (FOLLOWING, SUSPECT) or self.last_beat is None:
             return []
         missed = int(self.silence(now) / self.interval)
-        if not self.autonomous:
-            return self._go(SUSPECT, now, missed_beats=missed) if missed >= 1 and self.state == FOLLOWING else []
-        if missed >= self.missed and self.state == SUSPECT and self._host_answers(now):
+        if missed >= self.missed and self.state == SUSPECT and self._host_answers(now, 1.5 * self.interval):
             if self.silence(now) < self.orphan_after:
                 return []  # a live host whose daemon stalls under load: wait (orphaning unprotects all)
             return self._go(ORPHANED, now, missed_beats=missed,
                             note="the primary's host answers but its daemon is silent: not taking over; "
                                  "protection lost until its daemon is back")
         if missed >= self.missed:
+            if not self.autonomous:
+                return []  # keepalived owns the VIP: silence alone never takes over (force_takeover does)
             self.times = FailoverTimes(last_beat=self.last_beat, declared=now,
                                        reason="primary missed %d heartbeats" % missed)
             out = self._go(TAKEOVER, now, missed_beats=missed,
                            silence_ms=round(self.silence(now) * 1000, 1))
             return out + [TakeOver("primary missed %d heartbeats" % missed)]
         if missed >= 1 and self.state == FOLLOWING:
+            self.last_probe_reply = self.unanswered_since = None  # this suspicion's probes only
             return self._go(SUSPECT, now, missed_beats=missed)
         return []
 

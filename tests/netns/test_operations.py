@@ -41,7 +41,11 @@ def test_status_metrics_and_the_failover_timeline(make_lab):
     assert (rc, st["health"], st["state"]) == (0, "healthy", "following"), st
     assert st["heartbeats"]["rtt_ms"] > 0, st["heartbeats"]
 
+    deadline = time.monotonic() + 5
     m = scrape("primary")
+    while "nfq_sttcp_heartbeat_rtt_seconds" not in m and time.monotonic() < deadline:
+        time.sleep(0.3)  # the snapshot behind the endpoint is refreshed every second
+        m = scrape("primary")
     assert m['nfq_sttcp_state{role="primary",serving_as="primary",state="serving"}'] == 1
     assert m["nfq_sttcp_heartbeat_rtt_seconds"] > 0
     assert m["nfq_sttcp_failovers_total"] == 0

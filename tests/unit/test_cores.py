@@ -91,8 +91,9 @@ def test_option_mismatch_marks_the_connection_unprotected():
     acts = b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0.02)
     assert any(isinstance(a, Log) and a.event == "options_mismatch" and a.level == "error" for a in acts)
     assert b.conns[KEY].protected is False and b.conns[KEY].reason == UNPROTECTED_OPTIONS
-    # at takeover it is not migrated
-    assert not [a for a in b.activate(1.0) if isinstance(a, Inject)]
+    # at takeover it is not migrated: only our own socket is reset (the client's point is unknown yet)
+    sent = [tcpseg.parse(a.packet) for a in b.activate(1.0) if isinstance(a, Inject)]
+    assert [(s.dst, s.flags) for s in sent] == [(VIP, RST)]
 
 
 def test_sack_blocks_mapped_inbound_and_clamped_to_what_we_sent():
@@ -500,8 +501,9 @@ def test_a_connection_that_cannot_migrate_is_reset_where_the_client_really_is():
     b.on_inbound(from_client(101, 5101), 0.2)  # the client acked 100 bytes (primary space 5101)
     b.on_unprotect(Unprotect((KEY,)), 0.3)
     sent = [tcpseg.parse(a.packet) for a in b.activate(1.0) if isinstance(a, Inject)]
-    # our guess, then an old-sequence ACK to make the client say where it is
-    assert [(s.flags, s.seq) for s in sent] == [(RST, 5101), (ACK, 5100)]
+    # our guess, then an old-sequence ACK to make the client say where it is; and our own socket reset
+    assert [(s.dst, s.flags, s.seq) for s in sent] == [("10.77.0.10", RST, 5101), ("10.77.0.10", ACK, 5100),
+                                                       (VIP, RST, 101)]
     assert b.on_tick(1.5) == []  # a second apart
     again = [tcpseg.parse(a.packet) for a in b.on_tick(2.1) if isinstance(a, Inject)]
     assert [(s.flags, s.seq) for s in again] == [(RST, 5101), (ACK, 5100)]
@@ -510,3 +512,7 @@ def test_a_connection_that_cannot_migrate_is_reset_where_the_client_really_is():
     exact = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
     assert [(s.flags, s.seq) for s in exact] == [(RST, 5301)]
     assert not any(isinstance(a, Inject) for a in b.on_tick(3.5))  # answered: no more probes
+    # never forgotten: its late output must always be dropped, never go out unmapped
+    b.on_tick(100.0)
+    assert KEY in b.conns
+    assert isinstance(verdicts(b.on_outbound(from_server(1001, 101, payload=b"late"), 100.1))[0], Drop)

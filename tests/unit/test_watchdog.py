@@ -61,38 +61,54 @@ def test_peer_monitor():
     assert abs(PeerMonitor(0.05, 3, 0.01).lost_after - 0.15) < 1e-9  # never shorter than detection
 
 
+def probe(w, t, answered=True):
+    """The driver probes the primary's host every half interval; a live host answers at once."""
+    w.on_probe_sent(t)
+    if answered:
+        w.on_probe_reply(t + 0.001)
+
+
 def test_a_silent_daemon_on_a_live_host_is_orphaned_not_taken_over():
     from nfq_sttcp.watchdog import ORPHANED
     w = Watchdog(0.05, 3)
     w.on_heartbeat(1.0)
     w.on_tick(1.06)
     assert w.state == SUSPECT and w.probing()
-    w.on_probe_reply(1.11)
-    w.on_probe_reply(1.14)
+    probe(w, 1.085)
+    probe(w, 1.11)
+    probe(w, 1.135)
     acts = w.on_tick(1.16)
     assert w.state == ORPHANED and not any(isinstance(a, TakeOver) for a in acts)
-    w.on_probe_reply(1.2)
-    assert w.on_tick(1.3) == [] and w.state == ORPHANED  # host still answered within K intervals
+    probe(w, 1.2)
+    assert w.on_tick(1.3) == [] and w.state == ORPHANED  # answered within K intervals
     w.on_heartbeat(1.31)  # the daemon is back
     assert w.state == FOLLOWING
     # with daemon_lost_ms, a live host's stalled daemon is waited for first
     w = Watchdog(0.05, 3, 0.6)
     w.on_heartbeat(1.0)
     for t in (1.06, 1.11, 1.16, 1.3, 1.5):
-        w.on_probe_reply(t - 0.01)
+        probe(w, t - 0.01)
         assert not any(isinstance(a, TakeOver) for a in w.on_tick(t)) and w.state == SUSPECT
     w.on_heartbeat(1.55)  # it was load, not death: nothing was given up
     assert w.state == FOLLOWING
     for t in (1.61, 1.8, 2.0, 2.16):
-        w.on_probe_reply(t - 0.01)
+        probe(w, t - 0.01)
         w.on_tick(t)
     assert w.state == ORPHANED
+    # our own loop stalls 200 ms meanwhile (no probes sent, none read): still a live host
+    w = Watchdog(0.05, 3, 0.6)
+    w.on_heartbeat(1.0)
+    w.on_tick(1.06)
+    probe(w, 1.1)
+    assert not any(isinstance(a, TakeOver) for a in w.on_tick(1.3)) and w.state == SUSPECT
     # a host that stops answering meanwhile is still taken over at the detection time
     w = Watchdog(0.05, 3, 0.6)
     w.on_heartbeat(1.0)
     w.on_tick(1.06)
-    w.on_probe_reply(1.1)
-    assert any(isinstance(a, TakeOver) for a in w.on_tick(1.3)) and w.state == TAKEOVER
+    probe(w, 1.06)
+    probe(w, 1.085, answered=False)
+    probe(w, 1.11, answered=False)
+    assert any(isinstance(a, TakeOver) for a in w.on_tick(1.17)) and w.state == TAKEOVER
 
 
 def test_an_orphaned_backup_takes_over_when_the_host_stops_answering_too():
@@ -100,11 +116,12 @@ def test_an_orphaned_backup_takes_over_when_the_host_stops_answering_too():
     w = Watchdog(0.05, 3)
     w.on_heartbeat(1.0)
     w.on_tick(1.06)
-    w.on_probe_reply(1.14)
+    probe(w, 1.14)
     w.on_tick(1.16)
     assert w.state == ORPHANED
+    probe(w, 1.16, answered=False)
     assert w.on_tick(1.28) == []
-    acts = w.on_tick(1.30)
+    acts = w.on_tick(1.32)
     assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
     assert w.times.reason == "the primary's host stopped answering too"
 
@@ -112,8 +129,10 @@ def test_an_orphaned_backup_takes_over_when_the_host_stops_answering_too():
 def test_a_dead_host_is_taken_over_at_the_usual_deadline():
     w = Watchdog(0.05, 3)
     w.on_heartbeat(1.0)
+    w.on_probe_reply(1.01)  # an old answer, from before the silence, does not count
     w.on_tick(1.06)
-    w.on_probe_reply(1.01)  # an old answer, from before the silence
+    probe(w, 1.06, answered=False)
+    probe(w, 1.085, answered=False)
     acts = w.on_tick(1.151)
     assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
 
@@ -142,11 +161,19 @@ def test_probe_echo_round_trip_against_scapy():
         assert probe.parse_echo_reply(bad) is None
 
 
-def test_with_keepalived_silence_only_makes_the_backup_suspect():
+def test_with_keepalived_silence_never_takes_over_but_a_live_host_still_orphans():
+    from nfq_sttcp.watchdog import ORPHANED
     w = Watchdog(0.05, 3, autonomous=False)
     w.on_heartbeat(1.0)
-    for t in (1.06, 1.2, 1.5, 3.0):
+    for t in (1.06, 1.2, 1.5, 3.0):  # a dead host (no answers): VRRP will say
         assert not any(isinstance(a, TakeOver) for a in w.on_tick(t))
     assert w.state == SUSPECT
+    w = Watchdog(0.05, 3, autonomous=False)
+    w.on_heartbeat(1.0)
+    w.on_tick(1.06)
+    probe(w, 1.1)
+    w.on_tick(1.16)
+    assert w.state == ORPHANED  # its daemon died, its host lives: protection is suspended
+    assert not any(isinstance(a, TakeOver) for a in w.on_tick(5.0)) and w.state == ORPHANED
     acts = w.force_takeover(3.1, "keepalived: this host is MASTER")
     assert any(isinstance(a, TakeOver) for a in acts) and w.times.reason.startswith("keepalived")
