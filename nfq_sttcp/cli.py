@@ -255,17 +255,12 @@ def _daemon_status(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     paths = [args.control_socket] if args.control_socket else \
         [cfg.control_socket(r) for r in ([args.role] if args.role else ["primary", "backup"])]
-    errors = []
-    for path in paths:
-        try:
-            st = control.request(path)
-            break
-        except (OSError, ValueError) as e:
-            errors.append("%s: %s" % (path, e))
-    else:
+    try:
+        _path, st = control.first_answer(paths)
+    except OSError as e:
         if args.json:
-            print(json.dumps({"health": control.DOWN, "why": ["no daemon answers"], "errors": errors}))
-        print("down: no daemon answers (%s)" % "; ".join(errors), file=sys.stderr)
+            print(json.dumps({"health": control.DOWN, "why": ["no daemon answers"], "errors": str(e)}))
+        print("down: no daemon answers (%s)" % e, file=sys.stderr)
         return control.EXIT_CODES[control.DOWN]
     level, why = control.health(st)
     print(json.dumps(dict(st, health=level, why=why), indent=2) if args.json else _format_daemon(st, level, why))
@@ -341,18 +336,14 @@ def _notify(args: argparse.Namespace) -> int:
     from . import control
     cfg = _load(args.config)
     paths = [args.control_socket] if args.control_socket else [cfg.control_socket(r) for r in ("backup", "primary")]
-    errors = []
-    for path in paths:
-        try:
-            reply = control.request(path, "notify %s" % args.vrrp_state, timeout=5.0)
-        except (OSError, ValueError) as e:
-            errors.append("%s: %s" % (path, e))
-            continue
-        if "error" in reply:
-            return _die("notify %s %s: %s" % (args.vrrp_name, args.vrrp_state, reply["error"]), 1)
-        print("notify %s %s: %s" % (args.vrrp_name, args.vrrp_state, reply.get("action")))
-        return 0
-    return _die("notify: no daemon answers (%s)" % "; ".join(errors), 1)
+    try:
+        _path, reply = control.first_answer(paths, "notify %s" % args.vrrp_state, timeout=5.0)
+    except OSError as e:
+        return _die("notify: no daemon answers (%s)" % e, 1)
+    if "error" in reply:
+        return _die("notify %s %s: %s" % (args.vrrp_name, args.vrrp_state, reply["error"]), 1)
+    print("notify %s %s: %s" % (args.vrrp_name, args.vrrp_state, reply.get("action")))
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -25,6 +25,18 @@ def request(path: str, command: str = "status", timeout: float = 2.0) -> dict[st
     return json.loads(data)
 
 
+def first_answer(paths: list[str], command: str = "status", timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
+    """Ask each control socket in turn; (path, answer) of the first daemon
+    that answers. Raises OSError naming every socket tried when none does."""
+    errors = []
+    for path in paths:
+        try:
+            return path, request(path, command, timeout)
+        except (OSError, ValueError) as e:
+            errors.append("%s: %s" % (path, e))
+    raise OSError("; ".join(errors))
+
+
 def serves(status: dict[str, Any]) -> bool:
     """Does this daemon serve the VIP as the primary (a primary, or a backup
     that took over and now serves a new backup)?"""
