@@ -245,9 +245,8 @@ def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Cal
         opened = json.loads(line)["opened"]
         deadline = time.monotonic() + 60
         protected = 0
-        while time.monotonic() < deadline:
-            conns = lab.control("primary", timeout=10)["connections"]
-            protected = sum(1 for c in conns if c["protected"] and c["conn"].endswith(":%d" % lab.DEFAULT_PORTS[0]))
+        while time.monotonic() < deadline:  # (a fresh lab: only these connections are tracked)
+            protected = lab.control("primary", timeout=10)["summary"]["protected"]
             if protected >= opened:
                 break
             time.sleep(1)

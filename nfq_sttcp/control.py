@@ -88,7 +88,8 @@ def health(status: dict[str, Any]) -> tuple[str, list[str]]:
                     "orphaned": "the primary's daemon is silent while its host answers: protection suspended",
                     "takeover": "taking over"}.get(str(state), "state %s" % state))
     unprotected = [c for c in status.get("connections", []) if not c.get("protected")]
-    if unprotected:
+    count = status.get("summary", {}).get("unprotected", len(unprotected))  # (the list may be cut short)
+    if count:
         reasons = sorted({str(c.get("reason")) for c in unprotected})
-        why.append("%d connection(s) unprotected: %s" % (len(unprotected), "; ".join(reasons)))
+        why.append("%d connection(s) unprotected: %s" % (count, "; ".join(reasons)))
     return (DEGRADED if why else HEALTHY), why

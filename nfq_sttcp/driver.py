@@ -34,6 +34,7 @@ SO_MARK = 36
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
 SO_ATTACH_FILTER = 26
 TICK_S = 0.1
+STATUS_MAX_CONNS = 1000  # connections listed in a status reply (the summary counts them all)
 CONFIRM_EVERY_S = 0.001
 
 
@@ -936,7 +937,11 @@ class Daemon:
                     reply = {"ok": True, "state": self.watchdog.state}
                 else:
                     reply = {"error": "unknown command %r" % cmd}
-                conn.sendall(json.dumps(reply, default=_jsonable).encode() + b"\n")
+                data = json.dumps(reply, default=_jsonable).encode() + b"\n"
+                # 20 ms plus 20 ms a MB (a status of 1,000 connections is ~250 KB):
+                # a reply cut short would be unreadable JSON.
+                conn.settimeout(0.02 + len(data) / 50e6)
+                conn.sendall(data)
             except OSError:
                 pass
 
@@ -984,6 +989,15 @@ class Daemon:
             st["backup"] = self.peer.state
             st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
             st["connections"] = self.primary.status()
+        conns = st["connections"]
+        n = sum(1 for c in conns if c["protected"])
+        st["summary"] = {"connections": len(conns), "protected": n, "unprotected": len(conns) - n,
+                         "held_bytes": sum(c.get("held_bytes", 0) for c in conns)}
+        if len(conns) > STATUS_MAX_CONNS:
+            # The reply must leave within the control socket's budget (a loop
+            # that stalls misses heartbeats): the unprotected ones first.
+            st["connections"] = sorted(conns, key=lambda c: c["protected"])[:STATUS_MAX_CONNS]
+            st["connections_truncated"] = len(conns) - STATUS_MAX_CONNS
         return st
 
 

@@ -50,13 +50,16 @@ class StatusCollector:
             errors.add_metric([k], counters.get(k, 0))
         yield errors
         conns = st.get("connections", [])
+        summary = st.get("summary") or {  # (a status lists at most 1,000 connections; the summary counts all)
+            "held_bytes": sum(c.get("held_bytes", 0) for c in conns),
+            "protected": sum(1 for c in conns if c.get("protected")),
+            "unprotected": sum(1 for c in conns if not c.get("protected"))}
         held = GaugeMetricFamily("nfq_sttcp_held_bytes", "Bytes of the backup's replies held until takeover")
-        held.add_metric([], sum(c.get("held_bytes", 0) for c in conns))
+        held.add_metric([], summary["held_bytes"])
         yield held
         protected = GaugeMetricFamily("nfq_sttcp_connections", "Tracked connections", labels=["protected"])
-        n = sum(1 for c in conns if c.get("protected"))
-        protected.add_metric(["true"], n)
-        protected.add_metric(["false"], len(conns) - n)
+        protected.add_metric(["true"], summary["protected"])
+        protected.add_metric(["false"], summary["unprotected"])
         yield protected
         beats = st.get("heartbeats", {})
         if "rtt_ms" in beats:

@@ -21,3 +21,11 @@ def test_health_of_each_role_and_state():
     assert level == DEGRADED and "no backup follows" in why[0]
     assert health({"role": "backup", "state": "fault", "connections": []})[0] == DOWN
     assert EXIT_CODES == {HEALTHY: 0, DEGRADED: 1, DOWN: 2}
+
+
+def test_a_long_connection_list_is_cut_but_counted():
+    # the status lists at most 1,000 connections; the summary counts them all
+    st = {"role": "primary", "state": "serving", "backup": "present", "connections": [CONN],
+          "summary": {"connections": 5000, "protected": 4000, "unprotected": 1000}}
+    level, why = health(st)
+    assert level == DEGRADED and why[0].startswith("1000 connection(s) unprotected")

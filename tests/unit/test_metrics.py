@@ -51,6 +51,8 @@ def test_every_promised_metric_is_exposed_with_its_value():
 
 def test_before_the_first_snapshot_and_without_optional_fields():
     assert scrape(None) == ""
+    t = scrape(dict(SNAPSHOT, summary={"protected": 4000, "unprotected": 7, "held_bytes": 9}))
+    assert value(t, "nfq_sttcp_connections{protected=\"true\"}") == 4000 and value(t, "nfq_sttcp_held_bytes") == 9
     t = scrape({"role": "primary", "state": "serving", "counters": {}, "connections": []})
     assert "nfq_sttcp_heartbeat_rtt_seconds" not in t  # no peer heard yet: no figure rather than a made-up one
     assert value(t, "nfq_sttcp_failovers_total") == 0
