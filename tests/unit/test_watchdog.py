@@ -52,7 +52,7 @@ def test_peer_monitor():
     m.on_heartbeat(0.3, "following")
     changed, acts = m.on_heartbeat(0.35, "active")
     assert changed and m.state == ABSENT and acts[0].event == "backup_left"
-    # the primary's patience (backup_lost_ms) can outlast the detection time
+    # the primary's patience (daemon_lost_ms) can outlast the detection time
     m = PeerMonitor(0.05, 3, 0.6)
     m.on_heartbeat(0, "following")
     assert m.on_tick(0.59) == (False, []) and m.state == PRESENT
