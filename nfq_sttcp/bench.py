@@ -23,6 +23,8 @@ import time
 from typing import Any, Callable, Optional
 
 from . import lab, scenario
+from .matrix import percentile as _pct
+from .traffic import recv_line
 
 MB = 1 << 20
 SHAPE_RATE = "1gbit"
@@ -54,12 +56,7 @@ def _up(host: str, nbytes: int) -> float:
     while left > 0:
         left -= s.send(chunk[:min(left, len(chunk))])
     s.shutdown(socket.SHUT_WR)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        part = s.recv(128)
-        if not part:
-            break
-        answer += part
+    answer = recv_line(s, 128)
     dt = time.perf_counter() - t0
     s.close()
     if len(answer.strip()) != 64:
@@ -129,9 +126,12 @@ def client_main(spec: dict[str, Any]) -> Any:
     raise ValueError("unknown bench client kind %r" % kind)
 
 
+def _client_argv(spec: dict[str, Any]) -> list[str]:
+    return ["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp.bench", json.dumps(spec)]
+
+
 def _client(spec: dict[str, Any], timeout: float = 600) -> Any:
-    r = subprocess.run(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp.bench",
-                        json.dumps(spec)], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(_client_argv(spec), capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError("bench client %s failed: %s" % (spec["kind"], r.stderr.strip()[-400:]))
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -179,11 +179,6 @@ def _shape(on: bool) -> None:
                    "latency", "10ms", ns=ns)
         else:
             lab.sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
-
-
-def _pct(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
 
 
 def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, Any]:
@@ -234,8 +229,7 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
 def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Callable[[str], None]) -> dict[str, Any]:
     progress("  sttcp: %d idle connections held protected" % count)
     rss0 = {h: _rss_kb(p) for h, p in pids.items()}
-    p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-m", "nfq_sttcp.bench",
-                          json.dumps({"kind": "idle", "host": host, "count": count})],
+    p = subprocess.Popen(_client_argv({"kind": "idle", "host": host, "count": count}),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None

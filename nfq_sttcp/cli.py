@@ -300,7 +300,7 @@ def _doctor(args: argparse.Namespace) -> int:
         if role is None:
             return _die("neither sync address (%s, %s) is on this host: name the role with --role"
                         % (cfg.primary_sync, cfg.backup_sync), 1)
-    facts = doctor.gather(cfg, role)
+    facts = doctor.gather(cfg, role, local)
     findings = [("host", f) for f in doctor.check_host(facts, cfg)]
     if args.peer:
         try:

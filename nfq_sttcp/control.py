@@ -66,6 +66,14 @@ def switchover(path: str, timeout: float = 10.0) -> dict[str, Any]:
     return dict(reply, done=False, error="no answer from the backup within %.0f s" % timeout)
 
 
+def summarize(conns: list[dict[str, Any]]) -> dict[str, int]:
+    """Counts over a status's connection list (the status carries them as
+    "summary", since it lists at most 1,000 connections)."""
+    n = sum(1 for c in conns if c.get("protected"))
+    return {"connections": len(conns), "protected": n, "unprotected": len(conns) - n,
+            "held_bytes": sum(c.get("held_bytes", 0) for c in conns)}
+
+
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"
 EXIT_CODES = {HEALTHY: 0, DEGRADED: 1, DOWN: 2}
 

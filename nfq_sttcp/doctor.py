@@ -137,10 +137,11 @@ def _mtu(ifname: str) -> Optional[int]:
         return None
 
 
-def gather(cfg: Config, role: str) -> dict[str, Any]:
-    """Everything the checks need about this host."""
+def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Everything the checks need about this host (``addresses``: from
+    local_addresses(), if the caller has them already)."""
     r = _run(["iptables", "--version"])
-    addresses = local_addresses()
+    addresses = local_addresses() if addresses is None else addresses
     sync_if = addresses.get(cfg.own_addresses(role)[0])
     wanted = set(backup_sysctls(cfg.lan_interface, sync_if)) | {"net.core.rmem_max"} | \
         {"net.ipv4." + k for k in TCP_SYSCTLS}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import structlog
 
-from . import firewall, probe, syncproto
+from . import control, firewall, probe, syncproto
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
@@ -727,10 +727,8 @@ class Daemon:
                                # wall clock, to line the failover up with a capture
                                "declared_wall": None if t.declared is None else now_wall - (now - t.declared),
                                "active_wall": None if t.active is None else now_wall - (now - t.active)})
-        t0 = self.timeline[0][1] if self.timeline else time.monotonic()
         self.log.warning("takeover", reason=reason, ok=ok, detection_ms=_r(t.detection_ms),
-                         takeover_ms=_r(t.takeover_ms),
-                         timeline={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+                         takeover_ms=_r(t.takeover_ms), timeline=self._timeline_ms())
 
     def _client_resumed(self) -> None:
         """The first client segment after takeover: the end of the failover."""
@@ -739,8 +737,12 @@ class Daemon:
         declared = self.watchdog.times.declared if self.watchdog is not None else None
         if declared is not None and self.failovers:
             self.failovers[-1]["resume"] = time.monotonic() - declared
-        t0 = self.timeline[0][1]
-        self.log.info("failover_timeline", timeline_ms={k: round((v - t0) * 1000, 2) for k, v in self.timeline})
+        self.log.info("failover_timeline", timeline_ms=self._timeline_ms())
+
+    def _timeline_ms(self) -> dict[str, float]:
+        """The failover's steps, in ms from the first (the suspicion, when there was one)."""
+        t0 = self.timeline[0][1] if self.timeline else time.monotonic()
+        return {k: round((v - t0) * 1000, 2) for k, v in self.timeline}
 
     # == keepalived ==========================================================
 
@@ -978,9 +980,8 @@ class Daemon:
             st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)
             t = self.watchdog.times
             if self.watchdog.state == ACTIVE or t.declared is not None:
-                t0 = self.timeline[0][1] if self.timeline else now
                 st["failover"] = {"reason": t.reason, "detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),
-                                  "timeline_ms": {k: round((v - t0) * 1000, 2) for k, v in self.timeline}}
+                                  "timeline_ms": self._timeline_ms()}
             assert self.backup is not None
             st["connections"] = self.promoted.status() if self.promoted is not None else self.backup.status()
         else:
@@ -990,9 +991,7 @@ class Daemon:
             st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
             st["connections"] = self.primary.status()
         conns = st["connections"]
-        n = sum(1 for c in conns if c["protected"])
-        st["summary"] = {"connections": len(conns), "protected": n, "unprotected": len(conns) - n,
-                         "held_bytes": sum(c.get("held_bytes", 0) for c in conns)}
+        st["summary"] = control.summarize(conns)
         if len(conns) > STATUS_MAX_CONNS:
             # The reply must leave within the control socket's budget (a loop
             # that stalls misses heartbeats): the unprotected ones first.

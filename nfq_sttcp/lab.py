@@ -215,7 +215,7 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
         os.close(fd)
         cfg = lab_config(ports, interval_ms, missed, "keepalived" if keepalived else "builtin")
         if keepalived and not shutil.which("keepalived"):
-            raise LabError("--vip-owner keepalived needs keepalived (apt-get install keepalived)")
+            raise LabError("--keepalived needs keepalived (apt-get install keepalived)")
         with open(config_path(), "w") as f:
             f.write(config_mod.render_toml(cfg))
         cfg = config_mod.load(config_path())
@@ -273,8 +273,9 @@ def _start_keepalived(cfg: Config, host: str) -> None:
 
 def start_backup_daemon(progress=print) -> None:
     progress("[4/5] backup daemon, waiting until it follows the primary")
-    if load_config().vip_owner == "keepalived":
-        _start_keepalived(load_config(), "backup")
+    cfg = load_config()
+    if cfg.vip_owner == "keepalived":
+        _start_keepalived(cfg, "backup")
     _spawn("backup", "daemon", _daemon_argv("backup", "backup"))
     _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20,
           log=("backup", "daemon"))

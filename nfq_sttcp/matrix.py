@@ -94,11 +94,14 @@ def _loss(percent: int) -> None:
            "--mode", "random", "--probability", p, "-j", "DROP", ns=lab.NS_PRIMARY)
 
 
-def _percentile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of a non-empty list."""
     v = sorted(values)
-    return round(v[min(len(v) - 1, int(round(q * (len(v) - 1))))], 1)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def _percentile(values: list[float], q: float) -> Optional[float]:
+    return round(percentile(values, q), 1) if values else None
 
 
 def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional
 
+from .control import summarize
+
 # Failover phases, in seconds: detection (last beat to declared failed),
 # takeover (declared to held segments released), resume (declared to the
 # first client segment after takeover).
@@ -49,11 +51,8 @@ class StatusCollector:
         for k in REWRITE_ERRORS:
             errors.add_metric([k], counters.get(k, 0))
         yield errors
-        conns = st.get("connections", [])
-        summary = st.get("summary") or {  # (a status lists at most 1,000 connections; the summary counts all)
-            "held_bytes": sum(c.get("held_bytes", 0) for c in conns),
-            "protected": sum(1 for c in conns if c.get("protected")),
-            "unprotected": sum(1 for c in conns if not c.get("protected"))}
+        # (a status lists at most 1,000 connections; its summary counts all)
+        summary = st.get("summary") or summarize(st.get("connections", []))
         held = GaugeMetricFamily("nfq_sttcp_held_bytes", "Bytes of the backup's replies held until takeover")
         held.add_metric([], summary["held_bytes"])
         yield held

@@ -51,6 +51,17 @@ CRASHED = threading.Event()  # set once the crash happened (or will not happen)
 _BYTES_ACKED_OFFSET = 120  # struct tcp_info: tcpi_bytes_acked (u64)
 
 
+def recv_line(s: socket.socket, bufsize: int) -> bytes:
+    """Read up to a newline, or to the peer's FIN (then the line may be short)."""
+    line = b""
+    while not line.endswith(b"\n"):
+        d = s.recv(bufsize)
+        if not d:
+            break
+        line += d
+    return line
+
+
 @dataclass
 class Result:
     kind: str
@@ -240,12 +251,7 @@ class Worker(threading.Thread):
                     if ahead > 0:
                         time.sleep(ahead)
             s.shutdown(socket.SHUT_WR)
-            reply = b""
-            while not reply.endswith(b"\n"):
-                d = s.recv(100)
-                if not d:
-                    break
-                reply += d
+            reply = recv_line(s, 100)
         finally:
             stop.set()
             poller.join()

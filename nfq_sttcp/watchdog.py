@@ -73,7 +73,8 @@ class Watchdog:
         self.interval = interval_s
         self.missed = missed
         # Not autonomous: another party (keepalived's VRRP) owns the VIP and
-        # says when to take over (force_takeover); silence only makes us suspect.
+        # says when to take over (force_takeover); silence never does (a live
+        # host's silent daemon still makes us orphaned).
         self.autonomous = autonomous
         self.orphan_after = max(orphan_after_s, interval_s * missed)
         self.state = WAITING
