@@ -521,8 +521,14 @@ class BackupCore:
                       fresh_ts: bool = False) -> bytes:
         assert conn.delta_seq is not None
         buf = bytearray(data)
-        tcpseg.set_seq(buf, seg, seq_add(self._ack_seq(conn, seg.seq) if seg.is_pure_ack() else seg.seq,
-                                         conn.delta_seq))
+        lift = seg.is_pure_ack() and (conn.snd_max is None or not seq_lt(seg.seq, conn.snd_max))
+        # A pure ack below our snd_nxt is a zero-window probe or a keepalive
+        # (snd_una - 1): it must stay below the client's receive point, where
+        # it draws an ack with the client's window. Lifted, it was absorbed
+        # silently, and a client whose window update was lost at takeover
+        # never opened its window again: the stack's probes backed off to
+        # 30 s and more.
+        tcpseg.set_seq(buf, seg, seq_add(self._ack_seq(conn, seg.seq) if lift else seg.seq, conn.delta_seq))
         if seg.has_ts:
             tsval_b = self._current_tsval_b(conn, now) if fresh_ts else seg.tsval
             tcpseg.set_tsval(buf, seg, self._out_tsval(conn, tsval_b))
@@ -706,6 +712,7 @@ class BackupCore:
             conn.held.clear()
             conn.held_bytes = 0
             out += self._prompt_client(conn, now)
+        out += self.probe_closed_windows(now)
         out.append(Log("takeover_released", "warning",
                        {"migrated": migrated, "unprotected": unprotected, "segments_resent": resent}))
         return out
@@ -727,6 +734,34 @@ class BackupCore:
         pkt = tcpseg.build_segment(vip, cip, vport, cport, seq_add(self._ack_seq(conn, conn.snd_max), conn.delta_seq),
                                    conn.rcv_ack, ACK, conn.last_window, opts)
         return [Inject(pkt, "takeover prompt")] * TAKEOVER_ACK_PROMPTS
+
+    def probe_closed_windows(self, now: float) -> list[Action]:
+        """After takeover, a window probe to each migrated connection whose
+        client last showed a zero window.
+
+        The client's window update may have gone to the dead primary (its
+        ARP entry for the VIP moves only with our gratuitous ARP), and a
+        client that believes its window open never sends another one. Our
+        stack's own probes, by then backed off by the hold, would come
+        seconds later. A segment just below the client's receive point draws
+        an ack with its window at once; the driver repeats this on the
+        gratuitous-ARP schedule."""
+        if not self.active:
+            return []
+        out: list[Action] = []
+        for conn in self.conns.values():
+            if conn.client_window or not conn.protected or conn.delta_seq is None or conn.client_ack_b is None \
+                    or conn.rcv_ack is None or conn.closing_since is not None:
+                continue
+            cip, cport, vip, vport = conn.key
+            opts = b""
+            if conn.uses_ts:
+                opts = tcpseg.ts_option(self._out_tsval(conn, self._current_tsval_b(conn, now)), conn.client_tsval)
+            seq = seq_add(conn.client_ack_b, conn.delta_seq - 1)
+            out.append(Inject(tcpseg.build_segment(vip, cip, vport, cport, seq, conn.rcv_ack, ACK, conn.last_window,
+                                                   opts), "window probe after takeover"))
+            out.append(Count("window_probes"))
+        return out
 
     # == time ================================================================
 

@@ -865,6 +865,8 @@ class Daemon:
             for frame in self.garp_frames:
                 self.l2sock.send(frame)
             self.counters["garp_sent"] += 1
+            if self.backup is not None:
+                self._perform(self.backup.probe_closed_windows(now))
             if self.counters["garp_sent"] == 1:
                 self._mark("garp_sent")
         except OSError as e:

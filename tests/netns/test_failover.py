@@ -6,6 +6,9 @@ second SYN (no reconnect)."""
 
 import subprocess
 import sys
+import time
+
+import pytest
 
 from nfq_sttcp import lab, scenario
 from nfq_sttcp.promoted import REASON_MIGRATED
@@ -122,3 +125,78 @@ print("DONE", flush=True)
     assert mine["reason"] == "opened before the backup joined"
     assert mine["acks_clamped"] == 0
     assert st["daemons"]["backup"]["counters"].get("unknown_in", 0) > 0
+
+
+SHUT_WINDOW_CLIENT = r"""
+import socket, sys, time
+from nfq_sttcp.testapp import stream_bytes
+n = int(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+s.connect((sys.argv[2], 7001))
+s.sendall(b"%d 5\n" % n)
+got = bytearray()
+while len(got) < 200000:
+    got += s.recv(65536)
+time.sleep(1.0)  # stop reading: the window shuts
+print("shut", flush=True)
+sys.stdin.readline()
+s.setblocking(False)
+try:
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+except BlockingIOError:
+    pass
+print("read", flush=True)  # the window update this sent was lost
+sys.stdin.readline()
+s.setblocking(True)
+s.settimeout(30)
+try:
+    while len(got) < n:
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+except OSError as e:
+    print("ERR %s after %d bytes" % (type(e).__name__, len(got)), flush=True)
+print("done %d %s" % (len(got), got == stream_bytes(5, 0, n)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("lost_for_s", [0.5, 2.5])
+def test_a_window_update_lost_at_takeover_does_not_stall_a_shut_window(make_lab, lost_for_s):
+    """The client's window is shut at the crash; it reads, and its window
+    update is lost on the way (as when its ARP entry still names the dead
+    primary). Within the gratuitous-ARP schedule our own window probe draws
+    the window; after it, our stack's zero-window probes do. Before, both
+    were absorbed by the client and the transfer stalled for good."""
+    make_lab()
+    n = 2 * MB
+    p = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-c", SHUT_WINDOW_CLIENT, str(n),
+                          lab.VIP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "shut"
+        lab.crash("primary")
+        drop = ["OUTPUT", "-d", lab.VIP, "-p", "tcp", "-j", "DROP"]
+        lab.sh("iptables", "-w", "-I", *drop, ns=lab.NS_CLIENT)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "read"
+        deadline = time.monotonic() + 5
+        while lab.status()["daemons"].get("backup", {}).get("state") != "active" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(lost_for_s)
+        lab.sh("iptables", "-w", "-D", *drop, ns=lab.NS_CLIENT)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "done %d True" % n
+    finally:
+        p.kill()
+        p.wait()
+    st = lab.control("backup")
+    assert st["state"] == "active"
+    if lost_for_s < 2.0:
+        assert st["counters"].get("window_probes", 0) > 0

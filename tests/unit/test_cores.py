@@ -516,3 +516,27 @@ def test_a_connection_that_cannot_migrate_is_reset_where_the_client_really_is():
     b.on_tick(100.0)
     assert KEY in b.conns
     assert isinstance(verdicts(b.on_outbound(from_server(1001, 101, payload=b"late"), 100.1))[0], Drop)
+
+
+def test_after_takeover_a_closed_client_window_is_probed_and_our_probes_stay_below_it():
+    """The client showed a zero window, and its window update went to the
+    dead primary. Our probes must draw its window: one from us at takeover
+    (and on the gratuitous-ARP schedule), and our stack's own zero-window
+    probes (snd_una - 1) mapped as they are, never lifted into the window,
+    where the client absorbs them silently."""
+    b = mapped_backup()
+    b.on_outbound(from_server(901, 101, payload=b"r" * 100), 0.1)
+    b.on_inbound(from_client(101, 5101, window=0), 0.2)  # all acked, window shut
+    sent = [tcpseg.parse(a.packet) for a in b.activate(1.0) if isinstance(a, Inject)]
+    probes = [s for s in sent if s.seq == 5100]
+    assert len(probes) == 1 and probes[0].is_pure_ack() and probes[0].dst == "10.77.0.10"
+    assert len(b.probe_closed_windows(1.1)) == 2  # the segment and its count, each time the driver asks
+    # our stack's zero-window probe: a bare ack at snd_una - 1 (our 1000 -> the primary's 5100)
+    out = b.on_outbound(from_server(1000, 101), 1.2)
+    assert [tcpseg.parse(a.payload).seq for a in out if isinstance(a, Accept)] == [5100]
+    # an ordinary ack at our snd_nxt still goes at the client's receive point
+    out = b.on_outbound(from_server(1001, 101), 1.3)
+    assert [tcpseg.parse(a.payload).seq for a in out if isinstance(a, Accept)] == [5101]
+    # the window opens: no more probes from us
+    b.on_inbound(from_client(101, 5101, window=500), 1.4)
+    assert b.probe_closed_windows(1.5) == []
