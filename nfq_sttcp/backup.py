@@ -72,6 +72,7 @@ class BackupConn:
     client_ack_b: Optional[int] = None  # highest client ack mapped into backup space
     stack_ack: Optional[int] = None  # highest ack our stack has been shown (after clamping)
     client_window: int = 0
+    client_mss: int = 536  # from the client's SYN (RFC 9293's default without one)
     client_tsval: int = 0
     client_max_tsecr: Optional[int] = None  # highest TSval of ours (primary space) the client echoed
     uses_ts: bool = False
@@ -167,6 +168,8 @@ class BackupCore:
                     self._set_primary_isn(conn, early[0])
             if seg.has_ts:
                 conn.client_tsval = seg.tsval
+            if seg.mss:
+                conn.client_mss = seg.mss
             return [Accept()]
         if conn is None:
             if self.active:
@@ -707,8 +710,12 @@ class BackupCore:
                 if conn.client_ack_b is not None and seq_le(end, conn.client_ack_b):
                     continue
                 seg = tcpseg.parse(data)
-                out.append(Inject(self._map_outbound(conn, seg, data, now, fresh_ts=True), "held segment resent"))
-                resent += 1
+                mapped = self._map_outbound(conn, seg, data, now, fresh_ts=True)
+                # Held whole as our stack's GSO packet (up to 64 KB): resent in
+                # pieces the client's MSS takes (options count against it).
+                for piece in tcpseg.split(mapped, conn.client_mss - (seg.doff - 20)):
+                    out.append(Inject(piece, "held segment resent"))
+                    resent += 1
             conn.held.clear()
             conn.held_bytes = 0
             out += self._prompt_client(conn, now)

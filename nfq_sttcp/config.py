@@ -55,6 +55,7 @@ class Config:
     queue_backup_in: int = 12
     queue_backup_out: int = 13
     queue_max_len: int = 16384
+    queue_gso: bool = True  # whole GSO packets, 64 KB copies (nfqueue.py)
     mark: int = 0x5717
     chain_prefix: str = "STTCP"
     ts_margin_ms: int = 0
@@ -129,7 +130,7 @@ _LAYOUT: dict[str, dict[str, str]] = {
     "heartbeat": {"interval_ms": "heartbeat_interval_ms", "missed": "heartbeat_missed",
                   "daemon_lost_ms": "daemon_lost_ms"},
     "queues": {"primary_out": "queue_primary_out", "backup_in": "queue_backup_in",
-               "backup_out": "queue_backup_out", "max_len": "queue_max_len"},
+               "backup_out": "queue_backup_out", "max_len": "queue_max_len", "gso": "queue_gso"},
     "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb", "synack_hold_ms": "synack_hold_ms",
                "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms"},
 }

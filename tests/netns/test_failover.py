@@ -32,6 +32,9 @@ def test_echo_crash_inside_a_message(make_lab):
 
 def test_bulk_download_50mb(make_lab):
     make_lab()
+    for host in ("primary", "backup"):  # whole GSO packets, 64 KB copies (nfqueue.py)
+        queues = lab.control(host)["queues"]
+        assert queues and all(q["copy_range"] == 65531 and q["whole_gso"] for q in queues.values()), queues
     r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (50 * MB, 15 * MB)])
     survived(r, {"download": 50 * MB})
 

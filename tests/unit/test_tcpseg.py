@@ -160,3 +160,39 @@ def test_arbitrary_bytes_never_raise_anything_else(data):
         tcpseg.parse(data)
     except MalformedPacket:
         pass
+
+
+def test_split_cuts_a_gso_sized_segment_into_mss_pieces_with_correct_checksums():
+    from scapy.layers.inet import IP, TCP
+    data = bytes(range(256)) * 20  # 5120 bytes
+    pkt = tcpseg.build_segment("10.77.0.100", "10.77.0.10", 7000, 40000, 0xFFFFF000, 77,
+                               tcpseg.ACK | tcpseg.PSH | tcpseg.FIN, 500, tcpseg.ts_option(1, 2), data)
+    pieces = tcpseg.split(pkt, 1448)
+    assert [len(tcpseg.payload(p, tcpseg.parse(p))) for p in pieces] == [1448, 1448, 1448, 776]
+    got = b""
+    for i, p in enumerate(pieces):
+        s = IP(p)
+        fresh = IP(p)
+        del fresh[IP].chksum, fresh[TCP].chksum
+        assert IP(bytes(fresh))[TCP].chksum == s[TCP].chksum and IP(bytes(fresh))[IP].chksum == s[IP].chksum
+        assert s[TCP].seq == (0xFFFFF000 + 1448 * i) & 0xFFFFFFFF  # wraps
+        last = i == len(pieces) - 1
+        assert bool(s[TCP].flags & 0x01) == last and bool(s[TCP].flags & 0x08) == last
+        got += bytes(s[TCP].payload)
+    assert got == data
+    assert tcpseg.split(pkt, 6000) == [pkt]
+
+
+def test_ones_complement_sum_matches_the_word_loop():
+    import random
+    import struct
+    rnd = random.Random(7)
+    for n in (0, 1, 2, 3, 40, 1501, 65000):
+        b = bytes(rnd.getrandbits(8) for _ in range(n))
+        padded = b + b"\0" * (n % 2)
+        s = sum(struct.unpack("!%dH" % (len(padded) // 2), padded))
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        assert tcpseg.ones_complement_sum(b) == s
+    assert tcpseg.ones_complement_sum(b"\xff\xff\xff\xff") == 0xFFFF
+    assert tcpseg.ones_complement_sum(b"\0\0") == 0

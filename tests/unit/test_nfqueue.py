@@ -1,0 +1,43 @@
+"""The nfnetlink_queue config message we send ourselves (nfqueue.py)."""
+
+import struct
+
+from nfq_sttcp import nfqueue
+
+
+def _attrs(body):
+    out, off = {}, 0
+    while off < len(body):
+        n, kind = struct.unpack_from("=HH", body, off)
+        out[kind] = body[off + 4:off + n]
+        off += (n + 3) & ~3
+    return out
+
+
+def test_config_message_asks_for_whole_packets_and_gso_with_an_ack():
+    m = nfqueue.config_message(13, seq=77)
+    length, kind, flags, seq, pid = struct.unpack_from("=IHHII", m)
+    assert (length, kind, seq, pid) == (len(m), (3 << 8) | 2, 77, 0)
+    assert flags == nfqueue.NLM_F_REQUEST | nfqueue.NLM_F_ACK
+    family, version, res_id = struct.unpack_from("=BBH", m, 16)
+    assert (family, version, struct.unpack("!H", struct.pack("=H", res_id))[0]) == (0, 0, 13)
+    a = _attrs(m[20:])
+    assert struct.unpack("!IB", a[nfqueue.NFQA_CFG_PARAMS]) == (65531, nfqueue.NFQNL_COPY_PACKET)
+    assert struct.unpack("!I", a[nfqueue.NFQA_CFG_MASK])[0] == nfqueue.NFQA_CFG_F_GSO
+    assert struct.unpack("!I", a[nfqueue.NFQA_CFG_FLAGS])[0] == nfqueue.NFQA_CFG_F_GSO
+    off = _attrs(nfqueue.config_message(13, 1, gso=False)[20:])
+    assert struct.unpack("!I", off[nfqueue.NFQA_CFG_FLAGS])[0] == 0
+
+
+def _error(seq, errno_):
+    return struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -errno_) + b"\0" * 16
+
+
+def test_ack_error_finds_the_answer_to_our_message_only():
+    assert nfqueue.ack_error(_error(5, 0), 5) == 0
+    assert nfqueue.ack_error(_error(5, 95), 5) == 95
+    assert nfqueue.ack_error(_error(4, 0), 5) is None  # someone else's
+    other = struct.pack("=IHHII", 20, (3 << 8) | 0, 0, 0, 0) + b"\0" * 4  # a queued packet before it
+    assert nfqueue.ack_error(other + _error(5, 0), 5) == 0
+    assert nfqueue.ack_error(b"", 5) is None
+    assert nfqueue.ack_error(b"\0" * 16, 5) is None  # a zero length never loops
