@@ -540,3 +540,13 @@ def test_after_takeover_a_closed_client_window_is_probed_and_our_probes_stay_bel
     # the window opens: no more probes from us
     b.on_inbound(from_client(101, 5101, window=500), 1.4)
     assert b.probe_closed_windows(1.5) == []
+
+
+def test_a_held_gso_packet_is_resent_at_takeover_in_mss_pieces_the_client_lacks():
+    b = mapped_backup()
+    data = bytes(range(256)) * 16  # 4096 bytes held as one packet (our stack's GSO)
+    b.on_outbound(from_server(901, 101, payload=data), 0.1)
+    b.on_inbound(from_client(101, 5001 + 1448), 0.2)  # the client has the first piece (from the primary)
+    sent = [tcpseg.parse(a.packet) for a in b.activate(1.0) if isinstance(a, Inject) and a.why == "held segment resent"]
+    mss = 1460 - 12  # the client's MSS (helpers' SYN) less our timestamp option
+    assert [(s.seq, s.payload_len) for s in sent] == [(5001 + mss, mss), (5001 + 2 * mss, 4096 - 2 * mss)]
