@@ -738,13 +738,18 @@ class BackupCore:
         the client's RTO, unless snooping caught them (on_snooped)."""
         if conn.rcv_ack is None or conn.snd_max is None or conn.delta_seq is None:
             return []
+        pkt = self._ack_to_client(conn, seq_add(self._ack_seq(conn, conn.snd_max), conn.delta_seq), now)
+        return [Inject(pkt, "takeover prompt")] * TAKEOVER_ACK_PROMPTS
+
+    def _ack_to_client(self, conn: BackupConn, seq: int, now: float) -> bytes:
+        """A bare ACK of ours to the client at ``seq`` (the primary's space),
+        carrying our receive point and window and a current TSval."""
+        assert conn.rcv_ack is not None
         cip, cport, vip, vport = conn.key
         opts = b""
         if conn.uses_ts:
             opts = tcpseg.ts_option(self._out_tsval(conn, self._current_tsval_b(conn, now)), conn.client_tsval)
-        pkt = tcpseg.build_segment(vip, cip, vport, cport, seq_add(self._ack_seq(conn, conn.snd_max), conn.delta_seq),
-                                   conn.rcv_ack, ACK, conn.last_window, opts)
-        return [Inject(pkt, "takeover prompt")] * TAKEOVER_ACK_PROMPTS
+        return tcpseg.build_segment(vip, cip, vport, cport, seq, conn.rcv_ack, ACK, conn.last_window, opts)
 
     def probe_closed_windows(self, now: float) -> list[Action]:
         """After takeover, a window probe to each migrated connection whose
@@ -764,14 +769,8 @@ class BackupCore:
             if conn.client_window or not conn.protected or conn.delta_seq is None or conn.client_ack_b is None \
                     or conn.rcv_ack is None or conn.closing_since is not None:
                 continue
-            cip, cport, vip, vport = conn.key
-            opts = b""
-            if conn.uses_ts:
-                opts = tcpseg.ts_option(self._out_tsval(conn, self._current_tsval_b(conn, now)), conn.client_tsval)
-            seq = seq_add(conn.client_ack_b, conn.delta_seq - 1)
-            out.append(Inject(tcpseg.build_segment(vip, cip, vport, cport, seq, conn.rcv_ack, ACK, conn.last_window,
-                                                   opts), "window probe after takeover"))
-            out.append(Count("window_probes"))
+            probe = self._ack_to_client(conn, seq_add(conn.client_ack_b, conn.delta_seq - 1), now)
+            out += [Inject(probe, "window probe after takeover"), Count("window_probes")]
         return out
 
     # == time ================================================================
