@@ -51,18 +51,21 @@ def run(download_mb: int = 50, upload_mb: int = 50, out_dir: str = "demo-out") -
         problems = []
         if not c["ok"]:
             problems.append(c.get("error") or "not verified")
-        if c.get("rsts_received"):
+        if not c.get("in_capture"):
+            problems.append("not in the client's capture")
+        elif c["rsts_received"]:
             problems.append("client saw RST")
-        if c.get("syns_sent", 1) != 1:
-            problems.append("client sent %d SYNs" % c.get("syns_sent", 0))
+        elif c["syns_sent"] != 1:
+            problems.append("client sent %d SYNs" % c["syns_sent"])
         gap = c.get("wire_gap_ms")
         if gap is None:
             problems.append("no gap measured")
         elif gap > budget:
             problems.append("gap over budget")
         failed += bool(problems)
-        print("%-9s %-6d %14d %5d %5d %10s %10s  %s" % (
-            c["kind"], c["port"], c["verified"], c.get("rsts_received", 0), c.get("syns_sent", 0),
+        unknown = "-" if not c.get("in_capture") else None
+        print("%-9s %-6d %14d %5s %5s %10s %10s  %s" % (
+            c["kind"], c["port"], c["verified"], unknown or c["rsts_received"], unknown or c["syns_sent"],
             gap, c.get("gap_ms"), "ok" if not problems else "FAIL: " + "; ".join(problems)))
     if not report["connections"]:
         failed += 1

@@ -37,7 +37,14 @@ _HOLD = {
     "syn": ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"],
     "synack": ["OUTPUT", "-d", lab.VIP, "-p", "tcp", "!", "--syn", "-j", "DROP"],
     "server_fin": ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "FIN", "FIN", "-j", "DROP"],
+    # An upload's answer is one short line: it is held (every server segment
+    # carrying data, never a pure ACK) so that it is still owed at the crash.
+    "client_fin/up": ["INPUT", "-s", lab.VIP, "-p", "tcp", "-m", "length", "--length", "100:65535", "-j", "DROP"],
 }
+
+
+def _hold(point: str, workload: str) -> Optional[list[str]]:
+    return _HOLD.get("%s/%s" % (point, workload)) or _HOLD.get(point)
 
 
 @dataclass
@@ -64,22 +71,28 @@ def conn_specs(point: str, workload: str, n: int) -> list[str]:
     if point == "mid":
         spec = {
             "echo": "echo:count=%d,size=2000,pause_ms=20,crash_msg=%d,after=5" % ((12, 4) if small else (30, 10)),
+            # Many connections run long enough that the slowest one's
+            # reaching its crash point does not outlast the fastest.
             "down": "download:bytes=%d,rate_kbps=%d,crash_at=%d" % (
-                (300000, 4000, 100000) if small else (3000000, 16000, 1000000)),
+                (1000000, 2000, 50000) if small else (3000000, 16000, 1000000)),
             "up": "upload:bytes=%d,rate_kbps=%d,crash_at=%d" % (
-                (300000, 4000, 100000) if small else (3000000, 16000, 1000000)),
+                (1000000, 2000, 50000) if small else (3000000, 16000, 1000000)),
             "rr": "rr:count=%d,size=%d,pause_ms=20,crash_msg=%d,after=5" % ((12, 6000, 4) if small else (30, 20000, 10)),
             "banner": "banner:lines=%d,pause_ms=20,crash_line=%d,after=5" % ((12, 4) if small else (30, 10)),
         }[workload]
     else:
-        ready = 1 if point == "server_fin" else 0
-        rate = 4000 if small else 16000  # kbit/s of reading: answers still flowing after a client FIN
+        # The answer is held at the client until the crash (see _hold) for
+        # server_fin, and for an upload's one-line answer at client_fin.
+        ready = 1 if point == "server_fin" or (point, workload) == ("client_fin", "up") else 0
+        rate = 1000 if small else 16000  # kbit/s of reading: answers still flowing after a client FIN
         spec = {
-            "echo": "echo:pipelined=1,count=%d,size=2000" % (150 if small else 1000),
+            # Many connections' requests fit the socket buffers (about 120 KB),
+            # so that every client's FIN goes out at once, answers still owed.
+            "echo": "echo:pipelined=1,count=%d,size=2000" % (60 if small else 1000),
             "down": "download:pipelined=1,bytes=%d" % (300000 if small else 3000000),
             "up": "upload:pipelined=1,bytes=%d" % (300000 if small else 3000000),
-            "rr": "rr:pipelined=1,count=%d,size=%d" % ((20, 10000) if small else (60, 40000)),
-            "banner": "banner:pipelined=1,lines=%d" % (20 if small else 60),
+            "rr": "rr:pipelined=1,count=%d,size=%d" % ((40, 10000) if small else (60, 40000)),
+            "banner": "banner:pipelined=1,lines=%d" % (3000 if small else 40000),
         }[workload] + ",ready=%d" % ready + (",rate_kbps=%d" % rate if point == "client_fin" else "")
     return [spec + ",seed=%d" % (i + 1) for i in range(n)]
 
@@ -107,7 +120,7 @@ def _percentile(values: list[float], q: float) -> Optional[float]:
 def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
     cell = Cell(point, workload, n, loss)
     t0 = time.monotonic()
-    hold = _HOLD.get(point)
+    hold = _hold(point, workload)
     try:
         lab.up(progress=lambda *_: None)
         _loss(loss)
@@ -123,8 +136,10 @@ def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
             return t, wall
 
         specs = conn_specs(point, workload, n)
+        handshake = point in ("syn", "synack")
         report = scenario.run_with_crash(specs, disrupt=disrupt, timeout=240,
-                                         crash_after_ms=300 if point in ("syn", "synack") else None)
+                                         crash_after_ms=300 if handshake else None,
+                                         start_together=not handshake)
         _judge(cell, report, n)
     except Exception as e:  # a broken cell is a failed cell, with the reason
         cell.failures.append("%s: %s" % (type(e).__name__, e))
@@ -137,16 +152,7 @@ def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
 
 def _judge(cell: Cell, report: dict[str, Any], n: int) -> None:
     conns = report.get("connections", [])
-    if len(conns) != n:
-        cell.failures.append("%d of %d connections reported (%s)" % (len(conns), n, report.get("error")))
-    for c in conns:
-        label = "%s:%s" % (c["kind"], c["local_port"])
-        if not c["ok"]:
-            cell.failures.append("%s: %s" % (label, c["error"]))
-        if c["rsts_received"]:
-            cell.failures.append("%s: %d RSTs" % (label, c["rsts_received"]))
-        if c["syns_sent"] > 1:
-            cell.failures.append("%s: reconnected (%d SYNs)" % (label, c["syns_sent"]))
+    cell.failures += connection_failures(conns, n, report.get("error"))
     st = lab.status()
     backup = st["daemons"].get("backup", {})
     if backup.get("state") != "active":
@@ -157,6 +163,33 @@ def _judge(cell: Cell, report: dict[str, Any], n: int) -> None:
     gaps = [c["wire_gap_ms"] for c in conns if c.get("wire_gap_ms") is not None]
     cell.gap_p50_ms, cell.gap_p99_ms = _percentile(gaps, 0.5), _percentile(gaps, 0.99)
     cell.ok = not cell.failures
+
+
+def connection_failures(conns: list[dict[str, Any]], n: int, error: Optional[str] = None) -> list[str]:
+    """What is wrong with a cell's connections, as the client and its capture
+    saw them: every one byte-exact, no RST, one SYN, and open at the crash."""
+    failures = []
+    if len(conns) != n:
+        failures.append("%d of %d connections reported (%s)" % (len(conns), n, error))
+    done_before = 0
+    for c in conns:
+        label = "%s:%s" % (c["kind"], c["local_port"])
+        if not c["ok"]:
+            failures.append("%s: %s" % (label, c["error"]))
+        if not c.get("in_capture"):
+            failures.append("%s: not in the client's capture, so RSTs and SYNs are unknown" % label)
+            continue
+        if c["rsts_received"]:
+            failures.append("%s: %d RSTs" % (label, c["rsts_received"]))
+        if c["syns_sent"] > 1:
+            failures.append("%s: reconnected (%d SYNs)" % (label, c["syns_sent"]))
+        if not c.get("open_at_crash"):
+            done_before += 1
+    # A connection that was over before the crash proves nothing about failover.
+    if done_before:
+        failures.append("%d of %d connections were not open at the crash (over before it, or no crash time)"
+                        % (done_before, len(conns)))
+    return failures
 
 
 def run(points=POINTS, workloads=WORKLOADS, conns=CONNS, losses=LOSS,

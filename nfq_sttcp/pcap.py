@@ -120,11 +120,13 @@ class ClientView:
     client_port: int
     syns_sent: int = 0  # connection attempts (distinct ISNs)
     syn_isns: set = field(default_factory=set)
+    first_syn_t: Optional[float] = None  # capture time of the first SYN
     rsts_received: int = 0
     rsts_sent: int = 0
     server_segments: int = 0
     gap_ms: Optional[float] = None  # waiting for data (payload, SYN or FIN)
-    ack_gap_ms: Optional[float] = None  # waiting for a new ack (what an uploading client waits for)
+    ack_gap_ms: Optional[float] = None  # waiting for a new ack
+    any_gap_ms: Optional[float] = None  # waiting for data or a new ack (what an uploading client waits for)
 
 
 def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
@@ -132,7 +134,7 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
     """Per client port: SYNs sent, RSTs seen, and the failover gap on the wire.
 
     The gap is the longest interval between two server segments that carry
-    data (``gap_ms``) or a new ack (``ack_gap_ms``) among those ending after
+    data (``gap_ms``), a new ack (``ack_gap_ms``) or either (``any_gap_ms``) among those ending after
     the crash: from the last byte before the crash to the first byte after
     it, and any later stall. Client think time falls inside it too, so the
     test clients keep their pauses short.
@@ -147,6 +149,8 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
                 # A retransmitted SYN is not a reconnect: count initial sequence numbers.
                 v.syn_isns.add(r.seq)
                 v.syns_sent += 1
+                if v.first_syn_t is None:
+                    v.first_syn_t = r.t
             if r.flags & RST:
                 v.rsts_sent += 1
         elif r.src == server_ip and r.dst == client_ip:
@@ -166,12 +170,14 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
                 kinds.append("data")
             if new_ack or r.flags & SYN:
                 kinds.append("ack")
+            if kinds:
+                kinds.append("any")
             for kind in kinds:
                 k = (port, kind)
                 prev = last.get(k)
                 if crash_wall is not None and prev is not None and r.t > crash_wall:
                     gap = round((r.t - prev) * 1000, 1)
-                    attr = "gap_ms" if kind == "data" else "ack_gap_ms"
+                    attr = {"data": "gap_ms", "ack": "ack_gap_ms", "any": "any_gap_ms"}[kind]
                     if getattr(v, attr) is None or gap > getattr(v, attr):
                         setattr(v, attr, gap)
                 last[k] = r.t

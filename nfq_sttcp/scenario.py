@@ -40,9 +40,13 @@ class Capture:
     def finish(self) -> None:
         # tcpdump starved of CPU by a burst lags behind its kernel buffer, and
         # SIGINT discards what it has not read: wait until it has caught up
-        # (with -U its file grows as it reads).
-        deadline, last, still = time.monotonic() + 10, -1, 0
-        while time.monotonic() < deadline and still < 3:
+        # (with -U its file grows as it reads). Without --immediate-mode the
+        # kernel hands packets over in blocks, a block when it fills or after
+        # libpcap's 1 s timeout: a short run's whole capture can still sit in
+        # the kernel after 0.3 s of a still file. So the file must stay still
+        # for longer than that timeout.
+        deadline, last, still = time.monotonic() + 15, -1, 0
+        while time.monotonic() < deadline and still < 13:
             time.sleep(0.1)
             size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
             still = still + 1 if size == last else 0
@@ -59,7 +63,7 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
                    before_crash: Optional[Callable[[], None]] = None, capture_dir: Optional[str] = None,
                    target: str = lab.VIP, crash_host: str = "primary",
                    disrupt: Optional[Callable[[], tuple[float, float]]] = None,
-                   crash_after_ms: Optional[float] = None) -> dict[str, Any]:
+                   crash_after_ms: Optional[float] = None, start_together: bool = False) -> dict[str, Any]:
     """Start ``traffic`` in the client namespace with ``conns`` specs; when it
     prints CRASHPOINT, crash ``crash_host`` (unless ``crash`` is False) and tell
     the client when. ``disrupt`` replaces the crash (for example a switchover)
@@ -74,6 +78,8 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
         argv += ["--conn", c]
     if crash_after_ms is not None:
         argv += ["--crash-after-ms", str(crash_after_ms)]
+    if start_together:
+        argv.append("--start-together")
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timer = threading.Timer(timeout, p.kill)
     timer.start()
@@ -105,10 +111,16 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
     views = pcap.client_view(records, lab.CLIENT_IP, target, crash_wall)
     for c in report["connections"]:
         v = views.get(c.get("local_port", -1))
-        c["syns_sent"] = v.syns_sent if v else 0
-        c["rsts_received"] = v.rsts_received if v else 0
-        # An uploading client waits for acks; every other kind waits for data.
-        c["wire_gap_ms"] = (v.ack_gap_ms if c["kind"] == "upload" else v.gap_ms) if v else None
+        # A connection the capture lacks is unknown, not clean: None, never 0.
+        c["in_capture"] = v is not None
+        c["syns_sent"] = v.syns_sent if v else None
+        c["rsts_received"] = v.rsts_received if v else None
+        if c.get("open_at_crash") and crash_wall is not None:
+            # Open at the crash: begun before it (its SYN is out) and not over.
+            c["open_at_crash"] = bool(v and v.first_syn_t is not None and v.first_syn_t < crash_wall)
+        # An uploading client waits for acks, and then for its one-line
+        # answer; every other kind waits for data.
+        c["wire_gap_ms"] = (v.any_gap_ms if c["kind"] == "upload" else v.gap_ms) if v else None
     report["crash_t"] = crash_t
     report["crash_wall"] = crash_wall
     report["client_rc"] = p.returncode

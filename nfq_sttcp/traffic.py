@@ -23,7 +23,9 @@ With ``pipelined=1`` a connection sends its whole request stream at once
 for 200 ms: the end of the answer and the server's FIN are held up (the
 matrix drops the FINs the client receives until the crash). ``--crash-after-ms`` prints
 CRASHPOINT after that long whatever the connections' state (for crashes in
-the handshake).
+the handshake). With ``--start-together`` every connection waits, once it is
+open, until all of them are open before it starts its work, so that many
+connections are all mid-stream at one moment.
 
 Interactive kinds keep going past their count until ``after`` more
 exchanges followed the crash, so they are mid-stream when it happens.
@@ -75,6 +77,8 @@ class Result:
     events: list[tuple[float, str]] = field(default_factory=list)  # (t, "progress"|"request")
     local_port: int = 0
     gap_ms: Optional[float] = None
+    ended: float = 0.0  # time.monotonic() when the connection was done with, well or not
+    open_at_crash: Optional[bool] = None  # still owed something when the crash came
 
     def progress(self) -> None:
         self.events.append((time.monotonic(), "p"))
@@ -87,6 +91,7 @@ class Result:
         byte (or request) before it to the first byte after it."""
         if crash_t is None:
             return
+        self.open_at_crash = self.ended > crash_t
         last = None
         worst = 0.0
         for t, kind in self.events:
@@ -96,13 +101,14 @@ class Result:
         self.gap_ms = round(worst * 1000, 1)
 
     def summary(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "events"}
-        return d
+        return {k: v for k, v in self.__dict__.items() if k not in ("events", "ended")}
 
 
 class Worker(threading.Thread):
-    def __init__(self, target: str, kind: str, params: dict[str, int], ready: threading.Event, timeout: float) -> None:
+    def __init__(self, target: str, kind: str, params: dict[str, int], ready: threading.Event, timeout: float,
+                 start: Optional[threading.Barrier] = None) -> None:
         super().__init__(daemon=True)
+        self.start_barrier = start
         self.target, self.kind, self.p = target, kind, params
         self.ready = ready
         self.timeout = timeout
@@ -110,21 +116,34 @@ class Worker(threading.Thread):
         self.port = params.get("port", port)
         self.result = Result(kind, self.port)
         self.after_crash_start: Optional[int] = None
+        # Built before any thread starts: making 100 answers of 400 KB each
+        # takes seconds of one GIL, and made by the threads it would spread
+        # the connections' starts over those seconds.
+        self.planned = self.pipeline() if params.get("pipelined") else None
 
     def run(self) -> None:
         r = self.result
         try:
+            planned = self.planned
             s = socket.create_connection((self.target, self.port), timeout=self.timeout)
             r.local_port = s.getsockname()[1]
             with s:
-                if self.p.get("pipelined"):
-                    self.run_pipelined(s)
+                if self.start_barrier is not None:
+                    try:
+                        self.start_barrier.wait(self.timeout)
+                    except threading.BrokenBarrierError:
+                        pass  # a connection failed to open: it reports that; the rest go on
+                if planned is not None:
+                    self.run_pipelined(s, *planned)
                 else:
                     getattr(self, "run_" + self.kind)(s)
         except Exception as e:  # reported, never raised
             r.error = "%s: %s" % (type(e).__name__, e)
             r.ok = False
+            if self.start_barrier is not None:
+                self.start_barrier.abort()  # nobody waits for a connection that will not open
         finally:
+            r.ended = time.monotonic()
             self.ready.set()
 
     def _more(self, done: int, count: int) -> bool:
@@ -354,9 +373,8 @@ class Worker(threading.Thread):
         size = p.get("size", 20000)
         return b"".join(b"%d %d\n" % (size, sd) for sd in seeds), b"".join(stream_bytes(sd, 0, size) for sd in seeds)
 
-    def run_pipelined(self, s: socket.socket) -> None:
+    def run_pipelined(self, s: socket.socket, req: bytes, want: bytes) -> None:
         p, r = self.p, self.result
-        req, want = self.pipeline()
         at_end = bool(p.get("ready", 0))
         rate = p.get("rate_kbps", 0) * 1000 / 8
         sent = threading.Event()
@@ -432,11 +450,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--wait-crash", action="store_true",
                     help="after CRASHPOINT, read 'CRASH <monotonic>' from stdin to measure the gap")
     ap.add_argument("--crash-after-ms", type=float, help="CRASHPOINT after this long, ready or not")
+    ap.add_argument("--start-together", action="store_true",
+                    help="every connection starts its work once all of them are open")
     args = ap.parse_args(argv)
+    together = threading.Barrier(len(args.conn)) if args.start_together else None
     workers = []
     for spec in args.conn:
         kind, params = parse_conn(spec)
-        workers.append(Worker(args.target, kind, params, threading.Event(), args.timeout))
+        workers.append(Worker(args.target, kind, params, threading.Event(), args.timeout, together))
     for w in workers:
         w.start()
     if args.crash_after_ms is not None:
