@@ -547,6 +547,9 @@ class BackupCore:
             if len(self.early_isn) < 65536:
                 self.early_isn[msg.key] = (msg, now)
             return []
+        if conn.delta_seq is not None:
+            # Sent again: the primary has not seen our mapping (our confirm was lost).
+            self.unconfirmed.add(conn.key)
         return self._set_primary_isn(conn, msg)
 
     def on_primary_generation(self, generation: int, now: float) -> list[Action]:
@@ -586,6 +589,8 @@ class BackupCore:
             out.append(Count("options_mismatch"))
         elif conn.generation < self.primary_generation:
             conn.protected, conn.reason = False, UNPROTECTED_DROPPED
+        elif conn.reason == UNPROTECTED_NO_ISN:
+            conn.protected = False  # the ISN came too late: the clones held for it were dropped
         else:
             conn.protected, conn.reason = True, ""
         self.unconfirmed.add(conn.key)

@@ -8,11 +8,13 @@ connection byte-exact, no RST seen, never reconnected. The crash points:
 * ``synack``: after the SYN-ACK, before the client's ACK reaches the server
   (the client's stack drops everything it sends but SYNs);
 * ``mid``: mid-stream, data in flight both ways;
-* ``client_fin``: after the client's FIN, the server still answering;
+* ``client_fin``: after the client's FIN, the server still answering (its
+  FIN, and an upload's one-line answer, held at the client until the crash);
 * ``server_fin``: while the server's FIN is in flight (the client's stack
   drops FINs until the crash).
 
-The client's filters go away the instant after the crash. Loss is random
+The client's filters go away the instant after the crash. A cell fails if
+any connection was not open at the crash: it would prove nothing. Loss is random
 (``-m statistic``) on everything the backup receives on the sync link (the
 clone path and the sync messages) and on the sync messages the primary
 receives.
@@ -32,19 +34,27 @@ WORKLOADS = ("echo", "down", "up", "rr", "banner")
 CONNS = (1, 100)
 LOSS = (0, 1, 5)
 
-# iptables in the client's namespace that holds a connection at the crash point.
+# iptables rules in the client's namespace that hold connections at the crash
+# point, until the crash.
+_FIN_HOLD = ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "FIN", "FIN", "-j", "DROP"]
 _HOLD = {
-    "syn": ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"],
-    "synack": ["OUTPUT", "-d", lab.VIP, "-p", "tcp", "!", "--syn", "-j", "DROP"],
-    "server_fin": ["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "FIN", "FIN", "-j", "DROP"],
-    # An upload's answer is one short line: it is held (every server segment
-    # carrying data, never a pure ACK) so that it is still owed at the crash.
-    "client_fin/up": ["INPUT", "-s", lab.VIP, "-p", "tcp", "-m", "length", "--length", "100:65535", "-j", "DROP"],
+    "syn": [["INPUT", "-s", lab.VIP, "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"]],
+    "synack": [["OUTPUT", "-d", lab.VIP, "-p", "tcp", "!", "--syn", "-j", "DROP"]],
+    "server_fin": [_FIN_HOLD],
+    # After its FIN a client reads the answers (at a slow rate) while they
+    # flow; the server's FIN is held so that a connection whose answers were
+    # all read before the crash (loss on the clone path makes some
+    # connections seconds slower than others) is still open at it.
+    "client_fin": [_FIN_HOLD],
+    # An upload's answer is one short line: it is held too (every server
+    # segment carrying data, never a pure ACK), so that it is owed at the crash.
+    "client_fin/up": [_FIN_HOLD, ["INPUT", "-s", lab.VIP, "-p", "tcp", "-m", "length", "--length", "100:65535",
+                                  "-j", "DROP"]],
 }
 
 
-def _hold(point: str, workload: str) -> Optional[list[str]]:
-    return _HOLD.get("%s/%s" % (point, workload)) or _HOLD.get(point)
+def _hold(point: str, workload: str) -> list[list[str]]:
+    return _HOLD.get("%s/%s" % (point, workload)) or _HOLD.get(point, [])
 
 
 @dataclass
@@ -124,15 +134,15 @@ def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
     try:
         lab.up(progress=lambda *_: None)
         _loss(loss)
-        if hold:
-            lab.sh("iptables", "-w", "-I", *hold, ns=lab.NS_CLIENT)
+        for rule in hold:
+            lab.sh("iptables", "-w", "-I", *rule, ns=lab.NS_CLIENT)
 
         def disrupt() -> tuple[float, float]:
             if point == "server_fin":
                 time.sleep(0.1)  # the servers' FINs are on their way (and dropped)
             t, wall = lab.crash("primary")
-            if hold:
-                lab.sh("iptables", "-w", "-D", *hold, ns=lab.NS_CLIENT)
+            for rule in hold:
+                lab.sh("iptables", "-w", "-D", *rule, ns=lab.NS_CLIENT)
             return t, wall
 
         specs = conn_specs(point, workload, n)

@@ -28,8 +28,10 @@ from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 REASON_BEFORE_JOIN = "opened before the backup joined"
 REASON_BACKUP_LOST = "backup lost"
 REASON_NO_CONFIRM = "backup never confirmed the handshake"
+REASON_NO_MAPPING = "backup never mapped the connection (our ISN message did not reach it)"
 REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
 REASON_DIVERGED = "diverged: the backup's application wrote other bytes"
+ISN_RESEND_S = 0.1  # how often the ISN goes again to a backup that has not mapped the connection
 UNPROTECT_REPEAT_S = 3.0  # how long a connection given up on is repeated to the backup (each tick)
 
 
@@ -63,6 +65,8 @@ class PrimaryConn:
     wscale: int = 0  # our window scale (from our SYN-ACK)
     deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
     hasher: Optional[OutputHasher] = None  # our output, for the backup's divergence check
+    isn_msg: Optional[ConnIsn] = None  # sent until the backup shows the mapping (a pos in its confirms)
+    isn_sent_at: float = 0.0
 
     def status(self) -> dict[str, object]:
         lag = None
@@ -188,8 +192,10 @@ class PrimaryCore:
             return out + [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
         if conn.hasher is None:
             conn.hasher = OutputHasher((seg.seq + 1) & 0xFFFFFFFF)
-        # Sent again with every retransmission of the SYN-ACK: the sync link may lose it.
-        out.append(SendSync(self._conn_isn(key, seg)))
+        # Sent again with every retransmission of the SYN-ACK, and on ticks
+        # until the backup has mapped the connection: the sync link may lose it.
+        conn.isn_msg, conn.isn_sent_at = self._conn_isn(key, seg), now
+        out.append(SendSync(conn.isn_msg))
         if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
             conn.held_synack = None
             conn.last_ack_sent = seg.ack
@@ -426,6 +432,18 @@ class PrimaryCore:
             conn = self.conns[key]
             if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
                 out += self._give_up(conn, REASON_NO_CONFIRM, now)
+            elif conn.protected and conn.backup_pos is None and conn.isn_msg is not None:
+                # The backup confirmed the handshake (its SYN-ACK exists) but
+                # our ISN message was lost, and with the SYN-ACK released
+                # nothing else would send it: the backup would hold the
+                # client's data until it gave up, and we would clamp the
+                # client's acks to it for good. Resend; give up before the
+                # backup does (it counts from the client's SYN).
+                if now - conn.held_since > self.cfg.synack_hold_s / 2:
+                    out += self._give_up(conn, REASON_NO_MAPPING, now)
+                elif now - conn.isn_sent_at >= ISN_RESEND_S:
+                    conn.isn_sent_at = now
+                    out += [SendSync(conn.isn_msg), Count("isn_resent")]
             if conn.deferred and now - conn.deferred[0][3] > self.cfg.lag_hold_s:
                 out += self._give_up(conn, REASON_TOO_FAR_BEHIND, now)
             if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \

@@ -550,3 +550,57 @@ def test_a_held_gso_packet_is_resent_at_takeover_in_mss_pieces_the_client_lacks(
     sent = [tcpseg.parse(a.packet) for a in b.activate(1.0) if isinstance(a, Inject) and a.why == "held segment resent"]
     mss = 1460 - 12  # the client's MSS (helpers' SYN) less our timestamp option
     assert [(s.seq, s.payload_len) for s in sent] == [(5001 + mss, mss), (5001 + 2 * mss, 4096 - 2 * mss)]
+
+
+def test_a_lost_isn_message_is_resent_until_the_backup_shows_its_mapping():
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=3.0))
+    p.backup_following = True
+    first = p.on_outbound(server_synack(5000, 100, 7000), 0)
+    isn = [a.message for a in first if isinstance(a, SendSync)][0]
+    # the backup confirms the handshake (it has its own SYN-ACK) but the ISN
+    # message is lost: the SYN-ACK goes to the client, and nothing else would
+    # send the ISN again
+    assert verdicts(p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0.01)) == []
+    assert [a.message for a in p.on_tick(0.05) if isinstance(a, SendSync)] == []  # (a tick is 0.1 s)
+    assert [a.message for a in p.on_tick(0.12) if isinstance(a, SendSync)] == [isn]
+    assert [a.message for a in p.on_tick(0.15) if isinstance(a, SendSync)] == []
+    # once a confirm carries the backup's output position, it has the mapping
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0.2)
+    assert not [a for a in p.on_tick(0.5) if isinstance(a, SendSync)]
+    assert p.conns[KEY].protected
+
+
+def test_a_backup_that_never_maps_a_connection_is_given_up_on_before_it_gives_up():
+    from nfq_sttcp.primary import REASON_NO_MAPPING
+    from nfq_sttcp.syncproto import Unprotect
+
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=3.0))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0.01)
+    # the client's data, acked by our stack: clamped to the backup's ack
+    assert tcpseg.parse(verdicts(p.on_outbound(from_server(5001, 301, payload=b"x"), 0.1))[0].payload).ack == 101
+    acts = p.on_tick(1.6)  # after synack_hold_s / 2; the backup waits synack_hold_s from the SYN
+    assert {a.message for a in acts if isinstance(a, SendSync)} == {Unprotect((KEY,))}
+    assert not p.conns[KEY].protected and p.conns[KEY].reason == REASON_NO_MAPPING
+    assert verdicts(p.on_outbound(from_server(5002, 301, payload=b"y"), 1.7)) == [Accept()]  # as it is: unclamped
+
+
+def test_an_isn_that_comes_after_the_backup_gave_up_maps_but_never_protects():
+    b = BackupCore(BackupConfig(VIP, PORTS, handshake_hold_s=1.0))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_inbound(from_client(101, 5001, payload=b"lost"), 0.01)
+    b.on_tick(1.5)  # gave up: the held clone is dropped
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 1.6)
+    conn = b.conns[KEY]
+    assert conn.delta_seq is not None and not conn.protected and conn.reason == UNPROTECTED_NO_ISN
+
+
+def test_an_isn_sent_again_makes_the_backup_confirm_its_mapping_again():
+    b = mapped_backup()
+    b.on_batch_end(0)
+    assert not [a for a in b.on_batch_end(5.0) if isinstance(a, SendSync)]  # nothing new, long after
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 5.0)
+    confirm = [a.message for a in b.on_batch_end(5.0) if isinstance(a, SendSync)]
+    assert confirm and confirm[0].acks[0].pos is not None
