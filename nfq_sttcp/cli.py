@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conns", default="1,100", help="comma-separated connection counts")
     p.add_argument("--loss", default="0,1,5", help="comma-separated loss percentages (clone path and sync link)")
     p.add_argument("--json", metavar="FILE", help="also write the cells as JSON")
+    p.add_argument("--keep-failures", metavar="DIR", default="matrix-failures",
+                   help="where a failed cell's logs, client capture and report are kept (default: %(default)s)")
     p = lsub.add_parser("rejoin", help="restart a crashed server as the backup of the one that took over")
     p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
@@ -418,7 +420,8 @@ def _matrix(args: argparse.Namespace) -> int:
         return _die("a lab is up: the matrix brings up its own ('nfq-sttcp lab down' first)", 1)
     n = len(points) * len(workloads) * len(conns) * len(losses)
     print("fault matrix: %d cells, each a lab brought up, loaded and crashed (about 5 s a cell)" % n, flush=True)
-    cells = matrix.run(points, workloads, conns, losses, progress=lambda m: print(m, flush=True))
+    cells = matrix.run(points, workloads, conns, losses, progress=lambda m: print(m, flush=True),
+                       keep_dir=args.keep_failures)
     print(matrix.table(cells))
     if args.json:
         with open(args.json, "w") as f:

@@ -467,9 +467,11 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def down(quiet: bool = False) -> None:
+def down(quiet: bool = False, keep_logs: Optional[str] = None) -> None:
     """Remove everything the lab made; harmless when nothing is there. Returns
-    only when every lab process is gone."""
+    only when every lab process is gone. With ``keep_logs`` (or the
+    environment's STTCP_LAB_KEEP_LOGS) the daemons' and applications' logs
+    are copied there first."""
     nss = namespaces()
     pids = _ns_pids(nss)
     pidfile = os.path.join(STATE_DIR, "pids")
@@ -497,7 +499,7 @@ def down(quiet: bool = False) -> None:
     for ns in nss:
         sh("ip", "netns", "del", ns, check=False)
     if os.path.isdir(STATE_DIR):
-        keep = os.environ.get("STTCP_LAB_KEEP_LOGS")
+        keep = keep_logs or os.environ.get("STTCP_LAB_KEEP_LOGS")
         if keep and os.path.isdir(os.path.join(STATE_DIR, "logs")):
             dest = os.path.join(keep, time.strftime("lab-%H%M%S-") + str(os.getpid()))
             os.makedirs(keep, exist_ok=True)

@@ -23,6 +23,9 @@ receives.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -69,6 +72,7 @@ class Cell:
     gap_p99_ms: Optional[float] = None
     detection_ms: Optional[float] = None
     seconds: float = 0.0
+    kept: Optional[str] = None  # where a failed cell's logs, capture and report were kept
 
     @property
     def name(self) -> str:
@@ -127,10 +131,15 @@ def _percentile(values: list[float], q: float) -> Optional[float]:
     return round(percentile(values, q), 1) if values else None
 
 
-def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
+def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[str] = None) -> Cell:
+    """One cell in a fresh lab. If it fails and ``keep_dir`` is given, the
+    daemons' and applications' logs, the client's capture and its report are
+    kept in a directory under it named after the cell."""
     cell = Cell(point, workload, n, loss)
     t0 = time.monotonic()
     hold = _hold(point, workload)
+    cap_dir = tempfile.mkdtemp(prefix="sttcp-matrix-")
+    report: dict[str, Any] = {}
     try:
         lab.up(progress=lambda *_: None)
         _loss(loss)
@@ -147,7 +156,7 @@ def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
 
         specs = conn_specs(point, workload, n)
         handshake = point in ("syn", "synack")
-        report = scenario.run_with_crash(specs, disrupt=disrupt, timeout=240,
+        report = scenario.run_with_crash(specs, disrupt=disrupt, timeout=240, capture_dir=cap_dir,
                                          crash_after_ms=300 if handshake else None,
                                          start_together=not handshake)
         _judge(cell, report, n)
@@ -155,7 +164,15 @@ def run_cell(point: str, workload: str, n: int, loss: int) -> Cell:
         cell.failures.append("%s: %s" % (type(e).__name__, e))
         cell.ok = False
     finally:
-        lab.down(quiet=True)
+        if keep_dir and not cell.ok:
+            cell.kept = os.path.join(keep_dir, "%s-%s-%dconn-%dpct" % (point, workload, n, loss))
+            os.makedirs(cell.kept, exist_ok=True)
+            with open(os.path.join(cell.kept, "report.json"), "w") as f:
+                json.dump({"failures": cell.failures, "report": report}, f, indent=1, default=str)
+            for name in os.listdir(cap_dir):
+                shutil.move(os.path.join(cap_dir, name), cell.kept)
+        lab.down(quiet=True, keep_logs=cell.kept)
+        shutil.rmtree(cap_dir, ignore_errors=True)
     cell.seconds = round(time.monotonic() - t0, 1)
     return cell
 
@@ -203,15 +220,15 @@ def connection_failures(conns: list[dict[str, Any]], n: int, error: Optional[str
 
 
 def run(points=POINTS, workloads=WORKLOADS, conns=CONNS, losses=LOSS,
-        progress: Callable[[str], None] = print) -> list[Cell]:
+        progress: Callable[[str], None] = print, keep_dir: Optional[str] = None) -> list[Cell]:
     cells = [(p, w, n, lo) for lo in losses for n in conns for p in points for w in workloads]
     out = []
     for i, (p, w, n, lo) in enumerate(cells, 1):
-        c = run_cell(p, w, n, lo)
+        c = run_cell(p, w, n, lo, keep_dir)
         out.append(c)
         progress("[%d/%d] %-34s %s  gap p50 %s, p99 %s  (%.0f s)%s" % (
             i, len(cells), c.name, "ok  " if c.ok else "FAIL", _ms(c.gap_p50_ms), _ms(c.gap_p99_ms), c.seconds,
-            "" if c.ok else "\n        " + "\n        ".join(c.failures[:5])))
+            "" if c.ok else "\n        " + "\n        ".join(c.failures[:5] + (["kept in " + c.kept] if c.kept else []))))
     return out
 
 
