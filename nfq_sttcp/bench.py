@@ -28,6 +28,7 @@ from .traffic import recv_line
 
 MB = 1 << 20
 SHAPE_RATE = "1gbit"
+CONNRATE_CLIENTS = 4  # processes opening connections at once (the machine has 2 CPUs)
 
 
 # == the measuring clients (run inside the client namespace) ================
@@ -99,6 +100,17 @@ def _connrate(host: str, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _connrate_together(host: str, seconds: float, clients: int) -> float:
+    """New connections per second from ``clients`` processes at once, each
+    running the loop of ``_connrate``: what the service can take, where
+    ``_connrate`` alone is bound by one connection's round trips."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(clients) as pool:
+        rates = pool.starmap(_connrate, [(host, seconds)] * clients)
+    return sum(rates)
+
+
 def _idle(host: str, count: int) -> None:
     """Open ``count`` idle echo connections, report, hold them until stdin closes."""
     socks = []
@@ -120,6 +132,8 @@ def client_main(spec: dict[str, Any]) -> Any:
     if kind == "rr":
         return _rr(host, spec["size"], spec["count"])
     if kind == "connrate":
+        if spec.get("clients", 1) > 1:
+            return _connrate_together(host, spec["seconds"], spec["clients"])
         return _connrate(host, spec["seconds"])
     if kind == "idle":
         return _idle(host, spec["count"])
@@ -212,6 +226,9 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
             out["rr%d_p50_us" % size], out["rr%d_p99_us" % size] = _pct(lat, 0.5), _pct(lat, 0.99)
         progress("  %s: new connections per second" % mode)
         out["conn_per_s"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"]})
+        progress("  %s: new connections per second, %d clients at once" % (mode, CONNRATE_CLIENTS))
+        out["conn_per_s_together"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"],
+                                              "clients": CONNRATE_CLIENTS})
     finally:
         _shape(False)
         lab.down(quiet=True)
@@ -336,7 +353,8 @@ def table(res: dict[str, Any]) -> str:
     row("1-byte request-response p99 us", "rr1_p99_us", "%.0f", diff=True)
     row("16 KiB request-response p50 us", "rr16384_p50_us", "%.0f", diff=True)
     row("16 KiB request-response p99 us", "rr16384_p99_us", "%.0f", diff=True)
-    row("new connections per second", "conn_per_s", "%.0f")
+    row("new connections per second, 1 client", "conn_per_s", "%.0f")
+    row("new connections/s, %d clients" % CONNRATE_CLIENTS, "conn_per_s_together", "%.0f")
     if "idle_opened" in s:
         lines.append("idle connections: %d opened, %d protected; daemon memory per connection: %s" % (
             s["idle_opened"], s["idle_protected"],
