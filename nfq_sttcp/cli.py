@@ -394,6 +394,12 @@ def _replay(args: argparse.Namespace) -> int:
         n_ok = sum(1 for c in report["connections"] if c["ok"])
         print("%d of %d connections byte-exact%s" % (n_ok, len(report["connections"]),
                                                       "; the primary was crashed" if report["crashed"] else ""))
+    if report["crash_requested"] and not report["crashed"]:
+        # A failover test whose crash never came proves nothing: say so, and fail.
+        print("the crash point %s was never reached: the replay was over after %.2f s and %d bytes moved; "
+              "nothing was crashed" % (args.crash_primary_at, report["seconds"], report["bytes_moved"]),
+              file=sys.stderr)
+        return 1
     return 0 if report["ok"] else 1
 
 

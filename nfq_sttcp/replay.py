@@ -359,6 +359,8 @@ def replay(streams: list[Stream], host: str, port: Optional[int], speed: float =
             if before and after:
                 r.gap_ms = round((after[0] - before[-1]) * 1000, 1)
     return {"ok": all(r.ok for r in results), "crashed": crash_t is not None,
+            "crash_requested": crash_at is not None and crash is not None,
+            "seconds": round(time.monotonic() - start, 3), "bytes_moved": progress.bytes,
             "connections": [r.as_dict() for r in results]}
 
 
