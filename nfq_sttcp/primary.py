@@ -67,6 +67,7 @@ class PrimaryConn:
     hasher: Optional[OutputHasher] = None  # our output, for the backup's divergence check
     isn_msg: Optional[ConnIsn] = None  # sent until the backup shows the mapping (a pos in its confirms)
     isn_sent_at: float = 0.0
+    unmapped_since: Optional[float] = None  # first tick that found our SYN-ACK released and no mapping shown
 
     def status(self) -> dict[str, object]:
         lag = None
@@ -432,14 +433,18 @@ class PrimaryCore:
             conn = self.conns[key]
             if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
                 out += self._give_up(conn, REASON_NO_CONFIRM, now)
-            elif conn.protected and conn.backup_pos is None and conn.isn_msg is not None:
+            elif conn.protected and conn.held_synack is None and conn.backup_pos is None \
+                    and conn.isn_msg is not None:
                 # The backup confirmed the handshake (its SYN-ACK exists) but
                 # our ISN message was lost, and with the SYN-ACK released
                 # nothing else would send it: the backup would hold the
                 # client's data until it gave up, and we would clamp the
                 # client's acks to it for good. Resend; give up before the
-                # backup does (it counts from the client's SYN).
-                if now - conn.held_since > self.cfg.synack_hold_s / 2:
+                # backup does (it counts from the client's SYN, which came
+                # just before its confirmation released our SYN-ACK).
+                if conn.unmapped_since is None:
+                    conn.unmapped_since = now
+                if now - conn.unmapped_since > self.cfg.synack_hold_s / 2:
                     out += self._give_up(conn, REASON_NO_MAPPING, now)
                 elif now - conn.isn_sent_at >= ISN_RESEND_S:
                     conn.isn_sent_at = now

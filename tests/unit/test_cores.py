@@ -120,6 +120,8 @@ def test_primary_synack_released_unprotected_when_the_backup_never_confirms():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=1.0))
     p.backup_following = True
     assert isinstance(verdicts(p.on_outbound(server_synack(5000, 100, 7000), 0))[0], Drop)
+    assert not [a for a in p.on_tick(0.9) if isinstance(a, Inject)]  # held for all of synack_hold_s
+    assert p.conns[KEY].protected
     acts = p.on_tick(1.5)
     assert [tcpseg.parse(a.packet).seq for a in acts if isinstance(a, Inject)] == [5000]
     assert p.conns[KEY].reason == REASON_NO_CONFIRM
@@ -580,7 +582,9 @@ def test_a_backup_that_never_maps_a_connection_is_given_up_on_before_it_gives_up
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0.01)
     # the client's data, acked by our stack: clamped to the backup's ack
     assert tcpseg.parse(verdicts(p.on_outbound(from_server(5001, 301, payload=b"x"), 0.1))[0].payload).ack == 101
-    acts = p.on_tick(1.6)  # after synack_hold_s / 2; the backup waits synack_hold_s from the SYN
+    p.on_tick(0.1)  # the first tick that finds no mapping
+    assert p.conns[KEY].protected and not [a for a in p.on_tick(1.5) if isinstance(a, Log)]
+    acts = p.on_tick(1.7)  # after synack_hold_s / 2; the backup waits synack_hold_s from the SYN
     assert {a.message for a in acts if isinstance(a, SendSync)} == {Unprotect((KEY,))}
     assert not p.conns[KEY].protected and p.conns[KEY].reason == REASON_NO_MAPPING
     assert verdicts(p.on_outbound(from_server(5002, 301, payload=b"y"), 1.7)) == [Accept()]  # as it is: unclamped
