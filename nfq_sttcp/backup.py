@@ -718,11 +718,9 @@ class BackupCore:
                 mapped = self._map_outbound(conn, seg, data, now, fresh_ts=True)
                 # Held whole as our stack's GSO packet (up to 64 KB): resent in
                 # pieces the client's MSS takes (options count against it).
+                # Pieces the client already has are left out.
                 acked_p = None if conn.client_ack_b is None else seq_add(conn.client_ack_b, conn.delta_seq)
-                for piece in tcpseg.split(mapped, conn.client_mss - (seg.doff - 20)):
-                    if acked_p is not None and len(piece) < len(mapped) \
-                            and seq_le(tcpseg.parse(piece).end_seq, acked_p):
-                        continue  # a piece the client already has
+                for piece in tcpseg.split(mapped, conn.client_mss - (seg.doff - 20), acked_p):
                     out.append(Inject(piece, "held segment resent"))
                     resent += 1
             conn.held.clear()

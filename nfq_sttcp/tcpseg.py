@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .seqmath import MASK
+from .seqmath import MASK, seq_le
 
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
@@ -200,9 +200,11 @@ def with_correct_checksum(data: bytes | bytearray) -> bytes:
     return bytes(buf)
 
 
-def split(data: bytes | bytearray, max_payload: int) -> list[bytes]:
+def split(data: bytes | bytearray, max_payload: int, acked: Optional[int] = None) -> list[bytes]:
     """A segment cut into segments of at most ``max_payload`` data bytes each,
-    with correct checksums; FIN and PSH go on the last piece only.
+    with correct checksums; FIN and PSH go on the last piece only. Pieces
+    that end at or before sequence number ``acked`` are left out (the
+    receiver has them); a segment that needs no cutting is returned whole.
 
     A GSO packet (up to 64 KB, queued whole) is bigger than the link's MTU:
     sent as it is through a raw socket it fails with EMSGSIZE."""
@@ -215,9 +217,11 @@ def split(data: bytes | bytearray, max_payload: int) -> list[bytes]:
     for off in range(0, len(body), max_payload):
         chunk = body[off:off + max_payload]
         last = off + max_payload >= len(body)
+        end = seg.seq + off + len(chunk) + (1 if last and seg.flags & FIN else 0)  # (the FIN counts)
+        if acked is not None and seq_le(end & MASK, acked):
+            continue
         h = bytearray(head)
         h[2:4] = (len(h) + len(chunk)).to_bytes(2, "big")
-        h[10:12] = b"\0\0"
         h[10:12] = ip_checksum(h[:seg.ihl]).to_bytes(2, "big")
         h[seg.tcp_off + 4:seg.tcp_off + 8] = ((seg.seq + off) & MASK).to_bytes(4, "big")
         if not last:

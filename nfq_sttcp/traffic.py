@@ -124,7 +124,6 @@ class Worker(threading.Thread):
     def run(self) -> None:
         r = self.result
         try:
-            planned = self.planned
             s = socket.create_connection((self.target, self.port), timeout=self.timeout)
             r.local_port = s.getsockname()[1]
             with s:
@@ -133,8 +132,8 @@ class Worker(threading.Thread):
                         self.start_barrier.wait(self.timeout)
                     except threading.BrokenBarrierError:
                         pass  # a connection failed to open: it reports that; the rest go on
-                if planned is not None:
-                    self.run_pipelined(s, *planned)
+                if self.planned is not None:
+                    self.run_pipelined(s, *self.planned)
                 else:
                     getattr(self, "run_" + self.kind)(s)
         except Exception as e:  # reported, never raised

@@ -181,6 +181,12 @@ def test_split_cuts_a_gso_sized_segment_into_mss_pieces_with_correct_checksums()
         got += bytes(s[TCP].payload)
     assert got == data
     assert tcpseg.split(pkt, 6000) == [pkt]
+    # pieces the receiver has (ending at or before ``acked``) are left out, wrapping included
+    assert tcpseg.split(pkt, 1448, acked=(0xFFFFF000 + 2896) & 0xFFFFFFFF) == pieces[2:]
+    assert tcpseg.split(pkt, 1448, acked=(0xFFFFF000 + 2895) & 0xFFFFFFFF) == pieces[1:]
+    # the last piece's FIN counts: its data acked but not the FIN, it stays
+    assert tcpseg.split(pkt, 1448, acked=(0xFFFFF000 + 5120) & 0xFFFFFFFF) == pieces[3:]
+    assert tcpseg.split(pkt, 1448, acked=(0xFFFFF000 + 5121) & 0xFFFFFFFF) == []
 
 
 def test_ones_complement_sum_matches_the_word_loop():
