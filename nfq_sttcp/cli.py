@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="bring up the lab, run every kind of traffic across a primary crash")
     p.add_argument("--download-mb", type=int, default=50)
     p.add_argument("--upload-mb", type=int, default=50)
+    p.add_argument("--rate-mbit", type=int, default=None,
+                   help="pace of each bulk transfer, default 200 (0: unpaced, which saturates a 2-vCPU machine)")
 
     sub.add_parser("testapp", help="the built-in deterministic test server", add_help=False)
     sub.add_parser("traffic", help="test clients (used by the demo and the tests)", add_help=False)
@@ -244,8 +246,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _lab(args)
     if args.cmd == "demo":
         from . import demo, lab
+        if args.rate_mbit is not None and args.rate_mbit < 0:
+            return _die("--rate-mbit must be 0 (unpaced) or more", 2)
+        rate = demo.DEFAULT_RATE_MBIT if args.rate_mbit is None else args.rate_mbit
         try:
-            return demo.run(download_mb=args.download_mb, upload_mb=args.upload_mb)
+            return demo.run(download_mb=args.download_mb, upload_mb=args.upload_mb, rate_mbit=rate)
         except lab.LabError as e:
             return _die(str(e), 1)
     return _die("unknown command")

@@ -127,6 +127,8 @@ class ClientView:
     gap_ms: Optional[float] = None  # waiting for data (payload, SYN or FIN)
     ack_gap_ms: Optional[float] = None  # waiting for a new ack
     any_gap_ms: Optional[float] = None  # waiting for data or a new ack (what an uploading client waits for)
+    resume_ms: Optional[float] = None  # from the crash to the first data after it
+    any_resume_ms: Optional[float] = None  # from the crash to the first data or new ack after it
 
 
 def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
@@ -175,6 +177,10 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
             for kind in kinds:
                 k = (port, kind)
                 prev = last.get(k)
+                if crash_wall is not None and r.t > crash_wall and kind != "ack" \
+                        and (prev is None or prev <= crash_wall):
+                    setattr(v, "resume_ms" if kind == "data" else "any_resume_ms",
+                            round((r.t - crash_wall) * 1000, 1))
                 if crash_wall is not None and prev is not None and r.t > crash_wall:
                     gap = round((r.t - prev) * 1000, 1)
                     attr = {"data": "gap_ms", "ack": "ack_gap_ms", "any": "any_gap_ms"}[kind]

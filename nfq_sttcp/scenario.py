@@ -121,6 +121,7 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
         # An uploading client waits for acks, and then for its one-line
         # answer; every other kind waits for data.
         c["wire_gap_ms"] = (v.any_gap_ms if c["kind"] == "upload" else v.gap_ms) if v else None
+        c["wire_resume_ms"] = (v.any_resume_ms if c["kind"] == "upload" else v.resume_ms) if v else None
     report["crash_t"] = crash_t
     report["crash_wall"] = crash_wall
     report["client_rc"] = p.returncode
