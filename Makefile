@@ -41,4 +41,4 @@ lab-down:
 	$(VENV)/bin/nfq-sttcp lab down
 
 clean: lab-down
-	rm -rf $(VENV) demo-out bench-out .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) demo-out bench-out nfq_sttcp/*.so .pytest_cache .hypothesis *.egg-info
