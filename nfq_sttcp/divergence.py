@@ -18,19 +18,23 @@ before a crash are not.
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 from collections import deque
 from typing import Optional
 
 from .seqmath import seq_gt, seq_lt, seq_sub
 
-DIGEST_LEN = 8
+# CRC-32: the copies are trusted, so a digest needs only to notice bytes that
+# differ, and any difference in up to 32 consecutive bits always changes it
+# (other differences: all but 1 in 2**32). SHA-256 cost both daemons 87 us
+# per 64 KB of output on this VM, CRC-32 27 us.
+DIGEST_LEN = 4
 MAX_AHEAD = 16 << 20  # output the backup buffers ahead of the primary's digests
 MAX_PENDING = 4096
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()[:DIGEST_LEN]
+    return zlib.crc32(data).to_bytes(DIGEST_LEN, "big")
 
 
 class OutputHasher:
@@ -40,7 +44,7 @@ class OutputHasher:
 
     def __init__(self, start: int) -> None:
         self.start = self.next = start  # sequence numbers (our space)
-        self.h = hashlib.sha256()
+        self.h = 0  # CRC-32 so far
         self.n = 0
 
     def feed(self, seq: int, payload: bytes | memoryview) -> None:
@@ -50,9 +54,9 @@ class OutputHasher:
             return
         if seq_gt(seq, self.next):  # a hole (we missed a segment): start a range after it
             self.start = self.next = seq
-            self.h, self.n = hashlib.sha256(), 0
+            self.h, self.n = 0, 0
         skip = seq_sub(self.next, seq)
-        self.h.update(payload[skip:])
+        self.h = zlib.crc32(payload[skip:], self.h)
         self.n += len(payload) - skip
         self.next = end
 
@@ -60,8 +64,8 @@ class OutputHasher:
         """(start, length, digest) of the range so far, and start the next one."""
         if not self.n:
             return None
-        out = (self.start, self.n, self.h.digest()[:DIGEST_LEN])
-        self.start, self.h, self.n = self.next, hashlib.sha256(), 0
+        out = (self.start, self.n, self.h.to_bytes(DIGEST_LEN, "big"))
+        self.start, self.h, self.n = self.next, 0, 0
         return out
 
 

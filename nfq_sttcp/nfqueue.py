@@ -11,8 +11,9 @@ The price, which the driver pays: the kernel no longer completes partial
 checksums before queueing (NFQA_SKB_CSUMNOTREADY). A locally made packet's
 TCP checksum field then holds only the pseudo-header sum, and an incremental
 update of it is wrong. Every packet we change or inject gets its checksum
-computed from scratch (tcpseg.with_correct_checksum); packets passed
-unchanged keep the kernel's own handling.
+computed from scratch (tcpseg.with_correct_checksum, summed in C by
+_csum.c when it is built); packets passed unchanged keep the kernel's own
+handling.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 MAGIC = b"ST"
-VERSION = 3
+VERSION = 4  # 4: output digests are 4 bytes (CRC-32)
 MAX_MESSAGE = 1400
 MAC_LEN = 32
 MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE
@@ -29,14 +29,14 @@ MAX_SACK = 3
 
 T_HEARTBEAT, T_CONN_ISN, T_CONFIRM, T_DIGEST, T_DIVERGED, T_UNPROTECT = 1, 2, 3, 4, 5, 6
 MAX_UNPROTECT = 100  # header 20 + count 2 + 100 x 12 + MAC 32 <= MAX_MESSAGE
-MAX_DIGESTS = 48  # header 20 + count 2 + 48 x 28 + MAC 32 <= MAX_MESSAGE
+MAX_DIGESTS = 56  # header 20 + count 2 + 56 x 24 + MAC 32 <= MAX_MESSAGE
 
 _HDR = struct.Struct("!2sBBQQ")
 _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQIQQ")
 _ISN = struct.Struct("!12sIIBHBBI")
 _CONFIRM_ENTRY = struct.Struct("!12sIIBB24sII")
-_DIGEST_ENTRY = struct.Struct("!12sII8s")
+_DIGEST_ENTRY = struct.Struct("!12sII4s")
 _DIVERGED = struct.Struct("!12sQ")
 
 ConnKey = tuple[str, int, str, int]
