@@ -27,8 +27,7 @@ from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
 REASON_BEFORE_JOIN = "opened before the backup joined"
 REASON_BACKUP_LOST = "backup lost"
-REASON_NO_CONFIRM = "backup never confirmed the handshake"
-REASON_NO_MAPPING = "backup never mapped the connection (our ISN message did not reach it)"
+REASON_NO_CONFIRM = "backup never confirmed the handshake and its mapping"
 REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
 REASON_DIVERGED = "diverged: the backup's application wrote other bytes"
 ISN_RESEND_S = 0.1  # how often the ISN goes again to a backup that has not mapped the connection
@@ -67,7 +66,6 @@ class PrimaryConn:
     hasher: Optional[OutputHasher] = None  # our output, for the backup's divergence check
     isn_msg: Optional[ConnIsn] = None  # sent until the backup shows the mapping (a pos in its confirms)
     isn_sent_at: float = 0.0
-    unmapped_since: Optional[float] = None  # first tick that found our SYN-ACK released and no mapping shown
 
     def status(self) -> dict[str, object]:
         lag = None
@@ -197,15 +195,25 @@ class PrimaryCore:
         # until the backup has mapped the connection: the sync link may lose it.
         conn.isn_msg, conn.isn_sent_at = self._conn_isn(key, seg), now
         out.append(SendSync(conn.isn_msg))
-        if conn.confirmed is not None and seq_ge(conn.confirmed, seg.ack):
+        if self._handshake_confirmed(conn, seg.ack):
             conn.held_synack = None
             conn.last_ack_sent = seg.ack
             out.append(Accept())
         else:
-            # The client must not complete a handshake the backup never saw.
+            # The client must not complete a handshake the backup never saw,
+            # nor one it cannot map (see _handshake_confirmed).
             conn.held_synack = data
             out += [Drop("synack held until the backup has the SYN"), Count("synack_held")]
         return out
+
+    @staticmethod
+    def _handshake_confirmed(conn: PrimaryConn, ack: int) -> bool:
+        """The backup has the client's SYN (its ack covers it) and has mapped
+        the connection (its confirms carry an output position, which needs
+        our ISN). Released on the first alone, our SYN-ACK let a connection
+        whose ISN message was lost carry data that the backup held unmapped:
+        crashed before our next resend, the backup could only reset it."""
+        return conn.confirmed is not None and seq_ge(conn.confirmed, ack) and conn.backup_pos is not None
 
     def _conn_isn(self, key: ConnKey, seg: Segment) -> ConnIsn:
         return ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
@@ -359,7 +367,7 @@ class PrimaryCore:
         out: list[Action] = []
         if conn.held_synack is not None:
             seg = tcpseg.parse(conn.held_synack)
-            if seq_ge(allowed, seg.ack):
+            if self._handshake_confirmed(conn, seg.ack):
                 out.append(Inject(conn.held_synack, "synack confirmed by the backup"))
                 conn.last_ack_sent = seg.ack
                 conn.held_synack = None
@@ -433,22 +441,13 @@ class PrimaryCore:
             conn = self.conns[key]
             if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
                 out += self._give_up(conn, REASON_NO_CONFIRM, now)
-            elif conn.protected and conn.held_synack is None and conn.backup_pos is None \
-                    and conn.isn_msg is not None:
-                # The backup confirmed the handshake (its SYN-ACK exists) but
-                # our ISN message was lost, and with the SYN-ACK released
-                # nothing else would send it: the backup would hold the
-                # client's data until it gave up, and we would clamp the
-                # client's acks to it for good. Resend; give up before the
-                # backup does (it counts from the client's SYN, which came
-                # just before its confirmation released our SYN-ACK).
-                if conn.unmapped_since is None:
-                    conn.unmapped_since = now
-                if now - conn.unmapped_since > self.cfg.synack_hold_s / 2:
-                    out += self._give_up(conn, REASON_NO_MAPPING, now)
-                elif now - conn.isn_sent_at >= ISN_RESEND_S:
-                    conn.isn_sent_at = now
-                    out += [SendSync(conn.isn_msg), Count("isn_resent")]
+            elif conn.held_synack is not None and conn.backup_pos is None and conn.isn_msg is not None \
+                    and now - conn.isn_sent_at >= ISN_RESEND_S:
+                # Our ISN message may have been lost: the SYN-ACK waits for
+                # the mapping, and our stack resends it (and the ISN with it)
+                # only after a second.
+                conn.isn_sent_at = now
+                out += [SendSync(conn.isn_msg), Count("isn_resent")]
             if conn.deferred and now - conn.deferred[0][3] > self.cfg.lag_hold_s:
                 out += self._give_up(conn, REASON_TOO_FAR_BEHIND, now)
             if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \

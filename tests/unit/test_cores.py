@@ -16,8 +16,8 @@ from nfq_sttcp.primary import (
     PrimaryConfig,
     PrimaryCore,
 )
-from nfq_sttcp.syncproto import Confirm, ConfirmEntry, ConnIsn
-from nfq_sttcp.tcpseg import ACK, FIN, RST
+from nfq_sttcp.syncproto import Confirm, ConfirmEntry, ConnIsn, Unprotect
+from nfq_sttcp.tcpseg import ACK, FIN, RST, SYN
 
 from .helpers import KEY, VIP, client_syn, from_client, from_server, server_synack
 
@@ -554,40 +554,48 @@ def test_a_held_gso_packet_is_resent_at_takeover_in_mss_pieces_the_client_lacks(
     assert [(s.seq, s.payload_len) for s in sent] == [(5001 + mss, mss), (5001 + 2 * mss, 4096 - 2 * mss)]
 
 
-def test_a_lost_isn_message_is_resent_until_the_backup_shows_its_mapping():
+def test_a_lost_isn_message_is_resent_and_the_synack_waits_for_the_mapping():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=3.0))
     p.backup_following = True
     first = p.on_outbound(server_synack(5000, 100, 7000), 0)
     isn = [a.message for a in first if isinstance(a, SendSync)][0]
-    # the backup confirms the handshake (it has its own SYN-ACK) but the ISN
-    # message is lost: the SYN-ACK goes to the client, and nothing else would
-    # send the ISN again
-    assert verdicts(p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0.01)) == []
+    # the backup confirms the handshake (it has its own SYN-ACK) but our ISN
+    # message was lost: it cannot map the connection, so the client must not
+    # complete the handshake yet (its data would reach a backup that can only
+    # hold it, and a crash then would leave the backup nothing but a reset)
+    acts = p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0.01)
+    assert not [a for a in acts if isinstance(a, Inject)]
     assert [a.message for a in p.on_tick(0.05) if isinstance(a, SendSync)] == []  # (a tick is 0.1 s)
     assert [a.message for a in p.on_tick(0.12) if isinstance(a, SendSync)] == [isn]
     assert [a.message for a in p.on_tick(0.15) if isinstance(a, SendSync)] == []
-    # once a confirm carries the backup's output position, it has the mapping
-    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0.2)
-    assert not [a for a in p.on_tick(0.5) if isinstance(a, SendSync)]
+    assert p.conns[KEY].held_synack is not None
+    # our stack resends the SYN-ACK meanwhile: still held, the ISN goes with it
+    again = p.on_outbound(server_synack(5000, 100, 8000), 1.0)
+    assert isinstance(verdicts(again)[0], Drop) and [a.message for a in again if isinstance(a, SendSync)]
+    # a confirm carrying the backup's output position: it has the mapping
+    acts = p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 1.05)
+    released = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
+    assert [(r.flags & (SYN | ACK), r.seq, r.ack) for r in released] == [(SYN | ACK, 5000, 101)]
+    assert not [a for a in p.on_tick(1.5) if isinstance(a, SendSync)]
     assert p.conns[KEY].protected
 
 
-def test_a_backup_that_never_maps_a_connection_is_given_up_on_before_it_gives_up():
-    from nfq_sttcp.primary import REASON_NO_MAPPING
-    from nfq_sttcp.syncproto import Unprotect
-
+def test_a_backup_that_never_maps_a_connection_keeps_its_synack_until_the_hold_gives_up():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=3.0))
     p.backup_following = True
     p.on_outbound(server_synack(5000, 100, 7000), 0)
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, None, (), None),)), 0.01)
-    # the client's data, acked by our stack: clamped to the backup's ack
-    assert tcpseg.parse(verdicts(p.on_outbound(from_server(5001, 301, payload=b"x"), 0.1))[0].payload).ack == 101
-    p.on_tick(0.1)  # the first tick that finds no mapping
-    assert p.conns[KEY].protected and not [a for a in p.on_tick(1.5) if isinstance(a, Log)]
-    acts = p.on_tick(1.7)  # after synack_hold_s / 2; the backup waits synack_hold_s from the SYN
+    resent = 0
+    for i in range(1, 30):
+        acts = p.on_tick(i * 0.1)
+        assert not [a for a in acts if isinstance(a, Inject)]
+        resent += len([a for a in acts if isinstance(a, SendSync)])
+    assert resent >= 20 and p.conns[KEY].protected
+    acts = p.on_tick(3.1)
+    assert [a.why for a in acts if isinstance(a, Inject)] == ["synack released unprotected"]
     assert {a.message for a in acts if isinstance(a, SendSync)} == {Unprotect((KEY,))}
-    assert not p.conns[KEY].protected and p.conns[KEY].reason == REASON_NO_MAPPING
-    assert verdicts(p.on_outbound(from_server(5002, 301, payload=b"y"), 1.7)) == [Accept()]  # as it is: unclamped
+    assert not p.conns[KEY].protected and p.conns[KEY].reason == REASON_NO_CONFIRM
+    assert verdicts(p.on_outbound(from_server(5001, 301, payload=b"y"), 3.2)) == [Accept()]  # as it is: unclamped
 
 
 def test_an_isn_that_comes_after_the_backup_gave_up_maps_but_never_protects():
