@@ -48,8 +48,10 @@ def test_a_rejoined_backup_protects_new_connections_through_a_second_failover(ma
         seen["serving"] = lab.control("backup")
         seen["new_backup"] = lab.control("primary")
 
-    second = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
-                                      "upload:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
+    # Bulk paced: unpaced, 20 MB are over in ~0.1 s, before the echo reaches
+    # its crash point, and then nothing of them is mid-stream at the crash.
+    second = scenario.run_with_crash(["download:bytes=%d,rate_kbps=100000,crash_at=%d" % (20 * MB, 6 * MB),
+                                      "upload:bytes=%d,rate_kbps=100000,crash_at=%d" % (20 * MB, 6 * MB),
                                       "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10"],
                                      crash_host="backup", before_crash=before_second_crash)
     for c in second["connections"]:
@@ -61,8 +63,8 @@ def test_a_rejoined_backup_protects_new_connections_through_a_second_failover(ma
 
 def test_switchover_hands_over_at_once_and_leaves_the_old_primary_fenced(make_lab):
     make_lab()
-    report = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
-                                      "upload:bytes=%d,crash_at=%d" % (20 * MB, 6 * MB),
+    report = scenario.run_with_crash(["download:bytes=%d,rate_kbps=100000,crash_at=%d" % (20 * MB, 6 * MB),
+                                      "upload:bytes=%d,rate_kbps=100000,crash_at=%d" % (20 * MB, 6 * MB),
                                       "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10",
                                       "banner:lines=30,pause_ms=20,crash_line=8,after=10"],
                                      disrupt=lambda: lab.switchover(progress=lambda *_: None)[1:])
