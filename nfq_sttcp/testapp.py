@@ -33,8 +33,8 @@ BANNER_LINE = b"220 nfq-sttcp banner ready\r\n"
 _WORDS_PER_BLOCK = 8192  # 64 KiB
 
 
-# Word i of a block is base + i. Read as one little-endian (native) integer,
-# a block is then _INDICES + base * _ONES: no word carries into the next, as
+# Word i of a block is base + i. Read as one integer in the machine's byte
+# order, a block is then _INDICES + base * _ONES: no word carries into the next, as
 # base + i < 2**64. Two big-integer operations build it ~5 times faster than
 # an array of the range: the old way capped the bulk source at ~0.8 Gbit/s,
 # which the benchmark then took for plain TCP's speed.
