@@ -189,19 +189,23 @@ except ImportError:  # not built: the pure version gives the same answers
     ones_complement_sum = _ones_complement_sum_py
 
 
+def _pseudo_sum(buf: bytes | bytearray, seg: Segment) -> int:
+    return ones_complement_sum(bytes(buf[12:20]) + struct.pack("!HH", 6, seg.total_len - seg.tcp_off))
+
+
 def tcp_checksum(buf: bytes | bytearray, seg: Segment) -> int:
-    """The correct TCP checksum of ``buf`` (its checksum field is ignored)."""
-    tcp_len = seg.total_len - seg.tcp_off
-    pseudo = buf[12:20] + struct.pack("!HH", 6, tcp_len)
-    body = bytearray(buf[seg.tcp_off:seg.total_len])
-    body[16:18] = b"\0\0"
-    return (~ones_complement_sum(bytes(pseudo) + bytes(body))) & 0xFFFF
+    """The correct TCP checksum of ``buf`` (its checksum field is ignored).
+
+    Summed in place (a memoryview, no copy of a 64 KB packet): the field's
+    own value is taken back out by adding its complement, which is
+    subtracting it in ones' complement arithmetic."""
+    field = int.from_bytes(buf[seg.csum_off:seg.csum_off + 2], "big")
+    body = memoryview(buf)[seg.tcp_off:seg.total_len]
+    return (~ones_complement_sum(body, _pseudo_sum(buf, seg) + (~field & 0xFFFF))) & 0xFFFF
 
 
 def tcp_checksum_ok(buf: bytes | bytearray, seg: Segment) -> bool:
-    tcp_len = seg.total_len - seg.tcp_off
-    pseudo = bytes(buf[12:20]) + struct.pack("!HH", 6, tcp_len)
-    return ones_complement_sum(pseudo + bytes(buf[seg.tcp_off:seg.total_len])) == 0xFFFF
+    return ones_complement_sum(memoryview(buf)[seg.tcp_off:seg.total_len], _pseudo_sum(buf, seg)) == 0xFFFF
 
 
 def with_correct_checksum(data: bytes | bytearray) -> bytes:
