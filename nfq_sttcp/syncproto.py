@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
+from .divergence import DIGEST_LEN
+
 MAGIC = b"ST"
 VERSION = 4  # 4: output digests are 4 bytes (CRC-32)
 MAX_MESSAGE = 1400
@@ -36,7 +38,7 @@ _KEY = struct.Struct("!4sH4sH")
 _HB = struct.Struct("!BBQIQQ")
 _ISN = struct.Struct("!12sIIBHBBI")
 _CONFIRM_ENTRY = struct.Struct("!12sIIBB24sII")
-_DIGEST_ENTRY = struct.Struct("!12sII4s")
+_DIGEST_ENTRY = struct.Struct("!12sII%ds" % DIGEST_LEN)  # the digest divergence.py makes
 _DIVERGED = struct.Struct("!12sQ")
 
 ConnKey = tuple[str, int, str, int]
