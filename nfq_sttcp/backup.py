@@ -133,6 +133,9 @@ class BackupCore:
     conns: dict[ConnKey, BackupConn] = field(default_factory=dict)
     early_isn: dict[ConnKey, tuple[ConnIsn, float]] = field(default_factory=dict)
     unconfirmed: set[ConnKey] = field(default_factory=set)
+    # A new mapping is waited for: the primary holds the client's SYN-ACK
+    # until we confirm it, so that confirmation skips the batching interval.
+    urgent: bool = False
     primary_generation: int = 0
     self_ack_due: set[ConnKey] = field(default_factory=set)
     suspended: str = ""  # why protection is suspended (the primary's daemon is silent), "" if not
@@ -446,6 +449,7 @@ class BackupCore:
         """After a batch of packets: one confirmation message for every connection
         that moved, and one self-ack per connection that needs one."""
         out: list[Action] = []
+        self.urgent = False
         if self.active:
             self.unconfirmed.clear()  # nobody to confirm to: we serve
         if self.unconfirmed:
@@ -594,6 +598,7 @@ class BackupCore:
         else:
             conn.protected, conn.reason = True, ""
         self.unconfirmed.add(conn.key)
+        self.urgent = True
         pending, conn.pending_in = conn.pending_in, []
         for data in pending:
             seg = tcpseg.parse(data)

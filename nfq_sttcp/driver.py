@@ -420,8 +420,9 @@ class Daemon:
         now = time.monotonic()
         # Confirmations and digests at most every CONFIRM_EVERY_S: under load
         # the loop turns thousands of times a second, and each message costs
-        # the peer work per connection.
-        if now - self._last_batch_end < CONFIRM_EVERY_S:
+        # the peer work per connection. A new mapping goes at once: the
+        # client's SYN-ACK waits for it (backup.urgent).
+        if now - self._last_batch_end < CONFIRM_EVERY_S and not (self.backup is not None and self.backup.urgent):
             return
         self._last_batch_end = now
         if self.backup is not None:

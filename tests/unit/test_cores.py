@@ -616,3 +616,18 @@ def test_an_isn_sent_again_makes_the_backup_confirm_its_mapping_again():
     b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 5.0)
     confirm = [a.message for a in b.on_batch_end(5.0) if isinstance(a, SendSync)]
     assert confirm and confirm[0].acks[0].pos is not None
+
+
+def test_a_new_mapping_asks_for_its_confirmation_at_once_and_data_does_not():
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    assert not b.urgent  # our half alone: nothing the primary waits for yet
+    b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)
+    assert b.urgent  # the primary holds the client's SYN-ACK for this confirmation
+    confirm = [a.message for a in b.on_batch_end(0) if isinstance(a, SendSync)]
+    assert confirm and confirm[0].acks[0].pos is not None
+    assert not b.urgent
+    b.on_inbound(from_client(101, 5001, payload=b"data"), 0.01)
+    b.on_outbound(from_server(901, 105), 0.01)
+    assert b.unconfirmed and not b.urgent  # an ack waits for the batching interval
