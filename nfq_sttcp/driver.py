@@ -90,6 +90,9 @@ class Daemon:
         self.metrics: Any = None
         self._snapshot: Optional[dict[str, Any]] = None
         self._snapshot_at = 0.0
+        self.queue_nums: list[int] = []
+        self._kernel_drops: dict[int, tuple[int, int]] = {}  # last seen (full, socket) per queue
+        self._kernel_drops_at = 0.0
         self.started = time.monotonic()
         ports = frozenset(cfg.ports)
         self.promoted: Optional[PromotedCore] = None  # a backup after takeover, serving a new backup
@@ -196,6 +199,7 @@ class Daemon:
             except OSError as e:
                 raise DaemonError("cannot bind NFQUEUE %d (%s): is another process using it?" % (num, e)) from None
             self.queues.append(q)
+            self.queue_nums.append(num)
             reader = _BoundedReader(socket.socket(fileno=os.dup(q.get_fd())))
             self.readers.append(reader)
             self.fds[q.get_fd()] = (lambda q=q, r=reader: r.drain(q))
@@ -261,6 +265,8 @@ class Daemon:
                     firewall.remove(self.cfg, "primary")  # the clone hook it added when promoted
         except Exception as e:  # keep tearing down
             self.log.error("rules_teardown_failed", error=str(e))
+        if self.queues:
+            self._check_kernel_drops()  # (a queue's statistics go with it)
         for r in self.readers:
             r.sock.close()
         for q in self.queues:
@@ -278,6 +284,27 @@ class Daemon:
             pass
         if getattr(self, "rules_applied", False):
             self.log.info("daemon_stopped", counters=dict(self.counters))
+
+    def _check_kernel_drops(self) -> None:
+        """Count and report packets the kernel dropped before they reached a
+        handler (nfqueue.queue_drops): no verdict, no log line of ours, and on
+        the backup the only trace of a lost clone."""
+        try:
+            with open(nfqueue.QUEUE_STATS) as f:
+                seen = nfqueue.queue_drops(f.read(), self.queue_nums)
+        except OSError:
+            return
+        for num, (full, sock) in seen.items():
+            was_full, was_sock = self._kernel_drops.get(num, (0, 0))
+            d_full, d_sock = (full - was_full) & 0xFFFFFFFF, (sock - was_sock) & 0xFFFFFFFF
+            if not d_full and not d_sock:
+                continue
+            self.counters["kernel_queue_full_drops"] += d_full
+            self.counters["kernel_socket_full_drops"] += d_sock
+            self.log.warning("kernel_queue_drops", queue=num, queue_full=d_full, socket_full=d_sock,
+                             hint="queue full: raise queues.max_len; socket full: the daemon falls behind "
+                                  "(CPU), so the backup's view of its connections lags")
+        self._kernel_drops.update(seen)
 
     # == the loop ============================================================
 
@@ -563,6 +590,9 @@ class Daemon:
     # == time ================================================================
 
     def _tick(self, now: float) -> None:
+        if now - self._kernel_drops_at >= 1.0:
+            self._kernel_drops_at = now
+            self._check_kernel_drops()
         if self.metrics is not None and now - self._snapshot_at >= 1.0:
             self._snapshot_at = now
             self._snapshot = self.status()  # replaced whole: the scrape thread reads only this

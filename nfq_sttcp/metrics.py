@@ -51,6 +51,11 @@ class StatusCollector:
         for k in REWRITE_ERRORS:
             errors.add_metric([k], counters.get(k, 0))
         yield errors
+        kdrops = CounterMetricFamily("nfq_sttcp_kernel_drops", "Packets the kernel dropped before they reached a "
+                                     "handler: the queue was full, or the daemon's socket was", labels=["reason"])
+        for reason in ("queue_full", "socket_full"):
+            kdrops.add_metric([reason], counters.get("kernel_%s_drops" % reason, 0))
+        yield kdrops
         # (a status lists at most 1,000 connections; its summary counts all)
         summary = st.get("summary") or summarize(st.get("connections", []))
         held = GaugeMetricFamily("nfq_sttcp_held_bytes", "Bytes of the backup's replies held until takeover")

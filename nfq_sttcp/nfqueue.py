@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Optional
+from typing import Iterable, Optional
 
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_CONFIG = 2
@@ -62,3 +62,31 @@ def ack_error(data: bytes, seq: int) -> Optional[int]:
             return -struct.unpack_from("=i", data, off + 16)[0]
         off += (length + 3) & ~3
     return None
+
+
+# The kernel's per-queue statistics, one line per bound queue (in the reading
+# process's network namespace): number, peer port id, packets waiting, copy
+# mode, copy range, packets dropped because the queue was full, packets
+# dropped because the listener's socket was full, last packet id, 1.
+QUEUE_STATS = "/proc/net/netfilter/nfnetlink_queue"
+
+
+def queue_drops(text: str, queues: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """``{queue: (full, socket)}``: the kernel's drop counts for ``queues``.
+
+    Neither kind of drop reaches the handler: with max_len packets waiting
+    the kernel drops the next one (unless the queue fails open, which ours
+    never ask for), and a listener whose socket buffer is full loses it too.
+    A lost clone or reply costs the client a retransmission, and with it
+    the backup's view of the connection lags. Unreadable lines are skipped.
+    """
+    wanted = set(queues)
+    out: dict[int, tuple[int, int]] = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) < 7 or not all(x.isdigit() for x in f[:7]):
+            continue
+        num = int(f[0])
+        if num in wanted:
+            out[num] = (int(f[5]), int(f[6]))
+    return out

@@ -7,7 +7,7 @@ from nfq_sttcp.metrics import StatusCollector
 
 SNAPSHOT = {
     "role": "backup", "state": "active", "serving_as": "primary",
-    "counters": {"verdict_accept": 10, "verdict_drop": 4, "verdict_inject": 2, "malformed_in": 1, "diverged": 3,
+    "counters": {"verdict_accept": 10, "verdict_drop": 4, "verdict_inject": 2, "malformed_in": 1, "kernel_queue_full_drops": 86, "diverged": 3,
                  "sync_rejected": 7},
     "heartbeats": {"rtt_ms": 0.25},
     "connections": [{"protected": True, "held_bytes": 100}, {"protected": False, "held_bytes": 50},
@@ -35,6 +35,8 @@ def test_every_promised_metric_is_exposed_with_its_value():
     assert value(t, 'nfq_sttcp_packets_total{verdict="drop"}') == 4
     assert value(t, 'nfq_sttcp_packets_total{verdict="defer"}') == 0
     assert value(t, 'nfq_sttcp_rewrite_errors_total{kind="malformed_in"}') == 1
+    assert value(t, 'nfq_sttcp_kernel_drops_total{reason="queue_full"}') == 86
+    assert value(t, 'nfq_sttcp_kernel_drops_total{reason="socket_full"}') == 0
     assert value(t, "nfq_sttcp_held_bytes") == 150
     assert value(t, 'nfq_sttcp_connections{protected="true"}') == 1
     assert value(t, 'nfq_sttcp_connections{protected="false"}') == 2

@@ -41,3 +41,14 @@ def test_ack_error_finds_the_answer_to_our_message_only():
     assert nfqueue.ack_error(other + _error(5, 0), 5) == 0
     assert nfqueue.ack_error(b"", 5) is None
     assert nfqueue.ack_error(b"\0" * 16, 5) is None  # a zero length never loops
+
+
+def test_queue_drops_reads_our_queues_from_the_kernels_statistics():
+    text = ("   11  10410     0 2 65531     0     0    57881  1\n"
+            "   12  10416     3 2 65531    17     4    84972  1\n"
+            "   13 3569630324     0 2 65531 4294967295     9    57435  1\n"
+            "garbage line\n"
+            "   14  1 2\n")
+    assert nfqueue.queue_drops(text, [12, 13]) == {12: (17, 4), 13: (4294967295, 9)}
+    assert nfqueue.queue_drops(text, [99]) == {}
+    assert nfqueue.queue_drops("", [12]) == {}
