@@ -3,17 +3,13 @@
 #include <stdint.h>
 #include <string.h>
 
-static PyObject *
-csum_sum(PyObject *self, PyObject *args)
+/* The ones' complement sum of p[0..n) as 16-bit big-endian words, added to
+   start and folded to 16 bits. Summed in native order, swapped at the end:
+   the ones' complement sum does not depend on byte order (RFC 1071). */
+static uint32_t
+fold_sum(const unsigned char *p, Py_ssize_t n, uint64_t start)
 {
-    Py_buffer view;
-    unsigned long long start = 0;
-    if (!PyArg_ParseTuple(args, "y*|K", &view, &start))
-        return NULL;
-    const unsigned char *p = view.buf;
-    Py_ssize_t n = view.len;
     uint64_t acc = 0;
-    Py_BEGIN_ALLOW_THREADS
     while (n >= 4) {
         uint32_t w;
         memcpy(&w, p, 4);
@@ -34,8 +30,6 @@ csum_sum(PyObject *self, PyObject *args)
         memcpy(&h, last, 2);
         acc += h;
     }
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
     while (acc >> 16)
         acc = (acc & 0xFFFF) + (acc >> 16);
 #if PY_LITTLE_ENDIAN
@@ -44,11 +38,72 @@ csum_sum(PyObject *self, PyObject *args)
     acc += start;
     while (acc >> 16)
         acc = (acc & 0xFFFF) + (acc >> 16);
-    return PyLong_FromUnsignedLongLong(acc);
+    return (uint32_t)acc;
+}
+
+static PyObject *
+csum_sum(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    unsigned long long start = 0;
+    if (!PyArg_ParseTuple(args, "y*|K", &view, &start))
+        return NULL;
+    uint32_t s;
+    Py_BEGIN_ALLOW_THREADS
+    s = fold_sum(view.buf, view.len, start);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(s);
+}
+
+/* A copy of an IPv4/TCP packet with its TCP checksum computed from scratch,
+   or None when the headers do not frame a whole TCP segment (the caller's
+   pure path then raises, saying why). It checks only what it needs to find
+   the checksum: TCP options are not looked at. */
+static PyObject *
+csum_tcp_fixed(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "y*", &view))
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len, ihl, total, doff;
+    PyObject *out = NULL;
+    if (n < 20 || (p[0] >> 4) != 4)
+        goto none;
+    ihl = (Py_ssize_t)(p[0] & 0x0F) * 4;
+    total = ((Py_ssize_t)p[2] << 8) | p[3];
+    if (ihl < 20 || total > n || total < ihl + 20 || p[9] != 6 || ((((unsigned)p[6] << 8) | p[7]) & 0x3FFF))
+        goto none;
+    doff = (Py_ssize_t)(p[ihl + 12] >> 4) * 4;
+    if (doff < 20 || ihl + doff > total)
+        goto none;
+    out = PyBytes_FromStringAndSize((const char *)p, n);
+    if (out != NULL) {
+        unsigned char *q = (unsigned char *)PyBytes_AS_STRING(out);
+        unsigned char pseudo[12];
+        uint32_t s;
+        q[ihl + 16] = q[ihl + 17] = 0;
+        memcpy(pseudo, q + 12, 8);
+        pseudo[8] = 0;
+        pseudo[9] = 6;
+        pseudo[10] = (unsigned char)((total - ihl) >> 8);
+        pseudo[11] = (unsigned char)(total - ihl);
+        s = fold_sum(q + ihl, total - ihl, fold_sum(pseudo, 12, 0));
+        s = ~s & 0xFFFF;
+        q[ihl + 16] = (unsigned char)(s >> 8);
+        q[ihl + 17] = (unsigned char)s;
+    }
+    PyBuffer_Release(&view);
+    return out;
+none:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"ones_complement_sum", csum_sum, METH_VARARGS, NULL},
+    {"tcp_fixed", csum_tcp_fixed, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

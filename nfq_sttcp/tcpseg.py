@@ -184,9 +184,10 @@ try:
     # NFQ_STTCP_PURE_CSUM=1 keeps the pure version (to measure the difference).
     if os.environ.get("NFQ_STTCP_PURE_CSUM"):
         raise ImportError("the pure version was asked for")
-    from ._csum import ones_complement_sum
+    from ._csum import ones_complement_sum, tcp_fixed as _tcp_fixed
 except ImportError:  # not built: the pure version gives the same answers
     ones_complement_sum = _ones_complement_sum_py
+    _tcp_fixed = None
 
 
 def _pseudo_sum(buf: bytes | bytearray, seg: Segment) -> int:
@@ -209,7 +210,15 @@ def tcp_checksum_ok(buf: bytes | bytearray, seg: Segment) -> bool:
 
 
 def with_correct_checksum(data: bytes | bytearray) -> bytes:
-    """The packet with its TCP checksum recomputed from scratch."""
+    """The packet with its TCP checksum recomputed from scratch.
+
+    Every rewritten or injected packet passes here: in C it is one copy and
+    one pass (about 1 us for a small packet, against 10 us parsed in Python).
+    The pure path stays for what C cannot frame, and says why in its error."""
+    if _tcp_fixed is not None:
+        fixed = _tcp_fixed(data)
+        if fixed is not None:
+            return fixed
     buf = bytearray(data)
     seg = parse(buf)
     buf[seg.csum_off:seg.csum_off + 2] = tcp_checksum(buf, seg).to_bytes(2, "big")
