@@ -11,6 +11,11 @@ files in ``iptables/`` are exactly this output for the lab config.
   replies (mangle POSTROUTING) without bypass: a dead handler must never leak
   an unmapped reply to the client (fail closed).
 Packets we inject carry the mark and skip every queue (DESIGN.md trap 18).
+
+One queue per hook, not ``--queue-balance``: its hash covers only the two
+addresses and the protocol (``hash_v4`` in the kernel's nf_queue.h), so all
+of one client's connections land in the same queue, and spreading them
+would need a worker per queue sharing the sync state.
 """
 
 from __future__ import annotations
