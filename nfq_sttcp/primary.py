@@ -84,7 +84,7 @@ class PrimaryConn:
 class PrimaryConfig:
     vip: str
     ports: frozenset[int]
-    synack_hold_s: float = 3.0
+    synack_hold_s: float = 4.5  # (config.py: synack_hold_ms)
     closed_linger_s: float = 30.0
     max_lag: int = 256 * 1024  # bytes our output may run ahead of the backup's; 0 = unbounded
     lag_hold_s: float = 2.0
