@@ -436,7 +436,8 @@ class PrimaryCore:
         return out
 
     def on_tick(self, now: float) -> list[Action]:
-        out: list[Action] = []
+        # (Repeats first: a connection given up on below is told once by _give_up.)
+        out: list[Action] = self._repeat_unprotect(now)
         for key in list(self.conns):
             conn = self.conns[key]
             if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
@@ -455,7 +456,7 @@ class PrimaryCore:
                 del self.conns[key]
         for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
             del self.early_confirms[key]
-        return self._repeat_unprotect(now) + out
+        return out
 
     def _give_up(self, conn: PrimaryConn, reason: str, now: float) -> list[Action]:
         """Stop protecting one connection. The backup hears it first (the
