@@ -70,8 +70,9 @@ class Config:
     # SYN; when every clone is lost, only the client's own SYN retransmissions
     # (a Linux client: 1 s apart, four times) try again. 4.5 s lets five
     # through before the SYN-ACK goes out unprotected. With 3 s (three SYNs),
-    # 2 of about 10,000 connections of the fault matrix at 5 % loss on the
-    # sync link never reached the backup, and could not be carried.
+    # 3 of about 13,000 connections of the fault matrix at 5 % random loss on
+    # the sync link lost all three clones (the backup's interface saw them
+    # come in; the loss rule behind it took them) and could not be carried.
     synack_hold_ms: int = 4500
     handshake_hold_ms: int = 3000
     control_socket_dir: str = "/run/nfq-sttcp"
