@@ -213,7 +213,7 @@ def with_correct_checksum(data: bytes | bytearray) -> bytes:
     """The packet with its TCP checksum recomputed from scratch.
 
     Every rewritten or injected packet passes here: in C it is one copy and
-    one pass (about 1 us for a small packet, against 10 us parsed in Python).
+    one pass (0.2 us for a small packet, against 6 us parsed in Python).
     The pure path stays for what C cannot frame, and says why in its error."""
     if _tcp_fixed is not None:
         fixed = _tcp_fixed(data)
