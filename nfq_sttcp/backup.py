@@ -253,7 +253,10 @@ class BackupCore:
             self._prune_held(conn)
         if conn.snd_max is not None and seq_gt(ack_b, conn.snd_max):
             # Backup behind the primary (DESIGN.md trap 9): Linux ignores an ack
-            # for data it has not sent, so never show it one.
+            # for data it has not sent, so never show it one. It discards the
+            # whole segment with it, payload and all (tcp_ack: "ack of unsent
+            # data"), which is why a kernel rewrite (conntrack seqadj), blind
+            # to our output position, cannot carry client data segments.
             ack_b = conn.snd_max
         tcpseg.set_ack(buf, seg, ack_b)
         # Our stack processes the ack only of a segment it finds acceptable: a

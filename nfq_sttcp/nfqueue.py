@@ -29,7 +29,10 @@ NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NFQA_CFG_PARAMS, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 2, 4, 5
 NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_GSO = 0x4
-MAX_COPY = 0xFFFF - 4  # NFQNL_MAX_COPY_RANGE: 64 KB less an attribute header
+# NFQNL_MAX_COPY_RANGE: 64 KB less an attribute header. Copying less would not
+# save the copy for packets a handler may rewrite: a verdict carrying a
+# shorter packet truncates it to that length (nfqnl_mangle trims the skb).
+MAX_COPY = 0xFFFF - 4
 RECV_BYTES = 0x10000 + 0x1000  # one queued 64 KB packet and its metadata
 
 
