@@ -13,7 +13,8 @@ def test_table_gives_ratios_differences_and_the_failover_split():
         "sttcp": {"down_veth_gbps": 2.0, "up_veth_gbps": 3.0, "rr1_p50_us": 140.0, "conn_per_s": 500.0,
                   "conn_per_s_together": 1000.0,
                   "idle_opened": 100, "idle_protected": 100, "bytes_per_conn": {"primary": 2048, "backup": 4096},
-                  "cpu_us_per_packet": {"primary_down": 20.5}}},
+                  "cpu_us_per_packet": {"primary_down": 20.5},
+                  "rr1_pairs_us": [[300.0, 420.0], [250.0, 500.0], [330.0, 310.0]]}},
         "failover": {"50x3": {"down": [{"gap_ms": 170.0, "detection_ms": 152.0, "takeover_ms": 9.0, "resume_ms": 30.0},
                                        {"failed": 1.0}],
                               "echo": [{"failed": 1.0}]}}}
@@ -21,6 +22,7 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     assert "download Gbit/s, unshaped veth" in t and " 0.25" in t
     assert "upload Gbit/s, unshaped veth" in t and " 0.50" in t
     assert "+100 us" in t  # latency added, not a ratio
+    assert "3 alternating pairs: added +120 us median (-20 to +250)" in t  # each pair's difference, then the median
     together = [line for line in t.splitlines() if line.startswith("new connections/s, 4 clients")][0]
     assert together.split()[-3:] == ["4000", "1000", "0.25"]
     assert "download Gbit/s, 1 Gbit/s tbf" not in t  # not measured: no made-up row
