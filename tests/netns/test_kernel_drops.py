@@ -20,8 +20,10 @@ def test_a_full_backup_queue_is_counted_and_logged_and_no_client_byte_is_lost(ma
     make_lab(start_backup=False, interval_ms=500, missed=6)
     with open(lab.config_path()) as f:
         toml = f.read()
+    small, n = re.subn(r"(?m)^max_len = \d+$", "max_len = 64", toml)
+    assert n == 1, "the lab config has no [queues] max_len line to shrink"
     with open(lab.config_path(), "w") as f:
-        f.write(re.sub(r"(?m)^max_len = \d+$", "max_len = 64", toml))
+        f.write(small)
     lab.start_backup_daemon(progress=lambda *_: None)
     pid = int([line.split()[2] for line in open(os.path.join(lab.STATE_DIR, "pids"))
                if line.startswith("backup daemon")][0])
