@@ -195,7 +195,7 @@ def _shape(on: bool) -> None:
             lab.sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
 
 
-def _rr_pairs(rounds: int, count: int, progress: Callable[[str], None]) -> list[list[float]]:
+def _rr_pairs(rounds: int, count: int) -> list[list[float]]:
     """[plain p50, protected p50] per round, measured back to back in one lab.
 
     Request-response latency swings between runs by more than the latency
@@ -242,7 +242,7 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
             out["rr%d_p50_us" % size], out["rr%d_p99_us" % size] = _pct(lat, 0.5), _pct(lat, 0.99)
         if sttcp:
             progress("  sttcp: request-response, 1-byte answers, plain and protected alternating")
-            out["rr1_pairs_us"] = _rr_pairs(sizes["rr_pairs"], sizes["rr_small"], progress)
+            out["rr1_pairs_us"] = _rr_pairs(sizes["rr_pairs"], sizes["rr_small"])
         progress("  %s: new connections per second" % mode)
         out["conn_per_s"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"]})
         progress("  %s: new connections per second, %d clients at once" % (mode, CONNRATE_CLIENTS))

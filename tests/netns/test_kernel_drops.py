@@ -25,8 +25,6 @@ def test_a_full_backup_queue_is_counted_and_logged_and_no_client_byte_is_lost(ma
     with open(lab.config_path(), "w") as f:
         f.write(small)
     lab.start_backup_daemon(progress=lambda *_: None)
-    pid = int([line.split()[2] for line in open(os.path.join(lab.STATE_DIR, "pids"))
-               if line.startswith("backup daemon")][0])
     client = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, "python3", "-c", """
 import socket, sys, time
 n = int(sys.argv[1])
@@ -54,12 +52,12 @@ for i, s in enumerate(socks):
 print("BAD", bad, flush=True)
 """, str(CONNS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        os.kill(pid, signal.SIGSTOP)  # 150 SYN clones meet a queue that holds 64
+        lab.kill_daemon("backup", signal.SIGSTOP)  # 150 SYN clones meet a queue that holds 64
         try:
             assert client.stdout.readline().strip() == "SENT"
             time.sleep(0.3)
         finally:
-            os.kill(pid, signal.SIGCONT)
+            lab.kill_daemon("backup", signal.SIGCONT)
         counters = {}
         for _ in range(40):  # the daemon reads the kernel's statistics once a second
             time.sleep(0.1)
