@@ -209,8 +209,8 @@ class BackupCore:
         so bytes the client sends during the outage reach us (as ST-TCP's
         snooping backup does) instead of waiting out the client's RTO."""
         # A packet socket on a veth hands over CHECKSUM_PARTIAL packets: the
-        # checksum field holds only the pseudo-header sum. Recompute it, or
-        # our incremental rewrite keeps it wrong and our stack drops it.
+        # checksum field holds only the pseudo-header sum. (The driver
+        # recomputes it again for every packet it injects.)
         # Short frames carry Ethernet padding: cut it, or the raw send (which
         # sets the IP length from the buffer) would turn it into payload.
         if len(data) >= 4:

@@ -103,7 +103,6 @@ def test_sack_blocks_mapped_inbound_and_clamped_to_what_we_sent():
     seg = tcpseg.parse(verdicts(acts)[0].payload)
     # minus delta 4100; trimmed at 3901, and a block wholly beyond it dropped
     assert seg.sack_blocks == ((1901, 2901), (3401, 3901))
-    assert tcpseg.tcp_checksum_ok(verdicts(acts)[0].payload, seg)
 
 
 def test_primary_unknown_connection_is_unprotected_and_untouched():
@@ -277,7 +276,6 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
     out = verdicts(p.on_outbound(from_server(5001, 1101, payload=b"x" * 100, window=20000), 0.1))[0]
     seg = tcpseg.parse(out.payload)
     assert seg.window << 7 <= 262144 and seg.window == 262144 >> 7
-    assert tcpseg.tcp_checksum_ok(out.payload, seg)
     # a smaller window of our own passes untouched
     assert verdicts(p.on_outbound(from_server(5101, 1101, payload=b"y", window=100), 0.2))[0] == Accept()
     # the backup's window moves on: so may ours, but what was offered never shrinks
@@ -349,7 +347,6 @@ def test_a_clamped_ack_echoes_the_backups_timestamp_not_ours():
     clamped = verdicts(p.on_outbound(from_server(5001, 3101, payload=b"r", tsecr=1111), 0.1))[0]
     seg = tcpseg.parse(clamped.payload)
     assert (seg.ack, seg.tsecr) == (1101, 4242)
-    assert tcpseg.tcp_checksum_ok(clamped.payload, seg)
     # an ack our stack sends at or below the backup's point keeps its own echo
     p.on_confirm(Confirm((ConfirmEntry(KEY, 3101, None, (), None, 4300),)), 0.2)
     sent = from_server(5002, 3101, payload=b"s", tsecr=4400)

@@ -111,7 +111,6 @@ def test_pair_agrees_through_handshake_data_and_failover(isn_c, isn_p, isn_b):
     acts = pr.b.on_outbound(from_server(seq_add(isn_b, 101), c101, payload=b"s" * 10, tsval=ts_b + 1000), 1.0)
     out = tcpseg.parse(verdict(acts).payload)
     assert out.seq == seq_add(isn_p, 101) and out.tsval == (ts_b + 1000 + ts_p - ts_b) % MOD
-    assert tcpseg.tcp_checksum_ok(verdict(acts).payload, out)
     # and the client's acks keep being mapped into the backup's space
     acts = pr.b.on_inbound(from_client(c101, seq_add(isn_p, 111), tsecr=out.tsval), 1.01)
     back = tcpseg.parse(verdict(acts).payload)
