@@ -108,7 +108,13 @@ class BackupConn:
         return {"conn": "%s:%d -> %s:%d" % self.key, "protected": self.protected,
                 "reason": "" if self.protected else self.reason,
                 "held_segments": len(self.held), "held_bytes": self.held_bytes,
-                "behind_bytes": lag or 0, "delta_seq": self.delta_seq, "delta_ts": self.delta_ts}
+                "behind_bytes": lag or 0, "delta_seq": self.delta_seq, "delta_ts": self.delta_ts,
+                # Positions in our own sequence space, for a stalled
+                # connection's post-mortem: what our stack sent and acked,
+                # what the client acked, and what our stack was shown of it.
+                "positions": {"our_snd_max": self.snd_max, "our_rcv_ack": self.rcv_ack,
+                              "client_ack": self.client_ack_b, "shown_to_our_stack": self.stack_ack,
+                              "client_window": self.client_window, "our_window": self.last_window}}
 
 
 @dataclass

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
@@ -36,6 +37,9 @@ POINTS = ("syn", "synack", "mid", "client_fin", "server_fin")
 WORKLOADS = ("echo", "down", "up", "rr", "banner")
 CONNS = (1, 100)
 LOSS = (0, 1, 5)
+# Seconds after the crash at which the serving host's view is written down
+# (see snapshot). Every connection has resumed by the first in a passing cell.
+SNAPSHOT_AFTER_S = (5.0, 15.0)
 
 # iptables rules in the client's namespace that hold connections at the crash
 # point, until the crash.
@@ -121,6 +125,37 @@ def _loss(percent: int) -> None:
            "--mode", "random", "--probability", p, "-j", "DROP", ns=lab.NS_PRIMARY)
 
 
+def snapshot(dest_dir: str, tag: str, host: str = "backup") -> str:
+    """Write the view of ``host`` (the one serving after the crash) into
+    ``dest_dir``: the kernel's state of every TCP socket (``ss -tinmo``:
+    windows, RTO and probe backoff, bytes unacked, time since the last send
+    and ack) and the daemon's per-connection positions (its status). A cell
+    is judged only when its slowest client gives up, and by then a stalled
+    connection has been closed: what held it must be read while it is held.
+    Errors are written into the file, never raised."""
+    path = os.path.join(dest_dir, "snapshot-%s-%s.txt" % (host, tag))
+    parts = []
+    try:
+        r = lab.sh("ss", "-tinmo", ns=lab.HOSTS[host], check=False)
+        parts.append("## ss -tinmo (%s)\n%s%s" % (host, r.stdout, r.stderr))
+    except Exception as e:
+        parts.append("## ss failed: %s" % e)
+    try:
+        parts.append("## daemon status\n" + json.dumps(lab.control(host), indent=1, default=str))
+    except Exception as e:
+        parts.append("## daemon status failed: %s" % e)
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
+
+
+def _snapshots_after(crash_mono: float, dest_dir: str, done: threading.Event) -> None:
+    for after in SNAPSHOT_AFTER_S:
+        if done.wait(max(0.0, crash_mono + after - time.monotonic())):
+            return
+        snapshot(dest_dir, "%ds" % after)
+
+
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank ``q`` quantile of a non-empty list."""
     v = sorted(values)
@@ -140,6 +175,8 @@ def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[st
     hold = _hold(point, workload)
     cap_dir = tempfile.mkdtemp(prefix="sttcp-matrix-")
     report: dict[str, Any] = {}
+    done = threading.Event()
+    snapper: Optional[threading.Thread] = None
     try:
         lab.up(progress=lambda *_: None)
         _loss(loss)
@@ -147,11 +184,16 @@ def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[st
             lab.sh("iptables", "-w", "-I", *rule, ns=lab.NS_CLIENT)
 
         def disrupt() -> tuple[float, float]:
+            nonlocal snapper
             if point == "server_fin":
                 time.sleep(0.1)  # the servers' FINs are on their way (and dropped)
             t, wall = lab.crash("primary")
             for rule in hold:
                 lab.sh("iptables", "-w", "-D", *rule, ns=lab.NS_CLIENT)
+            if keep_dir:
+                snapper = threading.Thread(target=_snapshots_after, args=(time.monotonic(), cap_dir, done),
+                                           daemon=True)
+                snapper.start()
             return t, wall
 
         specs = conn_specs(point, workload, n)
@@ -164,6 +206,9 @@ def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[st
         cell.failures.append("%s: %s" % (type(e).__name__, e))
         cell.ok = False
     finally:
+        done.set()
+        if snapper is not None:
+            snapper.join(timeout=10)  # (never writing into cap_dir while it moves)
         if keep_dir and not cell.ok:
             cell.kept = os.path.join(keep_dir, "%s-%s-%dconn-%dpct" % (point, workload, n, loss))
             os.makedirs(cell.kept, exist_ok=True)
