@@ -72,6 +72,7 @@ class BackupConn:
     client_ack_b: Optional[int] = None  # highest client ack mapped into backup space
     stack_ack: Optional[int] = None  # highest ack our stack has been shown (after clamping)
     client_window: int = 0
+    client_wscale: int = -1  # from the client's SYN (-1: none offered)
     client_mss: int = 536  # from the client's SYN (RFC 9293's default without one)
     client_tsval: int = 0
     client_max_tsecr: Optional[int] = None  # highest TSval of ours (primary space) the client echoed
@@ -94,6 +95,33 @@ class BackupConn:
     def wscale(self) -> int:
         """Our window scale, from our SYN-ACK (0 before it, or without the option)."""
         return self.opts_b[2] if self.opts_b is not None and self.opts_b[2] >= 0 else 0
+
+    @property
+    def client_shift(self) -> int:
+        """How far the client's window field is shifted: its SYN's scale, in
+        use only if our SYN-ACK offered one too (RFC 7323)."""
+        if self.client_wscale < 0 or self.opts_b is None or self.opts_b[2] < 0:
+            return 0
+        return min(self.client_wscale, 14)
+
+    def window_below(self, ack: int) -> int:
+        """The window field that, with ``ack`` (ours, at or below the
+        client's), puts the right edge where the client put it.
+
+        A backup behind the client's ack is shown an ack no further than its
+        own output (DESIGN.md trap 9). With the client's own window beside
+        that lower ack, the edge falls short by the whole lag: a client that
+        reads slowly (a window below one segment) then holds our stack in
+        persist mode, and it catches up on bytes the client already has at
+        one window per probe. Seen in the fault matrix: a backup 160 KB
+        behind, shown 1 KB windows, stalled the download for 17-30 s after
+        the takeover."""
+        if self.client_ack_b is None:
+            return self.client_window
+        shift = self.client_shift
+        edge = seq_add(self.client_ack_b, self.client_window << shift)
+        room = seq_sub(edge, ack) if seq_ge(edge, ack) else 0
+        return min(0xFFFF, room >> shift)
 
     def fully_closed(self) -> bool:
         """Both FINs sent and acknowledged: nothing is left to say."""
@@ -179,6 +207,7 @@ class BackupCore:
                 conn.client_tsval = seg.tsval
             if seg.mss:
                 conn.client_mss = seg.mss
+            conn.client_wscale = -1 if seg.wscale is None else seg.wscale
             return [Accept()]
         if conn is None:
             if self.active:
@@ -264,6 +293,8 @@ class BackupCore:
             # data"), which is why a kernel rewrite (conntrack seqadj), blind
             # to our output position, cannot carry client data segments.
             ack_b = conn.snd_max
+            if trusted:
+                tcpseg.set_window(buf, seg, conn.window_below(ack_b))
         tcpseg.set_ack(buf, seg, ack_b)
         # Our stack processes the ack only of a segment it finds acceptable: a
         # retransmission wholly below its receive point is discarded, ack and
@@ -451,7 +482,7 @@ class BackupCore:
         conn.stack_ack = ack
         cip, cport, vip, vport = conn.key
         opts = tcpseg.ts_option(conn.client_tsval, conn.last_tsval_b) if conn.uses_ts else b""
-        pkt = tcpseg.build_segment(cip, vip, cport, vport, conn.rcv_ack, ack, ACK, conn.client_window, opts)
+        pkt = tcpseg.build_segment(cip, vip, cport, vport, conn.rcv_ack, ack, ACK, conn.window_below(ack), opts)
         return [Inject(pkt, "self-ack: client already has these bytes"), Count("self_acks")]
 
     def on_batch_end(self, now: float) -> list[Action]:

@@ -628,3 +628,30 @@ def test_a_new_mapping_asks_for_its_confirmation_at_once_and_data_does_not():
     b.on_inbound(from_client(101, 5001, payload=b"data"), 0.01)
     b.on_outbound(from_server(901, 105), 0.01)
     assert b.unconfirmed and not b.urgent  # an ack waits for the batching interval
+
+
+def test_a_backup_behind_the_client_is_shown_the_clients_right_edge():
+    """Behind the client's ack, our stack is shown our own output as the ack
+    (trap 9); its window must then count from there to the client's own
+    right edge. Given the client's window beside the lower ack, a client
+    that reads slowly (a window under one segment) held our stack in persist
+    mode, catching up on bytes the client already had one window per probe:
+    in the fault matrix a backup 160 KB behind stalled downloads for 17-30 s."""
+    b = mapped_backup()  # client and our window scale 7; delta_seq 4100
+    b.on_outbound(from_server(901, 101, payload=b"x" * 1000), 0)  # we sent up to 1901
+    # the client has 100,000 bytes from the primary, and a window of 1 (128 bytes)
+    acts = b.on_inbound(from_client(101, 5001 + 100000, window=1), 0.1)
+    edge = 901 + 100000 + 128  # the client's right edge, in our space
+    seg = tcpseg.parse(verdicts(acts)[0].payload)
+    assert seg.ack == 1901
+    assert edge - 128 < seg.ack + (seg.window << 7) <= edge
+    # our stack sends bytes the client already has: dropped, and self-acked the same way
+    assert isinstance(verdicts(b.on_outbound(from_server(1901, 101, payload=b"y" * 1000), 0.2))[0], Drop)
+    self_ack = [tcpseg.parse(a.packet) for a in b.on_batch_end(0.2) if isinstance(a, Inject)]
+    assert [s.ack for s in self_ack] == [2901]
+    assert edge - 128 < self_ack[0].ack + (self_ack[0].window << 7) <= edge
+    # an ack that needs no clamping keeps the client's own window
+    for seq in range(2901, 100901, 49000):  # up to 100901
+        b.on_outbound(from_server(seq, 101, payload=b"z" * 49000), 0.3)
+    seg = tcpseg.parse(verdicts(b.on_inbound(from_client(101, 5001 + 100000, window=1), 0.4))[0].payload)
+    assert (seg.ack, seg.window) == (100901, 1)
