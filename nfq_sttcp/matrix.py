@@ -137,7 +137,10 @@ def snapshot(dest_dir: str, tag: str, host: str = "backup") -> str:
     parts = []
     try:
         r = lab.sh("ss", "-tinmo", ns=lab.HOSTS[host], check=False)
-        parts.append("## ss -tinmo (%s)\n%s%s" % (host, r.stdout, r.stderr))
+        # ss leaves out snd_wnd when it is 0: a socket in persist mode with no
+        # snd_wnd field is one shown a closed window.
+        parts.append("## ss -tinmo (%s; no snd_wnd field means a window of 0)\n%s%s"
+                     % (host, r.stdout, r.stderr))
     except Exception as e:
         parts.append("## ss failed: %s" % e)
     try:

@@ -61,7 +61,9 @@ def test_a_snapshot_holds_the_serving_hosts_sockets_and_positions(make_lab, tmp_
     with open(path) as f:
         kernel, daemon = f.read().split("## daemon status\n")
     assert re.search(r"ESTAB.*10\.77\.0\.100:7001\s+10\.77\.0\.10:\d+", kernel), kernel
-    assert "rto:" in kernel and "snd_wnd:" in kernel, kernel
+    # ss prints snd_wnd only when it is not 0, and this client reads slowly
+    # enough to close its window at times: look for fields it always prints.
+    assert "rto:" in kernel and "cwnd:" in kernel and "bytes_acked:" in kernel, kernel
     conn = [c for c in json.loads(daemon)["connections"] if ":7001" in c["conn"]][0]
     pos = conn["positions"]
-    assert conn["protected"] and pos["our_snd_max"] is not None and pos["client_window"] > 0, conn
+    assert conn["protected"] and pos["our_snd_max"] is not None and pos["client_window"] is not None, conn
