@@ -1133,15 +1133,16 @@ class _BoundedReader:
         self.sock.setblocking(False)
         self.budget = budget
         self.left = 0
-        self.buf = bytearray(nfqueue.RECV_BYTES)
 
     def recv(self, n: int) -> bytes:
         if self.left <= 0:
             raise BlockingIOError(errno.EAGAIN, "batch budget spent")
         self.left -= 1
-        # Not the library's 4096 (n): a whole GSO packet is up to 64 KB.
-        got = self.sock.recv_into(self.buf)
-        return bytes(memoryview(self.buf)[:got])
+        # Not the library's 4096 (n): a whole GSO packet is up to 64 KB. recv()
+        # reads straight into the bytes object it returns; recv_into() and a
+        # copy out cost 3.8 against 3.0 us for a small packet, 8-12 against
+        # 5.5-7.7 us for 64 KB.
+        return self.sock.recv(nfqueue.RECV_BYTES)
 
     def drain(self, q: Any) -> None:
         self.left = self.budget

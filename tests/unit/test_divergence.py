@@ -123,3 +123,17 @@ def test_a_deterministic_backup_stays_protected():
         for d in [a.message for a in p.on_batch_end(0.1 + i) if isinstance(a, SendSync)]:
             assert not [a for a in b.on_digest(d, 0.1 + i) if isinstance(a, SendSync)]
     assert b.conns[KEY].protected and b.conns[KEY].checker.base == 901 + 35
+
+
+def test_output_fed_from_a_mutable_buffer_is_copied_not_referenced():
+    """The checker keeps views of immutable packets; a bytearray handed in and
+    reused afterwards must not change what it checks."""
+    data = bytes(range(256)) * 40
+    h, c = OutputHasher(100), OutputChecker(100)
+    h.feed(100, data)
+    scratch = bytearray(data)
+    c.feed(100, memoryview(scratch)[:5000])
+    c.feed(5100, memoryview(scratch)[5000:])
+    scratch[:] = bytes(len(scratch))  # the buffer is reused for something else
+    c.expect(*h.take())
+    assert c.check() is None and not c.pending and c.size == 0
