@@ -137,6 +137,15 @@ def _mtu(ifname: str) -> Optional[int]:
         return None
 
 
+def _c_extension() -> dict[str, bool]:
+    """Whether nfq_sttcp/_csum.c is built, and computes CRC-32C in hardware."""
+    try:
+        from . import _csum
+    except ImportError:
+        return {"built": False, "crc32c_hw": False}
+    return {"built": True, "crc32c_hw": bool(_csum.crc32c_in_hardware())}
+
+
 def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Everything the checks need about this host (``addresses``: from
     local_addresses(), if the caller has them already)."""
@@ -155,6 +164,7 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "addresses": sorted(addresses),
         "sync_if": sync_if,
         "listening": _listening_ports(),
+        "c_extension": _c_extension(),
     }
 
 
@@ -198,6 +208,16 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
                                "sysctl -w %s=%s (and persist it in /etc/sysctl.d/)" % (k, v)))
         if not bad:
             out.append(Finding(OK, "backup sysctls (ARP and reverse-path filter)"))
+    ext = facts.get("c_extension")
+    if ext is not None and not ext["built"]:
+        out.append(Finding(WARN, "C extension", "nfq_sttcp/_csum.c is not built: checksums and output digests "
+                           "run in pure Python, a bulk transfer hundreds of times slower",
+                           "install build-essential and python3-dev, then reinstall the package"))
+    elif ext is not None and not ext["crc32c_hw"]:
+        out.append(Finding(WARN, "C extension", "no SSE4.2 crc32 instruction: output digests use a table, "
+                           "several times slower", "expected only on CPUs other than x86-64"))
+    elif ext is not None:
+        out.append(Finding(OK, "C extension (checksums, CRC-32C in hardware)"))
     missing = [p for p in cfg.ports if p not in facts["listening"]]
     if missing:
         out.append(Finding(WARN, "application", "nothing listens on port(s) %s" % ", ".join(map(str, missing)),

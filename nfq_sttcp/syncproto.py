@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Union
 from .divergence import DIGEST_LEN
 
 MAGIC = b"ST"
-VERSION = 4  # 4: output digests are 4 bytes (CRC-32)
+VERSION = 5  # 4: output digests are 4 bytes (CRC-32); 5: CRC-32C
 MAX_MESSAGE = 1400
 MAC_LEN = 32
 MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE

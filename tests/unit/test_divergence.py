@@ -137,3 +137,21 @@ def test_output_fed_from_a_mutable_buffer_is_copied_not_referenced():
     scratch[:] = bytes(len(scratch))  # the buffer is reused for something else
     c.expect(*h.take())
     assert c.check() is None and not c.pending and c.size == 0
+
+
+def test_crc32c_matches_the_standard_check_value_in_c_and_in_python():
+    """CRC-32C("123456789") is 0xE3069283 (the Castagnoli polynomial's check
+    value); both daemons must compute the same digest, built or not."""
+    from nfq_sttcp import divergence
+    assert divergence._crc32c_py(b"123456789") == 0xE3069283
+    assert divergence.crc32c(b"123456789") == 0xE3069283
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.binary(max_size=300))
+def test_crc32c_in_c_agrees_with_python_and_continues_across_pieces(a, b):
+    from nfq_sttcp import divergence
+    whole = divergence._crc32c_py(a + b)
+    assert divergence.crc32c(a + b) == whole
+    assert divergence.crc32c(b, divergence.crc32c(a)) == whole
+    assert divergence._crc32c_py(memoryview(b), divergence._crc32c_py(a)) == whole

@@ -13,7 +13,7 @@ def facts(role="backup", **over):
              "net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_sack": "1", "net.ipv4.tcp_window_scaling": "1",
              "net.ipv4.tcp_rmem": "4096 131072 6291456", "net.core.rmem_max": "212992"}),
          "lan_mtu": 1500, "addresses": ["10.77.0.2", "10.78.0.2"], "sync_if": "sync0",
-         "listening": [22, 7000, 7001, 7002, 7003, 7004]}
+         "listening": [22, 7000, 7001, 7002, 7003, 7004], "c_extension": {"built": True, "crc32c_hw": True}}
     for k, v in over.items():
         if k == "sysctls":
             f["sysctls"] = dict(f["sysctls"], **v)
@@ -36,6 +36,8 @@ def test_a_good_host_passes_and_each_problem_is_named_with_its_fix():
     assert by["sysctl net.ipv4.conf.sync0.rp_filter"].fix.startswith("sysctl -w net.ipv4.conf.sync0.rp_filter=0")
     assert by["application"].level == WARN and "7000" in by["application"].detail
     assert by["iptables backend"].level == WARN
+    slow = {f.what: f for f in doctor.check_host(facts(c_extension={"built": False, "crc32c_hw": False}), CFG)}
+    assert slow["C extension"].level == WARN and "build-essential" in slow["C extension"].fix
     assert levels(doctor.check_host(facts(root=False), CFG)) == {"privilege": FAIL}
     # the primary needs none of the backup's ARP settings
     assert all(f.level == OK for f in doctor.check_host(

@@ -223,7 +223,9 @@ def test_the_c_sum_is_built():
     """setup.py builds nfq_sttcp/_csum.c (optional, so a failed build would
     otherwise pass unseen and leave every handler ~15 times slower per byte)."""
     import nfq_sttcp._csum  # noqa: F401  (fails here if the build step is missing)
+    from nfq_sttcp import divergence
     assert tcpseg.ones_complement_sum is nfq_sttcp._csum.ones_complement_sum
+    assert divergence.crc32c is nfq_sttcp._csum.crc32c
 
 
 @settings(max_examples=200)
