@@ -28,7 +28,7 @@ from .seqmath import seq_gt, seq_lt, seq_sub
 # differ, and any difference in up to 32 consecutive bits always changes it
 # (other differences: all but 1 in 2**32). Per 64 KB of output, on this VM:
 # SHA-256 87 us, zlib's CRC-32 18-27 us, CRC-32C with the SSE4.2 instruction
-# (_csum.c) 8.5 us. Both daemons pay it for every byte the service writes.
+# (_csum.c) 8.5 us in one stream, 4 us in three. Both daemons pay it for every byte the service writes.
 DIGEST_LEN = 4
 MAX_AHEAD = 16 << 20  # output the backup buffers ahead of the primary's digests
 MAX_PENDING = 4096

@@ -155,3 +155,14 @@ def test_crc32c_in_c_agrees_with_python_and_continues_across_pieces(a, b):
     assert divergence.crc32c(a + b) == whole
     assert divergence.crc32c(b, divergence.crc32c(a)) == whole
     assert divergence._crc32c_py(memoryview(b), divergence._crc32c_py(a)) == whole
+
+
+def test_crc32c_in_three_streams_agrees_at_every_size_around_the_split():
+    """_csum.c runs buffers of 1536 bytes and more as three streams and joins
+    them: the join must be exact whatever the length and the starting value."""
+    from nfq_sttcp import divergence
+    rng = random.Random(5)
+    for n in list(range(1528, 1560)) + [4095, 4096, 4097, 65226, 65535]:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        value = rng.getrandbits(32)
+        assert divergence.crc32c(data, value) == divergence._crc32c_py(data, value), n
