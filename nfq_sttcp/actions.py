@@ -15,9 +15,11 @@ from .syncproto import SyncMessage
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    """Verdict: let the packet go, rewritten to ``payload`` if given."""
+    """Verdict: let the packet go, rewritten to ``payload`` if given (a
+    bytearray may be handed over as it is: the driver's checksum pass copies
+    it once, into the bytes the kernel gets)."""
 
-    payload: Optional[bytes] = None
+    payload: Optional[bytes | bytearray] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +43,7 @@ class Release:
     ``payload`` if given."""
 
     token: int
-    payload: Optional[bytes] = None
+    payload: Optional[bytes | bytearray] = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,8 +262,11 @@ class BackupCore:
                 out.append(a)
         return out + [Count("snooped_in")]
 
-    def _map_inbound(self, conn: BackupConn, seg: Segment, data: bytes) -> tuple[Optional[bytes], list[Action]]:
-        """Rewrite one client segment into the backup's space; return (bytes, extra actions)."""
+    def _map_inbound(self, conn: BackupConn, seg: Segment,
+                     data: bytes) -> tuple[Optional[bytearray], list[Action]]:
+        """Rewrite one client segment into the backup's space; return (bytes, extra actions).
+        The bytes stay a bytearray: the driver's checksum pass makes the one
+        copy it hands the kernel (a 64 KB clone was copied twice more)."""
         assert conn.delta_seq is not None
         out: list[Action] = []
         if not seg.flags & ACK:
@@ -331,7 +334,7 @@ class BackupCore:
                 elif seq_gt(tsecr, conn.tsval_b_syn_last):
                     tsecr = conn.tsval_b_syn_last
             tcpseg.set_tsecr(buf, seg, tsecr)
-        return bytes(buf), out
+        return buf, out
 
     def _acceptable(self, conn: BackupConn, seg: Segment) -> bool:
         """Would a TCP receiver accept this segment (RFC 793 window test)?

@@ -276,7 +276,7 @@ class PrimaryCore:
             if window != seg.window:
                 buf = buf if buf is not None else bytearray(data)
                 tcpseg.set_window(buf, seg, window)
-        return [Accept(bytes(buf)) if buf is not None else Accept()]
+        return [Accept(buf) if buf is not None else Accept()]  # (the driver's checksum pass copies it)
 
     # -- sync ---------------------------------------------------------------
 
