@@ -655,3 +655,34 @@ def test_a_backup_behind_the_client_is_shown_the_clients_right_edge():
         b.on_outbound(from_server(seq, 101, payload=b"z" * 49000), 0.3)
     seg = tcpseg.parse(verdicts(b.on_inbound(from_client(101, 5001 + 100000, window=1), 0.4))[0].payload)
     assert (seg.ack, seg.window) == (100901, 1)
+
+
+def test_a_change_is_confirmed_again_at_doubling_intervals_then_no_more():
+    """A lost confirmation would hold the client back until our state moves
+    again, so a change is confirmed again, at the next tick and then at
+    doubling intervals, for RECONFIRM_S; not at every tick, which at a few
+    hundred new connections a second was most of the confirmation traffic."""
+    from nfq_sttcp.backup import RECONFIRM_S
+    b = mapped_backup()
+    b.on_outbound(from_server(901, 101, ACK, b"x" * 100), 0.0)
+    assert _confirmed_keys(b.on_batch_end(0.0)) == {KEY}
+    times = []
+    for i in range(1, 41):  # ticks every 100 ms for 4 s
+        now = i / 10
+        b.on_tick(now)
+        if KEY in _confirmed_keys(b.on_batch_end(now)):
+            times.append(now)
+    assert times[0] == 0.1 and times[-1] < RECONFIRM_S, times
+    assert 4 <= len(times) <= 6, times
+    gaps = [b2 - a for a, b2 in zip(times, times[1:])]
+    assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:])), times
+    # a new change starts the schedule again
+    b.on_outbound(from_server(1001, 101, ACK, b"y" * 100), 4.05)
+    b.on_batch_end(4.05)
+    b.on_tick(4.1)
+    assert KEY in _confirmed_keys(b.on_batch_end(4.1))
+
+
+def _confirmed_keys(acts):
+    return {e.key for a in acts if isinstance(a, SendSync) and isinstance(a.message, Confirm)
+            for e in a.message.acks}
