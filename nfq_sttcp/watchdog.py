@@ -81,6 +81,7 @@ class Watchdog:
         self.last_beat: Optional[float] = None
         self.last_probe_reply: Optional[float] = None
         self.unanswered_since: Optional[float] = None  # our oldest probe with no reply after it
+        self.suspect_since: Optional[float] = None
         self.times = FailoverTimes()
 
     def _go(self, new: str, now: float, **why: object) -> list[Action]:
@@ -137,13 +138,24 @@ class Watchdog:
         if self.state not in (FOLLOWING, SUSPECT) or self.last_beat is None:
             return []
         missed = int(self.silence(now) / self.interval)
+        if missed >= 1 and self.state == FOLLOWING:
+            # Always by way of SUSPECT, even with every beat already missed:
+            # when our own loop stalls past the whole deadline (measured: a
+            # backup at 10 ms x 3 while 10,000 connections closed at once),
+            # its first tick after the stall finds the silence long, and
+            # took over a live primary before probing its host once.
+            self.last_probe_reply = self.unanswered_since = None  # this suspicion's probes only
+            self.suspect_since = now
+            return self._go(SUSPECT, now, missed_beats=missed)
         if missed >= self.missed and self.state == SUSPECT and self._host_answers(now, 1.5 * self.interval):
             if self.silence(now) < self.orphan_after:
                 return []  # a live host whose daemon stalls under load: wait (orphaning unprotects all)
             return self._go(ORPHANED, now, missed_beats=missed,
                             note="the primary's host answers but its daemon is silent: not taking over; "
                                  "protection lost until its daemon is back")
-        if missed >= self.missed:
+        if missed >= self.missed and self.state == SUSPECT:
+            if self.suspect_since is not None and now - self.suspect_since < self.interval:
+                return []  # suspicious for less than one interval: give the host's answer time to come
             if not self.autonomous:
                 return []  # keepalived owns the VIP: silence alone never takes over (force_takeover does)
             self.times = FailoverTimes(last_beat=self.last_beat, declared=now,
@@ -151,9 +163,6 @@ class Watchdog:
             out = self._go(TAKEOVER, now, missed_beats=missed,
                            silence_ms=round(self.silence(now) * 1000, 1))
             return out + [TakeOver("primary missed %d heartbeats" % missed)]
-        if missed >= 1 and self.state == FOLLOWING:
-            self.last_probe_reply = self.unanswered_since = None  # this suspicion's probes only
-            return self._go(SUSPECT, now, missed_beats=missed)
         return []
 
     def force_takeover(self, now: float, reason: str) -> list[Action]:

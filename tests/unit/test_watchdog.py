@@ -14,6 +14,8 @@ def test_detection_after_k_missed_beats_and_timings():
     assert w.state == SUSPECT and isinstance(acts[0], Log) and acts[0].fields == {"old": FOLLOWING, "new": SUSPECT, "missed_beats": 1}
     w.on_heartbeat(1.07)
     assert w.state == FOLLOWING
+    w.on_tick(1.13)  # (the driver ticks at least every interval / 5)
+    assert w.state == SUSPECT
     assert not any(isinstance(a, TakeOver) for a in w.on_tick(1.2))
     acts = w.on_tick(1.221)
     assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
@@ -177,3 +179,25 @@ def test_with_keepalived_silence_never_takes_over_but_a_live_host_still_orphans(
     assert not any(isinstance(a, TakeOver) for a in w.on_tick(5.0)) and w.state == ORPHANED
     acts = w.force_takeover(3.1, "keepalived: this host is MASTER")
     assert any(isinstance(a, TakeOver) for a in acts) and w.times.reason.startswith("keepalived")
+
+
+def test_a_backup_whose_own_loop_stalled_past_the_deadline_probes_before_it_takes_over():
+    """Our loop stalls (measured: 10 ms x 3 while 10,000 connections closed at
+    once) and its first tick finds every beat missed. That silence may be our
+    own: suspect first and let the host answer a probe, for one interval."""
+    w = Watchdog(0.01, 3)
+    w.on_heartbeat(1.0)
+    acts = w.on_tick(1.05)  # 50 ms without a tick: 5 beats "missed"
+    assert w.state == SUSPECT and not any(isinstance(a, TakeOver) for a in acts)
+    w.on_probe_sent(1.05)
+    w.on_probe_reply(1.0505)  # the host is alive: its daemon stalled too (or ours did)
+    assert not any(isinstance(a, TakeOver) for a in w.on_tick(1.052))
+    w.on_heartbeat(1.053)
+    assert w.state == FOLLOWING
+    # a host that really died: taken over one interval after the late suspicion
+    acts = w.on_tick(1.12)
+    assert w.state == SUSPECT
+    w.on_probe_sent(1.12)
+    assert not any(isinstance(a, TakeOver) for a in w.on_tick(1.125))
+    acts = w.on_tick(1.131)
+    assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
