@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import tcpseg
+from .control import first_unprotected
 from .divergence import OutputChecker
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
 from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_min, seq_sub
@@ -860,8 +861,15 @@ class BackupCore:
             del self.early_isn[key]
         return out
 
-    def status(self) -> list[dict[str, object]]:
-        out = [c.status() for c in self.conns.values()]
+    def status(self, limit: Optional[int] = None) -> list[dict[str, object]]:
+        """Per connection, at most ``limit`` of them, the unprotected first."""
+        out = [c.status() for c in first_unprotected(list(self.conns.values()), limit)]
         if self.suspended:
             out = [dict(st, protected=False, reason=self.suspended) for st in out]
         return out
+
+    def summary(self) -> dict[str, int]:
+        """What control.summarize counts, without a status per connection."""
+        n = 0 if self.suspended else sum(1 for c in self.conns.values() if c.protected)
+        return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n,
+                "held_bytes": sum(c.held_bytes for c in self.conns.values())}

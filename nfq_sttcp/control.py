@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from typing import Any
+from typing import Any, Optional
 
 
 def request(path: str, command: str = "status", timeout: float = 2.0) -> dict[str, Any]:
@@ -72,6 +72,16 @@ def summarize(conns: list[dict[str, Any]]) -> dict[str, int]:
     n = sum(1 for c in conns if c.get("protected"))
     return {"connections": len(conns), "protected": n, "unprotected": len(conns) - n,
             "held_bytes": sum(c.get("held_bytes", 0) for c in conns)}
+
+
+def first_unprotected(conns: list[Any], limit: Optional[int]) -> list[Any]:
+    """``conns``, cut to ``limit`` with the unprotected kept first: a status of
+    10,000 connections took the loop 25-65 ms to build, long enough to delay
+    heartbeats, while the reply lists at most 1,000 of them."""
+    if limit is None or len(conns) <= limit:
+        return conns
+    chosen = [c for c in conns if not c.protected][:limit]
+    return chosen + [c for c in conns if c.protected][:limit - len(chosen)]
 
 
 HEALTHY, DEGRADED, DOWN = "healthy", "degraded", "down"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import structlog
 
-from . import control, firewall, nfqueue, probe, syncproto, tcpseg
+from . import firewall, nfqueue, probe, syncproto, tcpseg
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
@@ -218,7 +218,7 @@ class Daemon:
             except OSError as e:
                 raise DaemonError("cannot serve metrics on %s:%d: %s" % (
                     self.cfg.metrics_address, self.cfg.metrics_port, e.strerror)) from None
-            self._snapshot = self.status()
+            self._snapshot = self.status(connections=False)
 
     def _queue_whole_packets(self, num: int, sock: socket.socket) -> None:
         """Copy range 64 KB and F_GSO on queue ``num`` (see nfqueue.py). A
@@ -595,7 +595,7 @@ class Daemon:
             self._check_kernel_drops()
         if self.metrics is not None and now - self._snapshot_at >= 1.0:
             self._snapshot_at = now
-            self._snapshot = self.status()  # replaced whole: the scrape thread reads only this
+            self._snapshot = self.status(connections=False)  # replaced whole: the scrape thread reads only this
         if self.switchover == "stepping_down" and now > self.switchover_deadline:
             self._undo_step_down()
         if self.primary is not None and self.switchover != "stepping_down":
@@ -1024,8 +1024,11 @@ class Daemon:
             pass
         return out
 
-    def status(self) -> dict[str, Any]:
+    def status(self, connections: bool = True) -> dict[str, Any]:
+        """This daemon's state; with ``connections``, a list of at most
+        STATUS_MAX_CONNS of them (the summary counts them all)."""
         now = time.monotonic()
+        limit = STATUS_MAX_CONNS if connections else 0
         st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
                               "counters": dict(self.counters), "queues": self._queue_stats(),
@@ -1044,20 +1047,20 @@ class Daemon:
                 st["failover"] = {"reason": t.reason, "detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),
                                   "timeline_ms": self._timeline_ms()}
             assert self.backup is not None
-            st["connections"] = self.promoted.status() if self.promoted is not None else self.backup.status()
+            core: Any = self.promoted if self.promoted is not None else self.backup
         else:
             assert self.primary is not None
             st["state"] = "serving"
             st["backup"] = self.peer.state
             st["last_heartbeat_ms_ago"] = None if self.peer.last_beat is None else round((now - self.peer.last_beat) * 1000, 1)
-            st["connections"] = self.primary.status()
-        conns = st["connections"]
-        st["summary"] = control.summarize(conns)
-        if len(conns) > STATUS_MAX_CONNS:
-            # The reply must leave within the control socket's budget (a loop
-            # that stalls misses heartbeats): the unprotected ones first.
-            st["connections"] = sorted(conns, key=lambda c: c["protected"])[:STATUS_MAX_CONNS]
-            st["connections_truncated"] = len(conns) - STATUS_MAX_CONNS
+            core = self.primary
+        # The loop builds this (a loop that stalls misses heartbeats): only
+        # the connections listed get a status each, the unprotected first.
+        st["summary"] = core.summary()
+        if connections:
+            st["connections"] = core.status(limit)
+            if st["summary"]["connections"] > len(st["connections"]):
+                st["connections_truncated"] = st["summary"]["connections"] - len(st["connections"])
         return st
 
 

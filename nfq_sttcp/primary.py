@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import tcpseg
+from .control import first_unprotected
 from .divergence import OutputHasher
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync
 from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min
@@ -479,6 +480,12 @@ class PrimaryCore:
             out += self._release_all(conn)
         return out
 
-    def status(self) -> list[dict[str, object]]:
-        return [c.status() for c in self.conns.values()]
+    def status(self, limit: Optional[int] = None) -> list[dict[str, object]]:
+        """Per connection, at most ``limit`` of them, the unprotected first."""
+        return [c.status() for c in first_unprotected(list(self.conns.values()), limit)]
+
+    def summary(self) -> dict[str, int]:
+        """What control.summarize counts, without a status per connection."""
+        n = sum(1 for c in self.conns.values() if c.protected)
+        return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n, "held_bytes": 0}
 

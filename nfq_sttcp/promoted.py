@@ -10,6 +10,7 @@ Each segment goes to the core that owns its connection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from . import tcpseg
 from .actions import Accept, Action, Count
@@ -44,10 +45,18 @@ class PromotedCore:
         self.primary.on_inbound_seen(seg)
         return [Accept(), Count("promoted_in")]
 
-    def status(self) -> list[dict[str, object]]:
+    def status(self, limit: Optional[int] = None) -> list[dict[str, object]]:
+        """Per connection, at most ``limit`` of them: the migrated ones (no
+        other host has their state) first."""
         migrated = []
-        for st in self.backup.status():
+        for st in self.backup.status(limit):
             if st["protected"]:
                 st = dict(st, protected=False, reason=REASON_MIGRATED)
             migrated.append(st)
-        return migrated + self.primary.status()
+        return migrated + self.primary.status(None if limit is None else limit - len(migrated))
+
+    def summary(self) -> dict[str, int]:
+        mine, theirs = self.primary.summary(), self.backup.summary()
+        return {"connections": mine["connections"] + theirs["connections"], "protected": mine["protected"],
+                "unprotected": mine["unprotected"] + theirs["connections"],
+                "held_bytes": mine["held_bytes"] + theirs["held_bytes"]}

@@ -686,3 +686,42 @@ def test_a_change_is_confirmed_again_at_doubling_intervals_then_no_more():
 def _confirmed_keys(acts):
     return {e.key for a in acts if isinstance(a, SendSync) and isinstance(a.message, Confirm)
             for e in a.message.acks}
+
+
+def _backup_with(n_protected, n_unprotected):
+    import copy
+    b = mapped_backup()
+    b.on_outbound(from_server(901, 101, payload=b"r" * 100), 0.1)  # held: 100 bytes
+    proto = b.conns.pop(KEY)
+    for i in range(n_protected + n_unprotected):
+        c = copy.copy(proto)
+        c.key = (KEY[0], 20000 + i, KEY[2], KEY[3])
+        if i >= n_protected:
+            c.protected, c.reason = False, "diverged"
+        b.conns[c.key] = c
+    return b
+
+
+def test_a_summary_counts_what_the_full_status_would_and_a_cut_status_lists_the_unprotected_first():
+    """The daemon's status and its metrics snapshot count every connection
+    (summary) but build a status for at most a limited number of them: at
+    10,000 connections the full list took the loop 25-65 ms."""
+    from nfq_sttcp.control import summarize
+    from nfq_sttcp.promoted import PromotedCore
+    b = _backup_with(30, 5)
+    held = next(iter(b.conns.values())).held_bytes
+    assert held > 100 and b.summary() == summarize(b.status()) == {
+        "connections": 35, "protected": 30, "unprotected": 5, "held_bytes": 35 * held}
+    cut = b.status(8)
+    assert len(cut) == 8 and [c["protected"] for c in cut] == [False] * 5 + [True] * 3
+    assert len(b.status(3)) == 3 and not any(c["protected"] for c in b.status(3))
+    b.suspend("the primary's daemon is silent")
+    assert b.summary() == summarize(b.status()) and b.summary()["protected"] == 0
+    b.resume()
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.on_outbound(server_synack(5000, 100, 7000), 0)  # unprotected: no backup follows
+    assert p.summary() == summarize(p.status()) == {"connections": 1, "protected": 0, "unprotected": 1,
+                                                    "held_bytes": 0}
+    core = PromotedCore(b, p)
+    assert core.summary() == summarize(core.status()) and core.summary()["connections"] == 36
+    assert len(core.status(10)) == 10
