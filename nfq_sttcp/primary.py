@@ -31,6 +31,7 @@ REASON_BACKUP_LOST = "backup lost"
 REASON_NO_CONFIRM = "backup never confirmed the handshake and its mapping"
 REASON_TOO_FAR_BEHIND = "backup stopped keeping up"
 REASON_DIVERGED = "diverged: the backup's application wrote other bytes"
+SWEEP_S = 1.0  # how often on_tick looks at every connection (see PrimaryCore.holding)
 ISN_RESEND_S = 0.1  # how often the ISN goes again to a backup that has not mapped the connection
 UNPROTECT_REPEAT_S = 3.0  # how long a connection given up on is repeated to the backup (each tick)
 
@@ -104,6 +105,12 @@ class PrimaryCore:
     # Connections we stopped protecting on our own, and until when we repeat
     # that to the backup (sync messages can be lost; it must never migrate them).
     unprotect_until: dict[ConnKey, float] = field(default_factory=dict)
+    # What on_tick looks at each tick (see BackupCore.recent): connections
+    # that hold a SYN-ACK or deferred output. Forgetting closed and idle
+    # connections is swept once a second.
+    holding: set[ConnKey] = field(default_factory=set)
+    deferring: set[ConnKey] = field(default_factory=set)
+    next_sweep: float = 0.0
 
     # -- packets -------------------------------------------------------------
 
@@ -154,6 +161,7 @@ class PrimaryCore:
             self._remember(conn, seg)
             self.next_token += 1
             conn.deferred.append((self.next_token, seg.end_seq, data, now))
+            self.deferring.add(key)
             return [Defer(self.next_token), Count("deferred_out")]
         return self.clamp_ack_to_backup(conn, seg, data)
 
@@ -204,6 +212,7 @@ class PrimaryCore:
             # The client must not complete a handshake the backup never saw,
             # nor one it cannot map (see _handshake_confirmed).
             conn.held_synack = data
+            self.holding.add(key)
             out += [Drop("synack held until the backup has the SYN"), Count("synack_held")]
         return out
 
@@ -439,9 +448,11 @@ class PrimaryCore:
     def on_tick(self, now: float) -> list[Action]:
         # (Repeats first: a connection given up on below is told once by _give_up.)
         out: list[Action] = self._repeat_unprotect(now)
-        for key in list(self.conns):
-            conn = self.conns[key]
-            if conn.held_synack is not None and now - conn.held_since > self.cfg.synack_hold_s:
+        for key in list(self.holding):
+            conn = self.conns.get(key)
+            if conn is None or conn.held_synack is None:
+                self.holding.discard(key)
+            elif now - conn.held_since > self.cfg.synack_hold_s:
                 out += self._give_up(conn, REASON_NO_CONFIRM, now)
             elif conn.held_synack is not None and conn.backup_pos is None and conn.isn_msg is not None \
                     and now - conn.isn_sent_at >= ISN_RESEND_S:
@@ -450,8 +461,17 @@ class PrimaryCore:
                 # only after a second.
                 conn.isn_sent_at = now
                 out += [SendSync(conn.isn_msg), Count("isn_resent")]
-            if conn.deferred and now - conn.deferred[0][3] > self.cfg.lag_hold_s:
+        for key in list(self.deferring):
+            conn = self.conns.get(key)
+            if conn is None or not conn.deferred:
+                self.deferring.discard(key)
+            elif now - conn.deferred[0][3] > self.cfg.lag_hold_s:
                 out += self._give_up(conn, REASON_TOO_FAR_BEHIND, now)
+        if now < self.next_sweep:
+            return out
+        self.next_sweep = now + SWEEP_S
+        for key in list(self.conns):
+            conn = self.conns[key]
             if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \
                     (now - conn.last_seen > self.cfg.idle_expiry_s and not conn.deferred and conn.held_synack is None):
                 del self.conns[key]

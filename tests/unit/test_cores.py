@@ -725,3 +725,31 @@ def test_a_summary_counts_what_the_full_status_would_and_a_cut_status_lists_the_
     core = PromotedCore(b, p)
     assert core.summary() == summarize(core.status()) and core.summary()["connections"] == 36
     assert len(core.status(10)) == 10
+
+
+def test_ticks_resend_a_held_connections_isn_and_forget_closed_connections_after_the_linger():
+    """on_tick looks each tick only at what may be due (a held SYN-ACK, held
+    output, a recent change) and sweeps every connection once a second
+    (SWEEP_S): the ISN still goes again every ISN_RESEND_S, and a closed
+    connection is forgotten between closed_linger_s and one sweep later."""
+    from nfq_sttcp.backup import SWEEP_S as B_SWEEP
+    from nfq_sttcp.primary import SWEEP_S as P_SWEEP
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, closed_linger_s=5.0))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)  # held: the backup has not confirmed
+    resent = [t for t in (0.05, 0.1, 0.15, 0.25, 0.4)
+              if any(isinstance(a, Count) and a.name == "isn_resent" for a in p.on_tick(t))]
+    assert resent == [0.1, 0.25, 0.4]
+    p.on_outbound(from_server(5001, 101, flags=ACK | FIN), 1.0)  # our FIN: closing from 1.0
+    p.on_tick(5.9)
+    assert KEY in p.conns
+    for t in (6.2, 6.2 + P_SWEEP / 2, 6.2 + P_SWEEP):
+        p.on_tick(t)
+    assert KEY not in p.conns
+    b = mapped_backup(closed_linger_s=5.0)
+    b.on_outbound(from_server(901, 101, flags=ACK | FIN), 1.0)
+    b.on_tick(5.9)
+    assert KEY in b.conns
+    for t in (6.2, 6.2 + B_SWEEP / 2, 6.2 + B_SWEEP):
+        b.on_tick(t)
+    assert KEY not in b.conns
