@@ -115,9 +115,12 @@ class OutputChecker:
 
     def __init__(self, start: int) -> None:
         self.base = start  # sequence number of the first byte kept
-        self.chunks: deque[memoryview] = deque()  # consecutive, from base on
+        # Both made when first needed, and chunks dropped again when empty:
+        # an empty deque takes some 600 bytes, and an idle connection needs
+        # neither (10,000 idle connections cost the backup 350 B each more).
+        self.chunks: deque[memoryview] | tuple = ()  # consecutive, from base on
         self.size = 0
-        self.pending: deque[tuple[int, int, bytes]] = deque()
+        self.pending: deque[tuple[int, int, bytes]] | tuple = ()
         self.skipped = 0  # ranges left unverified (a digest lost, or overlapping)
 
     @property
@@ -134,15 +137,19 @@ class OutputChecker:
         if not isinstance(view.obj, bytes):
             view = memoryview(bytes(view))  # only immutable bytes may be kept by reference
         view = view[seq_sub(self.end, seq):]
-        self.chunks.append(view)
+        if not self.chunks:
+            self.chunks = deque()
+        self.chunks.append(view)  # type: ignore[union-attr]
         self.size += len(view)
 
     def expect(self, start: int, length: int, dig: bytes) -> None:
         """The primary's digest of [start, start+length) (mapped into our space)."""
-        if len(self.pending) >= MAX_PENDING:
-            self.pending.popleft()
+        if not self.pending:
+            self.pending = deque()
+        elif len(self.pending) >= MAX_PENDING:
+            self.pending.popleft()  # type: ignore[union-attr]
             self.skipped += 1
-        self.pending.append((start, length, dig))
+        self.pending.append((start, length, dig))  # type: ignore[union-attr]
 
     def too_far_ahead(self) -> bool:
         return self.size > MAX_AHEAD
@@ -172,6 +179,7 @@ class OutputChecker:
             if self._crc(length).to_bytes(DIGEST_LEN, "big") != dig:
                 return start
             self._drop_to(end)
+        self.pending = ()
         return None
 
     def _crc(self, length: int) -> int:
@@ -186,7 +194,7 @@ class OutputChecker:
 
     def _restart(self, seq: int) -> None:
         self.base, self.size = seq, 0
-        self.chunks.clear()
+        self.chunks = ()
 
     def _drop_to(self, seq: int) -> None:
         n = seq_sub(seq, self.base)
