@@ -108,16 +108,18 @@ class OutputChecker:
 
     The output is kept as views of the packets the driver read, not copied
     into one buffer: the backup's daemon paces the whole protected transfer,
-    and copying each 64 KB packet in and shifting it out cost it some 28 us. CRC-32C runs over the
-    views in order, so a range may span any number of them."""
+    and copying each 64 KB packet in and shifting it out cost it some 28 us.
+    CRC-32C runs over the views in order, so a range may span any number of
+    them."""
 
     __slots__ = ("base", "chunks", "size", "pending", "skipped")
 
     def __init__(self, start: int) -> None:
         self.base = start  # sequence number of the first byte kept
-        # Both made when first needed, and chunks dropped again when empty:
-        # an empty deque takes some 600 bytes, and an idle connection needs
-        # neither (10,000 idle connections cost the backup 350 B each more).
+        # Both made when first needed and dropped again when empty: an empty
+        # deque takes some 600 bytes, and an idle connection needs neither
+        # (10,000 idle connections cost the backup 5073 B each with both made
+        # up front, 3346 B so).
         self.chunks: deque[memoryview] | tuple = ()  # consecutive, from base on
         self.size = 0
         self.pending: deque[tuple[int, int, bytes]] | tuple = ()
