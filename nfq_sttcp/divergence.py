@@ -18,17 +18,18 @@ before a crash are not.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from typing import Optional
 
 from .seqmath import seq_gt, seq_lt, seq_sub
+from .tcpseg import native
 
 # CRC-32C: the copies are trusted, so a digest needs only to notice bytes that
 # differ, and any difference in up to 32 consecutive bits always changes it
 # (other differences: all but 1 in 2**32). Per 64 KB of output, on this VM:
 # SHA-256 87 us, zlib's CRC-32 18-27 us, CRC-32C with the SSE4.2 instruction
-# (_csum.c) 8.5 us in one stream, 4 us in three. Both daemons pay it for every byte the service writes.
+# (_csum.c) 8.5 us in one stream, 4 us in three. Both daemons pay it for
+# every byte the service writes.
 DIGEST_LEN = 4
 MAX_AHEAD = 16 << 20  # output the backup buffers ahead of the primary's digests
 MAX_PENDING = 4096
@@ -58,16 +59,12 @@ def _crc32c_py(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     return c ^ 0xFFFFFFFF
 
 
-try:
-    if os.environ.get("NFQ_STTCP_PURE_CSUM"):  # (see tcpseg.py)
-        raise ImportError("the pure version was asked for")
-    from ._csum import crc32c
-except ImportError:  # not built
-    crc32c = _crc32c_py
+crc32c = native.crc32c if native is not None else _crc32c_py
 
 
-def digest(data: bytes | bytearray | memoryview) -> bytes:
-    return crc32c(data).to_bytes(DIGEST_LEN, "big")
+def digest_bytes(crc: int) -> bytes:
+    """A CRC-32C as the digest the sync link carries."""
+    return crc.to_bytes(DIGEST_LEN, "big")
 
 
 class OutputHasher:
@@ -97,7 +94,7 @@ class OutputHasher:
         """(start, length, digest) of the range so far, and start the next one."""
         if not self.n:
             return None
-        out = (self.start, self.n, self.h.to_bytes(DIGEST_LEN, "big"))
+        out = (self.start, self.n, digest_bytes(self.h))
         self.start, self.h, self.n = self.next, 0, 0
         return out
 
@@ -178,7 +175,7 @@ class OutputChecker:
             if seq_lt(self.end, end):
                 return None  # we have not written these bytes yet
             self.pending.popleft()
-            if self._crc(length).to_bytes(DIGEST_LEN, "big") != dig:
+            if digest_bytes(self._crc(length)) != dig:
                 return start
             self._drop_to(end)
         self.pending = ()

@@ -15,7 +15,7 @@ import functools
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .seqmath import MASK, seq_le
 
@@ -185,16 +185,24 @@ def _ones_complement_sum_py(data: bytes | bytearray | memoryview, start: int = 0
     return s or 0xFFFF
 
 
-try:
-    # The same sum in C (nfq_sttcp/_csum.c), ~15 times faster: every packet
-    # a handler rewrites needs it whole (see with_correct_checksum).
-    # NFQ_STTCP_PURE_CSUM=1 keeps the pure version (to measure the difference).
+def _native() -> Any:
+    """nfq_sttcp/_csum.c, or None when it is not built or
+    NFQ_STTCP_PURE_CSUM=1 asks for the pure versions (to measure the
+    difference). Every user of the extension takes it from here."""
     if os.environ.get("NFQ_STTCP_PURE_CSUM"):
-        raise ImportError("the pure version was asked for")
-    from ._csum import ones_complement_sum, tcp_fixed as _tcp_fixed
-except ImportError:  # not built: the pure version gives the same answers
-    ones_complement_sum = _ones_complement_sum_py
-    _tcp_fixed = None
+        return None
+    try:
+        from . import _csum
+    except ImportError:  # not built: the pure versions give the same answers
+        return None
+    return _csum
+
+
+native = _native()
+# The same sum in C, ~15 times faster: every packet a handler rewrites needs
+# it whole (see with_correct_checksum).
+ones_complement_sum = native.ones_complement_sum if native is not None else _ones_complement_sum_py
+_tcp_fixed = native.tcp_fixed if native is not None else None
 
 
 def _pseudo_sum(buf: bytes | bytearray, seg: Segment) -> int:
