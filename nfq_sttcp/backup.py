@@ -186,7 +186,7 @@ class BackupCore:
     # not the connections held: closed ones linger closed_linger_s (at 700
     # new connections a second, 20,000 of them), and a scan of them all every
     # tick took 15 % of the daemon. The rest is swept once a second (SWEEP_S).
-    recent: dict[ConnKey, None] = field(default_factory=dict)  # changed within RECONFIRM_S
+    recent: set[ConnKey] = field(default_factory=set)  # changed within RECONFIRM_S
     unmapped: set[ConnKey] = field(default_factory=set)  # created without the primary's ISN yet
     next_sweep: float = 0.0
 
@@ -418,7 +418,7 @@ class BackupCore:
         if self._track_own(conn, seg, now) and not self.active:
             self.unconfirmed.add(key)
             conn.changed_at, conn.reconfirm_after = now, 0.0
-            self.recent[key] = None
+            self.recent.add(key)
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
         if self._already_acked(conn, seg):
@@ -850,7 +850,7 @@ class BackupCore:
             conn = self.conns.get(key)
             age = RECONFIRM_S if conn is None else now - conn.changed_at
             if age >= RECONFIRM_S:
-                del self.recent[key]
+                self.recent.discard(key)
             elif not self.active and conn is not None and conn.reconfirm_after <= age:
                 self.unconfirmed.add(key)
                 conn.reconfirm_after = max(2 * age, RECONFIRM_FIRST_S)

@@ -1041,7 +1041,6 @@ class Daemon:
         """This daemon's state; with ``connections``, a list of at most
         STATUS_MAX_CONNS of them (the summary counts them all)."""
         now = time.monotonic()
-        limit = STATUS_MAX_CONNS if connections else 0
         st: dict[str, Any] = {"role": self.role, "vip": self.cfg.vip, "ports": list(self.cfg.ports),
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
                               "counters": dict(self.counters), "queues": self._queue_stats(),
@@ -1071,7 +1070,7 @@ class Daemon:
         # the connections listed get a status each, the unprotected first.
         st["summary"] = core.summary()
         if connections:
-            st["connections"] = core.status(limit)
+            st["connections"] = core.status(STATUS_MAX_CONNS)
             if st["summary"]["connections"] > len(st["connections"]):
                 st["connections_truncated"] = st["summary"]["connections"] - len(st["connections"])
         return st

@@ -454,8 +454,7 @@ class PrimaryCore:
                 self.holding.discard(key)
             elif now - conn.held_since > self.cfg.synack_hold_s:
                 out += self._give_up(conn, REASON_NO_CONFIRM, now)
-            elif conn.held_synack is not None and conn.backup_pos is None and conn.isn_msg is not None \
-                    and now - conn.isn_sent_at >= ISN_RESEND_S:
+            elif conn.backup_pos is None and conn.isn_msg is not None and now - conn.isn_sent_at >= ISN_RESEND_S:
                 # Our ISN message may have been lost: the SYN-ACK waits for
                 # the mapping, and our stack resends it (and the ISN with it)
                 # only after a second.
