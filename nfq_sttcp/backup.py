@@ -200,6 +200,13 @@ class BackupCore:
             return [Drop("malformed"), Count("malformed_in"), Log("malformed_packet", "debug", {"why": str(e)})]
         if seg.dst != self.cfg.vip or seg.dport not in self.cfg.ports:
             return [Accept(), Count("foreign_in")]
+        if tcpseg.checksum_state(data, seg) == tcpseg.CSUM_BAD:
+            # Changed on a link (TEE clones before the primary's stack checks,
+            # and a snooped frame is unchecked too). The rewrite below gets a
+            # checksum summed afresh, which would make the changed bytes valid
+            # for our stack: drop it before it touches our state. The
+            # primary's stack drops its copy, so the client sends it again.
+            return [Drop("bad checksum"), Count("bad_checksum_in")]
         key = seg.client_key()
         conn = self.conns.get(key)
         if seg.flags & SYN and not seg.flags & ACK:
@@ -261,16 +268,14 @@ class BackupCore:
         so bytes the client sends during the outage reach us (as ST-TCP's
         snooping backup does) instead of waiting out the client's RTO."""
         # A packet socket on a veth hands over CHECKSUM_PARTIAL packets: the
-        # checksum field holds only the pseudo-header sum. (The driver
-        # recomputes it again for every packet it injects.)
+        # checksum field holds only the pseudo-header sum. on_inbound tells
+        # those from frames changed on the wire (tcpseg.checksum_state), and
+        # the driver sums every packet it injects afresh. Summing it here
+        # first, as we once did, made a changed frame valid.
         # Short frames carry Ethernet padding: cut it, or the raw send (which
         # sets the IP length from the buffer) would turn it into payload.
         if len(data) >= 4:
             data = data[:int.from_bytes(data[2:4], "big")]
-        try:
-            data = tcpseg.with_correct_checksum(data)
-        except MalformedPacket:
-            return [Count("malformed_in")]
         out: list[Action] = []
         for a in self.on_inbound(data, now):
             if isinstance(a, Accept):

@@ -16,7 +16,7 @@ from .control import summarize
 # first client segment after takeover).
 FAILOVER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0)
 VERDICTS = ("accept", "drop", "defer", "release", "inject")
-REWRITE_ERRORS = ("handler_errors", "malformed_in", "malformed_out", "inject_errors")
+REWRITE_ERRORS = ("handler_errors", "malformed_in", "bad_checksum_in", "malformed_out", "inject_errors")
 
 
 def _histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:

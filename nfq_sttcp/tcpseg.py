@@ -224,6 +224,25 @@ def tcp_checksum_ok(buf: bytes | bytearray, seg: Segment) -> bool:
     return ones_complement_sum(memoryview(buf)[seg.tcp_off:seg.total_len], _pseudo_sum(buf, seg)) == 0xFFFF
 
 
+CSUM_OK, CSUM_PARTIAL, CSUM_BAD = "ok", "partial", "bad"
+
+
+def checksum_state(buf: bytes | bytearray, seg: Segment) -> str:
+    """Where a received segment's TCP checksum stands, before we rewrite it.
+
+    CSUM_PARTIAL: the field holds only the folded pseudo-header sum, as the
+    kernel leaves it in a packet it has not completed (NFQA_SKB_CSUMNOTREADY:
+    one a local stack made and a veth carried, or one GRO merged after it
+    checked every part). Nothing was checked on a wire for it to fail.
+    CSUM_OK: the whole sum checks. CSUM_BAD: neither, so the bytes changed
+    on a link. The cheap test first: in the lab every packet is partial."""
+    field = int.from_bytes(buf[seg.csum_off:seg.csum_off + 2], "big")
+    pseudo = _pseudo_sum(buf, seg)
+    if field == pseudo or {field, pseudo} == {0, 0xFFFF}:  # (+0 and -0)
+        return CSUM_PARTIAL
+    return CSUM_OK if tcp_checksum_ok(buf, seg) else CSUM_BAD
+
+
 def with_correct_checksum(data: bytes | bytearray) -> bytes:
     """The packet with its TCP checksum recomputed from scratch.
 

@@ -753,3 +753,28 @@ def test_ticks_resend_a_held_connections_isn_and_forget_closed_connections_after
     for t in (6.2, 6.2 + B_SWEEP / 2, 6.2 + B_SWEEP):
         b.on_tick(t)
     assert KEY not in b.conns
+
+
+def test_a_client_segment_changed_on_a_link_is_dropped_before_it_is_made_valid():
+    """The primary's TEE clones a segment before its stack checks it, and our
+    rewrite sums the checksum afresh: a segment changed on a link must be
+    dropped first, or our stack would take bytes the primary's refused."""
+    b = mapped_backup()
+    good = from_client(101, 5001, payload=b"GOOD", tsval=2000, tsecr=7000)
+    changed = good[:-4] + b"EVIL"
+    acts = b.on_inbound(changed, 0.1)
+    assert [type(v) for v in verdicts(acts)] == [Drop]
+    assert Count("bad_checksum_in") in acts
+    assert b.conns[KEY].client_ack_b is None and b.conns[KEY].client_tsval == 1000  # state untouched
+    # the same bytes snooped on the LAN are not injected either
+    b.activate(0.2)
+    assert not [a for a in b.on_snooped(changed, 0.2) if isinstance(a, Inject)]
+    # a checksum the kernel left partial (the pseudo-header sum) is not a changed packet
+    b2 = mapped_backup()
+    seg = tcpseg.parse(good)
+    partial = bytearray(good)
+    partial[seg.csum_off:seg.csum_off + 2] = tcpseg._pseudo_sum(good, seg).to_bytes(2, "big")
+    out = verdicts(b2.on_inbound(bytes(partial), 0.1))[0]
+    assert isinstance(out, Accept) and out.payload is not None
+    assert tcpseg.tcp_checksum_ok(tcpseg.with_correct_checksum(out.payload), seg)
+    assert b2.conns[KEY].client_ack_b == 901

@@ -282,3 +282,22 @@ def test_with_correct_checksum_still_names_what_is_wrong():
     for bad, why in ((b"\x45" + b"\0" * 10, "shorter"), (b"\x60" + b"\0" * 39, "not IPv4")):
         with pytest.raises(MalformedPacket, match=why):
             tcpseg.with_correct_checksum(bad)
+
+
+def test_checksum_state_tells_a_partial_sum_from_a_changed_packet():
+    good = tcpseg.build_segment("10.0.0.1", "10.0.0.2", 1, 2, 7, 8, tcpseg.ACK, 100, b"", b"GOOD")
+    seg = tcpseg.parse(good)
+    assert tcpseg.checksum_state(good, seg) == tcpseg.CSUM_OK
+    changed = good[:-4] + b"EVIL"
+    assert tcpseg.checksum_state(changed, seg) == tcpseg.CSUM_BAD
+    # as the kernel leaves a packet it has not completed: the pseudo-header sum only
+    partial = bytearray(changed)
+    pseudo = tcpseg._pseudo_sum(partial, seg)
+    partial[seg.csum_off:seg.csum_off + 2] = pseudo.to_bytes(2, "big")
+    assert tcpseg.checksum_state(partial, seg) == tcpseg.CSUM_PARTIAL
+    assert tcpseg.tcp_checksum_ok(tcpseg.with_correct_checksum(partial), seg)
+    # scapy agrees that the good one checks and the changed one does not
+    assert IP(good)[TCP].chksum == IP(bytes(IP(good)))[TCP].chksum
+    rebuilt = IP(changed)
+    del rebuilt[TCP].chksum
+    assert IP(bytes(rebuilt))[TCP].chksum != IP(changed)[TCP].chksum
