@@ -41,6 +41,14 @@ def test_forged_or_altered_messages_are_rejected():
         syncproto.decode(syncproto.encode(MESSAGES[0], 1, 1, None) + b"\0" * 32, KEY)
 
 
+def test_the_mac_is_hmac_sha256_of_the_message_under_each_key():
+    import hashlib
+    import hmac
+    for key in (KEY, b"y" * 32, KEY):  # (the keyed state is cached per key)
+        data = syncproto.encode(MESSAGES[1], 3, 9, key)
+        assert data[-32:] == hmac.new(key, data[:-32], hashlib.sha256).digest()
+
+
 def test_bad_sizes_versions_and_types():
     good = syncproto.encode(MESSAGES[2], 1, 1, None)
     with pytest.raises(SyncError, match="wrong size"):
