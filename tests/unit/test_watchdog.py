@@ -1,6 +1,6 @@
 import pytest
 
-from nfq_sttcp.actions import Log, TakeOver
+from nfq_sttcp.actions import Count, Log, TakeOver
 from nfq_sttcp.watchdog import (ABSENT, ACTIVE, FAULT, FOLLOWING, PRESENT, SUSPECT, TAKEOVER, TRANSITIONS, IllegalTransition, PeerMonitor, Watchdog)
 
 
@@ -201,3 +201,26 @@ def test_a_backup_whose_own_loop_stalled_past_the_deadline_probes_before_it_take
     assert not any(isinstance(a, TakeOver) for a in w.on_tick(1.125))
     acts = w.on_tick(1.131)
     assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts)
+
+
+def test_a_late_beat_is_counted_quietly_and_a_silence_of_the_whole_deadline_is_the_warning():
+    def logs(acts):
+        return [(a.event, a.level) for a in acts if isinstance(a, Log)]
+
+    w = Watchdog(0.01, 3, orphan_after_s=1.0)
+    w.on_heartbeat(1.0)
+    acts = w.on_tick(1.012)  # one beat late: under load, common
+    assert w.state == SUSPECT
+    assert logs(acts) == [("watchdog_transition", "debug")] and Count("watchdog_suspicions") in acts
+    assert logs(w.on_heartbeat(1.013)) == [("watchdog_transition", "debug")]
+    assert w.state == FOLLOWING
+    # silent for the whole deadline (the host answers our probes): one warning, not one a tick
+    w.on_tick(1.025)
+    w.on_probe_sent(1.025)
+    w.on_probe_reply(1.026)
+    acts = w.on_tick(1.044)
+    assert logs(acts) == [("primary_silent", "warning")] and w.state == SUSPECT
+    assert logs(w.on_tick(1.046)) == []
+    assert logs(w.on_heartbeat(1.047)) == [("watchdog_transition", "info")]
+    # the next late beat is quiet again
+    assert logs(w.on_tick(1.059)) == [("watchdog_transition", "debug")]
