@@ -206,7 +206,14 @@ _tcp_fixed = native.tcp_fixed if native is not None else None
 
 
 def _pseudo_sum(buf: bytes | bytearray, seg: Segment) -> int:
-    return ones_complement_sum(bytes(buf[12:20]) + struct.pack("!HH", 6, seg.total_len - seg.tcp_off))
+    """The folded sum of the pseudo-header (addresses, protocol, TCP length),
+    in 1..0xFFFF as ones_complement_sum gives it: 0.5 against 1.3 us built
+    as bytes and summed (every inbound clone needs it, see checksum_state)."""
+    a = int.from_bytes(buf[12:20], "big")
+    v = (a >> 48) + ((a >> 32) & 0xFFFF) + ((a >> 16) & 0xFFFF) + (a & 0xFFFF) + 6 + seg.total_len - seg.tcp_off
+    while v > 0xFFFF:
+        v = (v & 0xFFFF) + (v >> 16)
+    return v
 
 
 def tcp_checksum(buf: bytes | bytearray, seg: Segment) -> int:
@@ -238,9 +245,10 @@ def checksum_state(buf: bytes | bytearray, seg: Segment) -> str:
     on a link. The cheap test first: in the lab every packet is partial."""
     field = int.from_bytes(buf[seg.csum_off:seg.csum_off + 2], "big")
     pseudo = _pseudo_sum(buf, seg)
-    if field == pseudo or {field, pseudo} == {0, 0xFFFF}:  # (+0 and -0)
+    if field == pseudo or (field == 0 and pseudo == 0xFFFF):  # (+0 and -0)
         return CSUM_PARTIAL
-    return CSUM_OK if tcp_checksum_ok(buf, seg) else CSUM_BAD
+    whole = ones_complement_sum(memoryview(buf)[seg.tcp_off:seg.total_len], pseudo)
+    return CSUM_OK if whole == 0xFFFF else CSUM_BAD
 
 
 def with_correct_checksum(data: bytes | bytearray) -> bytes:

@@ -1,5 +1,6 @@
 """The packet core against scapy as the oracle (fields and checksums)."""
 
+import dataclasses
 import struct
 
 import pytest
@@ -301,3 +302,12 @@ def test_checksum_state_tells_a_partial_sum_from_a_changed_packet():
     rebuilt = IP(changed)
     del rebuilt[TCP].chksum
     assert IP(bytes(rebuilt))[TCP].chksum != IP(changed)[TCP].chksum
+
+
+@given(st.binary(min_size=8, max_size=8), st.integers(min_value=20, max_value=65535))
+def test_the_pseudo_header_sum_is_the_sum_of_the_pseudo_header(addrs, total_len):
+    buf = bytes(12) + addrs + bytes(20)
+    seg = tcpseg.parse(tcpseg.build_segment("1.2.3.4", "5.6.7.8", 1, 2, 0, 0, tcpseg.ACK, 0))
+    seg = dataclasses.replace(seg, total_len=total_len)
+    want = tcpseg.ones_complement_sum(addrs + struct.pack("!HH", 6, total_len - seg.tcp_off))
+    assert tcpseg._pseudo_sum(buf, seg) == want
