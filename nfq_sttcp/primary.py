@@ -36,7 +36,7 @@ ISN_RESEND_S = 0.1  # how often the ISN goes again to a backup that has not mapp
 UNPROTECT_REPEAT_S = 3.0  # how long a connection given up on is repeated to the backup (each tick)
 
 
-@dataclass
+@dataclass(slots=True)  # (see backup.BackupConn)
 class PrimaryConn:
     key: ConnKey
     protected: bool
@@ -64,7 +64,7 @@ class PrimaryConn:
     backup_tsecr: Optional[int] = None  # the client TSval the backup's latest ack echoed
     shown_edge: Optional[int] = None  # right edge of the window the client has been shown
     wscale: int = 0  # our window scale (from our SYN-ACK)
-    deferred: deque = field(default_factory=deque)  # (token, end_seq, data, since)
+    deferred: "deque | tuple[()]" = ()  # (token, end_seq, data, since); a deque while any is deferred
     hasher: Optional[OutputHasher] = None  # our output, for the backup's divergence check
     isn_msg: Optional[ConnIsn] = None  # sent until the backup shows the mapping (a pos in its confirms)
     isn_sent_at: float = 0.0
@@ -160,6 +160,8 @@ class PrimaryCore:
         if seg.seq_len and self._must_wait_for_backup(conn, seg):
             self._remember(conn, seg)
             self.next_token += 1
+            if not conn.deferred:
+                conn.deferred = deque()
             conn.deferred.append((self.next_token, seg.end_seq, data, now))
             self.deferring.add(key)
             return [Defer(self.next_token), Count("deferred_out")]
@@ -301,6 +303,7 @@ class PrimaryCore:
             conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
             if pos is not None:
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
+                conn.isn_msg = None  # mapped: no more resends
             if edge is not None:
                 conn.backup_edge = edge if conn.backup_edge is None else seq_max(conn.backup_edge, edge)
             if tsecr is not None and (conn.backup_tsecr is None or seq_gt(tsecr, conn.backup_tsecr)):
@@ -364,7 +367,9 @@ class PrimaryCore:
             token, end, data, _since = conn.deferred[0]
             if limit is not None and seq_gt(end, limit):
                 break
-            conn.deferred.popleft()
+            conn.deferred.popleft()  # type: ignore[union-attr]
+            if not conn.deferred:
+                conn.deferred = ()
             if force or not conn.protected:
                 out.append(Release(token))
                 continue
