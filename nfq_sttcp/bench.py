@@ -170,6 +170,14 @@ def _cpu_s(pid: int) -> float:
     return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _busy_s() -> float:
+    """CPU time the whole machine spent busy (every CPU, every process and
+    the kernel; not idle, I/O wait or time stolen by the hypervisor)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_kb(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -226,9 +234,19 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
                 progress("  %s: bulk %s, %s" % (mode, kind, "1 Gbit/s tbf" if shaped else "unshaped veth"))
                 cpu0 = {h: _cpu_s(p) for h, p in pids.items()}
                 pk0 = {h: _packets(h) for h in pids}
+                busy0 = _busy_s()
                 runs = _client({"kind": kind, "host": host, "bytes": sizes["bulk"], "runs": sizes["runs"]})
                 out["%s_%s_gbps" % (kind, tag)] = statistics.median(runs)
                 out["%s_%s_runs" % (kind, tag)] = runs
+                if not shaped:
+                    # Where the CPU goes per Gbit moved: the lab's hosts
+                    # share this machine's CPUs, so this is the budget the
+                    # daemons' share must fit in.
+                    gbit = sizes["bulk"] * sizes["runs"] * 8 / 1e9
+                    cpu = {"all": round((_busy_s() - busy0) / gbit, 4)}
+                    if sttcp:
+                        cpu["daemons"] = round(sum(_cpu_s(p) - cpu0[h] for h, p in pids.items()) / gbit, 4)
+                    out.setdefault("cpu_s_per_gbit", {})[kind] = cpu
                 if sttcp and not shaped:
                     for h, p in pids.items():
                         n = _packets(h) - pk0[h]
@@ -386,6 +404,12 @@ def table(res: dict[str, Any]) -> str:
     if "cpu_us_per_packet" in s:
         lines.append("CPU time per packet (us): %s" % ", ".join(
             "%s %.1f" % kv for kv in sorted(s["cpu_us_per_packet"].items())))
+    for kind in ("down", "up"):
+        a, b = p.get("cpu_s_per_gbit", {}).get(kind), s.get("cpu_s_per_gbit", {}).get(kind)
+        if a and b:
+            lines.append("CPU-seconds per Gbit, unshaped %s (all CPUs): plain %.3f, nfq-sttcp %.3f, of it the "
+                         "daemons %.3f" % ({"down": "download", "up": "upload"}[kind], a["all"], b["all"],
+                                           b.get("daemons", 0.0)))
     lines.append("")
     lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
                                                           "detect p50", "takeover", "resume"))

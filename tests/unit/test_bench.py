@@ -9,11 +9,12 @@ from nfq_sttcp import bench
 def test_table_gives_ratios_differences_and_the_failover_split():
     res = {"modes": {
         "plain": {"down_veth_gbps": 8.0, "up_veth_gbps": 6.0, "rr1_p50_us": 40.0, "conn_per_s": 2000.0,
-                  "conn_per_s_together": 4000.0},
+                  "conn_per_s_together": 4000.0, "cpu_s_per_gbit": {"down": {"all": 0.16}}},
         "sttcp": {"down_veth_gbps": 2.0, "up_veth_gbps": 3.0, "rr1_p50_us": 140.0, "conn_per_s": 500.0,
                   "conn_per_s_together": 1000.0,
                   "idle_opened": 100, "idle_protected": 100, "bytes_per_conn": {"primary": 2048, "backup": 4096},
                   "cpu_us_per_packet": {"primary_down": 20.5},
+                  "cpu_s_per_gbit": {"down": {"all": 0.87, "daemons": 0.68}, "up": {"all": 0.5, "daemons": 0.3}},
                   "rr1_pairs_us": [[300.0, 420.0], [250.0, 500.0], [330.0, 310.0]]}},
         "failover": {"50x3": {"down": [{"gap_ms": 170.0, "detection_ms": 152.0, "takeover_ms": 9.0, "resume_ms": 30.0},
                                        {"failed": 1.0}],
@@ -26,6 +27,8 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     together = [line for line in t.splitlines() if line.startswith("new connections/s, 4 clients")][0]
     assert together.split()[-3:] == ["4000", "1000", "0.25"]
     assert "download Gbit/s, 1 Gbit/s tbf" not in t  # not measured: no made-up row
+    assert "unshaped download (all CPUs): plain 0.160, nfq-sttcp 0.870, of it the daemons 0.680" in t
+    assert "unshaped upload" not in t  # plain TCP's half is missing: no row
     assert "100 opened, 100 protected" in t and "backup 4096 B" in t and "primary_down 20.5" in t
     down = [line for line in t.splitlines() if line.startswith("50x3") and " down " in line][0]
     assert "1/2" in down and "170 ms" in down and "152 ms" in down
