@@ -101,6 +101,40 @@ none:
     Py_RETURN_NONE;
 }
 
+/* Where a received TCP segment's checksum stands (tcpseg.checksum_state):
+   0 the whole sum checks, 1 the field holds only the pseudo-header sum (a
+   packet the kernel has not completed), 2 neither (changed on a link).
+   tcp_off and total_len come from the caller's parse. */
+static PyObject *
+csum_tcp_state(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t off, total;
+    if (!PyArg_ParseTuple(args, "y*nn", &view, &off, &total))
+        return NULL;
+    if (off < 20 || total > view.len || off + 20 > total) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "offsets do not frame a TCP segment");
+        return NULL;
+    }
+    const unsigned char *p = view.buf;
+    unsigned char pseudo[12];
+    memcpy(pseudo, p + 12, 8);
+    pseudo[8] = 0;
+    pseudo[9] = 6;
+    pseudo[10] = (unsigned char)((total - off) >> 8);
+    pseudo[11] = (unsigned char)(total - off);
+    uint32_t ps = fold_sum(pseudo, 12, 0);
+    uint32_t field = ((uint32_t)p[off + 16] << 8) | p[off + 17];
+    long state;
+    if (field == ps || (field == 0 && ps == 0xFFFF))
+        state = 1;
+    else
+        state = fold_sum(p + off, total - off, ps) == 0xFFFF ? 0 : 2;
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(state);
+}
+
 /* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the output digest
    of divergence.py. Same convention as zlib.crc32: crc32c(b, crc32c(a)) is
    the CRC of a followed by b. x86-64 computes it with the SSE4.2 crc32
@@ -231,6 +265,7 @@ csum_crc32c_hw(PyObject *self, PyObject *noargs)
 }
 
 static PyMethodDef methods[] = {
+    {"tcp_state", csum_tcp_state, METH_VARARGS, NULL},
     {"crc32c", csum_crc32c, METH_VARARGS, NULL},
     {"crc32c_in_hardware", csum_crc32c_hw, METH_NOARGS, NULL},
     {"ones_complement_sum", csum_sum, METH_VARARGS, NULL},

@@ -227,6 +227,7 @@ def test_the_c_sum_is_built():
     from nfq_sttcp import divergence
     assert tcpseg.ones_complement_sum is nfq_sttcp._csum.ones_complement_sum
     assert divergence.crc32c is nfq_sttcp._csum.crc32c
+    assert tcpseg._tcp_state is nfq_sttcp._csum.tcp_state
 
 
 @settings(max_examples=200)
@@ -311,3 +312,25 @@ def test_the_pseudo_header_sum_is_the_sum_of_the_pseudo_header(addrs, total_len)
     seg = dataclasses.replace(seg, total_len=total_len)
     want = tcpseg.ones_complement_sum(addrs + struct.pack("!HH", 6, total_len - seg.tcp_off))
     assert tcpseg._pseudo_sum(buf, seg) == want
+
+
+@given(st.binary(max_size=3000), st.integers(min_value=0, max_value=2), st.integers(min_value=0, max_value=0xFFFF))
+def test_checksum_state_in_c_agrees_with_the_pure_version(payload, how, noise):
+    assert tcpseg.native is not None and tcpseg._tcp_state is not None
+    buf = bytearray(tcpseg.build_segment("10.0.0.1", "10.0.0.2", 1, 2, 7, 8, tcpseg.ACK, 100, b"", payload))
+    seg = tcpseg.parse(buf)
+    if how == 1:
+        buf[seg.csum_off:seg.csum_off + 2] = tcpseg._pseudo_sum(buf, seg).to_bytes(2, "big")
+    elif how == 2:
+        buf[seg.csum_off:seg.csum_off + 2] = noise.to_bytes(2, "big")
+    c = tcpseg.checksum_state(buf, seg)
+    pure = tcpseg._tcp_state
+    try:
+        tcpseg._tcp_state = None
+        assert tcpseg.checksum_state(buf, seg) == c
+    finally:
+        tcpseg._tcp_state = pure
+    if how == 1:
+        assert c == tcpseg.CSUM_PARTIAL
+    with pytest.raises(ValueError):
+        pure(bytes(buf), seg.tcp_off, len(buf) + 1)
