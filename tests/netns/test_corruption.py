@@ -38,9 +38,9 @@ print("sent", flush=True)
 """
 
 
-def test_a_segment_changed_on_a_link_reaches_neither_stack(make_lab):
-    make_lab()
-    probe = EchoProbe(7000)
+def _corrupt_after_next_ping(probe):
+    """Ping once while the helper learns the connection's next sequence
+    number; it then sends a changed segment at exactly that point."""
     helper = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, sys.executable, "-c", CORRUPT,
                                str(probe.port), lab.VIP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -49,10 +49,28 @@ def test_a_segment_changed_on_a_link_reaches_neither_stack(make_lab):
         helper.stdin.flush()
         assert probe.ping("x") == "ok"
         assert helper.stdout.readline().strip() == "sent", "the corrupting helper failed"
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not lab.control("backup")["counters"].get("bad_checksum_in"):
-            time.sleep(0.05)
-        assert lab.control("backup")["counters"].get("bad_checksum_in", 0) >= 1
+    finally:
+        helper.kill()
+        helper.wait()
+
+
+def _bad_checksums():
+    return lab.control("backup")["counters"].get("bad_checksum_in", 0)
+
+
+def _wait_for(pred, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not pred():
+        time.sleep(0.05)
+    return pred()
+
+
+def test_a_segment_changed_on_a_link_reaches_neither_stack(make_lab):
+    make_lab()
+    probe = EchoProbe(7000)
+    try:
+        _corrupt_after_next_ping(probe)
+        assert _wait_for(lambda: _bad_checksums() >= 1), "the backup did not drop the changed clone"
         # The client's real next bytes; the primary's stack refused the
         # changed segment, so this is what both applications read next.
         assert probe.ping("real line") == "ok"
@@ -62,11 +80,14 @@ def test_a_segment_changed_on_a_link_reaches_neither_stack(make_lab):
         assert backup and backup[0]["protected"], backup
         lab.crash("primary")
         time.sleep(0.5)
-        # Blessed, the changed bytes would have been echoed by the backup's
-        # application: diverged, and reset here.
+        # Summed afresh, the changed bytes would have been echoed by the
+        # backup's application: diverged, and reset here.
         assert probe.ping("after the crash") == "ok"
+        # Now the backup serves, and a changed segment reaches only its stack:
+        # made valid, its bytes would be the next the application reads.
+        before = _bad_checksums()
+        _corrupt_after_next_ping(probe)
+        assert _wait_for(lambda: _bad_checksums() > before), "the serving backup did not drop the changed segment"
         assert probe.ping("and once more") == "ok"
     finally:
-        helper.kill()
-        helper.wait()
         probe.close()
