@@ -207,7 +207,7 @@ _tcp_fixed = native.tcp_fixed if native is not None else None
 
 def _pseudo_sum(buf: bytes | bytearray, seg: Segment) -> int:
     """The folded sum of the pseudo-header (addresses, protocol, TCP length),
-    in 1..0xFFFF as ones_complement_sum gives it: 0.5 against 1.3 us built
+    in 1..0xFFFF as ones_complement_sum gives it: 0.8 against 1.3 us built
     as bytes and summed (every inbound clone needs it, see checksum_state)."""
     a = int.from_bytes(buf[12:20], "big")
     v = (a >> 48) + ((a >> 32) & 0xFFFF) + ((a >> 16) & 0xFFFF) + (a & 0xFFFF) + 6 + seg.total_len - seg.tcp_off
