@@ -112,7 +112,7 @@ csum_tcp_state(PyObject *self, PyObject *args)
     Py_ssize_t off, total;
     if (!PyArg_ParseTuple(args, "y*nn", &view, &off, &total))
         return NULL;
-    if (off < 20 || total > view.len || off + 20 > total) {
+    if (off < 20 || total > view.len || total > 0xFFFF || off > total - 20) {
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "offsets do not frame a TCP segment");
         return NULL;
@@ -133,6 +133,53 @@ csum_tcp_state(PyObject *self, PyObject *args)
         state = fold_sum(p + off, total - off, ps) == 0xFFFF ? 0 : 2;
     PyBuffer_Release(&view);
     return PyLong_FromLong(state);
+}
+
+/* nfqueue.skb_info in C (see there): the NFQA_SKB_INFO flags of a queued
+   packet's netlink message, 0 if absent before the payload, None if the
+   message cannot be read. Every clone the backup gets passes here. */
+static PyObject *
+csum_skb_info(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "y*", &view))
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len, end, off = 20;
+    long flags = 0;
+    int unreadable = 0;
+    if (n < 20) {
+        unreadable = 1;
+        goto done;
+    }
+    uint32_t len32;
+    memcpy(&len32, p, 4);
+    end = (Py_ssize_t)len32 < n ? (Py_ssize_t)len32 : n;
+    while (off + 4 <= end) {
+        uint16_t alen, atype;
+        memcpy(&alen, p + off, 2);
+        memcpy(&atype, p + off + 2, 2);
+        if (alen < 4) {
+            unreadable = 1;
+            break;
+        }
+        atype &= 0x3FFF;
+        if (atype == 14) {  /* NFQA_SKB_INFO */
+            if (alen < 8 || off + 8 > end)
+                unreadable = 1;
+            else
+                flags = ((long)p[off + 4] << 24) | ((long)p[off + 5] << 16) | ((long)p[off + 6] << 8) | p[off + 7];
+            break;
+        }
+        if (atype == 10)  /* NFQA_PAYLOAD */
+            break;
+        off += ((Py_ssize_t)alen + 3) & ~(Py_ssize_t)3;
+    }
+done:
+    PyBuffer_Release(&view);
+    if (unreadable)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(flags);
 }
 
 /* CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the output digest
@@ -266,6 +313,7 @@ csum_crc32c_hw(PyObject *self, PyObject *noargs)
 
 static PyMethodDef methods[] = {
     {"tcp_state", csum_tcp_state, METH_VARARGS, NULL},
+    {"skb_info", csum_skb_info, METH_VARARGS, NULL},
     {"crc32c", csum_crc32c, METH_VARARGS, NULL},
     {"crc32c_in_hardware", csum_crc32c_hw, METH_NOARGS, NULL},
     {"ones_complement_sum", csum_sum, METH_VARARGS, NULL},

@@ -35,13 +35,13 @@ class PromotedCore:
             return self.backup.on_outbound(data, now)
         return self.primary.on_outbound(data, now)
 
-    def on_inbound(self, data: bytes, now: float) -> list[Action]:
+    def on_inbound(self, data: bytes, now: float, csum_checked: Optional[bool] = None) -> list[Action]:
         try:
             seg = tcpseg.parse(data)
         except MalformedPacket:
             return self.backup.on_inbound(data, now)
         if seg.client_key() in self.backup.conns:
-            return self.backup.on_inbound(data, now)
+            return self.backup.on_inbound(data, now, csum_checked)
         self.primary.on_inbound_seen(seg)
         return [Accept(), Count("promoted_in")]
 

@@ -806,3 +806,29 @@ def test_an_idle_connection_keeps_no_empty_buffers():
     assert [type(a).__name__ for a in acts][0] == "Defer" and len(pc.deferred) == 1
     acts = p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5301, (), 101 + 65535),)), 0.3)
     assert any(isinstance(a, Release) for a in acts) and pc.deferred == ()
+
+
+def test_the_kernels_word_on_a_checksum_decides_before_the_field():
+    """The driver passes what NFQA_SKB_INFO said. A NIC that merges segments
+    itself (LRO) marks them checked and may leave a stale checksum: taken.
+    A packet the kernel has not checked is summed whole: a field that only
+    looks like a partial sum does not pass."""
+    good = from_client(101, 5001, payload=b"GOOD", tsval=2000, tsecr=7000)
+    stale = good[:-4] + b"MERG"  # the field no longer matches, but the NIC checked each part
+    b = mapped_backup()
+    out = verdicts(b.on_inbound(stale, 0.1, csum_checked=True))[0]
+    assert isinstance(out, Accept) and b.conns[KEY].client_ack_b == 901
+    seg = tcpseg.parse(good)
+    looks_partial = bytearray(good[:-4] + b"EVIL")
+    looks_partial[seg.csum_off:seg.csum_off + 2] = tcpseg._pseudo_sum(good, seg).to_bytes(2, "big")
+    b2 = mapped_backup()
+    acts = b2.on_inbound(bytes(looks_partial), 0.1, csum_checked=False)
+    assert [type(v) for v in verdicts(acts)] == [Drop] and Count("bad_checksum_in") in acts
+    assert isinstance(verdicts(b2.on_inbound(good, 0.2, csum_checked=False))[0], Accept)
+    # after a takeover the promoted core passes the word on for migrated connections
+    from nfq_sttcp.promoted import PromotedCore
+    b3 = mapped_backup()
+    b3.activate(0.3)
+    promoted = PromotedCore(b3, PrimaryCore(PrimaryConfig(VIP, PORTS)))
+    assert isinstance(verdicts(promoted.on_inbound(stale, 0.4, csum_checked=True))[0], Accept)
+    assert Count("bad_checksum_in") in promoted.on_inbound(stale, 0.4, csum_checked=False)

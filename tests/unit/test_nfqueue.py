@@ -1,6 +1,9 @@
-"""The nfnetlink_queue config message we send ourselves (nfqueue.py)."""
+"""The nfnetlink_queue messages we send and read ourselves (nfqueue.py)."""
 
 import struct
+
+import pytest
+from hypothesis import given, strategies as st
 
 from nfq_sttcp import nfqueue
 
@@ -52,3 +55,39 @@ def test_queue_drops_reads_our_queues_from_the_kernels_statistics():
     assert nfqueue.queue_drops(text, [12, 13]) == {12: (17, 4), 13: (4294967295, 9)}
     assert nfqueue.queue_drops(text, [99]) == {}
     assert nfqueue.queue_drops("", [12]) == {}
+
+
+def _packet_message(attrs):
+    """A queued-packet message as the kernel builds it: netlink header,
+    nfgenmsg, then attributes (type, value), each padded to 4 bytes."""
+    body = struct.pack("=BBH", 2, 0, 0)
+    for kind, value in attrs:
+        n = 4 + len(value)
+        body += struct.pack("=HH", n, kind) + value + b"\0" * (-n % 4)
+    return struct.pack("=IHHII", 16 + len(body), (3 << 8) | 0, 0, 0, 0) + body
+
+
+@pytest.mark.parametrize("skb_info", [nfqueue.skb_info, nfqueue._skb_info_py], ids=["c", "pure"])
+def test_skb_info_reads_the_kernels_word_on_the_checksum(skb_info):
+    hdr = (1, struct.pack("!IHB", 7, 0x0800, 0) + b"\0")
+    payload = (nfqueue.NFQA_PAYLOAD, b"E" + b"\0" * 39)
+    info = lambda flags: (nfqueue.NFQA_SKB_INFO, struct.pack("!I", flags))
+    assert skb_info(_packet_message([hdr, (3, b"\0\0\0\1"), info(0x3), payload])) == 0x3
+    assert skb_info(_packet_message([hdr, info(nfqueue.NFQA_SKB_CSUM_NOTVERIFIED), payload])) == 0x4
+    # left out: a packet the kernel (or a NIC) has checked, not GSO
+    assert skb_info(_packet_message([hdr, payload])) == 0
+    # an attribute after the payload is not looked for
+    assert skb_info(_packet_message([hdr, payload, info(0x4)])) == 0
+    # what it cannot read is None: the core then judges from the checksum field
+    assert skb_info(b"\0" * 10) is None
+    broken = bytearray(_packet_message([hdr, payload]))
+    broken[20:22] = b"\x02\x00"  # an attribute shorter than its header
+    assert skb_info(bytes(broken)) is None
+    assert skb_info(_packet_message([hdr, info(0x1)])[:-2]) is None  # cut inside the flags
+
+
+@given(st.binary(max_size=200))
+def test_skb_info_in_c_agrees_with_the_pure_version_on_any_bytes(data):
+    msg = struct.pack("=I", len(data) + 20) + bytes(16) + data
+    for m in (data, msg, msg[:-1]):
+        assert nfqueue.skb_info(m) == nfqueue._skb_info_py(m)

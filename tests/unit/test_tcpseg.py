@@ -228,6 +228,8 @@ def test_the_c_sum_is_built():
     assert tcpseg.ones_complement_sum is nfq_sttcp._csum.ones_complement_sum
     assert divergence.crc32c is nfq_sttcp._csum.crc32c
     assert tcpseg._tcp_state is nfq_sttcp._csum.tcp_state
+    from nfq_sttcp import nfqueue
+    assert nfqueue.skb_info is nfq_sttcp._csum.skb_info
 
 
 @settings(max_examples=200)
@@ -334,3 +336,5 @@ def test_checksum_state_in_c_agrees_with_the_pure_version(payload, how, noise):
         assert c == tcpseg.CSUM_PARTIAL
     with pytest.raises(ValueError):
         pure(bytes(buf), seg.tcp_off, len(buf) + 1)
+    with pytest.raises(ValueError):  # (a huge offset must not wrap the bounds test)
+        pure(bytes(60), 2**63 - 6, 60)
