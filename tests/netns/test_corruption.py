@@ -2,7 +2,11 @@
 stack checks the checksum, so the backup gets the changed copy too. The
 backup must drop it, as the primary's stack does, and not sum a fresh
 checksum over it: its application would read bytes the client never sent,
-diverge, and the connection would be reset at the failover."""
+diverge, and the connection would be reset at the failover.
+
+(It can be seen in the lab because a veth on this kernel does not mark a
+raw socket's packet as checked: the primary's stack counts it in
+TcpInCsumErrors, and the backup's queue is told NFQA_SKB_CSUM_NOTVERIFIED.)"""
 
 import subprocess
 import sys
