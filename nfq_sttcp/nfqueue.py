@@ -81,7 +81,7 @@ def _skb_info_py(msg: bytes) -> Optional[int]:
     """The NFQA_SKB_INFO flags of one queued-packet message (0 when the
     kernel left the attribute out), or None if the message cannot be read.
     The attribute comes before the payload, so the scan stops there. (In C
-    as _csum.skb_info: 0.2 against 2.9 us a message.)"""
+    as _csum.skb_info: 0.14 against 2-3 us a message.)"""
     if len(msg) < 20:
         return None
     end = min(struct.unpack_from("=I", msg, 0)[0], len(msg))
