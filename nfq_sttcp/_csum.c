@@ -41,6 +41,20 @@ fold_sum(const unsigned char *p, Py_ssize_t n, uint64_t start)
     return (uint32_t)acc;
 }
 
+/* The folded sum of the TCP pseudo-header of the IPv4 packet at ip (its
+   addresses), for a TCP segment of tcp_len bytes. */
+static uint32_t
+pseudo_sum(const unsigned char *ip, Py_ssize_t tcp_len)
+{
+    unsigned char pseudo[12];
+    memcpy(pseudo, ip + 12, 8);
+    pseudo[8] = 0;
+    pseudo[9] = 6;
+    pseudo[10] = (unsigned char)(tcp_len >> 8);
+    pseudo[11] = (unsigned char)tcp_len;
+    return fold_sum(pseudo, 12, 0);
+}
+
 static PyObject *
 csum_sum(PyObject *self, PyObject *args)
 {
@@ -81,15 +95,9 @@ csum_tcp_fixed(PyObject *self, PyObject *args)
     out = PyBytes_FromStringAndSize((const char *)p, n);
     if (out != NULL) {
         unsigned char *q = (unsigned char *)PyBytes_AS_STRING(out);
-        unsigned char pseudo[12];
         uint32_t s;
         q[ihl + 16] = q[ihl + 17] = 0;
-        memcpy(pseudo, q + 12, 8);
-        pseudo[8] = 0;
-        pseudo[9] = 6;
-        pseudo[10] = (unsigned char)((total - ihl) >> 8);
-        pseudo[11] = (unsigned char)(total - ihl);
-        s = fold_sum(q + ihl, total - ihl, fold_sum(pseudo, 12, 0));
+        s = fold_sum(q + ihl, total - ihl, pseudo_sum(q, total - ihl));
         s = ~s & 0xFFFF;
         q[ihl + 16] = (unsigned char)(s >> 8);
         q[ihl + 17] = (unsigned char)s;
@@ -118,13 +126,7 @@ csum_tcp_state(PyObject *self, PyObject *args)
         return NULL;
     }
     const unsigned char *p = view.buf;
-    unsigned char pseudo[12];
-    memcpy(pseudo, p + 12, 8);
-    pseudo[8] = 0;
-    pseudo[9] = 6;
-    pseudo[10] = (unsigned char)((total - off) >> 8);
-    pseudo[11] = (unsigned char)(total - off);
-    uint32_t ps = fold_sum(pseudo, 12, 0);
+    uint32_t ps = pseudo_sum(p, total - off);
     uint32_t field = ((uint32_t)p[off + 16] << 8) | p[off + 17];
     long state;
     if (field == ps || (field == 0 && ps == 0xFFFF))
