@@ -212,17 +212,12 @@ class BackupCore:
         except MalformedPacket as e:
             # Fail closed: a clone we cannot map is dropped; the client resends.
             return [Drop("malformed"), Count("malformed_in"), Log("malformed_packet", "debug", {"why": str(e)})]
-        if csum_checked is not True and (
-                not tcpseg.tcp_checksum_ok(data, seg) if csum_checked is False
-                else tcpseg.checksum_state(data, seg) == tcpseg.CSUM_BAD):
-            # Changed on a link (TEE clones before the primary's stack checks,
-            # and a snooped frame is unchecked too). The rewrite below gets a
-            # checksum summed afresh, which would make the changed bytes valid
-            # for our stack: drop it before it touches our state. The
-            # primary's stack drops its copy, so the client sends it again.
-            # Not judged from the field alone when the kernel can tell: a NIC
-            # that merges segments itself (LRO) marks them checked and may
-            # leave the first one's checksum in the field.
+        if tcpseg.changed_on_a_link(data, seg, csum_checked):
+            # TEE clones before the primary's stack checks, and a snooped
+            # frame is unchecked too. The rewrite below gets a checksum summed
+            # afresh, which would make the changed bytes valid for our stack:
+            # drop it before it touches our state. The primary's stack drops
+            # its copy, so the client sends it again.
             return [Drop("bad checksum"), Count("bad_checksum_in")]
         if seg.dst != self.cfg.vip or seg.dport not in self.cfg.ports:
             return [Accept(), Count("foreign_in")]

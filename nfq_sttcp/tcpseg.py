@@ -255,6 +255,18 @@ def checksum_state(buf: bytes | bytearray, seg: Segment) -> str:
     return CSUM_OK if whole == 0xFFFF else CSUM_BAD
 
 
+def changed_on_a_link(buf: bytes | bytearray, seg: Segment, kernel_checked: Optional[bool] = None) -> bool:
+    """Did a received segment's bytes change on the way? ``kernel_checked``
+    is the kernel's word on it (NFQA_SKB_INFO, see nfqueue.py): True, it was
+    checked already or never went over a wire unfinished (nothing to sum: a
+    NIC's LRO may leave a stale field in a merged segment it checked); False,
+    unchecked, so the whole sum must check; None, no word, so the field
+    decides (checksum_state)."""
+    if kernel_checked is None:
+        return checksum_state(buf, seg) == CSUM_BAD
+    return not kernel_checked and not tcp_checksum_ok(buf, seg)
+
+
 def with_correct_checksum(data: bytes | bytearray) -> bytes:
     """The packet with its TCP checksum recomputed from scratch.
 
