@@ -247,8 +247,7 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
                     if sttcp:
                         cpu["daemons"] = round(sum(_cpu_s(p) - cpu0[h] for h, p in pids.items()) / gbit, 4)
                     out.setdefault("cpu_s_per_gbit", {})[kind] = cpu
-                if sttcp and not shaped:
-                    for h, p in pids.items():
+                    for h, p in pids.items():  # (none in plain mode)
                         n = _packets(h) - pk0[h]
                         if n:
                             out.setdefault("cpu_us_per_packet", {})["%s_%s" % (h, kind)] = round(
