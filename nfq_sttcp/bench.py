@@ -260,6 +260,16 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
         if sttcp:
             progress("  sttcp: request-response, 1-byte answers, plain and protected alternating")
             out["rr1_pairs_us"] = _rr_pairs(sizes["rr_pairs"], sizes["rr_small"])
+            if len(os.sched_getaffinity(0)) >= 2:
+                # The same pairs with each server host on a CPU of its own
+                # (lab.place_hosts): the part of the figure above that is
+                # only the lab's hosts sharing CPUs.
+                progress("  sttcp: the same pairs, each server host on its own CPU")
+                lab.place_hosts()
+                try:
+                    out["rr1_pairs_placed_us"] = _rr_pairs(sizes["rr_pairs"], sizes["rr_small"])
+                finally:
+                    lab.place_hosts(separate=False)
         progress("  %s: new connections per second" % mode)
         out["conn_per_s"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"]})
         progress("  %s: new connections per second, %d clients at once" % (mode, CONNRATE_CLIENTS))
@@ -387,11 +397,12 @@ def table(res: dict[str, Any]) -> str:
     row("upload Gbit/s, 1 Gbit/s tbf", "up_shaped_gbps")
     row("1-byte request-response p50 us", "rr1_p50_us", "%.0f", diff=True)
     row("1-byte request-response p99 us", "rr1_p99_us", "%.0f", diff=True)
-    pairs = s.get("rr1_pairs_us")
-    if pairs:
-        added = sorted(b - a for a, b in pairs)
-        lines.append("  1-byte p50, %d alternating pairs: added %+.0f us median (%+.0f to %+.0f)" % (
-            len(pairs), _pct(added, 0.5), added[0], added[-1]))
+    for key, how in (("rr1_pairs_us", ""), ("rr1_pairs_placed_us", ", hosts on CPUs of their own")):
+        pairs = s.get(key)
+        if pairs:
+            added = sorted(b - a for a, b in pairs)
+            lines.append("  1-byte p50, %d alternating pairs%s: added %+.0f us median (%+.0f to %+.0f)" % (
+                len(pairs), how, _pct(added, 0.5), added[0], added[-1]))
     row("16 KiB request-response p50 us", "rr16384_p50_us", "%.0f", diff=True)
     row("16 KiB request-response p99 us", "rr16384_p99_us", "%.0f", diff=True)
     row("new connections per second, 1 client", "conn_per_s", "%.0f")

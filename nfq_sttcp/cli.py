@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = lsub.add_parser("crash", help="simulate a host crash")
     p.add_argument("host", choices=("primary", "backup"))
+    p = lsub.add_parser("place", help="put each server host's processes on CPUs of its own, as on two machines")
+    p.add_argument("--shared", action="store_true", help="give them every CPU again")
     p = lsub.add_parser("exec", help="run a command in a lab host: lab exec HOST -- CMD ARGS...")
     p.add_argument("host", choices=("client", "primary", "backup", "lan", "sync"))
     p.add_argument("argv", nargs=argparse.REMAINDER)
@@ -514,6 +516,10 @@ def _lab(args: argparse.Namespace) -> int:
         if args.lab_cmd == "crash":
             lab.crash(args.host)
             print("crashed %s: links down, processes killed" % args.host)
+            return 0
+        if args.lab_cmd == "place":
+            placed = lab.place_hosts(separate=not args.shared)
+            print(", ".join("%s on CPU %s" % (h, ",".join(map(str, c))) for h, c in placed.items()))
             return 0
         if args.lab_cmd == "exec":
             argv = args.argv[1:] if args.argv and args.argv[0] == "--" else args.argv

@@ -15,7 +15,8 @@ def test_table_gives_ratios_differences_and_the_failover_split():
                   "idle_opened": 100, "idle_protected": 100, "bytes_per_conn": {"primary": 2048, "backup": 4096},
                   "cpu_us_per_packet": {"primary_down": 20.5},
                   "cpu_s_per_gbit": {"down": {"all": 0.87, "daemons": 0.68}, "up": {"all": 0.5, "daemons": 0.3}},
-                  "rr1_pairs_us": [[300.0, 420.0], [250.0, 500.0], [330.0, 310.0]]}},
+                  "rr1_pairs_us": [[300.0, 420.0], [250.0, 500.0], [330.0, 310.0]],
+                  "rr1_pairs_placed_us": [[120.0, 150.0], [125.0, 160.0], [130.0, 150.0]]}},
         "failover": {"50x3": {"down": [{"gap_ms": 170.0, "detection_ms": 152.0, "takeover_ms": 9.0, "resume_ms": 30.0},
                                        {"failed": 1.0}],
                               "echo": [{"failed": 1.0}]}}}
@@ -24,6 +25,7 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     assert "upload Gbit/s, unshaped veth" in t and " 0.50" in t
     assert "+100 us" in t  # latency added, not a ratio
     assert "3 alternating pairs: added +120 us median (-20 to +250)" in t  # each pair's difference, then the median
+    assert "3 alternating pairs, hosts on CPUs of their own: added +30 us median (+20 to +35)" in t
     together = [line for line in t.splitlines() if line.startswith("new connections/s, 4 clients")][0]
     assert together.split()[-3:] == ["4000", "1000", "0.25"]
     assert "download Gbit/s, 1 Gbit/s tbf" not in t  # not measured: no made-up row
