@@ -238,3 +238,40 @@ print("DONE", flush=True)
     assert st["daemons"]["backup"]["state"] in ("following", "suspect")
     assert st["daemons"]["primary"]["backup"] == "absent"
     assert all(not c["protected"] for c in st["daemons"]["primary"]["connections"])
+
+
+def _affinities(ns):
+    """The CPU set of every thread of every process in a namespace."""
+    out = {}
+    for pid in run("ip", "netns", "pids", ns).stdout.split():
+        try:
+            for tid in os.listdir("/proc/%s/task" % pid):
+                out[int(tid)] = os.sched_getaffinity(int(tid))
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile (the test server's, per connection)
+    return out
+
+
+def test_lab_place_puts_each_server_host_on_cpus_of_its_own(make_lab):
+    cpus = os.sched_getaffinity(0)
+    make_lab()
+    if len(cpus) < 2:
+        r = run(*CLI, "lab", "place", check=False)
+        assert r.returncode == 1 and "needs two CPUs" in r.stderr
+        return
+    r = run(*CLI, "lab", "place")
+    primary, backup = _affinities(lab.NS_PRIMARY), _affinities(lab.NS_BACKUP)
+    assert len(primary) >= 3 and len(backup) >= 3  # application and daemon, the daemon's threads
+    p_cpus, b_cpus = set().union(*primary.values()), set().union(*backup.values())
+    assert all(a == p_cpus for a in primary.values()) and all(a == b_cpus for a in backup.values())
+    assert p_cpus and b_cpus and not p_cpus & b_cpus and p_cpus | b_cpus == cpus
+    assert "primary on CPU %s" % ",".join(map(str, sorted(p_cpus))) in r.stdout
+    assert all(a == cpus for a in _affinities(lab.NS_CLIENT).values())  # the client stays free
+    # The pair still serves, and protects, while placed.
+    r = run(*CLI, "lab", "exec", "client", "--", "python3", "-c",
+            "import socket; s=socket.create_connection(('10.77.0.100',7000),timeout=5); s.sendall(b'placed'); "
+            "print(s.recv(16).decode())")
+    assert r.stdout.strip() == "placed"
+    assert lab.status()["daemons"]["backup"]["state"] == "following"
+    run(*CLI, "lab", "place", "--shared")
+    assert all(a == cpus for ns in (lab.NS_PRIMARY, lab.NS_BACKUP) for a in _affinities(ns).values())
