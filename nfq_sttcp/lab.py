@@ -477,8 +477,10 @@ def place_hosts(separate: bool = True) -> dict[str, list[int]]:
             for tid in tids:  # (affinity is per thread; new threads inherit their creator's)
                 try:
                     os.sched_setaffinity(tid, mine)
-                except (ProcessLookupError, PermissionError):
+                except ProcessLookupError:
                     pass  # exited meanwhile
+                except PermissionError as e:
+                    raise LabError("cannot move thread %d of the %s host: %s (run as root)" % (tid, host, e))
     return placement
 
 
