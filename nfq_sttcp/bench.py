@@ -221,6 +221,8 @@ def _drain_time_wait(progress: Callable[[str], None], limit: int = 4096, timeout
     while n > limit and time.monotonic() < deadline:
         time.sleep(2)
         n = _time_wait_sockets()
+    if n > limit:
+        progress("  WARNING: still %d client ports in TIME-WAIT; the rate measured next is low" % n)
 
 
 def _rr_pairs(rounds: int, count: int) -> list[list[float]]:
@@ -284,12 +286,15 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
                 # The same pairs with each server host on a CPU of its own
                 # (lab.place_hosts): the part of the figure above that is
                 # only the lab's hosts sharing CPUs.
-                progress("  sttcp: the same pairs, each server host on its own CPU")
-                lab.place_hosts()
+                progress("  sttcp: the same pairs, each server host on CPUs of its own")
                 try:
+                    lab.place_hosts()
                     out["rr1_pairs_placed_us"] = _rr_pairs(sizes["rr_pairs"], sizes["rr_small"])
                 finally:
-                    lab.place_hosts(separate=False)
+                    try:
+                        lab.place_hosts(separate=False)
+                    except lab.LabError as e:  # (the lab goes down next anyway)
+                        progress("  could not give the hosts every CPU again: %s" % e)
         _drain_time_wait(progress)
         progress("  %s: new connections per second" % mode)
         out["conn_per_s"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"]})

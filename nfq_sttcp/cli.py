@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = lsub.add_parser("crash", help="simulate a host crash")
     p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("place", help="put each server host's processes on CPUs of its own, as on two machines")
-    p.add_argument("--shared", action="store_true", help="give them every CPU again")
+    p.add_argument("--shared", action="store_true", help="give them again every CPU this command may use")
     p = lsub.add_parser("exec", help="run a command in a lab host: lab exec HOST -- CMD ARGS...")
     p.add_argument("host", choices=("client", "primary", "backup", "lan", "sync"))
     p.add_argument("argv", nargs=argparse.REMAINDER)

@@ -466,21 +466,32 @@ def place_hosts(separate: bool = True) -> dict[str, list[int]]:
     half = len(cpus) // 2
     placement = {"primary": cpus[:half], "backup": cpus[half:]} if separate else \
         {"primary": cpus, "backup": cpus}
-    for host, mine in placement.items():
-        if HOSTS[host] not in namespaces():
+    present = namespaces()
+    for host in placement:
+        if HOSTS[host] not in present:
             raise LabError("no host %r in the lab (is it up?)" % host)
-        for pid in _ns_pids([HOSTS[host]]):
-            try:
-                tids = [int(t) for t in os.listdir("/proc/%d/task" % pid)]
-            except FileNotFoundError:
-                continue  # gone meanwhile
-            for tid in tids:  # (affinity is per thread; new threads inherit their creator's)
+    for _ in range(5):
+        # Again until a pass moves nothing: a thread started meanwhile by one
+        # not yet moved inherits its creator's CPUs, not ours.
+        moved = 0
+        for host, mine in placement.items():
+            want = set(mine)
+            for pid in _ns_pids([HOSTS[host]]):
                 try:
-                    os.sched_setaffinity(tid, mine)
-                except ProcessLookupError:
-                    pass  # exited meanwhile
-                except PermissionError as e:
-                    raise LabError("cannot move thread %d of the %s host: %s (run as root)" % (tid, host, e))
+                    tids = [int(t) for t in os.listdir("/proc/%d/task" % pid)]
+                except FileNotFoundError:
+                    continue  # gone meanwhile
+                for tid in tids:  # (affinity is per thread)
+                    try:
+                        if os.sched_getaffinity(tid) != want:
+                            os.sched_setaffinity(tid, want)
+                            moved += 1
+                    except ProcessLookupError:
+                        pass  # exited meanwhile
+                    except PermissionError as e:
+                        raise LabError("cannot move thread %d of the %s host: %s (run as root)" % (tid, host, e))
+        if not moved:
+            break
     return placement
 
 

@@ -259,14 +259,24 @@ def test_lab_place_puts_each_server_host_on_cpus_of_its_own(make_lab):
         r = run(*CLI, "lab", "place", check=False)
         assert r.returncode == 1 and "needs two CPUs" in r.stderr
         return
-    r = run(*CLI, "lab", "place")
+    client = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 5
+        while not _affinities(lab.NS_CLIENT) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _affinities(lab.NS_CLIENT), "the client's process did not start"
+        r = run(*CLI, "lab", "place")
+        client_cpus = _affinities(lab.NS_CLIENT)
+    finally:
+        client.kill()
+        client.wait()
+    assert client_cpus and all(a == cpus for a in client_cpus.values())  # the client stays free
     primary, backup = _affinities(lab.NS_PRIMARY), _affinities(lab.NS_BACKUP)
     assert len(primary) >= 3 and len(backup) >= 3  # application and daemon, the daemon's threads
     p_cpus, b_cpus = set().union(*primary.values()), set().union(*backup.values())
     assert all(a == p_cpus for a in primary.values()) and all(a == b_cpus for a in backup.values())
     assert p_cpus and b_cpus and not p_cpus & b_cpus and p_cpus | b_cpus == cpus
     assert "primary on CPU %s" % ",".join(map(str, sorted(p_cpus))) in r.stdout
-    assert all(a == cpus for a in _affinities(lab.NS_CLIENT).values())  # the client stays free
     # The pair still serves, and protects, while placed.
     r = run(*CLI, "lab", "exec", "client", "--", "python3", "-c",
             "import socket; s=socket.create_connection(('10.77.0.100',7000),timeout=5); s.sendall(b'placed'); "
