@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
     the client when. ``disrupt`` replaces the crash (for example a switchover)
     and returns (time.monotonic(), time.time()) of its start. Returns the client's report, with per connection what
     the client's capture shows: SYNs sent, RSTs received, gap on the wire."""
+    # A capture nobody asked to keep goes once it is read: a test run made
+    # hundreds of these directories in /tmp before this.
     tmp = capture_dir or tempfile.mkdtemp(prefix="sttcp-cap-")
     os.makedirs(tmp, exist_ok=True)
     cap = Capture(os.path.join(tmp, "client.pcap"))
@@ -104,7 +107,11 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
         p.wait()
     finally:
         timer.cancel()
-        records = cap.stop()
+        try:
+            records = cap.stop()
+        finally:
+            if capture_dir is None:
+                shutil.rmtree(tmp, ignore_errors=True)
     if not report:
         err = p.stderr.read() if p.stderr else ""
         report = {"ok": False, "connections": [], "error": "client produced no report: %s" % err[-2000:]}
@@ -125,6 +132,6 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
     report["crash_t"] = crash_t
     report["crash_wall"] = crash_wall
     report["client_rc"] = p.returncode
-    report["capture"] = cap.path
+    report["capture"] = cap.path if capture_dir is not None else None
     report["captured_segments"] = len(records)
     return report

@@ -4,8 +4,11 @@ Each case checks byte-exact content (every byte compared, or the sink's
 sha256), and from the client's own capture that it saw no RST and sent no
 second SYN (no reconnect)."""
 
+import glob
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,8 +23,12 @@ MB = 1 << 20
 
 def test_echo_crash_between_messages(make_lab):
     make_lab()
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "sttcp-cap-*")))
     r = scenario.run_with_crash(["echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10"])
     survived(r)
+    # The client's capture was read and is gone: nothing left in /tmp.
+    assert r["captured_segments"] > 0 and r["capture"] is None
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "sttcp-cap-*"))) == before
 
 
 def test_echo_crash_inside_a_message(make_lab):
