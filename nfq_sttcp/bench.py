@@ -347,7 +347,10 @@ def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Cal
 
 FAILOVER_SPECS = {
     "echo": "echo:count=30,size=1000,pause_ms=10,crash_msg=10,after=15",
-    "down": "download:bytes=4000000,rate_kbps=16000,crash_at=1000000",
+    # The server paces the download: paced by the client's reading, its
+    # window shut and opened every 30-60 ms, and that idle time on the wire
+    # passed for failover gap (10 ms x 3: 66 ms against 34 for echo).
+    "down": "download:bytes=4000000,rate_kbps=16000,server_pace=1,crash_at=1000000",
     "up": "upload:bytes=4000000,rate_kbps=16000,crash_at=1000000",
 }
 

@@ -4,6 +4,7 @@
 * 7001 bulk source: the client sends ``LENGTH [SEED]\\n``; the server sends
   ``stream_bytes(SEED, 0, LENGTH)`` and closes. ``LENGTH SEED raw\\n`` sends
   one fixed 64 KiB block over and over instead (throughput benchmarks).
+  ``LENGTH SEED pace=KBPS\\n`` sends at that rate, a write every 2 ms.
 * 7002 sink: the server reads until the client's FIN, then answers with the
   sha256 hex digest of everything it read and a newline, and closes.
 * 7003 banner (server speaks first): ``220 nfq-sttcp banner ready\\r\\n``,
@@ -96,11 +97,19 @@ class Server:
         length = int(parts[0])
         seed = int(parts[1]) if len(parts) > 1 else 0
         raw = len(parts) > 2 and parts[2] == b"raw"
+        rate = int(parts[2][5:]) * 1000 / 8 if len(parts) > 2 and parts[2].startswith(b"pace=") else 0
+        step = int(min(65536, max(1024, rate * 0.002))) if rate else 1 << 30
+        start = time.monotonic()
         sent = 0
         blk = 0
         while sent < length:
             b = (_RAW_BLOCK if raw else stream_block(seed, blk))[: length - sent]
-            c.sendall(b)
+            for i in range(0, len(b), step):
+                c.sendall(b[i:i + step])
+                if rate:
+                    ahead = (sent + i + step) / rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
             sent += len(b)
             blk += 1
             if blk % 16 == 0:

@@ -11,7 +11,7 @@ it was owed, across the crash.
 
 Kinds (defaults in brackets):
   echo:count=[40],size=[2000],pause_ms=[20],crash_msg=[count/2],inside=[0],after=[5]
-  download:bytes=[50MB],seed=[1],rate_kbps=[0 = unlimited],crash_at=[bytes/3]
+  download:bytes=[50MB],seed=[1],rate_kbps=[0 = unlimited],server_pace=[0],crash_at=[bytes/3]
   upload:bytes=[50MB],seed=[2],rate_kbps=[0],crash_at=[bytes/3]
   banner:lines=[30],pause_ms=[20],crash_line=[lines/2],after=[5]
   rr:count=[40],size=[20000],pause_ms=[20],crash_msg=[count/2],after=[5]
@@ -26,6 +26,12 @@ CRASHPOINT after that long whatever the connections' state (for crashes in
 the handshake). With ``--start-together`` every connection waits, once it is
 open, until all of them are open before it starts its work, so that many
 connections are all mid-stream at one moment.
+
+A download's ``rate_kbps`` is the client's reading pace by default: its
+window shuts and opens every few tens of milliseconds, and the server's
+data comes in bursts. With ``server_pace=1`` the server writes at that rate
+and the client reads at once, so the window stays open and the gap on the
+wire is the failover's own.
 
 Interactive kinds keep going past their count until ``after`` more
 exchanges followed the crash, so they are mid-stream when it happens.
@@ -218,7 +224,11 @@ class Worker(threading.Thread):
         total, seed = p.get("bytes", 50 << 20), p.get("seed", 1)
         crash_at = p.get("crash_at", total // 3)
         rate = p.get("rate_kbps", 0) * 1000 / 8
-        s.sendall(b"%d %d\n" % (total, seed))
+        if rate and p.get("server_pace"):
+            s.sendall(b"%d %d pace=%d\n" % (total, seed, p["rate_kbps"]))
+            rate = 0
+        else:
+            s.sendall(b"%d %d\n" % (total, seed))
         r.request()
         start = time.monotonic()
         while True:

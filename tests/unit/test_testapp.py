@@ -23,3 +23,33 @@ def test_bytes_cross_block_edges() -> None:
     whole = reference_block(3, 0) + reference_block(3, 1) + reference_block(3, 2)
     for off, n in [(0, 10), (65530, 20), (1, 131072), (131071, 65537), (0, 0)]:
         assert stream_bytes(3, off, n) == whole[off:off + n]
+
+
+@pytest.mark.parametrize("request_line, paced", [(b"300000 3 pace=8000\n", True), (b"300000 3\n", False)])
+def test_bulk_source_sends_the_stream_and_paces_it_when_asked(request_line: bytes, paced: bool) -> None:
+    """``pace=KBPS`` spreads the same bytes over time: 300,000 bytes at
+    8,000 kbit/s cannot take less than 0.3 s (a lower bound: what pacing
+    means, not a speed check)."""
+    import socket
+    import threading
+    import time
+
+    from nfq_sttcp.testapp import Server
+
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(target=Server("127.0.0.1", 0.0).serve_bulk, args=(theirs,), daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    ours.sendall(request_line)
+    got = bytearray()
+    while True:
+        d = ours.recv(65536)
+        if not d:
+            break
+        got += d
+    took = time.monotonic() - t0
+    ours.close()
+    t.join(5)
+    assert bytes(got) == stream_bytes(3, 0, 300000)
+    if paced:
+        assert took >= 0.29
