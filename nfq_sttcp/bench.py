@@ -349,9 +349,10 @@ FAILOVER_SPECS = {
     "echo": "echo:count=30,size=1000,pause_ms=10,crash_msg=10,after=15",
     # The server paces the download: paced by the client's reading, its
     # window shut and opened every 30-60 ms, and that idle time on the wire
-    # passed for failover gap (10 ms x 3: 66 ms against 34 for echo).
+    # passed for failover gap (10 ms x 3: 66 ms against 34 for echo). The
+    # upload writes every 2 ms instead of 64 KB every 32 ms, for the same reason.
     "down": "download:bytes=4000000,rate_kbps=16000,server_pace=1,crash_at=1000000",
-    "up": "upload:bytes=4000000,rate_kbps=16000,crash_at=1000000",
+    "up": "upload:bytes=4000000,rate_kbps=16000,write_ms=2,crash_at=1000000",
 }
 
 

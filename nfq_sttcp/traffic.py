@@ -12,7 +12,7 @@ it was owed, across the crash.
 Kinds (defaults in brackets):
   echo:count=[40],size=[2000],pause_ms=[20],crash_msg=[count/2],inside=[0],after=[5]
   download:bytes=[50MB],seed=[1],rate_kbps=[0 = unlimited],server_pace=[0],crash_at=[bytes/3]
-  upload:bytes=[50MB],seed=[2],rate_kbps=[0],crash_at=[bytes/3]
+  upload:bytes=[50MB],seed=[2],rate_kbps=[0],write_ms=[0 = 64 KB writes],crash_at=[bytes/3]
   banner:lines=[30],pause_ms=[20],crash_line=[lines/2],after=[5]
   rr:count=[40],size=[20000],pause_ms=[20],crash_msg=[count/2],after=[5]
 
@@ -263,10 +263,11 @@ class Worker(threading.Thread):
         stop = threading.Event()
         poller = threading.Thread(target=self._poll_acked, args=(s, stop), daemon=True)
         poller.start()
-        # A paced upload writes every 2 ms: in 64 KB writes, 16 Mbit/s went out
-        # in one burst every 32 ms, and the failover's figures (the client's
-        # gap, the backup's "first client segment") measured that cadence.
-        step = int(min(65536, max(1024, rate * 0.002))) if rate else 65536
+        # 64 KB writes at 16 Mbit/s go out in one burst every 32 ms, and a
+        # failover's figures (the client's gap, the backup's "first client
+        # segment") then measure that cadence: write_ms=2 writes every 2 ms.
+        write_s = p.get("write_ms", 0) / 1000
+        step = int(min(65536, max(1024, rate * write_s))) if rate and write_s else 65536
         start = time.monotonic()
         try:
             off = 0
