@@ -173,6 +173,7 @@ class BackupConfig:
     closed_linger_s: float = 30.0
     max_pending_in: int = 256
     max_ack_ahead: int = 1 << 30  # how far a client ack may lie beyond our output (the primary's lag bound + slack)
+    divergence: bool = True  # check our output against the primary's digests (off with tuning.fast_path)
 
 
 def _opts(seg: Segment) -> tuple:
@@ -669,7 +670,8 @@ class BackupCore:
             return []
         out: list[Action] = []
         conn.delta_seq = seq_sub(conn.isn_p, conn.isn_b)
-        conn.checker = OutputChecker(seq_add(conn.isn_b, 1))
+        if self.cfg.divergence:
+            conn.checker = OutputChecker(seq_add(conn.isn_b, 1))
         if conn.uses_ts and conn.tsval_p_syn is not None and conn.tsval_b_syn is not None:
             conn.delta_ts = seq_sub(conn.tsval_p_syn, conn.tsval_b_syn)
         if conn.opts_p != conn.opts_b:

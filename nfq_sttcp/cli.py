@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-daemons", action="store_true", help="network and applications only: start the daemons by hand")
     p.add_argument("--keepalived", action="store_true",
                    help="keepalived's VRRP owns the VIP (vip_owner = \"keepalived\"); needs the keepalived package")
+    p.add_argument("--fast-path", action="store_true",
+                   help="the primary's kernel fast path (tuning.fast_path; divergence detection off)")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     lsub.add_parser("switchover", help="planned handover to the backup")
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the cells as JSON")
     p.add_argument("--keep-failures", metavar="DIR", default="matrix-failures",
                    help="where a failed cell's logs, client capture and report are kept (default: %(default)s)")
+    p.add_argument("--fast-path", action="store_true", help="every cell's lab with the primary's kernel fast path")
     p = lsub.add_parser("rejoin", help="restart a crashed server as the backup of the one that took over")
     p.add_argument("host", choices=("primary", "backup"))
     p = lsub.add_parser("status", help="VIP owner, watchdog state, connections")
@@ -434,7 +437,7 @@ def _matrix(args: argparse.Namespace) -> int:
     n = len(points) * len(workloads) * len(conns) * len(losses)
     print("fault matrix: %d cells, each a lab brought up, loaded and crashed (about 5 s a cell)" % n, flush=True)
     cells = matrix.run(points, workloads, conns, losses, progress=lambda m: print(m, flush=True),
-                       keep_dir=args.keep_failures)
+                       keep_dir=args.keep_failures, fast_path=args.fast_path)
     print(matrix.table(cells))
     if args.json:
         with open(args.json, "w") as f:
@@ -496,7 +499,7 @@ def _lab(args: argparse.Namespace) -> int:
                 return _die("--port goes with --app (the built-in app uses 7000-7004)")
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
                    missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons,
-                   keepalived=args.keepalived)
+                   keepalived=args.keepalived, fast_path=args.fast_path)
             return 0
         if args.lab_cmd == "down":
             lab.down()

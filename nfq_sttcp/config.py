@@ -60,6 +60,10 @@ class Config:
     chain_prefix: str = "STTCP"
     ts_margin_ms: int = 0
     max_backup_lag_kb: int = 256
+    # The primary's kernel fast path (fastpath.py): in-order data segments
+    # within the backup's limits leave without a trip through the queue.
+    # Turns divergence detection off: set it alike on both hosts.
+    fast_path: bool = False
     lan_snoop: bool = True
     metrics_port: int = 0  # Prometheus endpoint; 0 = none
     # Who owns the VIP: "builtin" (our heartbeats and watchdog move it) or
@@ -139,7 +143,8 @@ _LAYOUT: dict[str, dict[str, str]] = {
     "queues": {"primary_out": "queue_primary_out", "backup_in": "queue_backup_in",
                "backup_out": "queue_backup_out", "max_len": "queue_max_len", "gso": "queue_gso"},
     "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb", "synack_hold_ms": "synack_hold_ms",
-               "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms"},
+               "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms",
+               "fast_path": "fast_path"},
 }
 _REQUIRED = ("vip", "ports", "lan_interface", "primary_sync", "backup_sync")
 

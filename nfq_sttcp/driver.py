@@ -104,6 +104,7 @@ class Daemon:
         self.probe_seq = 0
         self.peer_epoch: Optional[int] = None  # the life of the primary's daemon we follow
         self._cloning: Optional[_CloningSwitch] = None
+        self.fast: Optional[_FastPath] = None
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -114,7 +115,8 @@ class Daemon:
             lag = cfg.max_backup_lag_kb * 1024
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
                                                   ts_margin=cfg.ts_margin_ms,
-                                                  max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
+                                                  max_ack_ahead=lag + (4 << 20) if lag else 1 << 30,
+                                                  divergence=not cfg.fast_path))
             self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000,
                                      autonomous=cfg.vip_owner == "builtin")
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -224,8 +226,14 @@ class Daemon:
                 # with F_GSO; without it the field is all we have.)
                 reader.want_info = True
                 self.inbound_reader = reader
+        if self.role == "primary" and self.cfg.fast_path:
+            from .bpf import BpfError
+            try:
+                self.fast = _FastPath(self.cfg)
+            except (BpfError, OSError) as e:
+                raise DaemonError("tuning.fast_path: %s" % e) from None
         # The primary clones only once a backup follows (see _backup_changed).
-        firewall.apply(self.cfg, self.role, clone=False)
+        firewall.apply(self.cfg, self.role, clone=False, fast_prog=self._fast_prog())
         self.rules_applied = True
         if self.role == "primary":
             self._cloning = _CloningSwitch(self.cfg, self.log)
@@ -284,6 +292,9 @@ class Daemon:
                     firewall.remove(self.cfg, "primary")  # the clone hook it added when promoted
         except Exception as e:  # keep tearing down
             self.log.error("rules_teardown_failed", error=str(e))
+        if self.fast is not None:
+            self.counters["fast_packets"] = self.fast.packets
+            self.fast.close()  # (after the rules: the match holds the program until then)
         if self.queues:
             self._check_kernel_drops()  # (a queue's statistics go with it)
         for r in self.readers:
@@ -366,6 +377,8 @@ class Daemon:
                 if handler is not None and fd != self.sync.fileno():
                     handler()
             self._batch_end()
+            if self.primary is not None:
+                self._fast_sync()
 
     # == packets =============================================================
 
@@ -463,6 +476,24 @@ class Daemon:
                 self.sync.sendto(data, (addr, self.cfg.sync_port))
             except OSError:
                 self.counters["sync_send_errors"] += 1
+
+    def _fast_prog(self) -> Optional[str]:
+        return self.fast.pinned if self.fast is not None else None
+
+    def _fast_sync(self) -> None:
+        assert self.primary is not None
+        if not self.primary.fast_dirty:
+            return
+        if self.fast is None:  # (a promoted backup's core: no fast path there)
+            self.primary.fast_dirty.clear()
+            return
+        try:
+            self.fast.sync(self.primary)
+        except OSError as e:
+            # The connection's segments keep coming to us: slower, still right.
+            self.primary.fast_dirty.clear()
+            self.counters["fast_map_errors"] += 1
+            self.log.warning("fast_path_map_error", error=e.strerror)
 
     def _batch_end(self) -> None:
         now = time.monotonic()
@@ -598,6 +629,8 @@ class Daemon:
         elif isinstance(msg, ConnIsn) and self.backup is not None and self.promoted is None:
             self._perform(self.backup.on_conn_isn(msg, now))
         elif isinstance(msg, Confirm) and self.primary is not None and self.switchover in (None, "failed"):
+            if self.fast is not None:
+                self.fast.absorb(self.primary, (entry[0] for entry in msg.acks), now)
             self._perform(self.primary.on_confirm(msg, now))
         elif isinstance(msg, Digest) and self.backup is not None and self.promoted is None:
             self._perform(self.backup.on_digest(msg, now))
@@ -628,6 +661,8 @@ class Daemon:
             self._perform(acts)
             if changed:
                 self._backup_changed(False, now)
+            if self.fast is not None and now >= self.primary.next_sweep:
+                self.fast.absorb(self.primary, list(self.fast.entries), now)  # (last_seen: not idle)
             self._perform(self.primary.on_tick(now))
         if self.backup is not None:
             self._perform(self.backup.on_tick(now))
@@ -887,7 +922,7 @@ class Daemon:
         self._vip_on_lan(True)
         self.switchover = "failed"
         try:
-            firewall.apply(self.cfg, self.role)
+            firewall.apply(self.cfg, self.role, fast_prog=self._fast_prog())
         except Exception as e:
             self.log.error("unfence_failed", error=repr(e))
         if self._cloning is not None:
@@ -1077,6 +1112,9 @@ class Daemon:
         # The loop builds this (a loop that stalls misses heartbeats): only
         # the connections listed get a status each, the unprotected first.
         st["summary"] = core.summary()
+        if self.fast is not None:
+            st["fast_path"] = {"connections": len(self.fast.entries), "packets": self.fast.packets,
+                               "program": self.fast.pinned}
         if connections:
             st["connections"] = core.status(STATUS_MAX_CONNS)
             if st["summary"]["connections"] > len(st["connections"]):
@@ -1086,7 +1124,105 @@ class Daemon:
 
 def _primary_core(cfg: Config) -> PrimaryCore:
     return PrimaryCore(PrimaryConfig(cfg.vip, frozenset(cfg.ports), synack_hold_s=cfg.synack_hold_ms / 1000,
-                                     max_lag=cfg.max_backup_lag_kb * 1024))
+                                     max_lag=cfg.max_backup_lag_kb * 1024, fast_path=cfg.fast_path))
+
+
+class _FastPath:
+    """The primary's kernel fast path (fastpath.py): its two maps, its
+    program pinned where the bpf match finds it, and one entry per
+    connection that PrimaryCore.fast_limits allows.
+
+    The pin lives in a bpf file system beside the control sockets
+    (/run/nfq-sttcp/bpf/<chain prefix>), mounted there: ``ip netns exec`` gives a
+    process a /sys of its own, without the host's /sys/fs/bpf, and the match
+    resolves the path in the mount namespace of the iptables that adds it
+    (our child: it shares ours). A daemon that dies leaves the rule's
+    program running on its last limits, which only ever allow what the
+    backup had confirmed; beyond them segments go to the queue, and a
+    missing listener passes them (--queue-bypass), as without a fast path.
+    """
+
+    MAX_CONNS = 1 << 20
+
+    def __init__(self, cfg: Config) -> None:
+        from . import bpf, fastpath
+
+        self.bpf, self.fp = bpf, fastpath
+        self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
+        bpf.ensure_bpffs(self.dir)
+        self.pinned = os.path.join(self.dir, "primary-fast")
+        self.fds: list[int] = []
+        try:
+            self.limits = bpf.map_create(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS, "sttcp_limits")
+            self.fds.append(self.limits)
+            self.state = bpf.map_create(fastpath.KEY.size, fastpath.STATE.size, self.MAX_CONNS, "sttcp_state")
+            self.fds.append(self.state)
+            prog = bpf.prog_load(fastpath.program(self.limits, self.state), fastpath.PROG_TYPE_SOCKET_FILTER,
+                                 "sttcp_fast")
+            self.fds.append(prog)
+            if os.path.lexists(self.pinned):
+                os.unlink(self.pinned)  # a dead daemon's: the rules we apply replace its rule
+            bpf.obj_pin(prog, self.pinned)
+        except Exception:
+            self.close()
+            raise
+        # key -> (key bytes, limits handed to the kernel, packets absorbed so far)
+        self.entries: dict[tcpseg.ConnKey, tuple[bytes, Any, int]] = {}
+        self.packets = self.bytes = 0
+
+    def sync(self, core: PrimaryCore) -> None:
+        """Bring the maps in line with the core's limits for every
+        connection it marked. The state entry goes in first (the program
+        needs both), with the position it must continue from."""
+        for key in core.fast_dirty:
+            lim = core.fast_limits(key)
+            have = self.entries.get(key)
+            if lim is None:
+                if have is not None:
+                    self.bpf.map_delete(self.limits, have[0])
+                    self.bpf.map_delete(self.state, have[0])
+                    del self.entries[key]
+                continue
+            if have is None:
+                kb = self.fp.key_bytes(key[0], key[1], key[3])
+                self.bpf.map_update(self.state, kb, self.fp.FastState.initial(lim.next_slow))
+                self.bpf.map_update(self.limits, kb, lim.pack())
+                self.entries[key] = (kb, lim, 0)
+            elif have[1] != lim:
+                self.bpf.map_update(self.limits, have[0], lim.pack())
+                self.entries[key] = (have[0], lim, have[2])
+        core.fast_dirty.clear()
+
+    def absorb(self, core: PrimaryCore, keys: Any, now: float) -> None:
+        """Tell the core what the kernel sent of ``keys`` without it."""
+        for key in keys:
+            have = self.entries.get(key)
+            if have is None:
+                continue
+            raw = self.bpf.map_lookup(self.state, have[0], self.fp.STATE.size)
+            if raw is None:
+                continue
+            st = self.fp.FastState.unpack(raw)
+            if st.packets != have[2]:
+                self.packets += st.packets - have[2]
+                core.absorb_fast(key, st, now)
+                self.entries[key] = (have[0], have[1], st.packets)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        try:
+            os.unlink(self.pinned)
+        except OSError:
+            pass
+        if self.bpf.is_bpffs(self.dir):
+            self.bpf.unmount(self.dir)  # (ours, or one a killed daemon left: this directory is ours)
+        for d in (self.dir, os.path.dirname(self.dir)):
+            try:
+                os.rmdir(d)  # (only if empty)
+            except OSError:
+                break
 
 
 class _CloningSwitch:

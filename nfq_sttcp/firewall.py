@@ -27,6 +27,7 @@ _FEATURES = {
     "TEE": "the TEE target (CONFIG_NETFILTER_XT_TARGET_TEE)",
     "multiport": "the multiport match (CONFIG_NETFILTER_XT_MATCH_MULTIPORT)",
     "mark": "the mark match (CONFIG_NETFILTER_XT_MATCH_MARK)",
+    "bpf": "the bpf match, for tuning.fast_path (CONFIG_NETFILTER_XT_MATCH_BPF)",
 }
 
 
@@ -66,7 +67,7 @@ def _jump_present(h: Hook) -> bool:
     return _iptables("iptables", "-w", "-t", h.table, "-C", h.builtin, "-j", h.chain).returncode == 0
 
 
-def apply(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> None:
+def apply(cfg: Config, role: str, fence: bool = False, clone: bool = True, fast_prog: str | None = None) -> None:
     """Replace the role's rules in one transaction: chains that exist are
     flushed and refilled, never left empty in between. (A backup restarting
     over its exit fence must not have a moment without it: its stack would
@@ -74,7 +75,7 @@ def apply(cfg: Config, role: str, fence: bool = False, clone: bool = True) -> No
     require_iptables()
     present = frozenset(h.chain for h in hooks(cfg, role) if _jump_present(h))
     r = _iptables("iptables-restore", "-w", "--noflush",
-                  stdin=render(cfg, role, fence=fence, clone=clone, jumps_present=present))
+                  stdin=render(cfg, role, fence=fence, clone=clone, jumps_present=present, fast_prog=fast_prog))
     if r.returncode != 0:
         teardown_hooks(hooks(cfg, role))
         raise FirewallError("iptables-restore refused the %s rules: %s" % (role, explain_restore_error(r.stderr)))

@@ -169,7 +169,8 @@ def _percentile(values: list[float], q: float) -> Optional[float]:
     return round(percentile(values, q), 1) if values else None
 
 
-def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[str] = None) -> Cell:
+def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[str] = None,
+             fast_path: bool = False) -> Cell:
     """One cell in a fresh lab. If it fails and ``keep_dir`` is given, the
     daemons' and applications' logs, the client's capture and its report are
     kept in a directory under it named after the cell."""
@@ -181,7 +182,7 @@ def run_cell(point: str, workload: str, n: int, loss: int, keep_dir: Optional[st
     done = threading.Event()
     snapper: Optional[threading.Thread] = None
     try:
-        lab.up(progress=lambda *_: None)
+        lab.up(progress=lambda *_: None, fast_path=fast_path)
         _loss(loss)
         for rule in hold:
             lab.sh("iptables", "-w", "-I", *rule, ns=lab.NS_CLIENT)
@@ -268,11 +269,12 @@ def connection_failures(conns: list[dict[str, Any]], n: int, error: Optional[str
 
 
 def run(points=POINTS, workloads=WORKLOADS, conns=CONNS, losses=LOSS,
-        progress: Callable[[str], None] = print, keep_dir: Optional[str] = None) -> list[Cell]:
+        progress: Callable[[str], None] = print, keep_dir: Optional[str] = None,
+        fast_path: bool = False) -> list[Cell]:
     cells = [(p, w, n, lo) for lo in losses for n in conns for p in points for w in workloads]
     out = []
     for i, (p, w, n, lo) in enumerate(cells, 1):
-        c = run_cell(p, w, n, lo, keep_dir)
+        c = run_cell(p, w, n, lo, keep_dir, fast_path)
         out.append(c)
         progress("[%d/%d] %-34s %s  gap p50 %s, p99 %s  (%.0f s)%s" % (
             i, len(cells), c.name, "ok  " if c.ok else "FAIL", _ms(c.gap_p50_ms), _ms(c.gap_p99_ms), c.seconds,

@@ -21,6 +21,7 @@ from typing import Optional
 from . import tcpseg
 from .control import first_unprotected
 from .divergence import OutputHasher
+from .fastpath import FastState, Limits
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync
 from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min
 from .syncproto import MAX_DIGESTS, MAX_UNPROTECT, Confirm, ConnIsn, Digest, DigestEntry, Diverged, Unprotect
@@ -91,6 +92,7 @@ class PrimaryConfig:
     max_lag: int = 256 * 1024  # bytes our output may run ahead of the backup's; 0 = unbounded
     lag_hold_s: float = 2.0
     idle_expiry_s: float = 4 * 3600.0  # forget a connection we have not sent on for this long
+    fast_path: bool = False  # the kernel takes in-order data segments within our limits (fastpath.py)
 
 
 @dataclass
@@ -111,6 +113,9 @@ class PrimaryCore:
     holding: set[ConnKey] = field(default_factory=set)
     deferring: set[ConnKey] = field(default_factory=set)
     next_sweep: float = 0.0
+    # Connections whose fast-path limits may have changed (fast_limits), for
+    # the driver to bring its map up to date.
+    fast_dirty: set[ConnKey] = field(default_factory=set)
 
     # -- packets -------------------------------------------------------------
 
@@ -134,6 +139,8 @@ class PrimaryCore:
             return [Accept(), Log("connection_unprotected", "warning",
                                   {"conn": key, "reason": conn.reason})]
         conn.last_seen = now
+        if self.cfg.fast_path:
+            self.fast_dirty.add(key)
         if seg.flags & FIN:
             conn.fin_sent = True
         if seg.flags & (FIN | RST) and conn.closing_since is None:
@@ -197,10 +204,12 @@ class PrimaryCore:
         conn.snd_nxt = seg.end_seq
         conn.wscale = seg.wscale or 0
         self._remember(conn, seg)
+        if self.cfg.fast_path:
+            self.fast_dirty.add(key)
         out: list[Action] = out0
         if not conn.protected:
             return out + [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
-        if conn.hasher is None:
+        if conn.hasher is None and not self.cfg.fast_path:  # (fast bytes are never seen here: no digests)
             conn.hasher = OutputHasher((seg.seq + 1) & 0xFFFFFFFF)
         # Sent again with every retransmission of the SYN-ACK, and on ticks
         # until the backup has mapped the connection: the sync link may lose it.
@@ -301,6 +310,8 @@ class PrimaryCore:
                     self.early_confirms[key] = (ack, now)
                 continue
             conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
+            if self.cfg.fast_path:
+                self.fast_dirty.add(key)
             if pos is not None:
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
                 conn.isn_msg = None  # mapped: no more resends
@@ -335,6 +346,7 @@ class PrimaryCore:
             return []
         conn.protected, conn.reason = False, REASON_DIVERGED
         conn.hasher = None
+        self._fast_off(conn)
         return self._release_all(conn) + [Count("diverged"), Log("connection_diverged", "error", {
             "conn": msg.key, "offset": msg.offset, "note": "the application is not deterministic; "
             "this connection is unprotected and would be reset at a failover"})]
@@ -436,6 +448,7 @@ class PrimaryCore:
         for conn in self.conns.values():
             if conn.protected:
                 conn.protected, conn.reason = False, REASON_BACKUP_LOST
+                self._fast_off(conn)
                 out += self._release_all(conn)
         return out
 
@@ -479,6 +492,7 @@ class PrimaryCore:
             if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \
                     (now - conn.last_seen > self.cfg.idle_expiry_s and not conn.deferred and conn.held_synack is None):
                 del self.conns[key]
+                self._fast_off(conn)
         for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
             del self.early_confirms[key]
         return out
@@ -487,6 +501,7 @@ class PrimaryCore:
         """Stop protecting one connection. The backup hears it first (the
         Unprotect message goes out before anything we held back is released)."""
         conn.protected, conn.reason = False, reason
+        self._fast_off(conn)
         self.unprotect_until[conn.key] = now + UNPROTECT_REPEAT_S
         return ([SendSync(Unprotect((conn.key,)))] + self._release_all(conn)
                 + [Log("connection_unprotected", "warning", {"conn": conn.key, "reason": reason})])
@@ -496,6 +511,59 @@ class PrimaryCore:
             del self.unprotect_until[key]
         keys = list(self.unprotect_until)
         return [SendSync(Unprotect(tuple(keys[i:i + MAX_UNPROTECT]))) for i in range(0, len(keys), MAX_UNPROTECT)]
+
+    # -- the kernel fast path (fastpath.py) --------------------------------------
+
+    def _fast_off(self, conn: PrimaryConn) -> None:
+        if self.cfg.fast_path:
+            self.fast_dirty.add(conn.key)
+
+    def fast_limits(self, key: ConnKey) -> Optional[Limits]:
+        """What the kernel may let out of this connection without us, or None
+        (then its entry goes, and every segment comes to us): exactly the
+        segments on_outbound would accept unchanged. Limits follow the
+        backup's confirmations; one not yet handed to the kernel is stricter."""
+        conn = self.conns.get(key)
+        if (conn is None or not self.cfg.fast_path or not conn.protected or not self.backup_following
+                or not conn.has_ts or conn.held_synack is not None or conn.deferred
+                or conn.closing_since is not None or conn.fin_sent or conn.confirmed is None
+                or conn.backup_pos is None or conn.last_ack_sent is None):
+            # (Deferred: the next segment in order waits here; none may pass it.)
+            return None
+        allowed = seq_max(conn.confirmed, conn.last_ack_sent)
+        seq_limit = conn.backup_pos + self.cfg.max_lag if self.cfg.max_lag else conn.snd_nxt + (1 << 30)
+        if conn.backup_edge is None:
+            win_limit = allowed + (0xFFFF << conn.wscale)  # (_window_for leaves the window alone)
+        elif conn.shown_edge is not None and seq_gt(conn.shown_edge, conn.backup_edge):
+            win_limit = conn.shown_edge
+        else:
+            win_limit = conn.backup_edge
+        return Limits(conn.snd_nxt, seq_limit, allowed, win_limit, conn.wscale)
+
+    def absorb_fast(self, key: ConnKey, st: FastState, now: float) -> None:
+        """What the kernel sent of this connection without us (its last fast
+        segment): our stack's position, ack, window and timestamps, as if we
+        had seen it, so that an ack we build carries current ones (an older
+        TSval would make the client drop it: PAWS)."""
+        conn = self.conns.get(key)
+        if conn is None or not st.packets:
+            return
+        frontier = seq_ge(st.next_fast, conn.snd_nxt)
+        conn.snd_nxt = seq_max(conn.snd_nxt, st.next_fast)
+        conn.latest_ack = st.last_ack if conn.latest_ack is None else seq_max(conn.latest_ack, st.last_ack)
+        if conn.last_ack_sent is not None:
+            conn.last_ack_sent = seq_max(conn.last_ack_sent, st.last_ack)
+        if frontier:
+            conn.window = st.window
+            if seq_ge(st.tsval, conn.tsval):
+                conn.tsval, conn.tsecr = st.tsval, st.tsecr
+        if conn.backup_edge is not None:
+            edge = (st.last_ack + (st.window << conn.wscale)) & 0xFFFFFFFF
+            if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
+                conn.shown_edge = edge
+        if conn.last_ack_sent is not None:
+            conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
+        conn.last_seen = now
 
     def release_everything(self) -> list[Action]:
         """On shutdown: the primary fails open, nothing stays held."""

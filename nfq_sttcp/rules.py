@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import fastpath
 from .config import Config
 
 ROLES = ("primary", "backup")
@@ -76,14 +77,16 @@ def render_clone_hook(cfg: Config) -> str:
 
 
 def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
-           jumps_present: frozenset[str] = frozenset()) -> str:
+           jumps_present: frozenset[str] = frozenset(), fast_prog: str | None = None) -> str:
     """iptables-restore input for ``role``.
 
     ``fence=True`` renders a silenced server: its replies are dropped
     outright. A backup's daemon leaves it when it exits; a primary that
     stepped down for a switchover leaves it (with its clone rules) too. ``clone=False``
     leaves the primary's clone chain empty (the daemon fills it once a backup
-    follows).
+    follows). ``fast_prog``, the pinned path of the primary's fast-path
+    program (fastpath.py), puts its match in front of the queue rule; only
+    the daemon renders it, while its program is loaded.
     """
     hs = hooks(cfg, role)
     mark = "-m mark ! --mark 0x%x" % cfg.mark
@@ -102,6 +105,8 @@ def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
             if fence:
                 body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s -j DROP" % (out.chain, vip, ports))
             else:
+                if fast_prog is not None:
+                    body["mangle"].append(fastpath.rule(out.chain, cfg.vip, ports, cfg.mark, fast_prog))
                 body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d "
                                       "--queue-bypass" % (out.chain, vip, ports, mark, cfg.queue_primary_out))
     else:

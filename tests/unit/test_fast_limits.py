@@ -1,0 +1,124 @@
+"""The primary's fast-path limits (PrimaryCore.fast_limits, absorb_fast): the
+kernel may let out only what on_outbound would have accepted unchanged.
+
+``kernel_passes`` restates the program's conditions (fastpath.py; the
+kernel's own run of them is in tests/netns/test_fast_path.py) so that the
+limits can be checked against the core on many made-up segments."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nfq_sttcp import fastpath, tcpseg
+from nfq_sttcp.actions import Accept, Drop
+from nfq_sttcp.fastpath import FastState, Limits
+from nfq_sttcp.primary import PrimaryConfig, PrimaryCore
+from nfq_sttcp.rules import render
+from nfq_sttcp.config import Config
+from nfq_sttcp.seqmath import seq_le
+from nfq_sttcp.syncproto import Confirm, ConfirmEntry
+from nfq_sttcp.tcpseg import ACK, FIN, PSH
+
+from .helpers import KEY, VIP, from_server, server_synack
+
+PORTS = frozenset({7000})
+
+
+def kernel_passes(lim: Limits, next_fast: int, data: bytes) -> bool:
+    seg = tcpseg.parse(data)
+    expected = lim.next_slow if (lim.next_slow - next_fast) & 0xFFFFFFFF not in (0,) and \
+        (lim.next_slow - next_fast) & 0xFFFFFFFF < 1 << 31 else next_fast
+    return (seg.flags in (ACK, ACK | PSH) and seg.payload_len > 0 and seg.doff == 32 and seg.has_ts
+            and seg.sack_off < 0 and seg.seq == expected and seq_le(seg.end_seq, lim.seq_limit)
+            and seq_le(seg.ack, lim.ack_limit)
+            and seq_le((seg.ack + (seg.window << lim.wscale)) & 0xFFFFFFFF, lim.win_limit))
+
+
+def protected(max_lag=256 * 1024, edge=None):
+    """A primary with one connection (our ISN 5000, the client's 100), its
+    handshake confirmed by the backup at output position 5001."""
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=max_lag, fast_path=True))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), edge),)), 0)
+    p.on_outbound(from_server(5001, 101, payload=b"first"), 0)  # (the client's ack of the SYN-ACK went by)
+    return p
+
+
+def test_a_confirmed_connection_gets_limits_at_the_backups_point():
+    p = protected(max_lag=1000, edge=101 + (300 << 7))
+    assert KEY in p.fast_dirty
+    lim = p.fast_limits(KEY)
+    assert lim == Limits(next_slow=5006, seq_limit=5001 + 1000, ack_limit=101, win_limit=101 + (300 << 7), wscale=7)
+    assert p.conns[KEY].hasher is None  # (no digests: the kernel's bytes never reach us)
+    nxt = from_server(5006, 101, payload=b"x" * 900, window=300)
+    assert kernel_passes(lim, 5006, nxt) and p.on_outbound(nxt, 0.1) == [Accept()]
+    assert not kernel_passes(lim, 5006, from_server(5906, 101, payload=b"x" * 200))  # beyond the lag bound
+
+
+def test_no_limits_while_deferred_unprotected_closing_or_without_a_backup():
+    p = protected(max_lag=100)
+    # beyond the lag bound: deferred, and nothing may overtake it
+    assert not [a for a in p.on_outbound(from_server(5006, 101, payload=b"x" * 200), 0.1) if isinstance(a, Accept)]
+    assert p.conns[KEY].deferred and p.fast_limits(KEY) is None
+    p = protected()
+    p.on_outbound(from_server(5006, 101, flags=ACK | FIN), 0.1)
+    assert p.fast_limits(KEY) is None
+    p = protected()
+    p.fast_dirty.clear()
+    p.set_backup_following(False, 0.1)
+    assert KEY in p.fast_dirty and p.fast_limits(KEY) is None
+    assert PrimaryCore(PrimaryConfig(VIP, PORTS)).fast_limits(KEY) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 3000)),  # next in order, or an offset
+                          st.integers(0, 400), st.integers(0, 2),  # payload, ack offset from 101
+                          st.sampled_from([ACK, ACK | PSH, ACK | FIN]), st.integers(0, 1000),
+                          st.booleans(), st.integers(0, 2)), min_size=1, max_size=12),
+       st.integers(1, 3000), st.booleans())
+def test_what_the_kernel_would_let_out_the_core_accepts_unchanged(segs, lag, with_edge):
+    """(For segments the kernel would queue, the core decides as always.)"""
+    p = protected(max_lag=lag, edge=101 + (200 << 7) if with_edge else None)
+    next_fast = p.conns[KEY].snd_nxt
+    t = 0.1
+    for off, n, ack_off, flags, window, confirm, pos_step in segs:
+        t += 0.01
+        if confirm:
+            c = p.conns[KEY]
+            p.on_confirm(Confirm((ConfirmEntry(KEY, 101 + ack_off, (c.backup_pos + 500 * pos_step) & 0xFFFFFFFF,
+                                               (), None),)), t)
+        lim = p.fast_limits(KEY)
+        seq = (p.conns[KEY].snd_nxt + (0 if off is None else off - 1500)) & 0xFFFFFFFF
+        data = from_server(seq, 101 + ack_off, flags=flags, payload=b"z" * n, window=window)
+        if lim is not None and kernel_passes(lim, next_fast, data):
+            # What the kernel did instead of us, then told us.
+            st_ = FastState((seq + n) & 0xFFFFFFFF, 101 + ack_off, window, 5000, 1000, 1, n)
+            acts = p.on_outbound(data, t)
+            assert [a for a in acts if isinstance(a, (Accept, Drop))] == [Accept()], (lim, tcpseg.parse(data))
+            next_fast = st_.next_fast
+        else:
+            p.on_outbound(data, t)
+
+
+def test_absorbing_what_the_kernel_sent_moves_our_position_ack_and_timestamps():
+    p = protected()
+    c = p.conns[KEY]
+    p.absorb_fast(KEY, FastState(9006, 101, 333, 6000, 1200, 3, 4000), 5.0)
+    assert (c.snd_nxt, c.latest_ack, c.last_ack_sent, c.window, c.tsval, c.tsecr, c.last_seen) == \
+        (9006, 101, 101, 333, 6000, 1200, 5.0)
+    # An older state never moves anything back.
+    p.absorb_fast(KEY, FastState(8006, 101, 100, 5500, 1100, 4, 5000), 6.0)
+    assert (c.snd_nxt, c.window, c.tsval) == (9006, 333, 6000)
+    # A state with no fast segment yet says nothing.
+    p.absorb_fast(KEY, FastState(1, 1, 1, 1, 1, 0, 0), 7.0)
+    assert c.snd_nxt == 9006 and c.last_seen == 6.0
+
+
+def test_the_rule_goes_in_front_of_the_queue_and_never_into_the_fence():
+    cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2")
+    text = render(cfg, "primary", fast_prog="/run/x/primary-fast")
+    lines = [line for line in text.splitlines() if line.startswith("-A STTCP-POUT")]
+    assert "-m bpf --object-pinned /run/x/primary-fast -j ACCEPT" in lines[0] and "NFQUEUE" in lines[1]
+    assert "bpf" not in render(cfg, "primary", fence=True, fast_prog="/run/x/primary-fast")
+    assert "bpf" not in render(cfg, "primary")
+    assert len(fastpath.program(3, 4)) % 8 == 0
