@@ -343,6 +343,42 @@ def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Cal
             "bytes_per_conn": {h: round((rss1[h] - rss0[h]) * 1024 / max(opened, 1)) for h in pids}}
 
 
+# == the kernel fast path ====================================================
+
+FAST_LAGS_KB = (256, 0)  # the default lag bound, and none
+
+
+def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Unshaped bulk transfers with the primary's kernel fast path on, for
+    each lag bound in FAST_LAGS_KB, against plain TCP in the same lab
+    (alternating, as _rr_pairs does: plain to the primary's own address,
+    which no rule matches). Also what share of the primary's segments left
+    by the fast path."""
+    out: dict[str, dict[str, Any]] = {}
+    for lag in FAST_LAGS_KB:
+        tag = "lag %d KB" % lag if lag else "no lag bound"
+        lab.up(progress=lambda *_: None, fast_path=True, max_lag_kb=lag)
+        try:
+            r: dict[str, Any] = {}
+            for kind in ("down", "up"):
+                progress("  fast path, %s: bulk %s, plain and protected alternating" % (tag, kind))
+                pairs = []
+                fast0 = lab.control("primary").get("fast_path", {}).get("packets", 0)
+                queued0 = _packets("primary")
+                for i in range(sizes["runs"]):
+                    order = (lab.PRIMARY_IP, lab.VIP) if i % 2 == 0 else (lab.VIP, lab.PRIMARY_IP)
+                    got = {host: _client({"kind": kind, "host": host, "bytes": sizes["bulk"], "runs": 1})[0]
+                           for host in order}
+                    pairs.append([got[lab.PRIMARY_IP], got[lab.VIP]])
+                fast = lab.control("primary").get("fast_path", {}).get("packets", 0) - fast0
+                queued = _packets("primary") - queued0
+                r[kind] = {"pairs": pairs, "fast_packets": fast, "queued_packets": queued}
+            out[str(lag)] = r
+        finally:
+            lab.down(quiet=True)
+    return out
+
+
 # == failover gaps ===========================================================
 
 FAILOVER_SPECS = {
@@ -397,12 +433,14 @@ def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str
     t0 = time.monotonic()
     res: dict[str, Any] = {"sizes": sizes, "modes": {}}
     for i, mode in enumerate(("plain", "sttcp"), 1):
-        progress("[%d/4] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
+        progress("[%d/5] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
                                              else "through nfq-sttcp"))
         res["modes"][mode] = measure_mode(mode, sizes, progress)
+    progress("[3/5] the primary's kernel fast path (tuning.fast_path)")
+    res["fast_path"] = fast_path_runs(sizes, progress)
     res["failover"] = {}
-    for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 3):
-        progress("[%d/4] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
+    for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 4):
+        progress("[%d/5] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
         res["failover"]["%dx%d" % (interval, missed)] = failover_runs(
             interval, missed, sizes["crashes"], progress, capture_dir=os.path.join(out_dir, "timeseq-%d" % interval))
     res["seconds"] = round(time.monotonic() - t0, 1)
@@ -451,6 +489,17 @@ def table(res: dict[str, Any]) -> str:
             lines.append("CPU-seconds per Gbit, unshaped %s (all CPUs): plain %.3f, nfq-sttcp %.3f, of it the "
                          "daemons %.3f" % ({"down": "download", "up": "upload"}[kind], a["all"], b["all"],
                                            b.get("daemons", 0.0)))
+    for lag, per in res.get("fast_path", {}).items():
+        for kind, r in per.items():
+            ratios = sorted(b / a for a, b in r["pairs"] if a)
+            shown = r["fast_packets"] + r["queued_packets"]
+            lines.append("fast path, %s, unshaped %s: %s Gbit/s against plain %s; ratio %.2f median (%.2f to %.2f); "
+                         "%d%% of the primary's segments fast" % (
+                             "lag %s KB" % lag if lag != "0" else "no lag bound",
+                             {"down": "download", "up": "upload"}[kind],
+                             "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
+                             _pct(ratios, 0.5), ratios[0], ratios[-1],
+                             round(100 * r["fast_packets"] / shown) if shown else 0))
     lines.append("")
     lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
                                                           "detect p50", "takeover", "resume"))

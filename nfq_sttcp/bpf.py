@@ -47,17 +47,21 @@ def map_create(key_size: int, value_size: int, max_entries: int, name: str) -> i
 
 
 def prog_load(insns: bytes, prog_type: int, name: str) -> int:
+    """Load without the verifier's log; on a refusal, again with it, for the error."""
     lic = ctypes.create_string_buffer(b"GPL")
     code = ctypes.create_string_buffer(insns, len(insns))
     log = ctypes.create_string_buffer(1 << 16)
-    attr = struct.pack("=IIQQIIQII16s", prog_type, len(insns) // 8, ctypes.addressof(code), ctypes.addressof(lic),
-                       1, len(log), ctypes.addressof(log), 0, 0, name.encode()[:15])
-    try:
-        return _call(_PROG_LOAD, attr, "loading %s" % name)
-    except OSError as e:
-        text = log.value.decode(errors="replace").strip().splitlines()
-        raise BpfError("the kernel refused the eBPF program %s: %s%s" % (
-            name, e.strerror, (" (verifier: %s)" % " | ".join(text[-6:])) if text else "")) from None
+    for level in (0, 1):
+        attr = struct.pack("=IIQQIIQII16s", prog_type, len(insns) // 8, ctypes.addressof(code),
+                           ctypes.addressof(lic), level, len(log) if level else 0, ctypes.addressof(log) if level else 0,
+                           0, 0, name.encode()[:15])
+        try:
+            return _call(_PROG_LOAD, attr, "loading %s" % name)
+        except OSError as e:
+            err = e
+    text = log.value.decode(errors="replace").strip().splitlines()
+    raise BpfError("the kernel refused the eBPF program %s: %s%s" % (
+        name, err.strerror, (" (verifier: %s)" % " | ".join(text[-6:])) if text else ""))
 
 
 def obj_pin(fd: int, path: str) -> None:
@@ -122,11 +126,14 @@ def is_bpffs(path: str) -> bool:
 
 def ensure_bpffs(path: str) -> bool:
     """A bpf file system at ``path`` (made if needed); True if we mounted it."""
+    made = not os.path.isdir(path)
     os.makedirs(path, mode=0o700, exist_ok=True)
     if is_bpffs(path):
         return False
     if _libc.mount(b"bpf", path.encode(), b"bpf", 0, None) != 0:
         e = ctypes.get_errno()
+        if made:
+            os.rmdir(path)
         raise BpfError("cannot mount a bpf file system at %s: %s" % (path, os.strerror(e)))
     return True
 

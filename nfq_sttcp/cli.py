@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keepalived's VRRP owns the VIP (vip_owner = \"keepalived\"); needs the keepalived package")
     p.add_argument("--fast-path", action="store_true",
                    help="the primary's kernel fast path (tuning.fast_path; divergence detection off)")
+    p.add_argument("--max-lag-kb", type=int, default=256,
+                   help="tuning.max_backup_lag_kb: how far the primary's output may run ahead of the backup's "
+                        "(0 = unbounded; default %(default)s)")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     lsub.add_parser("switchover", help="planned handover to the backup")
@@ -499,7 +502,7 @@ def _lab(args: argparse.Namespace) -> int:
                 return _die("--port goes with --app (the built-in app uses 7000-7004)")
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
                    missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons,
-                   keepalived=args.keepalived, fast_path=args.fast_path)
+                   keepalived=args.keepalived, fast_path=args.fast_path, max_lag_kb=args.max_lag_kb)
             return 0
         if args.lab_cmd == "down":
             lab.down()

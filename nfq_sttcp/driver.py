@@ -15,6 +15,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import time
 from collections import Counter
 from typing import Any, Callable, Optional
@@ -271,6 +272,8 @@ class Daemon:
         if self._cloning is not None:
             self._cloning.stop()  # before the rules go: it must not re-add any
         if self.primary is not None and self.deferred:
+            if self.fast is not None:
+                self.fast.absorb(self.primary, self.fast.owing(self.primary), time.monotonic())
             try:
                 self._perform(self.primary.release_everything())
             except Exception as e:
@@ -487,13 +490,11 @@ class Daemon:
         if self.fast is None:  # (a promoted backup's core: no fast path there)
             self.primary.fast_dirty.clear()
             return
-        try:
-            self.fast.sync(self.primary)
-        except OSError as e:
-            # The connection's segments keep coming to us: slower, still right.
-            self.primary.fast_dirty.clear()
-            self.counters["fast_map_errors"] += 1
-            self.log.warning("fast_path_map_error", error=e.strerror)
+        errors = self.fast.sync(self.primary)
+        if errors:
+            # Those connections' segments keep coming to us: slower, still right.
+            self.counters["fast_map_errors"] += errors
+            self.log.warning("fast_path_map_errors", errors=errors)
 
     def _batch_end(self) -> None:
         now = time.monotonic()
@@ -662,7 +663,11 @@ class Daemon:
             if changed:
                 self._backup_changed(False, now)
             if self.fast is not None and now >= self.primary.next_sweep:
-                self.fast.absorb(self.primary, list(self.fast.entries), now)  # (last_seen: not idle)
+                # Before the sweep forgets a connection as idle: the kernel
+                # may have been sending for it all along.
+                half = self.primary.cfg.idle_expiry_s / 2
+                self.fast.absorb(self.primary, [k for k in self.fast.entries if (c := self.primary.conns.get(k))
+                                                is not None and now - c.last_seen > half], now)
             self._perform(self.primary.on_tick(now))
         if self.backup is not None:
             self._perform(self.backup.on_tick(now))
@@ -672,6 +677,11 @@ class Daemon:
         host without its daemon would answer the clones from its own stack."""
         assert self.primary is not None and self._cloning is not None
         self._cloning.set(following)
+        if not following and self.fast is not None:
+            # The acks owed go out now, unclamped: with our stack's latest
+            # position and timestamps, which only the kernel saw (an older
+            # TSval or sequence number, and the client drops the ack).
+            self.fast.absorb(self.primary, self.fast.owing(self.primary), now)
         self._perform(self.primary.set_backup_following(following, now))
 
     def _watchdog_tick(self, now: float) -> None:
@@ -1133,80 +1143,127 @@ class _FastPath:
     connection that PrimaryCore.fast_limits allows.
 
     The pin lives in a bpf file system beside the control sockets
-    (/run/nfq-sttcp/bpf/<chain prefix>), mounted there: ``ip netns exec`` gives a
-    process a /sys of its own, without the host's /sys/fs/bpf, and the match
-    resolves the path in the mount namespace of the iptables that adds it
-    (our child: it shares ours). A daemon that dies leaves the rule's
-    program running on its last limits, which only ever allow what the
-    backup had confirmed; beyond them segments go to the queue, and a
-    missing listener passes them (--queue-bypass), as without a fast path.
+    (<control_socket_dir>/bpf/<chain prefix>), mounted there: ``ip netns
+    exec`` gives a process a /sys of its own, without the host's
+    /sys/fs/bpf, and the match resolves the path in the mount namespace of
+    the iptables that adds it (our child: it shares ours). A daemon that
+    dies leaves the rule's program running on its last limits, which only
+    ever allow what the backup had confirmed; beyond them segments go to the
+    queue, and a missing listener passes them (--queue-bypass), as without a
+    fast path.
+
+    An entry belongs to one connection (its ISN): a new connection on the
+    same ports gets new entries, never the old one's position or acks.
     """
 
     MAX_CONNS = 1 << 20
+    SYNC_BUDGET = 512  # entries changed per loop turn: losing the backup dirties every one at once
 
-    def __init__(self, cfg: Config) -> None:
-        from . import bpf, fastpath
+    def __init__(self, cfg: Config, bpf_mod: Any = None) -> None:
+        from . import fastpath
 
-        self.bpf, self.fp = bpf, fastpath
+        if bpf_mod is None:
+            from . import bpf as bpf_mod
+        self.bpf, self.fp = bpf_mod, fastpath
+        if sys.byteorder != "little":
+            raise bpf_mod.BpfError("the fast path's program reads headers as a little-endian host does")
         self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
-        bpf.ensure_bpffs(self.dir)
         self.pinned = os.path.join(self.dir, "primary-fast")
         self.fds: list[int] = []
+        # key -> (key bytes, the connection's ISN, limits handed to the kernel, packets absorbed so far)
+        self.entries: dict[tcpseg.ConnKey, tuple[bytes, int, Any, int]] = {}
+        self.packets = 0
         try:
-            self.limits = bpf.map_create(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS, "sttcp_limits")
+            bpf_mod.ensure_bpffs(self.dir)
+            self.limits = bpf_mod.map_create(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS,
+                                             "sttcp_limits")
             self.fds.append(self.limits)
-            self.state = bpf.map_create(fastpath.KEY.size, fastpath.STATE.size, self.MAX_CONNS, "sttcp_state")
+            self.state = bpf_mod.map_create(fastpath.KEY.size, fastpath.STATE.size, self.MAX_CONNS, "sttcp_state")
             self.fds.append(self.state)
-            prog = bpf.prog_load(fastpath.program(self.limits, self.state), fastpath.PROG_TYPE_SOCKET_FILTER,
-                                 "sttcp_fast")
+            prog = bpf_mod.prog_load(fastpath.program(self.limits, self.state), fastpath.PROG_TYPE_SOCKET_FILTER,
+                                     "sttcp_fast")
             self.fds.append(prog)
             if os.path.lexists(self.pinned):
                 os.unlink(self.pinned)  # a dead daemon's: the rules we apply replace its rule
-            bpf.obj_pin(prog, self.pinned)
+            bpf_mod.obj_pin(prog, self.pinned)
         except Exception:
             self.close()
             raise
-        # key -> (key bytes, limits handed to the kernel, packets absorbed so far)
-        self.entries: dict[tcpseg.ConnKey, tuple[bytes, Any, int]] = {}
-        self.packets = self.bytes = 0
 
-    def sync(self, core: PrimaryCore) -> None:
-        """Bring the maps in line with the core's limits for every
-        connection it marked. The state entry goes in first (the program
-        needs both), with the position it must continue from."""
-        for key in core.fast_dirty:
-            lim = core.fast_limits(key)
-            have = self.entries.get(key)
-            if lim is None:
-                if have is not None:
-                    self.bpf.map_delete(self.limits, have[0])
-                    self.bpf.map_delete(self.state, have[0])
-                    del self.entries[key]
-                continue
-            if have is None:
-                kb = self.fp.key_bytes(key[0], key[1], key[3])
-                self.bpf.map_update(self.state, kb, self.fp.FastState.initial(lim.next_slow))
-                self.bpf.map_update(self.limits, kb, lim.pack())
-                self.entries[key] = (kb, lim, 0)
-            elif have[1] != lim:
-                self.bpf.map_update(self.limits, have[0], lim.pack())
-                self.entries[key] = (have[0], lim, have[2])
-        core.fast_dirty.clear()
+    def sync(self, core: PrimaryCore) -> int:
+        """Bring the maps in line with the core's limits for (at most
+        SYNC_BUDGET of) the connections it marked; the rest wait for the
+        next turn, their entries meanwhile stricter than need be, never
+        looser. The state entry goes in first (the program needs both),
+        with the position it must continue from. Returns the map errors:
+        a connection whose entry cannot be written loses it, and its
+        segments come to us."""
+        errors = 0
+        for _ in range(min(self.SYNC_BUDGET, len(core.fast_dirty))):
+            key = core.fast_dirty.pop()
+            try:
+                self._sync_one(core, key)
+            except OSError:
+                errors += 1
+                self._drop(key)
+        return errors
+
+    def _sync_one(self, core: PrimaryCore, key: tcpseg.ConnKey) -> None:
+        conn = core.conns.get(key)
+        lim = core.fast_limits(key)
+        have = self.entries.get(key)
+        if have is not None and (lim is None or conn is None or conn.isn != have[1]):
+            self.absorb(core, (key,), time.monotonic())  # (its last fast segments, before they are forgotten)
+            self._drop(key)
+            have = None
+        if lim is None or conn is None:
+            return
+        if have is None:
+            kb = self.fp.key_bytes(key[0], key[1], key[3])
+            self.entries[key] = (kb, conn.isn, lim, 0)
+            self.bpf.map_update(self.state, kb, self.fp.FastState.initial(lim.next_slow))
+            self.bpf.map_update(self.limits, kb, lim.pack())
+        elif have[2] != lim:
+            self.entries[key] = (have[0], have[1], lim, have[3])
+            self.bpf.map_update(self.limits, have[0], lim.pack())
+
+    def _drop(self, key: tcpseg.ConnKey) -> None:
+        have = self.entries.pop(key, None)
+        if have is None:
+            return
+        for fd in (self.limits, self.state):  # (limits first: without them the program queues)
+            try:
+                self.bpf.map_delete(fd, have[0])
+            except OSError:
+                pass
 
     def absorb(self, core: PrimaryCore, keys: Any, now: float) -> None:
         """Tell the core what the kernel sent of ``keys`` without it."""
         for key in keys:
             have = self.entries.get(key)
-            if have is None:
+            conn = core.conns.get(key)
+            if have is None or conn is None or conn.isn != have[1]:
                 continue
             raw = self.bpf.map_lookup(self.state, have[0], self.fp.STATE.size)
             if raw is None:
                 continue
             st = self.fp.FastState.unpack(raw)
-            if st.packets != have[2]:
-                self.packets += st.packets - have[2]
+            if st.packets != have[3]:
+                self.packets += (st.packets - have[3]) & 0xFFFFFFFFFFFFFFFF
                 core.absorb_fast(key, st, now)
-                self.entries[key] = (have[0], have[1], st.packets)
+                self.entries[key] = (have[0], have[1], have[2], st.packets)
+            behind = (have[2].next_slow - st.next_fast) & 0xFFFFFFFF
+            if 1 << 28 < behind < 1 << 31:
+                # Nothing went fast for 256 MB: bring the program's own position
+                # up, before it wraps around to look current (the program
+                # trusts it only within 1 GB ahead of the daemon's).
+                self.bpf.map_update(self.state, have[0], self.fp.STATE.pack(
+                    have[2].next_slow, st.last_ack, st.window, st.tsval, st.tsecr, 0, st.packets, st.bytes))
+
+    def owing(self, core: PrimaryCore) -> list[tcpseg.ConnKey]:
+        """Connections with an ack owed to the client: what a fail-open
+        release injects needs their latest timestamps."""
+        return [k for k in self.entries if (c := core.conns.get(k)) is not None and c.owed_ack]
 
     def close(self) -> None:
         for fd in self.fds:

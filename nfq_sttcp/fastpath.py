@@ -13,9 +13,10 @@ as before:
   the connection is protected, its handshake done, nothing deferred, and
   the backup's position and ack known: PrimaryCore.fast_limits);
 * it is next in order: its sequence number is where the later of two ended,
-  the last fast segment and the last segment the daemon accepted. A
-  segment queued for any reason makes every later one miss, so nothing ever
-  overtakes a queued segment, and a resend is never next;
+  the last fast segment and the last segment the daemon accepted (the fast
+  one counts only up to 1 GB ahead: further, it is an old one wrapped
+  round). A segment queued for any reason makes every later one miss, so
+  nothing ever overtakes a queued segment, and a resend is never next;
 * it ends within the lag bound (the backup's output position plus
   max_backup_lag_kb), its ack is within what the backup confirmed, and its
   window's right edge within the backup's (the daemon's clamps, as limits).
@@ -95,7 +96,7 @@ _W, _H, _B, _DW = 0x00, 0x08, 0x10, 0x18
 _K, _X = 0x00, 0x08
 _ADD, _SUB, _AND, _LSH, _RSH, _MOV, _END = 0x00, 0x10, 0x50, 0x60, 0x70, 0xB0, 0xD0
 _TO_BE = 0x08
-_JEQ, _JNE, _JSGT, _JSLE, _CALL, _EXIT = 0x10, 0x50, 0x60, 0xD0, 0x80, 0x90
+_JA, _JEQ, _JGT, _JNE, _JSGT, _JSLE, _CALL, _EXIT = 0x00, 0x10, 0x20, 0x50, 0x60, 0xD0, 0x80, 0x90
 _PSEUDO_MAP_FD = 1
 FUNC_MAP_LOOKUP_ELEM, FUNC_SKB_LOAD_BYTES = 1, 26
 PROG_TYPE_SOCKET_FILTER = 1
@@ -218,9 +219,12 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.be(R2, 32)  # seq
     a.ldx(_W, R3, R9, 0)  # where the last fast segment ended,
     a.ldx(_W, R4, R8, 0)  # or the last one the daemon accepted, whichever is later
-    a.op(_ALU32 | _MOV | _X, R5, R4)
-    a.op(_ALU32 | _SUB | _X, R5, R3)
-    a.jmp(_JSLE, R5, 0, "expected", cls=_JMP32)
+    a.op(_ALU32 | _MOV | _X, R5, R3)
+    a.op(_ALU32 | _SUB | _X, R5, R4)  # how far the fast one is ahead:
+    a.jmp(_JSLE, R5, 0, "daemons", cls=_JMP32)
+    a.jmp(_JGT, R5, 1 << 30, "daemons", cls=_JMP32)  # (further is an old one, wrapped round)
+    a.jmp(_JA, 0, 0, "expected")
+    a.label("daemons")
     a.movr(R3, R4)
     a.label("expected")
     a.jmp(_JNE, R2, 0, "queue", src=R3)  # (a resend is never next: it goes to the queue)
