@@ -27,6 +27,13 @@ what the daemon would have learnt from the segment (the end, ack, window,
 timestamps) into the state map; the daemon reads it back before it builds
 an ack of its own (PrimaryCore.absorb_fast).
 
+Once a segment of a connection is queued, the fast path takes that
+connection's segments again only when the queue holds none of them: under
+a steady send the stack refills the queue as each verdict frees room (TCP
+small queues count a queued packet as still in flight), so it rarely
+empties. With the lag bound reached at every turn (a backup slower than
+the primary), most segments stay on the queue.
+
 What the fast path costs: the daemon never sees those bytes, so the output
 digests of divergence detection are off (``tuning.fast_path`` turns them
 off on both hosts).
@@ -203,18 +210,13 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.stx(_H, FP, _KEY + 4, R2)
     a.ldx(_H, R2, FP, _at(20))
     a.stx(_H, FP, _KEY + 6, R2)
-    a.map_fd(R1, limits_fd)
-    a.movr(R2, FP)
-    a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
-    a.call(FUNC_MAP_LOOKUP_ELEM)
-    a.jmp(_JEQ, R0, 0, "queue")
-    a.movr(R8, R0)
-    a.map_fd(R1, state_fd)
-    a.movr(R2, FP)
-    a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
-    a.call(FUNC_MAP_LOOKUP_ELEM)
-    a.jmp(_JEQ, R0, 0, "queue")
-    a.movr(R9, R0)
+    for fd, dst in ((limits_fd, R8), (state_fd, R9)):  # each entry's value, or to the queue
+        a.map_fd(R1, fd)
+        a.movr(R2, FP)
+        a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
+        a.call(FUNC_MAP_LOOKUP_ELEM)
+        a.jmp(_JEQ, R0, 0, "queue")
+        a.movr(dst, R0)
     a.ldx(_W, R2, FP, _at(24))
     a.be(R2, 32)  # seq
     a.ldx(_W, R3, R9, 0)  # where the last fast segment ended,
