@@ -41,6 +41,8 @@ FEATURE_FIX = {
     "mark": "modprobe xt_mark (CONFIG_NETFILTER_XT_MARK)",
     "nfnetlink_queue": "modprobe nfnetlink_queue (CONFIG_NETFILTER_NETLINK_QUEUE): /proc/net/netfilter/"
                        "nfnetlink_queue appears once it is loaded",
+    "fast path": "tuning.fast_path needs the bpf() system call (CONFIG_BPF_SYSCALL) and the bpf match "
+                 "(modprobe xt_bpf; CONFIG_NETFILTER_XT_MATCH_BPF); or set fast_path = false",
 }
 
 
@@ -81,7 +83,37 @@ def _run(argv: list[str], ns: Optional[str] = None) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def _try_features() -> dict[str, str]:
+def _try_fast_path(scratch: str) -> str:
+    """The primary's fast path, tried: its program loaded, pinned and put
+    behind a bpf match in the scratch namespace ("" when that works)."""
+    import tempfile
+
+    from . import bpf, fastpath
+
+    fds: list[int] = []
+    d = tempfile.mkdtemp(prefix="nfq-sttcp-doctor-bpf-")
+    try:
+        bpf.ensure_bpffs(d)
+        for size in (fastpath.LIMITS.size, fastpath.STATE.size):
+            fds.append(bpf.map_create(fastpath.KEY.size, size, 16, "doctor"))
+        fds.append(bpf.prog_load(fastpath.program(fds[0], fds[1]), fastpath.PROG_TYPE_SOCKET_FILTER, "doctor"))
+        bpf.obj_pin(fds[2], os.path.join(d, "fast"))
+        r = _run(["iptables", "-w", "-t", "mangle", "-A", "POSTROUTING", "-m", "bpf", "--object-pinned",
+                  os.path.join(d, "fast"), "-j", "ACCEPT"], ns=scratch)
+        return "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
+    except (bpf.BpfError, OSError) as e:
+        return str(e)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        if os.path.exists(os.path.join(d, "fast")):
+            os.unlink(os.path.join(d, "fast"))
+        if bpf.is_bpffs(d):
+            bpf.unmount(d)
+        os.rmdir(d)
+
+
+def _try_features(fast_path: bool = False) -> dict[str, str]:
     """Each netfilter feature nfq-sttcp uses, tried in a scratch namespace:
     "" when it works, else the error."""
     rules = {
@@ -106,6 +138,8 @@ def _try_features() -> dict[str, str]:
         for name, argv in rules.items():
             r = _run(["iptables", "-w"] + argv, ns=scratch)
             out[name] = "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
+        if fast_path:
+            out["fast path"] = _try_fast_path(scratch)
     finally:
         _run(["ip", "netns", "del", scratch])  # also when killed by SIGTERM (raised as KeyboardInterrupt)
         signal.signal(signal.SIGTERM, old)
@@ -158,7 +192,8 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "role": role,
         "root": os.geteuid() == 0,
         "iptables": r.stdout.strip() if r.returncode == 0 else "",
-        "features": _try_features() if os.geteuid() == 0 else {},
+        "features": _try_features(cfg.fast_path and role == "primary") if os.geteuid() == 0 else {},
+        "fast_path": cfg.fast_path,
         "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
         "lan_mtu": _mtu(cfg.lan_interface),
         "addresses": sorted(addresses),
@@ -266,6 +301,14 @@ def _compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[Finding]:
                                "unprotected" % key))
         else:
             out.append(Finding(OK, "%s alike (%s)" % (label, a.get(key))))
+    if mine.get("fast_path") is not None and theirs.get("fast_path") is not None:
+        if mine["fast_path"] != theirs["fast_path"]:
+            out.append(Finding(FAIL, "fast path", "%s: tuning.fast_path %s vs %s" % (
+                who, mine["fast_path"], theirs["fast_path"]), "set tuning.fast_path the same on both hosts: a "
+                "primary with it sends no output digests, and a backup without it waits 16 MB for them on every "
+                "connection"))
+        else:
+            out.append(Finding(OK, "fast path alike (%s)" % ("on" if mine["fast_path"] else "off")))
     wa, wb = window_scale(a), window_scale(b)
     if wa != wb:
         out.append(Finding(FAIL, "window scale", "%s: %s vs %s (from tcp_rmem %r / %r, rmem_max %s / %s)" % (

@@ -2,6 +2,7 @@
 sync link; then with a setting broken on purpose, which it must name."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,3 +42,18 @@ def test_doctor_passes_the_lab_and_names_what_breaks_a_migration(make_lab):
     assert bad["sysctl net.ipv4.conf.all.arp_ignore"]["fix"].startswith("sysctl -w net.ipv4.conf.all.arp_ignore=1")
     rc, rep = res["primary"]
     assert rc == 1 and [f["what"] for f in rep["findings"] if f["level"] == "fail"] == ["SACK"]
+
+
+def test_doctor_tries_the_fast_path_where_it_is_on(make_lab):
+    import glob
+    import tempfile
+
+    make_lab(fast_path=True)
+    res = doctor_pair()
+    for host, (rc, rep) in res.items():
+        assert rc == 0, [f for f in rep["findings"] if f["level"] != "ok"]
+        assert "fast path alike (on)" in [f["what"] for f in rep["findings"] if f["scope"] == "pair"]
+    tried = [f["what"] for f in res["primary"][1]["findings"]]
+    assert "kernel feature fast path" in tried  # loaded, pinned and matched in its scratch namespace
+    assert "kernel feature fast path" not in [f["what"] for f in res["backup"][1]["findings"]]
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "nfq-sttcp-doctor-bpf-*"))
