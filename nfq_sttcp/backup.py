@@ -726,14 +726,9 @@ class BackupCore:
         if at is not None:
             reason = UNPROTECTED_DIVERGED
         elif conn.checker.too_far_ahead():
-            if not conn.checker.heard:
-                # Not one digest in 16 MB: a primary with tuning.fast_path
-                # sends none. Nothing is known to differ: stop checking, keep
-                # the connection.
-                conn.checker = None
-                return [Count("divergence_unchecked"), Log("no_output_digests", "warning", {
-                    "conn": conn.key, "note": "the primary sends no output digests (tuning.fast_path on the "
-                    "primary only?): this connection's output is not checked for divergence"})]
+            # (Also what a primary with tuning.fast_path, which sends no
+            # digests, leads to when this backup has it off: doctor --peer
+            # names the difference.)
             reason, at = UNPROTECTED_UNVERIFIABLE, conn.checker.base
         if reason is None:
             return []

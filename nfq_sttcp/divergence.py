@@ -109,7 +109,7 @@ class OutputChecker:
     CRC-32C runs over the views in order, so a range may span any number of
     them."""
 
-    __slots__ = ("base", "chunks", "size", "pending", "skipped", "heard")
+    __slots__ = ("base", "chunks", "size", "pending", "skipped")
 
     def __init__(self, start: int) -> None:
         self.base = start  # sequence number of the first byte kept
@@ -121,7 +121,6 @@ class OutputChecker:
         self.size = 0
         self.pending: deque[tuple[int, int, bytes]] | tuple = ()
         self.skipped = 0  # ranges left unverified (a digest lost, or overlapping)
-        self.heard = False  # a digest of the primary's has come
 
     @property
     def end(self) -> int:
@@ -144,7 +143,6 @@ class OutputChecker:
 
     def expect(self, start: int, length: int, dig: bytes) -> None:
         """The primary's digest of [start, start+length) (mapped into our space)."""
-        self.heard = True
         if not self.pending:
             self.pending = deque()
         elif len(self.pending) >= MAX_PENDING:

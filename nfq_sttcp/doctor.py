@@ -110,7 +110,10 @@ def _try_fast_path(scratch: str) -> str:
             os.unlink(os.path.join(d, "fast"))
         if bpf.is_bpffs(d):
             bpf.unmount(d)
-        os.rmdir(d)
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def _try_features(fast_path: bool = False) -> dict[str, str]:

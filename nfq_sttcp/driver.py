@@ -273,7 +273,7 @@ class Daemon:
             self._cloning.stop()  # before the rules go: it must not re-add any
         if self.primary is not None and self.deferred:
             if self.fast is not None:
-                self.fast.absorb(self.primary, self.fast.owing(self.primary), time.monotonic())
+                self._fast_errors(self.fast.absorb(self.primary, self.fast.owing(self.primary), time.monotonic()))
             try:
                 self._perform(self.primary.release_everything())
             except Exception as e:
@@ -490,7 +490,9 @@ class Daemon:
         if self.fast is None:  # (a promoted backup's core: no fast path there)
             self.primary.fast_dirty.clear()
             return
-        errors = self.fast.sync(self.primary)
+        self._fast_errors(self.fast.sync(self.primary))
+
+    def _fast_errors(self, errors: int) -> None:
         if errors:
             # Those connections' segments keep coming to us: slower, still right.
             self.counters["fast_map_errors"] += errors
@@ -631,8 +633,9 @@ class Daemon:
             self._perform(self.backup.on_conn_isn(msg, now))
         elif isinstance(msg, Confirm) and self.primary is not None and self.switchover in (None, "failed"):
             if self.fast is not None:
-                self.fast.absorb(self.primary, (entry[0] for entry in msg.acks), now)
+                self._fast_errors(self.fast.absorb(self.primary, [entry[0] for entry in msg.acks], now))
             self._perform(self.primary.on_confirm(msg, now))
+            self._fast_sync()  # (now: a first window edge from the backup lowers a limit)
         elif isinstance(msg, Digest) and self.backup is not None and self.promoted is None:
             self._perform(self.backup.on_digest(msg, now))
         elif isinstance(msg, Unprotect) and self.backup is not None and self.promoted is None:
@@ -666,8 +669,9 @@ class Daemon:
                 # Before the sweep forgets a connection as idle: the kernel
                 # may have been sending for it all along.
                 half = self.primary.cfg.idle_expiry_s / 2
-                self.fast.absorb(self.primary, [k for k in self.fast.entries if (c := self.primary.conns.get(k))
-                                                is not None and now - c.last_seen > half], now)
+                self._fast_errors(self.fast.absorb(self.primary, [
+                    k for k in self.fast.entries if (c := self.primary.conns.get(k)) is not None
+                    and now - c.last_seen > half], now))
             self._perform(self.primary.on_tick(now))
         if self.backup is not None:
             self._perform(self.backup.on_tick(now))
@@ -681,7 +685,7 @@ class Daemon:
             # The acks owed go out now, unclamped: with our stack's latest
             # position and timestamps, which only the kernel saw (an older
             # TSval or sequence number, and the client drops the ack).
-            self.fast.absorb(self.primary, self.fast.owing(self.primary), now)
+            self._fast_errors(self.fast.absorb(self.primary, self.fast.owing(self.primary), now))
         self._perform(self.primary.set_backup_following(following, now))
 
     def _watchdog_tick(self, now: float) -> None:
@@ -1213,7 +1217,10 @@ class _FastPath:
         lim = core.fast_limits(key)
         have = self.entries.get(key)
         if have is not None and (lim is None or conn is None or conn.isn != have[1]):
-            self.absorb(core, (key,), time.monotonic())  # (its last fast segments, before they are forgotten)
+            # Limits first (the program stops), then its last sends are read,
+            # then the state goes.
+            self.bpf.map_delete(self.limits, have[0])
+            self.absorb(core, (key,), time.monotonic())
             self._drop(key)
             have = None
         if lim is None or conn is None:
@@ -1237,14 +1244,22 @@ class _FastPath:
             except OSError:
                 pass
 
-    def absorb(self, core: PrimaryCore, keys: Any, now: float) -> None:
-        """Tell the core what the kernel sent of ``keys`` without it."""
-        for key in keys:
+    def absorb(self, core: PrimaryCore, keys: Any, now: float) -> int:
+        """Tell the core what the kernel sent of ``keys`` without it. A
+        connection whose state cannot be read loses its entry (its segments
+        come to us); returns how many did."""
+        errors = 0
+        for key in list(keys):
             have = self.entries.get(key)
             conn = core.conns.get(key)
             if have is None or conn is None or conn.isn != have[1]:
                 continue
-            raw = self.bpf.map_lookup(self.state, have[0], self.fp.STATE.size)
+            try:
+                raw = self.bpf.map_lookup(self.state, have[0], self.fp.STATE.size)
+            except OSError:
+                errors += 1
+                self._drop(key)
+                continue
             if raw is None:
                 continue
             st = self.fp.FastState.unpack(raw)
@@ -1257,8 +1272,13 @@ class _FastPath:
                 # Nothing went fast for 256 MB: bring the program's own position
                 # up, before it wraps around to look current (the program
                 # trusts it only within 1 GB ahead of the daemon's).
-                self.bpf.map_update(self.state, have[0], self.fp.STATE.pack(
-                    have[2].next_slow, st.last_ack, st.window, st.tsval, st.tsecr, 0, st.packets, st.bytes))
+                try:
+                    self.bpf.map_update(self.state, have[0], self.fp.STATE.pack(
+                        have[2].next_slow, st.last_ack, st.window, st.tsval, st.tsecr, 0, st.packets, st.bytes))
+                except OSError:
+                    errors += 1
+                    self._drop(key)
+        return errors
 
     def owing(self, core: PrimaryCore) -> list[tcpseg.ConnKey]:
         """Connections with an ack owed to the client: what a fail-open

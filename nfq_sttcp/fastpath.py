@@ -22,7 +22,11 @@ as before:
   window's right edge within the backup's (the daemon's clamps, as limits).
 
 The limits only grow with the backup's confirmations, so an entry the
-daemon has not refreshed yet is stricter, never looser. The program writes
+daemon has not refreshed yet is stricter, never looser. One exception: the
+window limit, unlimited until the backup's first window edge arrives; the
+driver writes that at once, and a segment let out in between costs the
+client a resend (a clone beyond the backup's window is dropped), never a
+byte. The program writes
 what the daemon would have learnt from the segment (the end, ack, window,
 timestamps) into the state map; the daemon reads it back before it builds
 an ack of its own (PrimaryCore.absorb_fast).

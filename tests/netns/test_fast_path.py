@@ -103,6 +103,15 @@ def test_the_program_compares_across_the_sequence_wrap(kernel_program):
                                              (0xFFFFFFF0 + 4000) & 0xFFFFFFFF, 0).pack())
     assert bpf.prog_test_run(prog, _seg(old, 0xFFFFFFF0, window=4000)) == 0
     assert bpf.prog_test_run(prog, _seg(start, 0xFFFFFFF0, window=4000)) == 1
+    # Exactly 1 GB ahead still counts as its own; one byte more does not.
+    for ahead, own in ((1 << 30, True), ((1 << 30) + 1, False)):
+        mine = (start + ahead) & 0xFFFFFFFF
+        bpf.map_update(st, key, fastpath.FastState.initial(mine))
+        bpf.map_update(lim, key, fastpath.Limits(start, (mine + 2000) & 0xFFFFFFFF, 0xFFFFFFF0,
+                                                 (0xFFFFFFF0 + 4000) & 0xFFFFFFFF, 0).pack())
+        assert bpf.prog_test_run(prog, _seg(mine, 0xFFFFFFF0, window=4000)) == int(own), ahead
+        bpf.map_update(st, key, fastpath.FastState.initial(mine))
+        assert bpf.prog_test_run(prog, _seg(start, 0xFFFFFFF0, window=4000)) == int(not own), ahead
 
 
 def _fast_rule(ns):

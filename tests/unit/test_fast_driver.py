@@ -2,6 +2,7 @@
 module: which map entries it writes, for which connection, and what it
 tells the core. The real maps and program are in tests/netns/test_fast_path.py."""
 
+import dataclasses
 import os
 
 import pytest
@@ -25,6 +26,7 @@ class FakeBpf:
     def __init__(self, fail_updates: bool = False):
         self.maps: dict[int, dict[bytes, bytes]] = {}
         self.fail_updates = fail_updates
+        self.fail_lookups = False
         self.pinned: list[str] = []
 
     def ensure_bpffs(self, path):
@@ -56,6 +58,8 @@ class FakeBpf:
         self.maps[fd][key] = value
 
     def map_lookup(self, fd, key, size):
+        if self.fail_lookups:
+            raise OSError(14, "Bad address")
         return self.maps[fd].get(key)
 
     def map_delete(self, fd, key):
@@ -130,7 +134,7 @@ def test_a_new_connection_on_the_same_ports_never_inherits_the_old_ones_entry(fa
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 700001, (), None),)), 3.0)
     p.on_outbound(from_server(700001, 101, payload=b"again"), 3.0)
     fast.absorb(p, [KEY], 3.0)  # (the new connection: the old state is not its)
-    assert p.conns[KEY].snd_nxt == 700006
+    assert p.conns[KEY].snd_nxt == 700006 and fast.packets == 0
     fast.sync(p)
     kb = fast.entries[KEY][0]
     assert fast.entries[KEY][1] == 700000
@@ -153,11 +157,20 @@ def test_a_burst_of_marked_connections_is_synced_a_budget_at_a_time(fast):
     """(Losing the backup marks every connection at once.)"""
     p = confirmed_primary()
     fast.sync(p)
-    p.fast_dirty.update(("10.77.0.%d" % (i % 250), 1000 + i, VIP, 7000) for i in range(2000))
+    keys = [("10.77.0.%d" % (i % 250), 1000 + i, VIP, 7000) for i in range(600)]
+    for k in keys:
+        p.conns[k] = dataclasses.replace(p.conns[KEY], key=k)
+    p.fast_dirty.update(keys)
     assert fast.sync(p) == 0
-    assert len(p.fast_dirty) == 2000 - fast.SYNC_BUDGET  # the rest next turn, heartbeats in between
+    assert len(p.fast_dirty) == 600 - fast.SYNC_BUDGET and len(fast.entries) == 1 + fast.SYNC_BUDGET
+    assert fast.sync(p) == 0 and not p.fast_dirty and len(fast.entries) == 601
+    assert len(fast.bpf.maps[fast.limits]) == len(fast.bpf.maps[fast.state]) == 601
+    p.set_backup_following(False, 9.0)  # every entry goes, a budget per turn
+    turns = 0
     while p.fast_dirty:
         fast.sync(p)
+        turns += 1
+    assert turns == 2 and not fast.entries and not fast.bpf.maps[fast.limits] and not fast.bpf.maps[fast.state]
 
 
 def test_the_programs_position_is_brought_up_when_nothing_went_fast_for_long(fast):
@@ -170,3 +183,11 @@ def test_the_programs_position_is_brought_up_when_nothing_went_fast_for_long(fas
     fast.sync(p)
     fast.absorb(p, [KEY], 5.0)
     assert FastState.unpack(fast.bpf.maps[fast.state][kb]).next_fast == c.snd_nxt
+
+
+def test_a_state_that_cannot_be_read_costs_its_connection_the_entry_not_the_daemon(fast):
+    p = confirmed_primary()
+    fast.sync(p)
+    fast.bpf.fail_lookups = True
+    assert fast.absorb(p, [KEY], 1.0) == 1
+    assert KEY not in fast.entries and not fast.bpf.maps[fast.limits] and not fast.bpf.maps[fast.state]
