@@ -480,6 +480,10 @@ def _format_daemon(st: dict, level: str = "", why: tuple = ()) -> str:
         f = st["failover"]
         lines.append("  failover (%s): detection %s ms, takeover %s ms" % (f.get("reason"), f["detection_ms"],
                                                                           f["takeover_ms"]))
+    if "fast_path" in st:
+        fp = st["fast_path"]
+        lines.append("  fast path: %d connections in the kernel's map, %d segments sent by it (as read back so far)"
+                     % (fp["connections"], fp["packets"]))
     conns = st.get("connections", [])
     if conns:
         lines.append("  %-44s %-9s %10s %10s %11s %11s  %s" % ("connection", "protected", "lag B", "held B",

@@ -7,6 +7,8 @@ that every connection survives."""
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -140,6 +142,15 @@ def test_a_download_takes_the_fast_path_and_survives_a_crash(make_lab):
     fast = seen["fast_path"]
     print("fast path before the crash:", fast, "queued:", seen["counters"])
     assert fast["packets"] > 0, fast
+
+
+def test_status_says_what_the_fast_path_sent(make_lab):
+    make_lab(fast_path=True)
+    scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (20 * MB, 5 * MB)], crash=False)
+    out = subprocess.run([sys.executable, "-m", "nfq_sttcp", "status", "--config", lab.config_path(),
+                          "--control-socket", lab.control_path("primary")], capture_output=True, text=True)
+    line = [x for x in out.stdout.splitlines() if "fast path:" in x]
+    assert out.returncode == 0 and line and " 0 segments" not in line[0], out.stdout + out.stderr
 
 
 def test_mixed_workloads_on_the_fast_path_survive_a_crash(make_lab):
