@@ -186,7 +186,10 @@ def test_the_daemon_removes_its_program_and_mount_when_it_stops(make_lab):
     pid = _daemon_pid("primary")
     lab.kill_daemon("primary", signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (_fast_rule(lab.NS_PRIMARY) or os.path.exists(os.path.dirname(pinned))):
+    # (The rule and the directory go during the daemon's teardown, before it
+    # exits: wait for all three.)
+    while time.monotonic() < deadline and (_fast_rule(lab.NS_PRIMARY) or os.path.exists(os.path.dirname(pinned))
+                                           or not lab._gone(pid)):
         time.sleep(0.1)
     assert not _fast_rule(lab.NS_PRIMARY)
     assert not os.path.exists(os.path.dirname(pinned))  # (nor the mount on it, nor the pin in it)
