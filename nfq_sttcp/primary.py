@@ -139,8 +139,7 @@ class PrimaryCore:
             return [Accept(), Log("connection_unprotected", "warning",
                                   {"conn": key, "reason": conn.reason})]
         conn.last_seen = now
-        if self.cfg.fast_path:
-            self.fast_dirty.add(key)
+        self._fast_mark(key)
         if seg.flags & FIN:
             conn.fin_sent = True
         if seg.flags & (FIN | RST) and conn.closing_since is None:
@@ -204,8 +203,7 @@ class PrimaryCore:
         conn.snd_nxt = seg.end_seq
         conn.wscale = seg.wscale or 0
         self._remember(conn, seg)
-        if self.cfg.fast_path:
-            self.fast_dirty.add(key)
+        self._fast_mark(key)
         out: list[Action] = out0
         if not conn.protected:
             return out + [Accept(), Log("connection_unprotected", "warning", {"conn": key, "reason": conn.reason})]
@@ -310,8 +308,7 @@ class PrimaryCore:
                     self.early_confirms[key] = (ack, now)
                 continue
             conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
-            if self.cfg.fast_path:
-                self.fast_dirty.add(key)
+            self._fast_mark(key)
             if pos is not None:
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
                 conn.isn_msg = None  # mapped: no more resends
@@ -346,7 +343,7 @@ class PrimaryCore:
             return []
         conn.protected, conn.reason = False, REASON_DIVERGED
         conn.hasher = None
-        self._fast_off(conn)
+        self._fast_mark(conn.key)
         return self._release_all(conn) + [Count("diverged"), Log("connection_diverged", "error", {
             "conn": msg.key, "offset": msg.offset, "note": "the application is not deterministic; "
             "this connection is unprotected and would be reset at a failover"})]
@@ -448,7 +445,7 @@ class PrimaryCore:
         for conn in self.conns.values():
             if conn.protected:
                 conn.protected, conn.reason = False, REASON_BACKUP_LOST
-                self._fast_off(conn)
+                self._fast_mark(conn.key)
                 out += self._release_all(conn)
         return out
 
@@ -492,7 +489,7 @@ class PrimaryCore:
             if (conn.closing_since is not None and now - conn.closing_since > self.cfg.closed_linger_s) or \
                     (now - conn.last_seen > self.cfg.idle_expiry_s and not conn.deferred and conn.held_synack is None):
                 del self.conns[key]
-                self._fast_off(conn)
+                self._fast_mark(conn.key)
         for key in [k for k, (_, t) in self.early_confirms.items() if now - t > self.cfg.synack_hold_s]:
             del self.early_confirms[key]
         return out
@@ -501,7 +498,7 @@ class PrimaryCore:
         """Stop protecting one connection. The backup hears it first (the
         Unprotect message goes out before anything we held back is released)."""
         conn.protected, conn.reason = False, reason
-        self._fast_off(conn)
+        self._fast_mark(conn.key)
         self.unprotect_until[conn.key] = now + UNPROTECT_REPEAT_S
         return ([SendSync(Unprotect((conn.key,)))] + self._release_all(conn)
                 + [Log("connection_unprotected", "warning", {"conn": conn.key, "reason": reason})])
@@ -514,9 +511,10 @@ class PrimaryCore:
 
     # -- the kernel fast path (fastpath.py) --------------------------------------
 
-    def _fast_off(self, conn: PrimaryConn) -> None:
+    def _fast_mark(self, key: ConnKey) -> None:
+        """This connection's limits may have changed (fast_limits says how)."""
         if self.cfg.fast_path:
-            self.fast_dirty.add(conn.key)
+            self.fast_dirty.add(key)
 
     def fast_limits(self, key: ConnKey) -> Optional[Limits]:
         """What the kernel may let out of this connection without us, or None
