@@ -83,40 +83,35 @@ def _run(argv: list[str], ns: Optional[str] = None) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def _try_fast_path(scratch: str) -> str:
-    """The primary's fast path, tried: its program loaded, pinned and put
-    behind a bpf match in the scratch namespace ("" when that works)."""
+def _try_fast_path(scratch: str, cfg: Config) -> str:
+    """The primary's fast path, tried as its daemon sets it up (driver.FastPath:
+    maps, program, a bpf file system, the pin), in a directory of its own,
+    then put behind a bpf match in the scratch namespace ("" when that works)."""
+    import dataclasses
     import tempfile
 
-    from . import bpf, fastpath
+    from .bpf import BpfError
+    from .driver import FastPath
 
-    fds: list[int] = []
     d = tempfile.mkdtemp(prefix="nfq-sttcp-doctor-bpf-")
     try:
-        bpf.ensure_bpffs(d)
-        for size in (fastpath.LIMITS.size, fastpath.STATE.size):
-            fds.append(bpf.map_create(fastpath.KEY.size, size, 16, "doctor"))
-        fds.append(bpf.prog_load(fastpath.program(fds[0], fds[1]), fastpath.PROG_TYPE_SOCKET_FILTER, "doctor"))
-        bpf.obj_pin(fds[2], os.path.join(d, "fast"))
-        r = _run(["iptables", "-w", "-t", "mangle", "-A", "POSTROUTING", "-m", "bpf", "--object-pinned",
-                  os.path.join(d, "fast"), "-j", "ACCEPT"], ns=scratch)
-        return "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
-    except (bpf.BpfError, OSError) as e:
+        fast = FastPath(dataclasses.replace(cfg, control_socket_dir=d))
+        try:
+            r = _run(["iptables", "-w", "-t", "mangle", "-A", "POSTROUTING", "-m", "bpf", "--object-pinned",
+                      fast.pinned, "-j", "ACCEPT"], ns=scratch)
+            return "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
+        finally:
+            fast.close()
+    except (BpfError, OSError) as e:
         return str(e)
     finally:
-        for fd in fds:
-            os.close(fd)
-        if os.path.exists(os.path.join(d, "fast")):
-            os.unlink(os.path.join(d, "fast"))
-        if bpf.is_bpffs(d):
-            bpf.unmount(d)
         try:
             os.rmdir(d)
         except OSError:
             pass
 
 
-def _try_features(fast_path: bool = False) -> dict[str, str]:
+def _try_features(fast_path_cfg: Optional[Config] = None) -> dict[str, str]:
     """Each netfilter feature nfq-sttcp uses, tried in a scratch namespace:
     "" when it works, else the error."""
     rules = {
@@ -141,8 +136,8 @@ def _try_features(fast_path: bool = False) -> dict[str, str]:
         for name, argv in rules.items():
             r = _run(["iptables", "-w"] + argv, ns=scratch)
             out[name] = "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
-        if fast_path:
-            out["fast path"] = _try_fast_path(scratch)
+        if fast_path_cfg is not None:  # (a primary's config with tuning.fast_path)
+            out["fast path"] = _try_fast_path(scratch, fast_path_cfg)
     finally:
         _run(["ip", "netns", "del", scratch])  # also when killed by SIGTERM (raised as KeyboardInterrupt)
         signal.signal(signal.SIGTERM, old)
@@ -195,7 +190,7 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "role": role,
         "root": os.geteuid() == 0,
         "iptables": r.stdout.strip() if r.returncode == 0 else "",
-        "features": _try_features(cfg.fast_path and role == "primary") if os.geteuid() == 0 else {},
+        "features": _try_features(cfg if cfg.fast_path and role == "primary" else None) if os.geteuid() == 0 else {},
         "fast_path": cfg.fast_path,
         "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
         "lan_mtu": _mtu(cfg.lan_interface),

@@ -105,7 +105,7 @@ class Daemon:
         self.probe_seq = 0
         self.peer_epoch: Optional[int] = None  # the life of the primary's daemon we follow
         self._cloning: Optional[_CloningSwitch] = None
-        self.fast: Optional[_FastPath] = None
+        self.fast: Optional[FastPath] = None
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -230,7 +230,7 @@ class Daemon:
         if self.role == "primary" and self.cfg.fast_path:
             from .bpf import BpfError
             try:
-                self.fast = _FastPath(self.cfg)
+                self.fast = FastPath(self.cfg)
             except (BpfError, OSError) as e:
                 raise DaemonError("tuning.fast_path: %s" % e) from None
         # The primary clones only once a backup follows (see _backup_changed).
@@ -1141,7 +1141,7 @@ def _primary_core(cfg: Config) -> PrimaryCore:
                                      max_lag=cfg.max_backup_lag_kb * 1024, fast_path=cfg.fast_path))
 
 
-class _FastPath:
+class FastPath:
     """The primary's kernel fast path (fastpath.py): its two maps, its
     program pinned where the bpf match finds it, and one entry per
     connection that PrimaryCore.fast_limits allows.

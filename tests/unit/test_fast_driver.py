@@ -1,4 +1,4 @@
-"""The driver's side of the fast path (driver._FastPath) against a fake bpf
+"""The driver's side of the fast path (driver.FastPath) against a fake bpf
 module: which map entries it writes, for which connection, and what it
 tells the core. The real maps and program are in tests/netns/test_fast_path.py."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from nfq_sttcp import fastpath
 from nfq_sttcp.config import Config
-from nfq_sttcp.driver import _FastPath
+from nfq_sttcp.driver import FastPath
 from nfq_sttcp.fastpath import FastState
 from nfq_sttcp.primary import PrimaryConfig, PrimaryCore
 from nfq_sttcp.syncproto import Confirm, ConfirmEntry
@@ -79,7 +79,7 @@ def confirmed_primary(isn=5000):
 def fast(tmp_path):
     cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2",
                  control_socket_dir=str(tmp_path / "ctl"))
-    f = _FastPath(cfg, FakeBpf())
+    f = FastPath(cfg, FakeBpf())
     yield f
     f.close()
     assert not os.path.exists(f.dir), "close removes the pin and its directory"
@@ -144,7 +144,7 @@ def test_a_new_connection_on_the_same_ports_never_inherits_the_old_ones_entry(fa
 def test_a_map_that_refuses_an_entry_leaves_that_connection_to_the_queue(tmp_path):
     cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2",
                  control_socket_dir=str(tmp_path / "ctl"))
-    f = _FastPath(cfg, FakeBpf(fail_updates=True))
+    f = FastPath(cfg, FakeBpf(fail_updates=True))
     try:
         p = confirmed_primary()
         assert f.sync(p) == 1
