@@ -67,6 +67,19 @@ def stream_bytes(seed: int, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
+def write_size(rate: float, every_s: float) -> int:
+    """Bytes per write that send ``rate`` bytes a second in writes
+    ``every_s`` apart (1 KB to 64 KB)."""
+    return int(min(65536, max(1024, rate * every_s)))
+
+
+def pace(done: int, rate: float, start: float) -> None:
+    """Sleep until ``done`` bytes are due at ``rate`` bytes a second since ``start`` (monotonic)."""
+    ahead = done / rate - (time.monotonic() - start)
+    if ahead > 0:
+        time.sleep(ahead)
+
+
 class Server:
     def __init__(self, host: str, delay_s: float) -> None:
         self.host = host
@@ -98,7 +111,7 @@ class Server:
         seed = int(parts[1]) if len(parts) > 1 else 0
         raw = len(parts) > 2 and parts[2] == b"raw"
         rate = int(parts[2][5:]) * 1000 / 8 if len(parts) > 2 and parts[2].startswith(b"pace=") else 0
-        step = int(min(65536, max(1024, rate * 0.002))) if rate else 1 << 30
+        step = write_size(rate, 0.002) if rate else 1 << 30
         start = time.monotonic()
         sent = 0
         blk = 0
@@ -107,9 +120,7 @@ class Server:
             for i in range(0, len(b), step):
                 c.sendall(b[i:i + step])
                 if rate:
-                    ahead = (sent + i + step) / rate - (time.monotonic() - start)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    pace(sent + i + step, rate, start)
             sent += len(b)
             blk += 1
             if blk % 16 == 0:

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .testapp import BANNER_LINE, RR, stream_bytes
+from .testapp import BANNER_LINE, RR, pace, stream_bytes, write_size
 
 TCP_INFO = 11
 CRASHED = threading.Event()  # set once the crash happened (or will not happen)
@@ -247,9 +247,7 @@ class Worker(threading.Thread):
             if r.bytes_received >= crash_at:
                 self.ready.set()
             if rate:
-                ahead = r.bytes_received / rate - (time.monotonic() - start)
-                if ahead > 0:
-                    time.sleep(ahead)
+                pace(r.bytes_received, rate, start)
         if r.bytes_received != total:
             raise ValueError("download ended after %d of %d bytes" % (r.bytes_received, total))
         r.ok = True
@@ -267,7 +265,7 @@ class Worker(threading.Thread):
         # failover's figures (the client's gap, the backup's "first client
         # segment") then measure that cadence: write_ms=2 writes every 2 ms.
         write_s = p.get("write_ms", 0) / 1000
-        step = int(min(65536, max(1024, rate * write_s))) if rate and write_s else 65536
+        step = write_size(rate, write_s) if rate and write_s else 65536
         start = time.monotonic()
         try:
             off = 0
@@ -280,9 +278,7 @@ class Worker(threading.Thread):
                 if off >= crash_at:
                     self.ready.set()
                 if rate:
-                    ahead = off / rate - (time.monotonic() - start)
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    pace(off, rate, start)
             s.shutdown(socket.SHUT_WR)
             reply = recv_line(s, 100)
         finally:
@@ -433,9 +429,7 @@ class Worker(threading.Thread):
                 raise ValueError("answer differs at offset %d" % r.first_mismatch)
             r.verified = len(got)
             if rate:
-                ahead = len(got) / rate - (time.monotonic() - start)
-                if ahead > 0:
-                    time.sleep(ahead)
+                pace(len(got), rate, start)
         sender.join()
         if r.error:
             raise ValueError(r.error)
