@@ -225,20 +225,25 @@ def _drain_time_wait(progress: Callable[[str], None], limit: int = 4096, timeout
         progress("  WARNING: still %d client ports in TIME-WAIT; the rate measured next is low" % n)
 
 
-def _rr_pairs(rounds: int, count: int) -> list[list[float]]:
-    """[plain p50, protected p50] per round, measured back to back in one lab.
-
-    Request-response latency swings between runs by more than the latency
-    nfq-sttcp adds, so the two modes measured minutes apart (the table's
-    rows) can even come out in the wrong order. Here plain TCP goes to the
-    primary's own address, which no rule of ours matches, and protected to
-    the VIP, alternating which goes first."""
+def _alternating(rounds: int, measure: Callable[[str], float]) -> list[list[float]]:
+    """[plain, protected] per round, ``measure(host)`` back to back in one
+    lab: plain TCP to the primary's own address, which no rule of ours
+    matches, and protected to the VIP, alternating which goes first."""
     pairs = []
     for i in range(rounds):
         order = (lab.PRIMARY_IP, lab.VIP) if i % 2 == 0 else (lab.VIP, lab.PRIMARY_IP)
-        p50 = {host: _pct(_client({"kind": "rr", "host": host, "size": 1, "count": count}), 0.5) for host in order}
-        pairs.append([p50[lab.PRIMARY_IP], p50[lab.VIP]])
+        got = {host: measure(host) for host in order}
+        pairs.append([got[lab.PRIMARY_IP], got[lab.VIP]])
     return pairs
+
+
+def _rr_pairs(rounds: int, count: int) -> list[list[float]]:
+    """[plain p50, protected p50] per round (_alternating). Request-response
+    latency swings between runs by more than the latency nfq-sttcp adds, so
+    the two modes measured minutes apart (the table's rows) can even come
+    out in the wrong order."""
+    return _alternating(rounds, lambda host: _pct(_client({"kind": "rr", "host": host, "size": 1, "count": count}),
+                                                  0.5))
 
 
 def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, Any]:
@@ -351,9 +356,8 @@ FAST_LAGS_KB = (256, 0)  # the default lag bound, and none
 def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Unshaped bulk transfers with the primary's kernel fast path on, for
     each lag bound in FAST_LAGS_KB, against plain TCP in the same lab
-    (alternating, as _rr_pairs does: plain to the primary's own address,
-    which no rule matches). Also what share of the primary's segments left
-    by the fast path."""
+    (_alternating). Also what share of the primary's segments left by the
+    fast path."""
     out: dict[str, dict[str, Any]] = {}
     for lag in FAST_LAGS_KB:
         tag = "lag %d KB" % lag if lag else "no lag bound"
@@ -362,14 +366,10 @@ def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> di
             r: dict[str, Any] = {}
             for kind in ("down", "up"):
                 progress("  fast path, %s: bulk %s, plain and protected alternating" % (tag, kind))
-                pairs = []
                 fast0 = lab.control("primary").get("fast_path", {}).get("packets", 0)
                 queued0 = _packets("primary")
-                for i in range(sizes["runs"]):
-                    order = (lab.PRIMARY_IP, lab.VIP) if i % 2 == 0 else (lab.VIP, lab.PRIMARY_IP)
-                    got = {host: _client({"kind": kind, "host": host, "bytes": sizes["bulk"], "runs": 1})[0]
-                           for host in order}
-                    pairs.append([got[lab.PRIMARY_IP], got[lab.VIP]])
+                pairs = _alternating(sizes["runs"], lambda host: _client(
+                    {"kind": kind, "host": host, "bytes": sizes["bulk"], "runs": 1})[0])
                 fast = lab.control("primary").get("fast_path", {}).get("packets", 0) - fast0
                 queued = _packets("primary") - queued0
                 r[kind] = {"pairs": pairs, "fast_packets": fast, "queued_packets": queued}
