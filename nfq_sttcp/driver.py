@@ -1217,11 +1217,7 @@ class FastPath:
         lim = core.fast_limits(key)
         have = self.entries.get(key)
         if have is not None and (lim is None or conn is None or conn.isn != have[1]):
-            # Limits first (the program stops), then its last sends are read,
-            # then the state goes.
-            self.bpf.map_delete(self.limits, have[0])
-            self.absorb(core, (key,), time.monotonic())
-            self._drop(key)
+            self._drop(key, core)
             have = None
         if lim is None or conn is None:
             return
@@ -1234,15 +1230,24 @@ class FastPath:
             self.entries[key] = (have[0], have[1], lim, have[3])
             self.bpf.map_update(self.limits, have[0], lim.pack())
 
-    def _drop(self, key: tcpseg.ConnKey) -> None:
-        have = self.entries.pop(key, None)
+    def _drop(self, key: tcpseg.ConnKey, core: Optional[PrimaryCore] = None) -> None:
+        """Forget a connection's entries: its limits first (without them the
+        program queues), then, given the ``core``, its last sends are read
+        into it, then its state goes."""
+        have = self.entries.get(key)
         if have is None:
             return
-        for fd in (self.limits, self.state):  # (limits first: without them the program queues)
-            try:
-                self.bpf.map_delete(fd, have[0])
-            except OSError:
-                pass
+        self._delete(self.limits, have[0])
+        if core is not None:
+            self.absorb(core, (key,), time.monotonic())
+        self.entries.pop(key, None)
+        self._delete(self.state, have[0])
+
+    def _delete(self, fd: int, kb: bytes) -> None:
+        try:
+            self.bpf.map_delete(fd, kb)
+        except OSError:
+            pass
 
     def absorb(self, core: PrimaryCore, keys: Any, now: float) -> int:
         """Tell the core what the kernel sent of ``keys`` without it. A
