@@ -41,6 +41,10 @@ the primary), most segments stay on the queue.
 What the fast path costs: the daemon never sees those bytes, so the output
 digests of divergence detection are off (``tuning.fast_path`` turns them
 off on both hosts).
+
+The backup's side is not built. Its socket's send queue could hold what
+the daemon now copies, if one forged ACK moves the stack at takeover: see
+tests/netns/test_takeover_trigger.py and the README.
 """
 
 from __future__ import annotations
