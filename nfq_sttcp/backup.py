@@ -73,6 +73,7 @@ class BackupConn:
     delta_seq: Optional[int] = None
     delta_ts: int = 0
     generation: int = 0  # the primary's protection generation at the handshake
+    digests: bool = True  # the primary sends digests of its output (not with its fast path)
     protected: bool = False
     reason: str = "handshake in progress"
     # what the backup's stack has emitted (backup space)
@@ -173,7 +174,7 @@ class BackupConfig:
     closed_linger_s: float = 30.0
     max_pending_in: int = 256
     max_ack_ahead: int = 1 << 30  # how far a client ack may lie beyond our output (the primary's lag bound + slack)
-    divergence: bool = True  # check our output against the primary's digests (off with tuning.fast_path)
+    divergence: bool = True  # check our output against the primary's digests, where it sends them
 
 
 def _opts(seg: Segment) -> tuple:
@@ -658,7 +659,7 @@ class BackupCore:
                 Count("unprotected_by_primary", n)]
 
     def _set_primary_isn(self, conn: BackupConn, msg: ConnIsn) -> list[Action]:
-        conn.generation = msg.generation
+        conn.generation, conn.digests = msg.generation, msg.digests
         conn.isn_p = msg.isn
         conn.tsval_p_syn = msg.tsval
         conn.opts_p = (msg.has_ts, msg.sack_ok, msg.wscale)
@@ -670,7 +671,7 @@ class BackupCore:
             return []
         out: list[Action] = []
         conn.delta_seq = seq_sub(conn.isn_p, conn.isn_b)
-        if self.cfg.divergence:
+        if self.cfg.divergence and conn.digests:
             conn.checker = OutputChecker(seq_add(conn.isn_b, 1))
         if conn.uses_ts and conn.tsval_p_syn is not None and conn.tsval_b_syn is not None:
             conn.delta_ts = seq_sub(conn.tsval_p_syn, conn.tsval_b_syn)

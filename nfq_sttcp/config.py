@@ -62,7 +62,8 @@ class Config:
     max_backup_lag_kb: int = 256
     # The primary's kernel fast path (fastpath.py): in-order data segments
     # within the backup's limits leave without a trip through the queue.
-    # Turns divergence detection off: set it alike on both hosts.
+    # Its connections go without divergence detection (the primary tells the
+    # backup so in each ISN message); it matters only on the serving primary.
     fast_path: bool = False
     lan_snoop: bool = True
     metrics_port: int = 0  # Prometheus endpoint; 0 = none

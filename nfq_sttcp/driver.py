@@ -116,8 +116,7 @@ class Daemon:
             lag = cfg.max_backup_lag_kb * 1024
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
                                                   ts_margin=cfg.ts_margin_ms,
-                                                  max_ack_ahead=lag + (4 << 20) if lag else 1 << 30,
-                                                  divergence=not cfg.fast_path))
+                                                  max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
             self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000,
                                      autonomous=cfg.vip_owner == "builtin")
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)

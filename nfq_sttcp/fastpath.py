@@ -39,8 +39,8 @@ empties. With the lag bound reached at every turn (a backup slower than
 the primary), most segments stay on the queue.
 
 What the fast path costs: the daemon never sees those bytes, so the output
-digests of divergence detection are off (``tuning.fast_path`` turns them
-off on both hosts).
+digests of divergence detection are off for its connections (each ISN
+message tells the backup so: ConnIsn.digests).
 
 The backup's side is not built. Its socket's send queue could hold what
 the daemon now copies, if one forged ACK moves the stack at takeover: see

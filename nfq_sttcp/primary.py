@@ -236,7 +236,8 @@ class PrimaryCore:
 
     def _conn_isn(self, key: ConnKey, seg: Segment) -> ConnIsn:
         return ConnIsn(key, seg.seq, seg.tsval, seg.has_ts, seg.mss or 0,
-                       -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation)
+                       -1 if seg.wscale is None else seg.wscale, seg.sack_ok, self.generation,
+                       digests=not self.cfg.fast_path)
 
     def _remember(self, conn: PrimaryConn, seg: Segment) -> None:
         if seg.flags & RST:

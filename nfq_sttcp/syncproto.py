@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional, Union
 from .divergence import DIGEST_LEN
 
 MAGIC = b"ST"
-VERSION = 5  # 4: output digests are 4 bytes (CRC-32); 5: CRC-32C
+VERSION = 6  # 4: output digests are 4 bytes (CRC-32); 5: CRC-32C; 6: the ISN message says whether digests follow
 MAX_MESSAGE = 1400
 MAC_LEN = 32
 MAX_CONFIRMS = 24  # header 20 + count 2 + 24 x 54 + MAC 32 <= MAX_MESSAGE
@@ -71,6 +71,9 @@ class ConnIsn:
     wscale: int  # -1 when absent
     sack_ok: bool
     generation: int = 0  # the primary's protection generation when it sent this
+    # Whether digests of this connection's output follow (Digest): not from a
+    # primary with tuning.fast_path, whose daemon never sees those bytes.
+    digests: bool = True
 
 
 class ConfirmEntry(NamedTuple):
@@ -161,7 +164,7 @@ def encode(msg: SyncMessage, epoch: int, counter: int, key: Optional[bytes]) -> 
                         msg.echo_ns & (2**64 - 1), max(0, min(msg.held_ns, 2**64 - 1)))
     elif isinstance(msg, ConnIsn):
         mtype = T_CONN_ISN
-        body = _ISN.pack(_pack_key(msg.key), msg.isn, msg.tsval, int(msg.has_ts), msg.mss,
+        body = _ISN.pack(_pack_key(msg.key), msg.isn, msg.tsval, int(msg.has_ts) | int(msg.digests) << 1, msg.mss,
                          msg.wscale & 0xFF, int(msg.sack_ok), msg.generation)
     elif isinstance(msg, Confirm):
         if len(msg.acks) > MAX_CONFIRMS:
@@ -234,9 +237,11 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
         if mtype == T_CONN_ISN:
             if len(body) != _ISN.size:
                 raise SyncError("ISN message of wrong size")
-            k, isn, tsval, has_ts, mss, ws, sack, gen = _ISN.unpack(body)
-            return epoch, counter, ConnIsn(_unpack_key(k), isn, tsval, bool(has_ts), mss,
-                                           -1 if ws == 0xFF else ws, bool(sack), gen)
+            k, isn, tsval, flags, mss, ws, sack, gen = _ISN.unpack(body)
+            if flags > 3:
+                raise SyncError("ISN message with unknown flags")
+            return epoch, counter, ConnIsn(_unpack_key(k), isn, tsval, bool(flags & 1), mss,
+                                           -1 if ws == 0xFF else ws, bool(sack), gen, bool(flags & 2))
         if mtype == T_CONFIRM:
             entries = []
             for raw in _entries(body, _CONFIRM_ENTRY, MAX_CONFIRMS, "confirm"):

@@ -6,6 +6,7 @@ bpf match in front of the queue, segments that really took it, and crashes
 that every connection survives."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,25 @@ def test_a_download_takes_the_fast_path_and_survives_a_crash(make_lab):
     fast = seen["fast_path"]
     print("fast path before the crash:", fast, "queued:", seen["counters"])
     assert fast["packets"] > 0, fast
+
+
+def test_a_fast_path_on_the_primary_alone_keeps_every_connection_protected(make_lab):
+    """The backup, configured without it, learns from each ISN message that
+    no digests follow: past divergence.MAX_AHEAD (16 MB) of output without
+    one, it used to give the connection up as unverifiable."""
+    make_lab(fast_path=True, start_backup=False)
+    with open(lab.config_path()) as f:
+        toml = f.read()
+    off, n = re.subn(r"(?m)^fast_path = true$", "fast_path = false", toml)
+    assert n == 1, "the lab config has no fast_path = true line"
+    with open(lab.config_path(), "w") as f:
+        f.write(off)
+    lab.start_backup_daemon(progress=lambda *_: None)
+    seen = {}
+    r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (80 * MB, 24 * MB)],
+                                before_crash=lambda: seen.update(lab.control("backup")))
+    survived(r, {"download": 80 * MB})
+    assert seen["summary"]["unprotected"] == 0, seen["connections"]
 
 
 def test_status_says_what_the_fast_path_sent(make_lab):

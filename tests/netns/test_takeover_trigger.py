@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from nfq_sttcp import lab
 

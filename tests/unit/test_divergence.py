@@ -3,6 +3,8 @@ backup's own output, whatever the segmentation on each side."""
 
 import random
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 from nfq_sttcp import tcpseg
@@ -123,6 +125,37 @@ def test_a_deterministic_backup_stays_protected():
         for d in [a.message for a in p.on_batch_end(0.1 + i) if isinstance(a, SendSync)]:
             assert not [a for a in b.on_digest(d, 0.1 + i) if isinstance(a, SendSync)]
     assert b.conns[KEY].protected and b.conns[KEY].checker.base == 901 + 35
+
+
+@pytest.mark.parametrize("fast_path", [False, True])
+def test_a_primary_with_the_fast_path_tells_the_backup_that_no_digests_follow(fast_path):
+    """The backup learns it from the ISN message, so a fast path set on the
+    primary alone costs no protection; the primary's digests, when it says
+    they follow, are still awaited (and their absence ends protection)."""
+    from nfq_sttcp.backup import UNPROTECTED_UNVERIFIABLE, BackupConfig, BackupCore
+    from nfq_sttcp.divergence import MAX_AHEAD
+    from nfq_sttcp.syncproto import ConnIsn
+    from .helpers import client_syn
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, fast_path=fast_path))
+    p.backup_following = True
+    isn = [a.message for a in p.on_outbound(server_synack(5000, 100, 7000), 0)
+           if isinstance(a, SendSync) and isinstance(a.message, ConnIsn)]
+    assert len(isn) == 1 and isn[0].digests is not fast_path
+    b = BackupCore(BackupConfig(VIP, PORTS))
+    b.on_inbound(client_syn(100), 0)
+    b.on_outbound(server_synack(900, 100, 50), 0)
+    b.on_conn_isn(isn[0], 0)
+    conn = b.conns[KEY]
+    assert (conn.checker is None) is fast_path
+    chunk, seq = b"z" * 60000, 901
+    while (seq - 901) <= MAX_AHEAD:  # our output, and no digest ever arrives
+        b.on_outbound(from_server(seq, 101, payload=chunk), 1)
+        seq += len(chunk)
+    b.on_tick(2)
+    if fast_path:
+        assert conn.protected, conn.reason
+    else:
+        assert not conn.protected and conn.reason == UNPROTECTED_UNVERIFIABLE
 
 
 def test_output_fed_from_a_mutable_buffer_is_copied_not_referenced():

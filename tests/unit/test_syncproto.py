@@ -13,6 +13,8 @@ MESSAGES = [
     Heartbeat("backup", "following", 5, 2, 123456789012, 40000),
     ConnIsn(CK, 2**32 - 1, 77, True, 1460, 7, True),
     ConnIsn(CK, 0, 0, False, 0, -1, False),
+    ConnIsn(CK, 1, 2, True, 1460, 7, True, 3, digests=False),
+    ConnIsn(CK, 1, 2, False, 536, -1, False, digests=False),
     Confirm((ConfirmEntry(CK, 5), ConfirmEntry(("1.2.3.4", 1, "5.6.7.8", 2), 2**32 - 1, 12, ((1, 2), (2**32 - 1, 9)), 77, 2**32 - 2))),
     Digest((DigestEntry(CK, 2**32 - 1, 1448, b"\x01" * 4), DigestEntry(CK, 0, 1, b"abcd"))),
     Digest(tuple(DigestEntry(CK, i, 100, b"1234") for i in range(syncproto.MAX_DIGESTS))),
@@ -57,6 +59,10 @@ def test_bad_sizes_versions_and_types():
         syncproto.decode(good[:2] + b"\x09" + good[3:], None)
     with pytest.raises(SyncError, match="unknown message type"):
         syncproto.decode(good[:3] + b"\x63" + good[4:], None)
+    isn = bytearray(syncproto.encode(MESSAGES[3], 1, 1, None))
+    isn[20 + 12 + 8] = 4  # the flags byte: a bit no version defines
+    with pytest.raises(SyncError, match="unknown flags"):
+        syncproto.decode(bytes(isn), None)
     with pytest.raises(SyncError, match="exceeds"):
         syncproto.decode(b"S" * 5000, None)
     with pytest.raises(SyncError):
