@@ -15,7 +15,11 @@ client's ack reaches it and shows the SACK reneged (a timer of at least
 10 ms, tcp_check_sack_reneging).
 
 This checks that on this kernel, with real sockets: the route's rto_min is
-raised to 5 s so that only the forged ACK can move the stack.
+raised to 5 s so that only the forged ACK can move the stack. That is also
+the condition it needs: once the stack's own retransmission timer has fired
+(in a real outage it does, 200 ms after the last ack), its undo heuristics
+take later acks as proof that its resends were needless and cancel their
+loss marks, and the forged ACK no longer helps (README, "Performance").
 """
 
 import json
