@@ -157,6 +157,9 @@ class BackupConn:
                 "reason": "" if self.protected else self.reason,
                 "held_segments": len(self.held), "held_bytes": self.held_bytes,
                 "behind_bytes": lag or 0, "delta_seq": self.delta_seq, "delta_ts": self.delta_ts,
+                # Our output checked against the primary's digests (divergence.py):
+                # not for a primary with tuning.fast_path, which sends none.
+                "output_checked": self.checker is not None,
                 # Positions in our own sequence space, for a stalled
                 # connection's post-mortem: what our stack sent and acked,
                 # what the client acked, and what our stack was shown of it.
@@ -174,7 +177,6 @@ class BackupConfig:
     closed_linger_s: float = 30.0
     max_pending_in: int = 256
     max_ack_ahead: int = 1 << 30  # how far a client ack may lie beyond our output (the primary's lag bound + slack)
-    divergence: bool = True  # check our output against the primary's digests, where it sends them
 
 
 def _opts(seg: Segment) -> tuple:
@@ -671,7 +673,7 @@ class BackupCore:
             return []
         out: list[Action] = []
         conn.delta_seq = seq_sub(conn.isn_p, conn.isn_b)
-        if self.cfg.divergence and conn.digests:
+        if conn.digests:  # (the primary's digests of its output follow: check ours against them)
             conn.checker = OutputChecker(seq_add(conn.isn_b, 1))
         if conn.uses_ts and conn.tsval_p_syn is not None and conn.tsval_b_syn is not None:
             conn.delta_ts = seq_sub(conn.tsval_p_syn, conn.tsval_b_syn)
@@ -727,9 +729,8 @@ class BackupCore:
         if at is not None:
             reason = UNPROTECTED_DIVERGED
         elif conn.checker.too_far_ahead():
-            # (Also what a primary with tuning.fast_path, which sends no
-            # digests, leads to when this backup has it off: doctor --peer
-            # names the difference.)
+            # (A primary that said digests follow, and sent none for
+            # divergence.MAX_AHEAD of our output.)
             reason, at = UNPROTECTED_UNVERIFIABLE, conn.checker.base
         if reason is None:
             return []

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalived", action="store_true",
                    help="keepalived's VRRP owns the VIP (vip_owner = \"keepalived\"); needs the keepalived package")
     p.add_argument("--fast-path", action="store_true",
-                   help="the primary's kernel fast path (tuning.fast_path; divergence detection off)")
+                   help="the primary's kernel fast path (tuning.fast_path; its connections go without divergence detection)")
     p.add_argument("--max-lag-kb", type=int, default=256,
                    help="tuning.max_backup_lag_kb: how far the primary's output may run ahead of the backup's "
                         "(0 = unbounded; default %(default)s)")

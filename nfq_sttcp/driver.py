@@ -959,7 +959,9 @@ class Daemon:
         new backup (the old primary host, restarted) can protect them. Its
         clone rules point at the old primary's sync address."""
         assert self.backup is not None
-        self.primary = _primary_core(self.cfg)
+        # (Without the fast path, whatever the config says: a promoted backup
+        # loads none, so its core must hash every byte and say so.)
+        self.primary = _primary_core(self.cfg, fast_path=False)
         self.promoted = PromotedCore(self.backup, self.primary)
         self._cloning = _CloningSwitch(self.cfg.swapped(), self.log, add_hook=True)
         self.log.info("serving_as_primary", waiting_for_backup=self.cfg.peer_addresses(self.role)[0])
@@ -1135,9 +1137,10 @@ class Daemon:
         return st
 
 
-def _primary_core(cfg: Config) -> PrimaryCore:
+def _primary_core(cfg: Config, fast_path: Optional[bool] = None) -> PrimaryCore:
     return PrimaryCore(PrimaryConfig(cfg.vip, frozenset(cfg.ports), synack_hold_s=cfg.synack_hold_ms / 1000,
-                                     max_lag=cfg.max_backup_lag_kb * 1024, fast_path=cfg.fast_path))
+                                     max_lag=cfg.max_backup_lag_kb * 1024,
+                                     fast_path=cfg.fast_path if fast_path is None else fast_path))
 
 
 class FastPath:

@@ -8,7 +8,8 @@ A segment takes the fast path only if all of these hold, else it is queued
 as before:
 
 * IPv4 without options, not a fragment, TCP with exactly the timestamp
-  option (NOP NOP TS), flags ACK or ACK|PSH, and a payload;
+  option (NOP NOP TS) or with no option at all (a connection without
+  timestamps), flags ACK or ACK|PSH, and a payload;
 * its connection has an entry in both maps (the daemon adds one only while
   the connection is protected, its handshake done, nothing deferred, and
   the backup's position and ack known: PrimaryCore.fast_limits);
@@ -199,18 +200,23 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.jmp(_JNE, R2, 0, "queue")
     a.ldx(_B, R2, FP, _at(9))
     a.jmp(_JNE, R2, 6, "queue")
+    a.mov(R7, 40)
     a.ldx(_B, R2, FP, _at(32))
     a.op(_ALU64 | _RSH | _K, R2, imm=4)
-    a.jmp(_JNE, R2, 8, "queue")  # a 32-byte TCP header...
+    a.jmp(_JEQ, R2, 5, "layout_ok")  # a TCP header without options (a connection without timestamps),
+    a.jmp(_JNE, R2, 8, "queue")  # or of 32 bytes...
     a.ldx(_W, R2, FP, _at(40))
     a.jmp(_JNE, R2, 0x0A080101, "queue")  # ...whose options are NOP NOP TS: no SACK blocks
+    a.mov(R7, _HDR)
+    a.label("layout_ok")
     a.ldx(_B, R2, FP, _at(33))
     a.jmp(_JEQ, R2, 0x10, "flags_ok")
     a.jmp(_JNE, R2, 0x18, "queue")  # ACK or ACK|PSH only
     a.label("flags_ok")
-    a.ldx(_H, R7, FP, _at(2))
-    a.be(R7, 16)
-    a.op(_ALU64 | _SUB | _K, R7, imm=_HDR)  # payload length
+    a.ldx(_H, R2, FP, _at(2))
+    a.be(R2, 16)
+    a.op(_ALU64 | _SUB | _X, R2, R7)  # payload length (headers: 40 or 52 bytes)
+    a.movr(R7, R2)
     a.jmp(_JSLE, R7, 0, "queue")
     a.ldx(_W, R2, FP, _at(16))  # key: client address, client port, server port
     a.stx(_W, FP, _KEY, R2)
@@ -263,12 +269,16 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.stx(_W, R9, 0, R4)
     a.stx(_W, R9, 4, R5)
     a.stx(_W, R9, 8, R1)
+    a.ldx(_B, R2, FP, _at(32))
+    a.op(_ALU64 | _RSH | _K, R2, imm=4)
+    a.jmp(_JEQ, R2, 5, "counts")  # (no options: no timestamps to keep)
     a.ldx(_W, R2, FP, _at(44))
     a.be(R2, 32)
     a.stx(_W, R9, 12, R2)
     a.ldx(_W, R2, FP, _at(48))
     a.be(R2, 32)
     a.stx(_W, R9, 16, R2)
+    a.label("counts")
     a.ldx(_DW, R2, R9, 24)
     a.op(_ALU64 | _ADD | _K, R2, imm=1)
     a.stx(_DW, R9, 24, R2)

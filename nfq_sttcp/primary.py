@@ -524,7 +524,7 @@ class PrimaryCore:
         backup's confirmations; one not yet handed to the kernel is stricter."""
         conn = self.conns.get(key)
         if (conn is None or not self.cfg.fast_path or not conn.protected or not self.backup_following
-                or not conn.has_ts or conn.held_synack is not None or conn.deferred
+                or conn.held_synack is not None or conn.deferred
                 or conn.closing_since is not None or conn.fin_sent or conn.confirmed is None
                 or conn.backup_pos is None or conn.last_ack_sent is None):
             # (Deferred: the next segment in order waits here; none may pass it.)
@@ -554,7 +554,7 @@ class PrimaryCore:
             conn.last_ack_sent = seq_max(conn.last_ack_sent, st.last_ack)
         if frontier:
             conn.window = st.window
-            if seq_ge(st.tsval, conn.tsval):
+            if conn.has_ts and seq_ge(st.tsval, conn.tsval):
                 conn.tsval, conn.tsecr = st.tsval, st.tsecr
         if conn.backup_edge is not None:
             edge = (st.last_ack + (st.window << conn.wscale)) & 0xFFFFFFFF

@@ -67,7 +67,7 @@ def test_the_program_lets_out_exactly_what_the_daemon_would_accept_unchanged(ker
     assert run(_seg(3000, 6)) == 0, "an ack the backup has not confirmed"
     for flags in (ACK | FIN, ACK | RST, SYN | ACK, ACK | 0x20, ACK | 0x40):
         assert run(_seg(3000, 5, flags=flags)) == 0, "flags %#x" % flags
-    assert run(_seg(3000, 5, options=b"")) == 0, "no timestamps"
+    assert run(_seg(3000, 5, options=bytes([1, 1, 1, 1]))) == 0, "options other than the timestamps alone"
     sack = tcpseg.ts_option(111, 222) + bytes([1, 1, 5, 10]) + (10).to_bytes(4, "big") + (20).to_bytes(4, "big")
     assert run(_seg(3000, 5, options=sack)) == 0, "SACK blocks"
     assert run(_seg(3000, 5, payload=b"")) == 0, "a pure ack"
@@ -84,6 +84,13 @@ def test_the_program_lets_out_exactly_what_the_daemon_would_accept_unchanged(ker
     assert run(_seg(8000, 5)) == 1, "then after the last fast one"
     got = fastpath.FastState.unpack(bpf.map_lookup(st, key, fastpath.STATE.size))
     assert (got.next_fast, got.packets, got.bytes) == (9000, 5, 6000)
+    # A connection without timestamps: no options at all. The program keeps
+    # no timestamps for it (its payload is where they would be).
+    bpf.map_update(lim, key, fastpath.Limits(7000, 12000, 5, 5 + (1000 << 7), 7).pack())
+    assert run(_seg(9000, 5, options=b"")) == 1
+    got = fastpath.FastState.unpack(bpf.map_lookup(st, key, fastpath.STATE.size))
+    assert (got.next_fast, got.tsval, got.tsecr, got.bytes) == (10000, 111, 222, 7000)
+    assert run(_seg(10000, 5, options=b"", payload=b"x" * 8)) == 0, "too short to read 52 bytes: to the queue"
 
 
 def test_the_program_compares_across_the_sequence_wrap(kernel_program):

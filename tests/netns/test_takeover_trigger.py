@@ -24,6 +24,7 @@ loss marks, and the forged ACK no longer helps (README, "Performance").
 
 import json
 import os
+import select
 import subprocess
 import sys
 
@@ -62,7 +63,15 @@ def _sh(*cmd):
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def _line(proc, timeout):
+    """The next line of ``proc``'s output, or a failure after ``timeout`` seconds."""
+    if not select.select([proc.stdout], [], [], timeout)[0]:
+        raise AssertionError("no output from %s in %d s" % (proc.args[-4:], timeout))
+    return proc.stdout.readline()
+
+
 def test_a_forged_sack_makes_a_stack_whose_output_was_dropped_resend_at_once():
+    server = client = None
     try:
         for ns in (NS_C, NS_S):
             _sh("ip", "netns", "add", ns)
@@ -81,13 +90,18 @@ def test_a_forged_sack_makes_a_stack_whose_output_was_dropped_resend_at_once():
         env = dict(os.environ, PYTHONPATH=ROOT)
         server = subprocess.Popen(["ip", "netns", "exec", NS_S, sys.executable, APP, SERVER, CLIENT, str(PORT), "1"],
                                   stdout=subprocess.PIPE, text=True, env=env)
-        assert server.stdout.readline().strip() == "LISTENING"
+        assert _line(server, 10).strip() == "LISTENING"
         client = subprocess.Popen(["ip", "netns", "exec", NS_C, sys.executable, "-c", CLIENT_CODE, SERVER, str(PORT)],
                                   stdout=subprocess.PIPE, text=True)
-        seen = json.loads(server.stdout.readline())
+        seen = json.loads(_line(server, 30))
+        assert "error" not in seen, seen
         got = json.loads(client.communicate(timeout=30)[0])
         server.wait(timeout=10)
     finally:
+        for proc in (server, client):  # (their namespaces outlive the names while they run)
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         for ns in (NS_C, NS_S):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     print(seen, got)

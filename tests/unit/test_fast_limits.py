@@ -16,7 +16,7 @@ from nfq_sttcp.rules import render
 from nfq_sttcp.config import Config
 from nfq_sttcp.seqmath import seq_le
 from nfq_sttcp.syncproto import Confirm, ConfirmEntry
-from nfq_sttcp.tcpseg import ACK, FIN, PSH
+from nfq_sttcp.tcpseg import ACK, FIN, PSH, SYN
 
 from .helpers import KEY, VIP, from_server, server_synack
 
@@ -27,20 +27,25 @@ def kernel_passes(lim: Limits, next_fast: int, data: bytes) -> bool:
     seg = tcpseg.parse(data)
     ahead = (next_fast - lim.next_slow) & 0xFFFFFFFF  # the program's own position, if 1..2**30 ahead
     expected = next_fast if 0 < ahead <= 1 << 30 else lim.next_slow
-    return (seg.flags in (ACK, ACK | PSH) and seg.payload_len > 0 and seg.doff == 32 and seg.has_ts
-            and seg.sack_off < 0 and seg.seq == expected and seq_le(seg.end_seq, lim.seq_limit)
+    layout = seg.doff == 20 or (seg.doff == 32 and seg.has_ts and seg.sack_off < 0)  # none, or NOP NOP TS
+    return (seg.flags in (ACK, ACK | PSH) and seg.payload_len > 0 and layout and seg.seq == expected and seq_le(seg.end_seq, lim.seq_limit)
             and seq_le(seg.ack, lim.ack_limit)
             and seq_le((seg.ack + (seg.window << lim.wscale)) & 0xFFFFFFFF, lim.win_limit))
 
 
-def protected(max_lag=256 * 1024, edge=None):
+NO_TS = b""  # the options of a connection without timestamps: none after the handshake
+
+
+def protected(max_lag=256 * 1024, edge=None, ts=True):
     """A primary with one connection (our ISN 5000, the client's 100), its
     handshake confirmed by the backup at output position 5001."""
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=max_lag, fast_path=True))
     p.backup_following = True
-    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    synack = server_synack(5000, 100, 7000) if ts else \
+        from_server(5000, 101, SYN | ACK, opts=bytes([2, 4, 5, 0xB4, 1, 3, 3, 7]))  # MSS, window scale 7
+    p.on_outbound(synack, 0)
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), edge),)), 0)
-    p.on_outbound(from_server(5001, 101, payload=b"first"), 0)  # (the client's ack of the SYN-ACK went by)
+    p.on_outbound(from_server(5001, 101, payload=b"first", opts=None if ts else NO_TS), 0)  # (the client's ack went by)
     return p
 
 
@@ -53,6 +58,16 @@ def test_a_confirmed_connection_gets_limits_at_the_backups_point():
     nxt = from_server(5006, 101, payload=b"x" * 900, window=300)
     assert kernel_passes(lim, 5006, nxt) and p.on_outbound(nxt, 0.1) == [Accept()]
     assert not kernel_passes(lim, 5006, from_server(5906, 101, payload=b"x" * 200))  # beyond the lag bound
+
+
+def test_a_connection_without_timestamps_takes_the_fast_path_too():
+    p = protected(ts=False)
+    lim = p.fast_limits(KEY)
+    assert lim is not None and not p.conns[KEY].has_ts
+    nxt = from_server(lim.next_slow, 101, payload=b"x" * 900, window=300, opts=NO_TS)
+    assert kernel_passes(lim, lim.next_slow, nxt) and p.on_outbound(nxt, 0.1) == [Accept()]
+    p.absorb_fast(KEY, FastState(9006, 101, 333, 0, 0, 3, 4000), 5.0)
+    assert p.conns[KEY].snd_nxt == 9006 and not p.conns[KEY].has_ts
 
 
 def test_no_limits_while_deferred_unprotected_closing_or_without_a_backup():
@@ -75,10 +90,10 @@ def test_no_limits_while_deferred_unprotected_closing_or_without_a_backup():
                           st.integers(0, 400), st.integers(0, 2),  # payload, ack offset from 101
                           st.sampled_from([ACK, ACK | PSH, ACK | FIN]), st.integers(0, 1000),
                           st.booleans(), st.integers(0, 2)), min_size=1, max_size=12),
-       st.integers(1, 3000), st.booleans())
-def test_what_the_kernel_would_let_out_the_core_accepts_unchanged(segs, lag, with_edge):
+       st.integers(1, 3000), st.booleans(), st.booleans())
+def test_what_the_kernel_would_let_out_the_core_accepts_unchanged(segs, lag, with_edge, ts):
     """(For segments the kernel would queue, the core decides as always.)"""
-    p = protected(max_lag=lag, edge=101 + (200 << 7) if with_edge else None)
+    p = protected(max_lag=lag, edge=101 + (200 << 7) if with_edge else None, ts=ts)
     next_fast = p.conns[KEY].snd_nxt
     t = 0.1
     for off, n, ack_off, flags, window, confirm, pos_step in segs:
@@ -89,7 +104,7 @@ def test_what_the_kernel_would_let_out_the_core_accepts_unchanged(segs, lag, wit
                                                (), None),)), t)
         lim = p.fast_limits(KEY)
         seq = (p.conns[KEY].snd_nxt + (0 if off is None else off - 1500)) & 0xFFFFFFFF
-        data = from_server(seq, 101 + ack_off, flags=flags, payload=b"z" * n, window=window)
+        data = from_server(seq, 101 + ack_off, flags=flags, payload=b"z" * n, window=window, opts=None if ts else NO_TS)
         if lim is not None and kernel_passes(lim, next_fast, data):
             # What the kernel lets out, the core must accept unchanged.
             acts = p.on_outbound(data, t)

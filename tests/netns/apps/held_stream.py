@@ -97,6 +97,10 @@ time.sleep(1.0)  # with rto_min 5 s, nothing may move the stack in here but the 
 with lock:
     quiet = len(st["after_hold"])
     last, ack, cseq, ctsval, stsval = st["last"], st["client_ack"], st["client_seq"], st["client_tsval"], st["server_tsval"]
+if last is None or ack is None:
+    print(json.dumps({"error": "nothing held, or no client segment seen", "held": st["held"]}), flush=True)
+    st["stop"] = True
+    sys.exit(1)
 if prompt:
     opts = tcpseg.ts_option(ctsval + 1, stsval) + tcpseg.sack_option([last])
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
