@@ -106,6 +106,11 @@ def test_pair_agrees_through_handshake_data_and_failover(isn_c, isn_p, isn_b):
     assert (resent[0].tsval - (ts_p + 5)) % MOD < 1 << 31  # ... never behind the primary's
     prompts = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject) and a.why == "takeover prompt"]
     assert prompts and all(p.ack == c101 and p.seq == seq_add(isn_p, 101) for p in prompts)
+    # A connection idle for longer than that gets no prompt: nothing of the client's waits for our ack.
+    pr.b.active = False
+    acts = pr.b.activate(1.0 + 2.5)
+    assert not [a for a in acts if isinstance(a, Inject) and a.why == "takeover prompt"]
+    pr.b.active = True
 
     # after failover the backup's new output is in the primary's space
     acts = pr.b.on_outbound(from_server(seq_add(isn_b, 101), c101, payload=b"s" * 10, tsval=ts_b + 1000), 1.0)
