@@ -51,6 +51,21 @@ def survived(report, expect_bytes=None, serving="backup"):
     return backup
 
 
+def start_backup_with(pattern, replacement, what):
+    """Change one line of the lab config (``pattern``, a regex of a whole
+    line) before the backup's daemon reads it, then start that daemon: a
+    backup configured unlike its primary, which has read the original."""
+    import re
+
+    with open(lab.config_path()) as f:
+        toml = f.read()
+    changed, n = re.subn(pattern, replacement, toml, flags=re.M)
+    assert n == 1, "the lab config has no %s line" % what
+    with open(lab.config_path(), "w") as f:
+        f.write(changed)
+    lab.start_backup_daemon(progress=lambda *_: None)
+
+
 PROBE = r"""
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))

@@ -6,7 +6,6 @@ bpf match in front of the queue, segments that really took it, and crashes
 that every connection survives."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from nfq_sttcp import bpf, fastpath, lab, scenario, tcpseg
 from nfq_sttcp.tcpseg import ACK, FIN, PSH, RST, SYN
 
-from .checks import survived
+from .checks import start_backup_with, survived
 
 MB = 1 << 20
 CLIENT, VIP, CPORT, SPORT = "10.77.0.10", "10.77.0.100", 40000, 7001
@@ -157,13 +156,7 @@ def test_a_fast_path_on_the_primary_alone_keeps_every_connection_protected(make_
     no digests follow: past divergence.MAX_AHEAD (16 MB) of output without
     one, it used to give the connection up as unverifiable."""
     make_lab(fast_path=True, start_backup=False)
-    with open(lab.config_path()) as f:
-        toml = f.read()
-    off, n = re.subn(r"(?m)^fast_path = true$", "fast_path = false", toml)
-    assert n == 1, "the lab config has no fast_path = true line"
-    with open(lab.config_path(), "w") as f:
-        f.write(off)
-    lab.start_backup_daemon(progress=lambda *_: None)
+    start_backup_with(r"^fast_path = true$", "fast_path = false", "fast_path = true")
     seen = {}
     r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (80 * MB, 24 * MB)],
                                 before_crash=lambda: seen.update(lab.control("backup")))

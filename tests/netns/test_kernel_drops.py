@@ -4,12 +4,13 @@ otherwise (its only trace is in /proc/net/netfilter/nfnetlink_queue)."""
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
 
 from nfq_sttcp import lab
+
+from .checks import start_backup_with
 
 CONNS = 150
 
@@ -18,13 +19,7 @@ def test_a_full_backup_queue_is_counted_and_logged_and_no_client_byte_is_lost(ma
     # A slow heartbeat: the backup is frozen for a moment below, and must not
     # be declared lost (or declare the primary dead) for it.
     make_lab(start_backup=False, interval_ms=500, missed=6)
-    with open(lab.config_path()) as f:
-        toml = f.read()
-    small, n = re.subn(r"(?m)^max_len = \d+$", "max_len = 64", toml)
-    assert n == 1, "the lab config has no [queues] max_len line to shrink"
-    with open(lab.config_path(), "w") as f:
-        f.write(small)
-    lab.start_backup_daemon(progress=lambda *_: None)
+    start_backup_with(r"^max_len = \d+$", "max_len = 64", "[queues] max_len")
     client = subprocess.Popen(["ip", "netns", "exec", lab.NS_CLIENT, "python3", "-c", """
 import socket, sys, time
 n = int(sys.argv[1])
