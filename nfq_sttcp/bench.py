@@ -353,6 +353,10 @@ def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Cal
 FAST_LAGS_KB = (256, 0)  # the default lag bound, and none
 
 
+def _lag_name(lag_kb: int) -> str:
+    return "lag %d KB" % lag_kb if lag_kb else "no lag bound"
+
+
 def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Unshaped bulk transfers with the primary's kernel fast path on, for
     each lag bound in FAST_LAGS_KB, against plain TCP in the same lab
@@ -360,7 +364,7 @@ def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> di
     fast path."""
     out: dict[str, dict[str, Any]] = {}
     for lag in FAST_LAGS_KB:
-        tag = "lag %d KB" % lag if lag else "no lag bound"
+        tag = _lag_name(lag)
         lab.up(progress=lambda *_: None, fast_path=True, max_lag_kb=lag)
         try:
             r: dict[str, Any] = {}
@@ -495,7 +499,7 @@ def table(res: dict[str, Any]) -> str:
             shown = r["fast_packets"] + r["queued_packets"]
             lines.append("fast path, %s, unshaped %s: %s Gbit/s against plain %s; ratio %.2f median (%.2f to %.2f); "
                          "%d%% of the primary's segments fast" % (
-                             "lag %s KB" % lag if lag != "0" else "no lag bound",
+                             _lag_name(int(lag)),
                              {"down": "download", "up": "upload"}[kind],
                              "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
                              _pct(ratios, 0.5), ratios[0], ratios[-1],

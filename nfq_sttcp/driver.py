@@ -1280,8 +1280,7 @@ class FastPath:
                 # up, before it wraps around to look current (the program
                 # trusts it only within 1 GB ahead of the daemon's).
                 try:
-                    self.bpf.map_update(self.state, have[0], self.fp.STATE.pack(
-                        have[2].next_slow, st.last_ack, st.window, st.tsval, st.tsecr, 0, st.packets, st.bytes))
+                    self.bpf.map_update(self.state, have[0], st.moved_to(have[2].next_slow))
                 except OSError:
                     errors += 1
                     self._drop(key)

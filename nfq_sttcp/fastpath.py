@@ -104,6 +104,11 @@ class FastState:
     def initial(next_fast: int) -> bytes:
         return STATE.pack(next_fast & 0xFFFFFFFF, 0, 0, 0, 0, 0, 0, 0)
 
+    def moved_to(self, next_fast: int) -> bytes:
+        """This state with the program's own position brought up to ``next_fast``."""
+        return STATE.pack(next_fast & 0xFFFFFFFF, self.last_ack, self.window, self.tsval, self.tsecr, 0,
+                          self.packets, self.bytes)
+
 
 # -- the program -----------------------------------------------------------------
 
@@ -178,6 +183,7 @@ class _Asm:
 # stack at fp-56; the map key at fp-64.
 _PKT, _KEY = -56, -64
 _HDR = 52
+_HDR_NO_OPTIONS = 40  # (a connection without timestamps)
 
 
 def _at(offset: int) -> int:
@@ -202,7 +208,7 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.jmp(_JNE, R2, 0, "queue")
     a.ldx(_B, R2, FP, _at(9))
     a.jmp(_JNE, R2, 6, "queue")
-    a.mov(R7, 40)
+    a.mov(R7, _HDR_NO_OPTIONS)
     a.ldx(_B, R2, FP, _at(32))
     a.op(_ALU64 | _RSH | _K, R2, imm=4)
     a.jmp(_JEQ, R2, 5, "layout_ok")  # a TCP header without options (a connection without timestamps),
