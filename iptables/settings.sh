@@ -60,6 +60,7 @@ sttcp_chains() {
     if [ "$1" = primary ]; then
         echo "mangle PREROUTING $CHAIN_PREFIX-TEE"
         echo "mangle POSTROUTING $CHAIN_PREFIX-POUT"
+        echo "mangle PREROUTING $CHAIN_PREFIX-PIN"  # (the daemon's, with tuning.fast_path)
     else
         echo "raw PREROUTING $CHAIN_PREFIX-BIN"
         echo "mangle POSTROUTING $CHAIN_PREFIX-BOUT"

@@ -484,12 +484,21 @@ class Daemon:
 
     def _fast_sync(self) -> None:
         assert self.primary is not None
-        if not self.primary.fast_dirty:
-            return
         if self.fast is None:  # (a promoted backup's core: no fast path there)
             self.primary.fast_dirty.clear()
             return
+        try:
+            self.fast.renew(time.monotonic())
+        except OSError:
+            self._fast_errors(1)  # (the gate stops holding: segments come to us)
+        if not self.primary.fast_dirty:
+            return
         self._fast_errors(self.fast.sync(self.primary))
+        if self.fast.kicks:
+            for pkt in self.fast.kicks:
+                self._inject(pkt)
+            self.counters["fast_kicks"] += len(self.fast.kicks)
+            self.fast.kicks = []
 
     def _fast_errors(self, errors: int) -> None:
         if errors:
@@ -1144,9 +1153,10 @@ def _primary_core(cfg: Config, fast_path: Optional[bool] = None) -> PrimaryCore:
 
 
 class FastPath:
-    """The primary's kernel fast path (fastpath.py): its two maps, its
-    program pinned where the bpf match finds it, and one entry per
-    connection that PrimaryCore.fast_limits allows.
+    """The primary's kernel fast path (fastpath.py): its maps, its three
+    programs pinned where the bpf matches find them, one entry per
+    connection that PrimaryCore.fast_limits allows, the gate's lease, and
+    the kicks that make the stack send a held segment once it may.
 
     The pin lives in a bpf file system beside the control sockets
     (<control_socket_dir>/bpf/<chain prefix>), mounted there: ``ip netns
@@ -1164,8 +1174,10 @@ class FastPath:
 
     MAX_CONNS = 1 << 20
     SYNC_BUDGET = 512  # entries changed per loop turn: losing the backup dirties every one at once
+    LEASE_S = 0.25  # the gate holds segments this long past the daemon's last renewal
+    RENEW_S = 0.05
 
-    def __init__(self, cfg: Config, bpf_mod: Any = None) -> None:
+    def __init__(self, cfg: Config, bpf_mod: Any = None, patience_s: float = PrimaryConfig.lag_hold_s / 2) -> None:
         from . import fastpath
 
         if bpf_mod is None:
@@ -1179,6 +1191,9 @@ class FastPath:
         # key -> (key bytes, the connection's ISN, limits handed to the kernel, packets absorbed so far)
         self.entries: dict[tcpseg.ConnKey, tuple[bytes, int, Any, int]] = {}
         self.packets = 0
+        self.kicks: list[bytes] = []  # for the driver to inject
+        self.pins: list[str] = []
+        self.renewed = -1e9
         try:
             bpf_mod.ensure_bpffs(self.dir)
             self.limits = bpf_mod.map_create(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS,
@@ -1186,12 +1201,22 @@ class FastPath:
             self.fds.append(self.limits)
             self.state = bpf_mod.map_create(fastpath.KEY.size, fastpath.STATE.size, self.MAX_CONNS, "sttcp_state")
             self.fds.append(self.state)
-            prog = bpf_mod.prog_load(fastpath.program(self.limits, self.state), fastpath.PROG_TYPE_SOCKET_FILTER,
-                                     "sttcp_fast")
-            self.fds.append(prog)
-            if os.path.lexists(self.pinned):
-                os.unlink(self.pinned)  # a dead daemon's: the rules we apply replace its rule
-            bpf_mod.obj_pin(prog, self.pinned)
+            self.client = bpf_mod.map_create(fastpath.KEY.size, fastpath.CLIENT.size, self.MAX_CONNS, "sttcp_client")
+            self.fds.append(self.client)
+            self.lease = bpf_mod.map_create(len(fastpath.LEASE_KEY), fastpath.LEASE.size, 1, "sttcp_lease")
+            self.fds.append(self.lease)
+            pins = fastpath.Pins(self.pinned)
+            for path, code, name in (
+                    (pins.fast, fastpath.program(self.limits, self.state), "sttcp_fast"),
+                    (pins.gate, fastpath.gate(self.limits, self.state, self.client, self.lease,
+                                              int(patience_s * 1e9)), "sttcp_gate"),
+                    (pins.recorder, fastpath.recorder(self.client), "sttcp_recorder")):
+                prog = bpf_mod.prog_load(code, fastpath.PROG_TYPE_SOCKET_FILTER, name)
+                self.fds.append(prog)
+                if os.path.lexists(path):
+                    os.unlink(path)  # a dead daemon's: the rules we apply replace its rule
+                bpf_mod.obj_pin(prog, path)
+            self.pins = [pins.fast, pins.gate, pins.recorder]
         except Exception:
             self.close()
             raise
@@ -1214,6 +1239,14 @@ class FastPath:
                 self._drop(key)
         return errors
 
+    def renew(self, now: float) -> None:
+        """Keep the gate holding segments: it stops LEASE_S after the last
+        renewal, so a dead daemon's segments go to the queue rule (and pass)."""
+        if now - self.renewed < self.RENEW_S:
+            return
+        self.renewed = now
+        self.bpf.map_update(self.lease, self.fp.LEASE_KEY, self.fp.LEASE.pack(int((now + self.LEASE_S) * 1e9)))
+
     def _sync_one(self, core: PrimaryCore, key: tcpseg.ConnKey) -> None:
         conn = core.conns.get(key)
         lim = core.fast_limits(key)
@@ -1227,10 +1260,27 @@ class FastPath:
             kb = self.fp.key_bytes(key[0], key[1], key[3])
             self.entries[key] = (kb, conn.isn, lim, 0)
             self.bpf.map_update(self.state, kb, self.fp.FastState.initial(lim.next_slow))
+            self.bpf.map_update(self.client, kb, self.fp.ClientAck.initial())
             self.bpf.map_update(self.limits, kb, lim.pack())
         elif have[2] != lim:
             self.entries[key] = (have[0], have[1], lim, have[3])
             self.bpf.map_update(self.limits, have[0], lim.pack())
+            if lim.seq_limit != have[2].seq_limit:
+                self._kick(key, conn, have[0], lim)
+
+    def _kick(self, key: tcpseg.ConnKey, conn: Any, kb: bytes, lim: Any) -> None:
+        """The lag bound moved: if the gate may hold a segment of this
+        connection with nothing in flight, no ack of the client's will make
+        the stack try it again; a copy of its last one does (fastpath.kick)."""
+        raw_client = self.bpf.map_lookup(self.client, kb, self.fp.CLIENT.size)
+        raw_state = self.bpf.map_lookup(self.state, kb, self.fp.STATE.size)
+        if raw_client is None or raw_state is None:
+            return
+        st = self.fp.FastState.unpack(raw_state)
+        pkt = self.fp.kick(key, self.fp.ClientAck.unpack(raw_client), self.fp.sent_up_to(lim, st), conn.has_ts,
+                           st.tsval if st.packets else conn.tsval)
+        if pkt is not None:
+            self.kicks.append(pkt)
 
     def _drop(self, key: tcpseg.ConnKey, core: Optional[PrimaryCore] = None) -> None:
         """Forget a connection's entries: its limits first (without them the
@@ -1244,6 +1294,7 @@ class FastPath:
             self.absorb(core, (key,), time.monotonic())
         self.entries.pop(key, None)
         self._delete(self.state, have[0])
+        self._delete(self.client, have[0])
 
     def _delete(self, fd: int, kb: bytes) -> None:
         try:
@@ -1295,10 +1346,11 @@ class FastPath:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        try:
-            os.unlink(self.pinned)
-        except OSError:
-            pass
+        for path in self.pins:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self.bpf.is_bpffs(self.dir):
             self.bpf.unmount(self.dir)  # (ours, or one a killed daemon left: this directory is ours)
         for d in (self.dir, os.path.dirname(self.dir)):

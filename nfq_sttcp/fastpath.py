@@ -32,12 +32,32 @@ what the daemon would have learnt from the segment (the end, ack, window,
 timestamps) into the state map; the daemon reads it back before it builds
 an ack of its own (PrimaryCore.absorb_fast).
 
-Once a segment of a connection is queued, the fast path takes that
-connection's segments again only when the queue holds none of them: under
-a steady send the stack refills the queue as each verdict frees room (TCP
-small queues count a queued packet as still in flight), so it rarely
-empties. With the lag bound reached at every turn (a backup slower than
-the primary), most segments stay on the queue.
+A segment that passes every test but the lag bound is not queued: a second
+program (``gate``), in a DROP rule after the first, drops it in the kernel.
+A locally made packet dropped by netfilter reports an error (EPERM) to TCP,
+which keeps the segment unsent at the head of its queue and tries it again
+when the next ack arrives; so the gate holds the stream back without the
+daemon, and nothing can overtake the held segment. Queuing it instead, as
+before, cost most of the gain: once a connection has a segment on the
+queue every later one must follow it there, and under a steady send the
+stack refills the queue as each verdict frees room (TCP small queues count
+a queued packet as still in flight), so it rarely emptied while the lag
+bound was reached at every turn.
+
+When the client has acked everything, no ack will come to retry the held
+segment (the stack would wait for its zero-window probe timer, 200 ms or
+more). So a third program (``recorder``), a match that never matches, in
+the primary's PREROUTING, keeps each connection's latest client ack, and
+when the daemon raises the lag bound of a connection with nothing in
+flight, it injects a copy of that ack into its own stack (``kick``): a
+duplicate ack, which changes nothing in TCP but makes it try to send again.
+
+The gate holds a segment only while the daemon renews its lease (a
+deadline in a map, ``LEASE``): a killed daemon leaves segments to the
+queue rule, which passes them (--queue-bypass), as without a fast path.
+It also gives up on a segment held longer than its patience (half of
+``lag_hold``): then it goes to the queue, and the daemon holds it and gives
+the connection up when the backup still does not follow, as before.
 
 What the fast path costs: the daemon never sees those bytes, so the output
 digests of divergence detection are off for its connections (each ISN
@@ -57,6 +77,8 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+from . import tcpseg
+
 # -- map layouts ---------------------------------------------------------------
 
 KEY = struct.Struct("=4sHH")  # client address, client port, server port (network order, as on the wire)
@@ -64,6 +86,13 @@ KEY = struct.Struct("=4sHH")  # client address, client port, server port (networ
 LIMITS = struct.Struct("=IIIIII")
 # Written by the program, read by the daemon: next_fast, last_ack, window, tsval, tsecr, pad, packets, bytes.
 STATE = struct.Struct("=IIIIIIQQ")
+# Written by the recorder (the client's latest ack: ack, valid, tsval, the
+# end of its segment, window as on the wire, has timestamps, pad) and by the
+# gate (the segment it holds and since when, CLOCK_MONOTONIC ns).
+CLIENT = struct.Struct("=IIIIHBBIQ")
+# The daemon's lease: the gate holds segments until this CLOCK_MONOTONIC ns.
+LEASE_KEY = b"\0\0\0\0"
+LEASE = struct.Struct("=Q")
 
 
 def key_bytes(client_ip: str, client_port: int, server_port: int) -> bytes:
@@ -110,6 +139,47 @@ class FastState:
                           self.packets, self.bytes)
 
 
+@dataclass(frozen=True)
+class ClientAck:
+    """The client's latest ack of one connection, as the recorder saw it."""
+    ack: int
+    valid: bool  # (False until the first ack after the entry was made)
+    tsval: int
+    seq_end: int
+    window: int  # as on the wire
+    has_ts: bool
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ClientAck":
+        ack, valid, tsval, seq_end, window, has_ts, _pad, _held, _since = CLIENT.unpack(data)
+        return cls(ack, bool(valid), tsval, seq_end, window, bool(has_ts))
+
+    @staticmethod
+    def initial() -> bytes:
+        return CLIENT.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def sent_up_to(limits: Limits, state: FastState) -> int:
+    """Where our stack's output ends: the later of the program's and the
+    daemon's positions (the program's counts only up to 1 GB ahead)."""
+    ahead = (state.next_fast - limits.next_slow) & 0xFFFFFFFF
+    return state.next_fast if 0 < ahead <= 1 << 30 else limits.next_slow
+
+
+def kick(key: tuple[str, int, str, int], client: ClientAck, sent: int, has_ts: bool, our_tsval: int) -> Optional[bytes]:
+    """The duplicate of the client's latest ack that makes our stack try its
+    held segment again, or None when one would not be right: the client has
+    not acked everything we sent (its next ack retries the segment, and a
+    duplicate ack with data in flight counts towards a fast retransmit on a
+    connection without SACK), or we lack its timestamp (without one, or with
+    an older one, our stack would drop the copy: PAWS)."""
+    if not client.valid or client.ack != sent & 0xFFFFFFFF or (has_ts and not client.has_ts):
+        return None
+    opts = tcpseg.ts_option(client.tsval, our_tsval) if has_ts else b""
+    cip, cport, sip, sport = key
+    return tcpseg.build_segment(cip, sip, cport, sport, client.seq_end, client.ack, tcpseg.ACK, client.window, opts)
+
+
 # -- the program -----------------------------------------------------------------
 
 # Opcodes (linux/bpf.h, bpf_common.h).
@@ -121,7 +191,7 @@ _ADD, _SUB, _AND, _LSH, _RSH, _MOV, _END = 0x00, 0x10, 0x50, 0x60, 0x70, 0xB0, 0
 _TO_BE = 0x08
 _JA, _JEQ, _JGT, _JNE, _JSGT, _JSLE, _CALL, _EXIT = 0x00, 0x10, 0x20, 0x50, 0x60, 0xD0, 0x80, 0x90
 _PSEUDO_MAP_FD = 1
-FUNC_MAP_LOOKUP_ELEM, FUNC_SKB_LOAD_BYTES = 1, 26
+FUNC_MAP_LOOKUP_ELEM, FUNC_KTIME_GET_NS, FUNC_SKB_LOAD_BYTES = 1, 5, 26
 PROG_TYPE_SOCKET_FILTER = 1
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = range(11)
 
@@ -160,6 +230,11 @@ class _Asm:
         else:
             self.op(cls | cond | _X, dst, src, to=to)
 
+    def ld_imm64(self, dst: int, value: int) -> None:
+        self.op(_LD | _DW | _IMM, dst, imm=value & 0xFFFFFFFF if value & 0x80000000 == 0 else (value & 0xFFFFFFFF) - (1 << 32))
+        hi = (value >> 32) & 0xFFFFFFFF
+        self.op(0, imm=hi if hi < 1 << 31 else hi - (1 << 32))
+
     def map_fd(self, dst: int, fd: int) -> None:
         self.op(_LD | _DW | _IMM, dst, _PSEUDO_MAP_FD, imm=fd)
         self.op(0)
@@ -190,9 +265,12 @@ def _at(offset: int) -> int:
     return _PKT + offset
 
 
-def program(limits_fd: int, state_fd: int) -> bytes:
-    """The match: 1 lets the segment out now, 0 sends it to the queue."""
-    a = _Asm()
+def _next_in_order(a: _Asm, limits_fd: int, state_fd: int) -> None:
+    """What both programs test first: the layout, the flags, a payload, the
+    connection's entries and its order. On to the caller with the sequence
+    number in R2, the end in R4, the end minus the lag bound in R5 (signed),
+    the payload length in R7 and the entries in R8 (limits) and R9 (state);
+    anything else jumps to "queue"."""
     a.movr(R6, R1)
     a.movr(R1, R6)
     a.mov(R2, 0)
@@ -257,6 +335,12 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.ldx(_W, R3, R8, 4)
     a.op(_ALU32 | _MOV | _X, R5, R4)
     a.op(_ALU32 | _SUB | _X, R5, R3)
+
+
+def program(limits_fd: int, state_fd: int) -> bytes:
+    """The match: 1 lets the segment out now, 0 sends it to the queue."""
+    a = _Asm()
+    _next_in_order(a, limits_fd, state_fd)
     a.jmp(_JSGT, R5, 0, "queue", cls=_JMP32)  # beyond the lag bound
     a.ldx(_W, R5, FP, _at(28))
     a.be(R5, 32)  # ack
@@ -301,7 +385,198 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     return a.assemble()
 
 
-def rule(chain: str, vip: str, ports: str, mark: int, pinned: str) -> str:
-    """The iptables-restore line in front of the primary's queue rule."""
-    return "-A %s -s %s/32 -p tcp -m multiport --sports %s -m mark ! --mark 0x%x -m bpf --object-pinned %s -j ACCEPT" \
-        % (chain, vip, ports, mark, pinned)
+def gate(limits_fd: int, state_fd: int, client_fd: int, lease_fd: int, patience_ns: int) -> bytes:
+    """The match of the DROP rule after the fast one: 1 holds the segment
+    back (TCP sends it again later), 0 sends it to the queue. It holds a
+    segment next in order that the fast rule let pass but for the lag bound,
+    while the daemon's lease runs, for at most ``patience_ns``, and only
+    where a kick could be built (the client's ack recorded, with its
+    timestamp if the segment has timestamps)."""
+    a = _Asm()
+    _next_in_order(a, limits_fd, state_fd)
+    a.jmp(_JSLE, R5, 0, "queue", cls=_JMP32)  # within the lag bound: the fast rule's or the queue's
+    a.op(_ALU32 | _MOV | _X, R7, R2)  # the sequence number, kept across the calls
+    a.map_fd(R1, client_fd)
+    a.movr(R2, FP)
+    a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
+    a.call(FUNC_MAP_LOOKUP_ELEM)
+    a.jmp(_JEQ, R0, 0, "queue")
+    a.movr(R9, R0)
+    a.ldx(_W, R3, R9, 4)
+    a.jmp(_JEQ, R3, 0, "queue")  # no client ack recorded yet
+    a.ldx(_B, R3, FP, _at(32))
+    a.op(_ALU64 | _RSH | _K, R3, imm=4)
+    a.jmp(_JEQ, R3, 5, "ts_ok")  # (no timestamps on this connection)
+    a.ldx(_B, R3, R9, 18)
+    a.jmp(_JEQ, R3, 0, "queue")  # the client's timestamp unknown
+    a.label("ts_ok")
+    a.mov(R3, 0)
+    a.stx(_W, FP, -4, R3)
+    a.map_fd(R1, lease_fd)
+    a.movr(R2, FP)
+    a.op(_ALU64 | _ADD | _K, R2, imm=-4)
+    a.call(FUNC_MAP_LOOKUP_ELEM)
+    a.jmp(_JEQ, R0, 0, "queue")
+    a.ldx(_DW, R8, R0, 0)
+    a.call(FUNC_KTIME_GET_NS)
+    a.movr(R6, R0)
+    a.jmp(_JGT, R6, 0, "queue", src=R8)  # the daemon has not renewed its lease: it may be dead
+    a.ldx(_W, R3, R9, 20)
+    a.jmp(_JNE, R3, 0, "first", src=R7)
+    a.ldx(_DW, R3, R9, 24)
+    a.jmp(_JEQ, R3, 0, "first")
+    a.movr(R4, R6)
+    a.op(_ALU64 | _SUB | _X, R4, R3)
+    a.ld_imm64(R5, patience_ns)
+    a.jmp(_JGT, R4, 0, "queue", src=R5)  # held too long: the daemon decides
+    a.mov(R0, 1)
+    a.exit()
+    a.label("first")  # a new segment held: since now
+    a.stx(_W, R9, 20, R7)
+    a.stx(_DW, R9, 24, R6)
+    a.mov(R0, 1)
+    a.exit()
+    a.label("queue")
+    a.mov(R0, 0)
+    a.exit()
+    return a.assemble()
+
+
+def recorder(client_fd: int) -> bytes:
+    """A match that never matches, in front of the primary's stack: it
+    keeps the latest ack of each client that has an entry (CLIENT), so
+    that the daemon knows when nothing is in flight and can build a kick."""
+    a = _Asm()
+    ip, tcp, ts = -56, -32, -44  # the IPv4 header, the TCP header, NOP NOP TS (read after the IP header is done with)
+    a.movr(R6, R1)
+    a.movr(R1, R6)
+    a.mov(R2, 0)
+    a.movr(R3, FP)
+    a.op(_ALU64 | _ADD | _K, R3, imm=ip)
+    a.mov(R4, 20)
+    a.call(FUNC_SKB_LOAD_BYTES)
+    a.jmp(_JNE, R0, 0, "out")
+    a.ldx(_B, R2, FP, ip)
+    a.movr(R3, R2)
+    a.op(_ALU64 | _RSH | _K, R3, imm=4)
+    a.jmp(_JNE, R3, 4, "out")
+    a.op(_ALU64 | _AND | _K, R2, imm=15)
+    a.op(_ALU64 | _LSH | _K, R2, imm=2)
+    a.movr(R7, R2)  # IP header length (options allowed)
+    a.ldx(_B, R2, FP, ip + 9)
+    a.jmp(_JNE, R2, 6, "out")
+    a.ldx(_H, R2, FP, ip + 6)
+    a.op(_ALU64 | _AND | _K, R2, imm=0xFF3F)
+    a.jmp(_JNE, R2, 0, "out")
+    a.ldx(_W, R2, FP, ip + 12)
+    a.stx(_W, FP, _KEY, R2)  # client address
+    a.ldx(_H, R9, FP, ip + 2)
+    a.be(R9, 16)
+    a.op(_ALU64 | _SUB | _X, R9, R7)  # TCP length
+    a.movr(R1, R6)
+    a.movr(R2, R7)
+    a.movr(R3, FP)
+    a.op(_ALU64 | _ADD | _K, R3, imm=tcp)
+    a.mov(R4, 20)
+    a.call(FUNC_SKB_LOAD_BYTES)
+    a.jmp(_JNE, R0, 0, "out")
+    a.ldx(_B, R2, FP, tcp + 13)
+    a.op(_ALU64 | _AND | _K, R2, imm=0x10)
+    a.jmp(_JEQ, R2, 0, "out")  # no ACK flag
+    a.ldx(_H, R2, FP, tcp)
+    a.stx(_H, FP, _KEY + 4, R2)
+    a.ldx(_H, R2, FP, tcp + 2)
+    a.stx(_H, FP, _KEY + 6, R2)
+    a.ldx(_B, R2, FP, tcp + 12)
+    a.op(_ALU64 | _RSH | _K, R2, imm=4)
+    a.op(_ALU64 | _LSH | _K, R2, imm=2)  # TCP header length
+    a.op(_ALU64 | _SUB | _X, R9, R2)  # payload length
+    a.ldx(_W, R3, FP, tcp + 4)
+    a.be(R3, 32)
+    a.op(_ALU32 | _ADD | _X, R9, R3)  # where the segment ends
+    a.mov(R8, 0)
+    a.stx(_W, FP, -8, R8)  # its timestamp, and whether it has one: not yet
+    a.stx(_W, FP, -12, R8)
+    a.jmp(_JGT, R2, 31, "ts")  # (room for NOP NOP TS first)
+    a.jmp(_JA, 0, 0, "lookup")
+    a.label("ts")
+    a.movr(R1, R6)
+    a.movr(R2, R7)
+    a.op(_ALU64 | _ADD | _K, R2, imm=20)
+    a.movr(R3, FP)
+    a.op(_ALU64 | _ADD | _K, R3, imm=ts)
+    a.mov(R4, 12)
+    a.call(FUNC_SKB_LOAD_BYTES)
+    a.jmp(_JNE, R0, 0, "lookup")
+    a.ldx(_W, R2, FP, ts)
+    a.jmp(_JNE, R2, 0x0A080101, "lookup")  # NOP NOP TS (Linux puts it first)
+    a.ldx(_W, R2, FP, ts + 4)
+    a.be(R2, 32)
+    a.stx(_W, FP, -8, R2)
+    a.mov(R2, 1)
+    a.stx(_W, FP, -12, R2)
+    a.label("lookup")
+    a.map_fd(R1, client_fd)
+    a.movr(R2, FP)
+    a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
+    a.call(FUNC_MAP_LOOKUP_ELEM)
+    a.jmp(_JEQ, R0, 0, "out")  # not a connection of the fast path
+    a.ldx(_W, R8, FP, tcp + 8)
+    a.be(R8, 32)  # ack
+    a.ldx(_W, R3, R0, 4)
+    a.jmp(_JEQ, R3, 0, "store")
+    a.ldx(_W, R3, R0, 0)
+    a.op(_ALU32 | _MOV | _X, R4, R8)
+    a.op(_ALU32 | _SUB | _X, R4, R3)
+    a.jmp(_JSGT, R4, 0, "store", cls=_JMP32)  # a later ack
+    a.jmp(_JNE, R4, 0, "out", cls=_JMP32)  # an older one (reordered): keep ours
+    a.ldx(_W, R3, R0, 12)
+    a.op(_ALU32 | _MOV | _X, R4, R9)
+    a.op(_ALU32 | _SUB | _X, R4, R3)
+    a.jmp(_JSLE, R4, 0, "out", cls=_JMP32)  # the same ack, not a later segment
+    a.label("store")
+    a.stx(_W, R0, 0, R8)
+    a.mov(R3, 1)
+    a.stx(_W, R0, 4, R3)
+    a.ldx(_W, R3, FP, -8)
+    a.stx(_W, R0, 8, R3)
+    a.stx(_W, R0, 12, R9)
+    a.ldx(_H, R3, FP, tcp + 14)
+    a.be(R3, 16)
+    a.stx(_H, R0, 16, R3)
+    a.ldx(_W, R3, FP, -12)
+    a.stx(_B, R0, 18, R3)
+    a.label("out")
+    a.mov(R0, 0)
+    a.exit()
+    return a.assemble()
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Where the daemon pins its three programs, for the rules to name."""
+    fast: str
+
+    @property
+    def gate(self) -> str:
+        return self.fast + "-gate"
+
+    @property
+    def recorder(self) -> str:
+        return self.fast + "-recorder"
+
+
+def _match(pinned: str) -> str:
+    return "-m bpf --object-pinned %s" % pinned
+
+
+def rules(out_chain: str, in_chain: str, lan_if: str, vip: str, ports: str, mark: int,
+          pins: Pins) -> tuple[list[str], list[str]]:
+    """The iptables-restore lines: in front of the primary's queue rule (the
+    fast one, then the gate's), and for its client segments (the recorder's,
+    no target)."""
+    sel = "-s %s/32 -p tcp -m multiport --sports %s -m mark ! --mark 0x%x" % (vip, ports, mark)
+    return (["-A %s %s %s -j ACCEPT" % (out_chain, sel, _match(pins.fast)),
+             "-A %s %s %s -j DROP" % (out_chain, sel, _match(pins.gate))],
+            ["-A %s -i %s -d %s/32 -p tcp -m multiport --dports %s %s" % (in_chain, lan_if, vip, ports,
+                                                                           _match(pins.recorder))])

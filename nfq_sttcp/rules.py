@@ -7,6 +7,9 @@ files in ``iptables/`` are exactly this output for the lab config.
 * Primary: clone client segments to the backup (mangle PREROUTING, TEE) and
   queue its own client-bound segments (mangle POSTROUTING) with
   ``--queue-bypass``: a dead handler means lost protection, not lost service.
+  With the kernel fast path, its matches go in front of the queue rule, and
+  a chain of its own in mangle PREROUTING (``-PIN``) keeps the clients'
+  acks for it (fastpath.py); without, there is no such chain.
 * Backup: queue client segments before conntrack (raw PREROUTING) and its own
   replies (mangle POSTROUTING) without bypass: a dead handler must never leak
   an unmapped reply to the client (fail closed).
@@ -38,7 +41,8 @@ class Hook:
 def hooks(cfg: Config, role: str) -> list[Hook]:
     p = cfg.chain_prefix
     if role == "primary":
-        return [Hook("mangle", "PREROUTING", p + "-TEE"), Hook("mangle", "POSTROUTING", p + "-POUT")]
+        return [Hook("mangle", "PREROUTING", p + "-TEE"), Hook("mangle", "POSTROUTING", p + "-POUT"),
+                Hook("mangle", "PREROUTING", p + "-PIN")]
     if role == "backup":
         return [Hook("raw", "PREROUTING", p + "-BIN"), Hook("mangle", "POSTROUTING", p + "-BOUT")]
     raise ValueError("role must be primary or backup")
@@ -85,20 +89,25 @@ def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
     stepped down for a switchover leaves it (with its clone rules) too. ``clone=False``
     leaves the primary's clone chain empty (the daemon fills it once a backup
     follows). ``fast_prog``, the pinned path of the primary's fast-path
-    program (fastpath.py), puts its match in front of the queue rule; only
-    the daemon renders it, while its program is loaded.
+    program (fastpath.py), puts its matches in front of the queue rule and
+    its recorder in the ``-PIN`` chain; only the daemon renders them, while
+    its programs are loaded. Without them the ``-PIN`` chain is left out, or
+    emptied if an earlier run left its jump.
     """
     hs = hooks(cfg, role)
     mark = "-m mark ! --mark 0x%x" % cfg.mark
     vip = cfg.vip + "/32"
     body: dict[str, list[str]] = {}
+    if role == "primary":
+        tee, out, pin = hs
+        if fast_prog is None and pin.chain not in jumps_present:
+            hs = [tee, out]
     for h in hs:
         body.setdefault(h.table, []).append(":%s - [0:0]" % h.chain)
     for h in hs:
         if h.chain not in jumps_present:  # declaring a chain flushes it; its jump stays
             body[h.table].append("-I %s 1 -j %s" % (h.builtin, h.chain))
     if role == "primary":
-        tee, out = hs
         if clone:
             body["mangle"] += _tee_rules(cfg, tee.chain)
         for ports in _port_chunks(cfg.ports):
@@ -106,7 +115,9 @@ def render(cfg: Config, role: str, fence: bool = False, clone: bool = True,
                 body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s -j DROP" % (out.chain, vip, ports))
             else:
                 if fast_prog is not None:
-                    body["mangle"].append(fastpath.rule(out.chain, cfg.vip, ports, cfg.mark, fast_prog))
+                    before_queue, recording = fastpath.rules(out.chain, pin.chain, cfg.lan_interface, cfg.vip, ports,
+                                                             cfg.mark, fastpath.Pins(fast_prog))
+                    body["mangle"] += before_queue + recording
                 body["mangle"].append("-A %s -s %s -p tcp -m multiport --sports %s %s -j NFQUEUE --queue-num %d "
                                       "--queue-bypass" % (out.chain, vip, ports, mark, cfg.queue_primary_out))
     else:

@@ -16,7 +16,7 @@ import pytest
 from nfq_sttcp import bpf, fastpath, lab, scenario, tcpseg
 from nfq_sttcp.tcpseg import ACK, FIN, PSH, RST, SYN
 
-from .checks import start_backup_with, survived
+from .checks import intact, start_backup_with, survived
 
 MB = 1 << 20
 CLIENT, VIP, CPORT, SPORT = "10.77.0.10", "10.77.0.100", 40000, 7001
@@ -123,6 +123,108 @@ def test_the_program_compares_across_the_sequence_wrap(kernel_program):
         assert bpf.prog_test_run(prog, _seg(start, 0xFFFFFFF0, window=4000)) == int(not own), ahead
 
 
+@pytest.fixture
+def kernel_gate():
+    """The gate and the recorder over the same maps as the fast program."""
+    fds = []
+    try:
+        maps = []
+        for size, name in ((fastpath.LIMITS.size, "t_limits"), (fastpath.STATE.size, "t_state"),
+                           (fastpath.CLIENT.size, "t_client")):
+            maps.append(bpf.map_create(fastpath.KEY.size, size, 1024, name))
+            fds.append(maps[-1])
+        lease = bpf.map_create(len(fastpath.LEASE_KEY), fastpath.LEASE.size, 1, "t_lease")
+        fds.append(lease)
+        lim, st, client = maps
+        gate = bpf.prog_load(fastpath.gate(lim, st, client, lease, 300 * 10**6), fastpath.PROG_TYPE_SOCKET_FILTER,
+                             "t_gate")
+        fds.append(gate)
+        rec = bpf.prog_load(fastpath.recorder(client), fastpath.PROG_TYPE_SOCKET_FILTER, "t_recorder")
+        fds.append(rec)
+        yield lim, st, client, lease, gate, rec
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _from_client(seq, ack, flags=ACK, payload=b"", window=900, options=None, ip_options=b""):
+    opts = tcpseg.ts_option(7777, 111) if options is None else options
+    pkt = tcpseg.build_segment(CLIENT, VIP, CPORT, SPORT, seq, ack, flags, window, opts, payload)
+    if ip_options:
+        pkt = bytes([0x46]) + pkt[1:2] + (len(pkt) + 4).to_bytes(2, "big") + pkt[4:20] + ip_options + pkt[20:]
+    return pkt
+
+
+def _renew(lease, seconds):
+    bpf.map_update(lease, fastpath.LEASE_KEY, fastpath.LEASE.pack(time.monotonic_ns() + int(seconds * 1e9)))
+
+
+def test_the_recorder_keeps_each_clients_latest_ack(kernel_gate):
+    _lim, _st, client, _lease, _gate, rec = kernel_gate
+    key = fastpath.key_bytes(CLIENT, CPORT, SPORT)
+
+    def latest():
+        return fastpath.ClientAck.unpack(bpf.map_lookup(client, key, fastpath.CLIENT.size))
+
+    assert bpf.prog_test_run(rec, _from_client(500, 1000)) == 0, "it never matches"
+    assert bpf.map_lookup(client, key, fastpath.CLIENT.size) is None, "no entry of the daemon's: nothing kept"
+    bpf.map_update(client, key, fastpath.ClientAck.initial())
+    assert not latest().valid
+    assert bpf.prog_test_run(rec, _from_client(500, 1000)) == 0
+    assert latest() == fastpath.ClientAck(1000, True, 7777, 500, 900, True)
+    bpf.prog_test_run(rec, _from_client(500, 900, window=5))
+    assert latest().ack == 1000 and latest().window == 900, "an older ack (reordered) changes nothing"
+    bpf.prog_test_run(rec, _from_client(500, 1000, payload=b"abc", options=tcpseg.ts_option(7778, 111)))
+    assert latest() == fastpath.ClientAck(1000, True, 7778, 503, 900, True), "the same ack, a later segment"
+    bpf.prog_test_run(rec, _from_client(503, 1000, flags=PSH, payload=b"d"))
+    assert latest().seq_end == 503, "no ACK flag: not an ack"
+    bpf.prog_test_run(rec, _from_client(503, 2000, options=b"", ip_options=b"\x01\x01\x01\x00"))
+    assert latest() == fastpath.ClientAck(2000, True, 0, 503, 900, False), "IP options; no timestamp"
+    bpf.map_update(client, key, fastpath.CLIENT.pack(0xFFFFFF00, 1, 7777, 503, 900, 1, 0, 0, 0))
+    bpf.prog_test_run(rec, _from_client(503, 0x100))
+    assert latest().ack == 0x100, "a later ack across the wrap"
+    bpf.prog_test_run(rec, _from_client(503, 0xFFFFFFF0))
+    assert latest().ack == 0x100, "an older one across the wrap"
+    assert bpf.prog_test_run(rec, b"\x45\x00") == 0
+
+
+def test_the_gate_holds_what_the_lag_bound_stops_while_the_daemon_lives(kernel_gate):
+    lim, st, client, lease, gate, _rec = kernel_gate
+    key = fastpath.key_bytes(CLIENT, CPORT, SPORT)
+
+    def run(pkt):
+        return bpf.prog_test_run(gate, pkt)
+
+    bpf.map_update(st, key, fastpath.FastState.initial(1000))
+    bpf.map_update(lim, key, fastpath.Limits(1000, 1500, 5, 5 + (1000 << 7), 7).pack())
+    _renew(lease, 5)
+    assert run(_seg(1000, 5)) == 0, "no client entry: to the queue"
+    bpf.map_update(client, key, fastpath.ClientAck.initial())
+    assert run(_seg(1000, 5)) == 0, "no client ack recorded yet: no kick could be built"
+    bpf.map_update(client, key, fastpath.CLIENT.pack(1000, 1, 7777, 5, 900, 0, 0, 0, 0))
+    assert run(_seg(1000, 5)) == 0, "the segment has timestamps, the client's recorded ack had none"
+    bpf.map_update(client, key, fastpath.CLIENT.pack(1000, 1, 7777, 5, 900, 1, 0, 0, 0))
+    assert run(_seg(1000, 5, payload=b"x" * 500)) == 0, "within the lag bound: not the gate's"
+    assert run(_seg(1500, 5)) == 0, "not next in order"
+    t0 = time.monotonic_ns()
+    assert run(_seg(1000, 5)) == 1, "beyond the lag bound: held"
+    _ack, _v, _ts, _end, _win, _hts, _pad, held, since = fastpath.CLIENT.unpack(
+        bpf.map_lookup(client, key, fastpath.CLIENT.size))
+    assert held == 1000 and t0 <= since <= time.monotonic_ns()
+    assert run(_seg(1000, 5, options=b"")) == 1, "without timestamps the kick needs none"
+    assert run(_seg(1000, 6)) == 1, "an unconfirmed ack too: it is not sent at all"
+    bpf.map_update(lease, fastpath.LEASE_KEY, fastpath.LEASE.pack(time.monotonic_ns() - 1))
+    assert run(_seg(1000, 5)) == 0, "the daemon's lease ran out: to the queue (which passes it without one)"
+    _renew(lease, 5)
+    assert run(_seg(1000, 5)) == 1
+    time.sleep(0.35)
+    assert run(_seg(1000, 5)) == 0, "held past its patience (300 ms here): the daemon decides"
+    bpf.map_update(lim, key, fastpath.Limits(2000, 2500, 5, 5 + (1000 << 7), 7).pack())
+    assert run(_seg(2000, 5)) == 1, "another segment: its own patience"
+    bpf.map_delete(lease, fastpath.LEASE_KEY)
+    assert run(_seg(2000, 5)) == 0, "no lease at all"
+
+
 def _fast_rule(ns):
     """The primary's bpf rules (while the daemon replaces its rules, a
     listing can fail: that counts as one still there)."""
@@ -141,14 +243,76 @@ def test_a_download_takes_the_fast_path_and_survives_a_crash(make_lab):
     cfg = make_lab(fast_path=True)
     assert cfg.fast_path
     rules = lab.sh("iptables", "-t", "mangle", "-S", "STTCP-POUT", ns=lab.NS_PRIMARY).stdout.splitlines()
-    assert "-m bpf --object-pinned" in rules[1] and "NFQUEUE" in rules[2], rules
+    assert "primary-fast -j ACCEPT" in rules[1] and "primary-fast-gate -j DROP" in rules[2] \
+        and "NFQUEUE" in rules[3], rules
     seen = {}
-    r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (50 * MB, 15 * MB)],
-                                before_crash=lambda: seen.update(lab.control("primary")))
+
+    def before_crash():
+        seen.update(lab.control("primary"))
+        seen["held"] = _gate_held()
+
+    r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (50 * MB, 15 * MB)], before_crash=before_crash)
     survived(r, {"download": 50 * MB})
     fast = seen["fast_path"]
-    print("fast path before the crash:", fast, "queued:", seen["counters"])
+    print("fast path before the crash:", fast, "held back by the gate:", seen["held"], "counters:", seen["counters"])
     assert fast["packets"] > 0, fast
+    # At the default lag bound the backup's pace holds the stream back: in
+    # the kernel, and the stack sends again on the next ack or kick.
+    assert seen["held"] > 0 and seen["counters"].get("fast_kicks", 0) > 0, seen
+
+
+def _gate_held():
+    """How many segments the gate's DROP rule has held back (its counter)."""
+    out = lab.sh("iptables", "-t", "mangle", "-L", "STTCP-POUT", "-v", "-n", "-x", ns=lab.NS_PRIMARY).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if "primary-fast-gate" in line)
+
+
+def test_a_killed_primary_daemon_leaves_the_gate_open(make_lab):
+    """Its rules stay (fail-open), programs and all; the gate holds nothing
+    once the daemon's lease has run out, and the queue rule passes what it
+    held: the download goes on, unprotected."""
+    make_lab(fast_path=True)
+    r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (40 * MB, 10 * MB)],
+                                disrupt=lambda: lab.kill_daemon("primary"))
+    intact(r, {"download": 40 * MB})
+    assert lab.vip_owner() == ["primary"]
+    assert _fast_rule(lab.NS_PRIMARY), "the rules stay when the daemon is killed"
+    print("client gap across the kill: %s ms" % [c["wire_gap_ms"] for c in r["connections"]])
+
+
+def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
+    """The backup's application stops (its daemon runs on): the lag bound
+    stops moving. The gate holds the primary's next segment for its patience
+    (1 s), then lets it to the queue, where the daemon holds it lag_hold (2 s)
+    and gives the connection up; the download completes, unprotected."""
+    make_lab(fast_path=True)
+    daemon = _daemon_pid("backup")
+    stopped = []
+
+    def stop_backup_app():
+        t, wall = time.monotonic(), time.time()
+        for pid in lab._ns_pids([lab.NS_BACKUP]) - {daemon}:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        return t, wall
+
+    try:
+        r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (30 * MB, 8 * MB)], disrupt=stop_backup_app)
+        st = lab.control("primary")
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert stopped, "nothing of the backup's application was found to stop"
+    intact(r, {"download": 30 * MB}, st)
+    mine = [c for c in st["connections"] if c["conn"].startswith(lab.CLIENT_IP + ":")
+            and int(c["conn"].split()[0].split(":")[1]) == r["connections"][0]["local_port"]]
+    assert mine and not mine[0]["protected"] and mine[0]["reason"] == "backup stopped keeping up", mine
+    gap = r["connections"][0]["wire_gap_ms"]
+    print("client gap: %s ms (the gate's patience, then lag_hold)" % gap)
+    assert lab.vip_owner() == ["primary"]
 
 
 def test_a_fast_path_on_the_primary_alone_keeps_every_connection_protected(make_lab):

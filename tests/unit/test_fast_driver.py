@@ -191,3 +191,42 @@ def test_a_state_that_cannot_be_read_costs_its_connection_the_entry_not_the_daem
     fast.bpf.fail_lookups = True
     assert fast.absorb(p, [KEY], 1.0) == 1
     assert KEY not in fast.entries and not fast.bpf.maps[fast.limits] and not fast.bpf.maps[fast.state]
+
+
+def test_a_raised_lag_bound_kicks_a_connection_with_nothing_in_flight(fast):
+    p = confirmed_primary()
+    fast.sync(p)
+    kb = fast.entries[KEY][0]
+    assert fastpath.ClientAck.unpack(fast.bpf.maps[fast.client][kb]) == \
+        fastpath.ClientAck(0, False, 0, 0, 0, False), "a new entry: no client ack yet"
+    kernel_sends(fast, KEY, 9006, 4)
+    fast.absorb(p, [KEY], 1.0)
+    # What the recorder saw: the client acked all we sent (9006).
+    fast.bpf.maps[fast.client][kb] = fastpath.CLIENT.pack(9006, 1, 4242, 101, 800, 1, 0, 0, 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 9006, (), None),)), 1.0)
+    fast.sync(p)
+    assert len(fast.kicks) == 1
+    from nfq_sttcp import tcpseg
+    seg = tcpseg.parse(fast.kicks.pop())
+    assert (seg.src, seg.dst, seg.seq, seg.ack, seg.window, seg.tsval, seg.tsecr) == \
+        (KEY[0], VIP, 101, 9006, 800, 4242, 9000)
+    # Data in flight (the client acked less): its next ack retries, no kick.
+    fast.bpf.maps[fast.client][kb] = fastpath.CLIENT.pack(8006, 1, 4243, 101, 800, 1, 0, 0, 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 10006, (), None),)), 2.0)
+    fast.sync(p)
+    assert fast.kicks == []
+    # A confirmation that leaves the lag bound where it was kicks nothing either.
+    fast.bpf.maps[fast.client][kb] = fastpath.CLIENT.pack(9006, 1, 4243, 101, 800, 1, 0, 0, 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 102, 10006, (), None),)), 3.0)
+    fast.sync(p)
+    assert fast.kicks == []
+
+
+def test_the_lease_is_renewed_at_most_every_renew_s(fast):
+    fast.renew(10.0)
+    (until,) = fastpath.LEASE.unpack(fast.bpf.maps[fast.lease][fastpath.LEASE_KEY])
+    assert until == int((10.0 + FastPath.LEASE_S) * 1e9)
+    fast.renew(10.0 + FastPath.RENEW_S / 2)
+    assert fastpath.LEASE.unpack(fast.bpf.maps[fast.lease][fastpath.LEASE_KEY])[0] == until
+    fast.renew(10.0 + FastPath.RENEW_S)
+    assert fastpath.LEASE.unpack(fast.bpf.maps[fast.lease][fastpath.LEASE_KEY])[0] > until

@@ -128,11 +128,42 @@ def test_absorbing_what_the_kernel_sent_moves_our_position_ack_and_timestamps():
     assert c.snd_nxt == 9006 and c.last_seen == 6.0
 
 
-def test_the_rule_goes_in_front_of_the_queue_and_never_into_the_fence():
+def test_the_rules_go_in_front_of_the_queue_and_never_into_the_fence():
     cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2")
     text = render(cfg, "primary", fast_prog="/run/x/primary-fast")
     lines = [line for line in text.splitlines() if line.startswith("-A STTCP-POUT")]
-    assert "-m bpf --object-pinned /run/x/primary-fast -j ACCEPT" in lines[0] and "NFQUEUE" in lines[1]
+    assert "-m bpf --object-pinned /run/x/primary-fast -j ACCEPT" in lines[0]
+    assert "-m bpf --object-pinned /run/x/primary-fast-gate -j DROP" in lines[1] and "NFQUEUE" in lines[2]
+    recording = [line for line in text.splitlines() if line.startswith("-A STTCP-PIN")]
+    assert recording == ["-A STTCP-PIN -i lan0 -d 10.77.0.100/32 -p tcp -m multiport --dports 7000 "
+                         "-m bpf --object-pinned /run/x/primary-fast-recorder"], "a match with no target"
     assert "bpf" not in render(cfg, "primary", fence=True, fast_prog="/run/x/primary-fast")
-    assert "bpf" not in render(cfg, "primary")
+    assert "PIN" not in render(cfg, "primary"), "no fast path, no chain of its"
+    left = render(cfg, "primary", jumps_present=frozenset({"STTCP-PIN"}))
+    assert ":STTCP-PIN - [0:0]" in left and "bpf" not in left, "one an earlier run left is emptied"
     assert len(fastpath.program(3, 4)) % 8 == 0
+
+
+def test_a_kick_is_the_clients_last_ack_again_and_only_with_nothing_in_flight():
+    key = ("10.77.0.10", 40000, VIP, 7001)
+    seen = fastpath.ClientAck(ack=5000, valid=True, tsval=777, seq_end=321, window=900, has_ts=True)
+    pkt = fastpath.kick(key, seen, 5000, True, 4444)
+    seg = tcpseg.parse(pkt)
+    assert (seg.src, seg.sport, seg.dst, seg.dport) == key
+    assert (seg.seq, seg.ack, seg.flags, seg.window, seg.tsval, seg.tsecr, seg.payload_len) == \
+        (321, 5000, tcpseg.ACK, 900, 777, 4444, 0)
+    assert tcpseg.tcp_checksum_ok(pkt, seg)
+    assert fastpath.kick(key, seen, 6000, True, 4444) is None, "data in flight: the client's next ack retries"
+    assert fastpath.kick(key, seen, 4000, True, 4444) is None
+    assert fastpath.kick(key, fastpath.ClientAck(5000, False, 0, 0, 0, False), 5000, False, 0) is None, "no ack seen"
+    no_ts = fastpath.ClientAck(5000, True, 0, 321, 900, False)
+    assert fastpath.kick(key, no_ts, 5000, True, 4444) is None, "without the client's TSval, PAWS drops it"
+    plain = tcpseg.parse(fastpath.kick(key, no_ts, 5000, False, 0))
+    assert not plain.has_ts and plain.ack == 5000
+
+
+def test_what_was_sent_is_the_later_of_the_programs_and_the_daemons_positions():
+    lim = fastpath.Limits(next_slow=1000, seq_limit=9000, ack_limit=0, win_limit=0, wscale=0)
+    assert fastpath.sent_up_to(lim, fastpath.FastState(3000, 0, 0, 0, 0, 1, 2000)) == 3000
+    assert fastpath.sent_up_to(lim, fastpath.FastState(900, 0, 0, 0, 0, 1, 2000)) == 1000
+    assert fastpath.sent_up_to(lim, fastpath.FastState(1000 + (1 << 30) + 1, 0, 0, 0, 0, 1, 2000)) == 1000
