@@ -193,6 +193,14 @@ def _packets(host: str) -> int:
     return sum(c.get("verdict_" + v, 0) for v in ("accept", "drop", "defer"))
 
 
+def _gate_held() -> int:
+    """Segments the fast path's gate has held back at the lag bound (its
+    DROP rule's counter: each try TCP made counts)."""
+    out = lab.sh("iptables", "-t", "mangle", "-L", "STTCP-POUT", "-v", "-n", "-x", ns=lab.NS_PRIMARY,
+                 check=False).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if "primary-fast-gate" in line)
+
+
 def _shape(on: bool) -> None:
     """tbf at 1 Gbit/s on both directions of the client's link."""
     for ns, dev in ((lab.NS_CLIENT, lab.CLIENT_IF), (lab.NS_LAN, "c0")):
@@ -371,12 +379,12 @@ def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> di
             for kind in ("down", "up"):
                 progress("  fast path, %s: bulk %s, plain and protected alternating" % (tag, kind))
                 fast0 = lab.control("primary").get("fast_path", {}).get("packets", 0)
-                queued0 = _packets("primary")
+                queued0, held0 = _packets("primary"), _gate_held()
                 pairs = _alternating(sizes["runs"], lambda host: _client(
                     {"kind": kind, "host": host, "bytes": sizes["bulk"], "runs": 1})[0])
                 fast = lab.control("primary").get("fast_path", {}).get("packets", 0) - fast0
-                queued = _packets("primary") - queued0
-                r[kind] = {"pairs": pairs, "fast_packets": fast, "queued_packets": queued}
+                queued, held = _packets("primary") - queued0, _gate_held() - held0
+                r[kind] = {"pairs": pairs, "fast_packets": fast, "queued_packets": queued, "held_packets": held}
             out[str(lag)] = r
         finally:
             lab.down(quiet=True)
@@ -498,12 +506,12 @@ def table(res: dict[str, Any]) -> str:
             ratios = sorted(b / a for a, b in r["pairs"] if a)
             shown = r["fast_packets"] + r["queued_packets"]
             lines.append("fast path, %s, unshaped %s: %s Gbit/s against plain %s; ratio %.2f median (%.2f to %.2f); "
-                         "%d%% of the primary's segments fast" % (
+                         "%d%% of the primary's segments fast, %d held back by the gate" % (
                              _lag_name(int(lag)),
                              {"down": "download", "up": "upload"}[kind],
                              "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
                              _pct(ratios, 0.5), ratios[0], ratios[-1],
-                             round(100 * r["fast_packets"] / shown) if shown else 0))
+                             round(100 * r["fast_packets"] / shown) if shown else 0, r.get("held_packets", 0)))
     lines.append("")
     lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
                                                           "detect p50", "takeover", "resume"))

@@ -1271,7 +1271,14 @@ class FastPath:
     def _kick(self, key: tcpseg.ConnKey, conn: Any, kb: bytes, lim: Any) -> None:
         """The lag bound moved: if the gate may hold a segment of this
         connection with nothing in flight, no ack of the client's will make
-        the stack try it again; a copy of its last one does (fastpath.kick)."""
+        the stack try it again; a copy of its last one does (fastpath.kick).
+
+        (The segments a kick releases leave from the CPU that took the
+        injected ack, ours; the application's next ones from its own. Over a
+        veth each CPU's backlog drains separately, so the client may get two
+        swapped: in the lab 60-70 out-of-order arrivals per 200 MB, against 1
+        without the gate, and 93 for plain TCP, whose ack-clocked and
+        application-driven sends race the same way.)"""
         raw_client = self.bpf.map_lookup(self.client, kb, self.fp.CLIENT.size)
         raw_state = self.bpf.map_lookup(self.state, kb, self.fp.STATE.size)
         if raw_client is None or raw_state is None:

@@ -493,7 +493,10 @@ def recorder(client_fd: int) -> bytes:
     a.op(_ALU64 | _SUB | _X, R9, R2)  # payload length
     a.ldx(_W, R3, FP, tcp + 4)
     a.be(R3, 32)
-    a.op(_ALU32 | _ADD | _X, R9, R3)  # where the segment ends
+    a.op(_ALU32 | _ADD | _X, R9, R3)  # where the segment ends,
+    a.ldx(_B, R3, FP, tcp + 13)
+    a.op(_ALU64 | _AND | _K, R3, imm=0x01)
+    a.op(_ALU32 | _ADD | _X, R9, R3)  # its FIN included (a kick at the FIN's own number would be old)
     a.mov(R8, 0)
     a.stx(_W, FP, -8, R8)  # its timestamp, and whether it has one: not yet
     a.stx(_W, FP, -12, R8)

@@ -178,9 +178,11 @@ def test_the_recorder_keeps_each_clients_latest_ack(kernel_gate):
     assert latest() == fastpath.ClientAck(1000, True, 7778, 503, 900, True), "the same ack, a later segment"
     bpf.prog_test_run(rec, _from_client(503, 1000, flags=PSH, payload=b"d"))
     assert latest().seq_end == 503, "no ACK flag: not an ack"
-    bpf.prog_test_run(rec, _from_client(503, 2000, options=b"", ip_options=b"\x01\x01\x01\x00"))
-    assert latest() == fastpath.ClientAck(2000, True, 0, 503, 900, False), "IP options; no timestamp"
-    bpf.map_update(client, key, fastpath.CLIENT.pack(0xFFFFFF00, 1, 7777, 503, 900, 1, 0, 0, 0))
+    bpf.prog_test_run(rec, _from_client(503, 1000, flags=ACK | FIN, options=tcpseg.ts_option(7779, 111)))
+    assert latest().seq_end == 504, "a FIN takes a sequence number"
+    bpf.prog_test_run(rec, _from_client(504, 2000, options=b"", ip_options=b"\x01\x01\x01\x00"))
+    assert latest() == fastpath.ClientAck(2000, True, 0, 504, 900, False), "IP options; no timestamp"
+    bpf.map_update(client, key, fastpath.CLIENT.pack(0xFFFFFF00, 1, 7777, 504, 900, 1, 0, 0, 0))
     bpf.prog_test_run(rec, _from_client(503, 0x100))
     assert latest().ack == 0x100, "a later ack across the wrap"
     bpf.prog_test_run(rec, _from_client(503, 0xFFFFFFF0))
