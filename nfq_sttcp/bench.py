@@ -194,8 +194,8 @@ def _packets(host: str) -> int:
 
 
 def _gate_held() -> int:
-    """Segments the fast path's gate has held back at the lag bound (its
-    DROP rule's counter: each try TCP made counts)."""
+    """The fast path gate's drops at the lag bound (its DROP rule's counter:
+    each try TCP made counts, not each segment)."""
     out = lab.sh("iptables", "-t", "mangle", "-L", "STTCP-POUT", "-v", "-n", "-x", ns=lab.NS_PRIMARY,
                  check=False).stdout
     return sum(int(line.split()[0]) for line in out.splitlines() if "primary-fast-gate" in line)
@@ -506,7 +506,7 @@ def table(res: dict[str, Any]) -> str:
             ratios = sorted(b / a for a, b in r["pairs"] if a)
             shown = r["fast_packets"] + r["queued_packets"]
             lines.append("fast path, %s, unshaped %s: %s Gbit/s against plain %s; ratio %.2f median (%.2f to %.2f); "
-                         "%d%% of the primary's segments fast, %d held back by the gate" % (
+                         "%d%% of the primary's segments fast, %d gate drops (each try of TCP's counts)" % (
                              _lag_name(int(lag)),
                              {"down": "download", "up": "upload"}[kind],
                              "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),

@@ -229,7 +229,8 @@ class Daemon:
         if self.role == "primary" and self.cfg.fast_path:
             from .bpf import BpfError
             try:
-                self.fast = FastPath(self.cfg)
+                self.fast = FastPath(self.cfg, lag_hold_s=self.primary.cfg.lag_hold_s if self.primary else
+                                     PrimaryConfig.lag_hold_s)
             except (BpfError, OSError) as e:
                 raise DaemonError("tuning.fast_path: %s" % e) from None
         # The primary clones only once a backup follows (see _backup_changed).
@@ -295,6 +296,11 @@ class Daemon:
         except Exception as e:  # keep tearing down
             self.log.error("rules_teardown_failed", error=str(e))
         if self.fast is not None:
+            if self.primary is not None and getattr(self, "rules_applied", False):
+                self.fast.kick_all(self.primary)
+                for pkt in self.fast.kicks:
+                    self._inject(pkt)
+                self.fast.kicks = []
             self.counters["fast_packets"] = self.fast.packets
             self.fast.close()  # (after the rules: the match holds the program until then)
         if self.queues:
@@ -489,8 +495,14 @@ class Daemon:
             return
         try:
             self.fast.renew(time.monotonic())
-        except OSError:
-            self._fast_errors(1)  # (the gate stops holding: segments come to us)
+        except OSError as e:
+            # The gate stops holding: segments come to us. (Once, not every RENEW_S.)
+            self.counters["fast_map_errors"] += 1
+            if not self.fast.lease_failing:
+                self.log.warning("fast_path_lease_failed", error=e.strerror)
+            self.fast.lease_failing = True
+        else:
+            self.fast.lease_failing = False
         if not self.primary.fast_dirty:
             return
         self._fast_errors(self.fast.sync(self.primary))
@@ -1158,14 +1170,15 @@ class FastPath:
     connection that PrimaryCore.fast_limits allows, the gate's lease, and
     the kicks that make the stack send a held segment once it may.
 
-    The pin lives in a bpf file system beside the control sockets
+    The pins live in a bpf file system beside the control sockets
     (<control_socket_dir>/bpf/<chain prefix>), mounted there: ``ip netns
     exec`` gives a process a /sys of its own, without the host's
     /sys/fs/bpf, and the match resolves the path in the mount namespace of
     the iptables that adds it (our child: it shares ours). A daemon that
-    dies leaves the rule's program running on its last limits, which only
-    ever allow what the backup had confirmed; beyond them segments go to the
-    queue, and a missing listener passes them (--queue-bypass), as without a
+    dies leaves the rules' programs running on its last limits, which only
+    ever allow what the backup had confirmed; beyond them the gate holds a
+    segment until the lease we stop renewing runs out (LEASE_S), then the
+    queue rule, with no listener, passes it (--queue-bypass), as without a
     fast path.
 
     An entry belongs to one connection (its ISN): a new connection on the
@@ -1177,7 +1190,7 @@ class FastPath:
     LEASE_S = 0.25  # the gate holds segments this long past the daemon's last renewal
     RENEW_S = 0.05
 
-    def __init__(self, cfg: Config, bpf_mod: Any = None, patience_s: float = PrimaryConfig.lag_hold_s / 2) -> None:
+    def __init__(self, cfg: Config, bpf_mod: Any = None, lag_hold_s: float = PrimaryConfig.lag_hold_s) -> None:
         from . import fastpath
 
         if bpf_mod is None:
@@ -1194,6 +1207,7 @@ class FastPath:
         self.kicks: list[bytes] = []  # for the driver to inject
         self.pins: list[str] = []
         self.renewed = -1e9
+        self.lease_failing = False
         try:
             bpf_mod.ensure_bpffs(self.dir)
             self.limits = bpf_mod.map_create(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS,
@@ -1209,14 +1223,14 @@ class FastPath:
             for path, code, name in (
                     (pins.fast, fastpath.program(self.limits, self.state), "sttcp_fast"),
                     (pins.gate, fastpath.gate(self.limits, self.state, self.client, self.lease,
-                                              int(patience_s * 1e9)), "sttcp_gate"),
-                    (pins.recorder, fastpath.recorder(self.client), "sttcp_recorder")):
+                                              int(lag_hold_s / 2 * 1e9)), "sttcp_gate"),
+                    (pins.recorder, fastpath.recorder(self.limits, self.state, self.client), "sttcp_recorder")):
                 prog = bpf_mod.prog_load(code, fastpath.PROG_TYPE_SOCKET_FILTER, name)
                 self.fds.append(prog)
                 if os.path.lexists(path):
                     os.unlink(path)  # a dead daemon's: the rules we apply replace its rule
                 bpf_mod.obj_pin(prog, path)
-            self.pins = [pins.fast, pins.gate, pins.recorder]
+                self.pins.append(path)
         except Exception:
             self.close()
             raise
@@ -1265,13 +1279,15 @@ class FastPath:
         elif have[2] != lim:
             self.entries[key] = (have[0], have[1], lim, have[3])
             self.bpf.map_update(self.limits, have[0], lim.pack())
-            if lim.seq_limit != have[2].seq_limit:
-                self._kick(key, conn, have[0], lim)
+            if lim.seq_limit != have[2].seq_limit and self.fp.may_have_held(conn.snd_nxt, have[2].seq_limit):
+                # (The gate decided on the old bound: what it held, it held under that.)
+                self._kick(key, conn, have[0], have[2])
 
     def _kick(self, key: tcpseg.ConnKey, conn: Any, kb: bytes, lim: Any) -> None:
-        """The lag bound moved: if the gate may hold a segment of this
-        connection with nothing in flight, no ack of the client's will make
-        the stack try it again; a copy of its last one does (fastpath.kick).
+        """The lag bound moved, or the entries go: if the gate may hold a
+        segment of this connection with nothing in flight, no ack of the
+        client's will make the stack try it again; a copy of its last one
+        does (fastpath.kick), and the segment goes out, or to the queue.
 
         (The segments a kick releases leave from the CPU that took the
         injected ack, ours; the application's next ones from its own. Over a
@@ -1284,10 +1300,27 @@ class FastPath:
         if raw_client is None or raw_state is None:
             return
         st = self.fp.FastState.unpack(raw_state)
-        pkt = self.fp.kick(key, self.fp.ClientAck.unpack(raw_client), self.fp.sent_up_to(lim, st), conn.has_ts,
-                           st.tsval if st.packets else conn.tsval)
+        sent = self.fp.sent_up_to(lim, st)
+        # Our stack's latest ack and echo: the fast segment's, if it was the last one sent.
+        fast_last = st.packets and sent == st.next_fast
+        rcv_nxt = st.last_ack if fast_last else conn.latest_ack
+        if rcv_nxt is None:
+            return
+        ts_recent, tsval = (st.tsecr, st.tsval) if fast_last else (conn.tsecr, conn.tsval)
+        pkt = self.fp.kick(key, self.fp.ClientAck.unpack(raw_client), sent, rcv_nxt, conn.has_ts, ts_recent, tsval)
         if pkt is not None:
             self.kicks.append(pkt)
+
+    def kick_all(self, core: PrimaryCore) -> None:
+        """Our rules are gone (the daemon stops): what the gate held goes out
+        at the next ack, or at the kick of a connection with none to come."""
+        for key, have in list(self.entries.items()):
+            conn = core.conns.get(key)
+            if conn is not None and conn.isn == have[1]:
+                try:
+                    self._kick(key, conn, have[0], have[2])
+                except OSError:
+                    pass
 
     def _drop(self, key: tcpseg.ConnKey, core: Optional[PrimaryCore] = None) -> None:
         """Forget a connection's entries: its limits first (without them the
@@ -1299,6 +1332,12 @@ class FastPath:
         self._delete(self.limits, have[0])
         if core is not None:
             self.absorb(core, (key,), time.monotonic())
+            conn = core.conns.get(key)
+            if conn is not None and conn.isn == have[1]:
+                try:
+                    self._kick(key, conn, have[0], have[2])  # (without its limits the gate holds nothing)
+                except OSError:
+                    pass
         self.entries.pop(key, None)
         self._delete(self.state, have[0])
         self._delete(self.client, have[0])

@@ -1,11 +1,12 @@
-"""The primary's kernel fast path: an eBPF program, run by the ``bpf``
-iptables match in front of the primary's queue, that lets a client-bound
-data segment go straight out when the daemon would only have accepted it
-unchanged (pure: the program's instructions and the maps' byte layouts;
-bpf.py loads them, the driver keeps the maps current).
+"""The primary's kernel fast path: eBPF programs, run by ``bpf`` iptables
+matches, that let a client-bound data segment go straight out when the
+daemon would only have accepted it unchanged, and hold one back in the
+kernel when only the lag bound stops it (pure: the programs' instructions,
+the maps' byte layouts, the kick; bpf.py loads them, the driver keeps the
+maps current).
 
-A segment takes the fast path only if all of these hold, else it is queued
-as before:
+A segment takes the fast path only if all of these hold, else the gate
+(below) or the queue has it:
 
 * IPv4 without options, not a fragment, TCP with exactly the timestamp
   option (NOP NOP TS) or with no option at all (a connection without
@@ -32,8 +33,9 @@ what the daemon would have learnt from the segment (the end, ack, window,
 timestamps) into the state map; the daemon reads it back before it builds
 an ack of its own (PrimaryCore.absorb_fast).
 
-A segment that passes every test but the lag bound is not queued: a second
-program (``gate``), in a DROP rule after the first, drops it in the kernel.
+A segment next in order that ends beyond the lag bound is not queued (its
+ack and window are no matter: it is not sent): a second program
+(``gate``), in a DROP rule after the first, drops it in the kernel.
 A locally made packet dropped by netfilter reports an error (EPERM) to TCP,
 which keeps the segment unsent at the head of its queue and tries it again
 when the next ack arrives; so the gate holds the stream back without the
@@ -49,15 +51,22 @@ segment (the stack would wait for its zero-window probe timer, 200 ms or
 more). So a third program (``recorder``), a match that never matches, in
 the primary's PREROUTING, keeps each connection's latest client ack, and
 when the daemon raises the lag bound of a connection with nothing in
-flight, it injects a copy of that ack into its own stack (``kick``): a
-duplicate ack, which changes nothing in TCP but makes it try to send again.
+flight, or drops its entries, it injects a copy of that ack into its own
+stack (``kick``): a duplicate ack, which changes nothing in TCP but makes
+it try to send again. The recorder runs before TCP has checked anything
+(the checksum included), so the kick takes from it only what it can check
+(an ack equal to what we sent; the recorder keeps none beyond that) and
+the window; its sequence number and timestamp are the ones our stack
+itself last sent as its ack and echo.
 
 The gate holds a segment only while the daemon renews its lease (a
 deadline in a map, ``LEASE``): a killed daemon leaves segments to the
 queue rule, which passes them (--queue-bypass), as without a fast path.
-It also gives up on a segment held longer than its patience (half of
-``lag_hold``): then it goes to the queue, and the daemon holds it and gives
-the connection up when the backup still does not follow, as before.
+It also gives up on a segment held longer than its patience (half of the
+daemon's lag hold, 1 s; the stack tries again at its next ack, kick or
+probe): then it goes to the queue, where the daemon holds it and gives the
+connection up when the backup still does not follow (after its lag hold,
+2 s, counted from there).
 
 What the fast path costs: the daemon never sees those bytes, so the output
 digests of divergence detection are off for its connections (each ISN
@@ -86,10 +95,11 @@ KEY = struct.Struct("=4sHH")  # client address, client port, server port (networ
 LIMITS = struct.Struct("=IIIIII")
 # Written by the program, read by the daemon: next_fast, last_ack, window, tsval, tsecr, pad, packets, bytes.
 STATE = struct.Struct("=IIIIIIQQ")
-# Written by the recorder (the client's latest ack: ack, valid, tsval, the
-# end of its segment, window as on the wire, has timestamps, pad) and by the
-# gate (the segment it holds and since when, CLOCK_MONOTONIC ns).
-CLIENT = struct.Struct("=IIIIHBBIQ")
+# Written by the recorder (the client's latest ack: ack, valid, the end of
+# its segment, window as on the wire, pad) and by the gate (the segment it
+# holds, pad, and since when, CLOCK_MONOTONIC ns).
+CLIENT = struct.Struct("=IIIHHIIQ")
+KICK_MARGIN = 1 << 20  # no segment is longer: a bound further than this past what was sent held nothing
 # The daemon's lease: the gate holds segments until this CLOCK_MONOTONIC ns.
 LEASE_KEY = b"\0\0\0\0"
 LEASE = struct.Struct("=Q")
@@ -144,19 +154,18 @@ class ClientAck:
     """The client's latest ack of one connection, as the recorder saw it."""
     ack: int
     valid: bool  # (False until the first ack after the entry was made)
-    tsval: int
     seq_end: int
     window: int  # as on the wire
-    has_ts: bool
+    held: Optional[int] = None  # where the segment the gate last held starts, if it held one
 
     @classmethod
     def unpack(cls, data: bytes) -> "ClientAck":
-        ack, valid, tsval, seq_end, window, has_ts, _pad, _held, _since = CLIENT.unpack(data)
-        return cls(ack, bool(valid), tsval, seq_end, window, bool(has_ts))
+        ack, valid, seq_end, window, _pad, held, _pad2, since = CLIENT.unpack(data)
+        return cls(ack, bool(valid), seq_end, window, held if since else None)
 
     @staticmethod
     def initial() -> bytes:
-        return CLIENT.pack(0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return CLIENT.pack(0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def sent_up_to(limits: Limits, state: FastState) -> int:
@@ -166,18 +175,33 @@ def sent_up_to(limits: Limits, state: FastState) -> int:
     return state.next_fast if 0 < ahead <= 1 << 30 else limits.next_slow
 
 
-def kick(key: tuple[str, int, str, int], client: ClientAck, sent: int, has_ts: bool, our_tsval: int) -> Optional[bytes]:
-    """The duplicate of the client's latest ack that makes our stack try its
-    held segment again, or None when one would not be right: the client has
-    not acked everything we sent (its next ack retries the segment, and a
-    duplicate ack with data in flight counts towards a fast retransmit on a
-    connection without SACK), or we lack its timestamp (without one, or with
-    an older one, our stack would drop the copy: PAWS)."""
-    if not client.valid or client.ack != sent & 0xFFFFFFFF or (has_ts and not client.has_ts):
+def may_have_held(sent: int, seq_limit: int) -> bool:
+    """Could the gate hold a segment starting at ``sent`` under this lag bound?"""
+    return 0 < (sent + KICK_MARGIN - seq_limit) & 0xFFFFFFFF < 1 << 31
+
+
+def kick(key: tuple[str, int, str, int], client: ClientAck, sent: int, rcv_nxt: int, has_ts: bool,
+         ts_recent: int, our_tsval: int) -> Optional[bytes]:
+    """The duplicate of the client's latest ack that makes our stack try a
+    held segment again, or None when one would not be right: the gate holds
+    nothing where our output ends, or the client has not acked everything
+    we sent (its next ack retries the segment, and a duplicate ack with data
+    in flight counts towards a fast retransmit on a connection without SACK).
+
+    Only the ack and the window come from the recorder, which sees segments
+    before TCP checks them: the ack must equal what we sent (the recorder
+    keeps none beyond it), and a window we got wrong only moves the send
+    window at worst. The sequence number is our stack's last ack
+    (``rcv_nxt``) and the timestamp the client's TSval it last echoed
+    (``ts_recent``): a corrupted TSval in a segment the stack went on to
+    drop would otherwise reach it through the kick and fail every later
+    segment of the client's (PAWS). An echo a little older than the
+    stack's latest passes as a disordered ack (``tcp_disordered_ack``)."""
+    if not client.valid or client.ack != sent & 0xFFFFFFFF or client.held != sent & 0xFFFFFFFF:
         return None
-    opts = tcpseg.ts_option(client.tsval, our_tsval) if has_ts else b""
+    opts = tcpseg.ts_option(ts_recent, our_tsval) if has_ts else b""
     cip, cport, sip, sport = key
-    return tcpseg.build_segment(cip, sip, cport, sport, client.seq_end, client.ack, tcpseg.ACK, client.window, opts)
+    return tcpseg.build_segment(cip, sip, cport, sport, rcv_nxt, client.ack, tcpseg.ACK, client.window, opts)
 
 
 # -- the program -----------------------------------------------------------------
@@ -189,7 +213,7 @@ _W, _H, _B, _DW = 0x00, 0x08, 0x10, 0x18
 _K, _X = 0x00, 0x08
 _ADD, _SUB, _AND, _LSH, _RSH, _MOV, _END = 0x00, 0x10, 0x50, 0x60, 0x70, 0xB0, 0xD0
 _TO_BE = 0x08
-_JA, _JEQ, _JGT, _JNE, _JSGT, _JSLE, _CALL, _EXIT = 0x00, 0x10, 0x20, 0x50, 0x60, 0xD0, 0x80, 0x90
+_JA, _JEQ, _JGT, _JNE, _JSGT, _JSLT, _JSLE, _CALL, _EXIT = 0x00, 0x10, 0x20, 0x50, 0x60, 0xC0, 0xD0, 0x80, 0x90
 _PSEUDO_MAP_FD = 1
 FUNC_MAP_LOOKUP_ELEM, FUNC_KTIME_GET_NS, FUNC_SKB_LOAD_BYTES = 1, 5, 26
 PROG_TYPE_SOCKET_FILTER = 1
@@ -311,11 +335,7 @@ def _next_in_order(a: _Asm, limits_fd: int, state_fd: int) -> None:
     a.ldx(_H, R2, FP, _at(20))
     a.stx(_H, FP, _KEY + 6, R2)
     for fd, dst in ((limits_fd, R8), (state_fd, R9)):  # each entry's value, or to the queue
-        a.map_fd(R1, fd)
-        a.movr(R2, FP)
-        a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
-        a.call(FUNC_MAP_LOOKUP_ELEM)
-        a.jmp(_JEQ, R0, 0, "queue")
+        _lookup(a, fd, _KEY, "queue")
         a.movr(dst, R0)
     a.ldx(_W, R2, FP, _at(24))
     a.be(R2, 32)  # seq
@@ -377,9 +397,37 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.ldx(_DW, R2, R9, 32)
     a.op(_ALU64 | _ADD | _X, R2, R7)
     a.stx(_DW, R9, 32, R2)
+    return _exits(a)
+
+
+def _sent(a: _Asm, limits: int, state: int, dst: int) -> None:
+    """``dst`` = where our output ends (sent_up_to), from the two entries;
+    clobbers R3-R5."""
+    a.ldx(_W, R3, state, 0)
+    a.ldx(_W, R4, limits, 0)
+    a.op(_ALU32 | _MOV | _X, R5, R3)
+    a.op(_ALU32 | _SUB | _X, R5, R4)
+    a.op(_ALU32 | _MOV | _X, dst, R4)
+    a.jmp(_JSLE, R5, 0, "sent_%d" % dst, cls=_JMP32)
+    a.jmp(_JGT, R5, 1 << 30, "sent_%d" % dst, cls=_JMP32)
+    a.op(_ALU32 | _MOV | _X, dst, R3)
+    a.label("sent_%d" % dst)
+
+
+def _lookup(a: _Asm, fd: int, key_at: int, missing: str) -> None:
+    """R0 = the entry of the key at fp+``key_at``, or on to ``missing``."""
+    a.map_fd(R1, fd)
+    a.movr(R2, FP)
+    a.op(_ALU64 | _ADD | _K, R2, imm=key_at)
+    a.call(FUNC_MAP_LOOKUP_ELEM)
+    a.jmp(_JEQ, R0, 0, missing)
+
+
+def _exits(a: _Asm, label: str = "queue") -> bytes:
+    """Return 1 where the code falls through, 0 at ``label``."""
     a.mov(R0, 1)
     a.exit()
-    a.label("queue")
+    a.label(label)
     a.mov(R0, 0)
     a.exit()
     return a.assemble()
@@ -388,40 +436,25 @@ def program(limits_fd: int, state_fd: int) -> bytes:
 def gate(limits_fd: int, state_fd: int, client_fd: int, lease_fd: int, patience_ns: int) -> bytes:
     """The match of the DROP rule after the fast one: 1 holds the segment
     back (TCP sends it again later), 0 sends it to the queue. It holds a
-    segment next in order that the fast rule let pass but for the lag bound,
-    while the daemon's lease runs, for at most ``patience_ns``, and only
-    where a kick could be built (the client's ack recorded, with its
-    timestamp if the segment has timestamps)."""
+    segment next in order that ends beyond the lag bound, while the
+    daemon's lease runs, for at most ``patience_ns``, and only once the
+    recorder has the client's ack (without it no kick could be built)."""
     a = _Asm()
     _next_in_order(a, limits_fd, state_fd)
     a.jmp(_JSLE, R5, 0, "queue", cls=_JMP32)  # within the lag bound: the fast rule's or the queue's
     a.op(_ALU32 | _MOV | _X, R7, R2)  # the sequence number, kept across the calls
-    a.map_fd(R1, client_fd)
-    a.movr(R2, FP)
-    a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
-    a.call(FUNC_MAP_LOOKUP_ELEM)
-    a.jmp(_JEQ, R0, 0, "queue")
+    _lookup(a, client_fd, _KEY, "queue")
     a.movr(R9, R0)
     a.ldx(_W, R3, R9, 4)
     a.jmp(_JEQ, R3, 0, "queue")  # no client ack recorded yet
-    a.ldx(_B, R3, FP, _at(32))
-    a.op(_ALU64 | _RSH | _K, R3, imm=4)
-    a.jmp(_JEQ, R3, 5, "ts_ok")  # (no timestamps on this connection)
-    a.ldx(_B, R3, R9, 18)
-    a.jmp(_JEQ, R3, 0, "queue")  # the client's timestamp unknown
-    a.label("ts_ok")
     a.mov(R3, 0)
     a.stx(_W, FP, -4, R3)
-    a.map_fd(R1, lease_fd)
-    a.movr(R2, FP)
-    a.op(_ALU64 | _ADD | _K, R2, imm=-4)
-    a.call(FUNC_MAP_LOOKUP_ELEM)
-    a.jmp(_JEQ, R0, 0, "queue")
+    _lookup(a, lease_fd, -4, "queue")
     a.ldx(_DW, R8, R0, 0)
     a.call(FUNC_KTIME_GET_NS)
     a.movr(R6, R0)
     a.jmp(_JGT, R6, 0, "queue", src=R8)  # the daemon has not renewed its lease: it may be dead
-    a.ldx(_W, R3, R9, 20)
+    a.ldx(_W, R3, R9, 16)
     a.jmp(_JNE, R3, 0, "first", src=R7)
     a.ldx(_DW, R3, R9, 24)
     a.jmp(_JEQ, R3, 0, "first")
@@ -429,25 +462,22 @@ def gate(limits_fd: int, state_fd: int, client_fd: int, lease_fd: int, patience_
     a.op(_ALU64 | _SUB | _X, R4, R3)
     a.ld_imm64(R5, patience_ns)
     a.jmp(_JGT, R4, 0, "queue", src=R5)  # held too long: the daemon decides
-    a.mov(R0, 1)
-    a.exit()
+    a.jmp(_JA, 0, 0, "hold")
     a.label("first")  # a new segment held: since now
-    a.stx(_W, R9, 20, R7)
+    a.stx(_W, R9, 16, R7)
     a.stx(_DW, R9, 24, R6)
-    a.mov(R0, 1)
-    a.exit()
-    a.label("queue")
-    a.mov(R0, 0)
-    a.exit()
-    return a.assemble()
+    a.label("hold")
+    return _exits(a)
 
 
-def recorder(client_fd: int) -> bytes:
+def recorder(limits_fd: int, state_fd: int, client_fd: int) -> bytes:
     """A match that never matches, in front of the primary's stack: it
-    keeps the latest ack of each client that has an entry (CLIENT), so
-    that the daemon knows when nothing is in flight and can build a kick."""
+    keeps the latest ack of each client that has an entry (CLIENT), so that
+    the daemon knows when nothing is in flight and can build a kick. An ack
+    beyond what we sent is not kept (our stack drops it, and a kick must
+    never carry more than the client acked)."""
     a = _Asm()
-    ip, tcp, ts = -56, -32, -44  # the IPv4 header, the TCP header, NOP NOP TS (read after the IP header is done with)
+    ip, tcp = -56, -32  # the IPv4 header, the TCP header
     a.movr(R6, R1)
     a.movr(R1, R6)
     a.mov(R2, 0)
@@ -496,36 +526,20 @@ def recorder(client_fd: int) -> bytes:
     a.op(_ALU32 | _ADD | _X, R9, R3)  # where the segment ends,
     a.ldx(_B, R3, FP, tcp + 13)
     a.op(_ALU64 | _AND | _K, R3, imm=0x01)
-    a.op(_ALU32 | _ADD | _X, R9, R3)  # its FIN included (a kick at the FIN's own number would be old)
-    a.mov(R8, 0)
-    a.stx(_W, FP, -8, R8)  # its timestamp, and whether it has one: not yet
-    a.stx(_W, FP, -12, R8)
-    a.jmp(_JGT, R2, 31, "ts")  # (room for NOP NOP TS first)
-    a.jmp(_JA, 0, 0, "lookup")
-    a.label("ts")
-    a.movr(R1, R6)
-    a.movr(R2, R7)
-    a.op(_ALU64 | _ADD | _K, R2, imm=20)
-    a.movr(R3, FP)
-    a.op(_ALU64 | _ADD | _K, R3, imm=ts)
-    a.mov(R4, 12)
-    a.call(FUNC_SKB_LOAD_BYTES)
-    a.jmp(_JNE, R0, 0, "lookup")
-    a.ldx(_W, R2, FP, ts)
-    a.jmp(_JNE, R2, 0x0A080101, "lookup")  # NOP NOP TS (Linux puts it first)
-    a.ldx(_W, R2, FP, ts + 4)
-    a.be(R2, 32)
-    a.stx(_W, FP, -8, R2)
-    a.mov(R2, 1)
-    a.stx(_W, FP, -12, R2)
-    a.label("lookup")
-    a.map_fd(R1, client_fd)
-    a.movr(R2, FP)
-    a.op(_ALU64 | _ADD | _K, R2, imm=_KEY)
-    a.call(FUNC_MAP_LOOKUP_ELEM)
-    a.jmp(_JEQ, R0, 0, "out")  # not a connection of the fast path
+    a.op(_ALU32 | _ADD | _X, R9, R3)  # its FIN included
+    a.stx(_W, FP, -8, R9)
+    _lookup(a, limits_fd, _KEY, "out")  # (not a connection of the fast path)
+    a.movr(R7, R0)
+    _lookup(a, state_fd, _KEY, "out")
+    a.movr(R6, R0)
+    _sent(a, R7, R6, R7)
     a.ldx(_W, R8, FP, tcp + 8)
     a.be(R8, 32)  # ack
+    a.op(_ALU32 | _MOV | _X, R4, R8)
+    a.op(_ALU32 | _SUB | _X, R4, R7)
+    a.jmp(_JSGT, R4, 0, "out", cls=_JMP32)  # beyond what we sent: not one our stack takes
+    _lookup(a, client_fd, _KEY, "out")
+    a.ldx(_W, R9, FP, -8)
     a.ldx(_W, R3, R0, 4)
     a.jmp(_JEQ, R3, 0, "store")
     a.ldx(_W, R3, R0, 0)
@@ -533,22 +547,18 @@ def recorder(client_fd: int) -> bytes:
     a.op(_ALU32 | _SUB | _X, R4, R3)
     a.jmp(_JSGT, R4, 0, "store", cls=_JMP32)  # a later ack
     a.jmp(_JNE, R4, 0, "out", cls=_JMP32)  # an older one (reordered): keep ours
-    a.ldx(_W, R3, R0, 12)
+    a.ldx(_W, R3, R0, 8)
     a.op(_ALU32 | _MOV | _X, R4, R9)
     a.op(_ALU32 | _SUB | _X, R4, R3)
-    a.jmp(_JSLE, R4, 0, "out", cls=_JMP32)  # the same ack, not a later segment
-    a.label("store")
+    a.jmp(_JSLT, R4, 0, "out", cls=_JMP32)  # the same ack from an earlier segment
+    a.label("store")  # (the same ack and end: a window update, or a duplicate)
     a.stx(_W, R0, 0, R8)
     a.mov(R3, 1)
     a.stx(_W, R0, 4, R3)
-    a.ldx(_W, R3, FP, -8)
-    a.stx(_W, R0, 8, R3)
-    a.stx(_W, R0, 12, R9)
+    a.stx(_W, R0, 8, R9)
     a.ldx(_H, R3, FP, tcp + 14)
     a.be(R3, 16)
-    a.stx(_H, R0, 16, R3)
-    a.ldx(_W, R3, FP, -12)
-    a.stx(_B, R0, 18, R3)
+    a.stx(_H, R0, 12, R3)
     a.label("out")
     a.mov(R0, 0)
     a.exit()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from nfq_sttcp import bpf, fastpath, lab, scenario, tcpseg
+from nfq_sttcp import bench, bpf, fastpath, lab, scenario, tcpseg
 from nfq_sttcp.tcpseg import ACK, FIN, PSH, RST, SYN
 
 from .checks import intact, start_backup_with, survived
@@ -139,7 +139,7 @@ def kernel_gate():
         gate = bpf.prog_load(fastpath.gate(lim, st, client, lease, 300 * 10**6), fastpath.PROG_TYPE_SOCKET_FILTER,
                              "t_gate")
         fds.append(gate)
-        rec = bpf.prog_load(fastpath.recorder(client), fastpath.PROG_TYPE_SOCKET_FILTER, "t_recorder")
+        rec = bpf.prog_load(fastpath.recorder(lim, st, client), fastpath.PROG_TYPE_SOCKET_FILTER, "t_recorder")
         fds.append(rec)
         yield lim, st, client, lease, gate, rec
     finally:
@@ -160,7 +160,7 @@ def _renew(lease, seconds):
 
 
 def test_the_recorder_keeps_each_clients_latest_ack(kernel_gate):
-    _lim, _st, client, _lease, _gate, rec = kernel_gate
+    lim, st, client, _lease, _gate, rec = kernel_gate
     key = fastpath.key_bytes(CLIENT, CPORT, SPORT)
 
     def latest():
@@ -168,24 +168,40 @@ def test_the_recorder_keeps_each_clients_latest_ack(kernel_gate):
 
     assert bpf.prog_test_run(rec, _from_client(500, 1000)) == 0, "it never matches"
     assert bpf.map_lookup(client, key, fastpath.CLIENT.size) is None, "no entry of the daemon's: nothing kept"
+    # We sent up to 3000 (the daemon's count; the program's own is behind it).
+    bpf.map_update(lim, key, fastpath.Limits(3000, 9000, 5, 5 + (1000 << 7), 7).pack())
+    bpf.map_update(st, key, fastpath.FastState.initial(2000))
     bpf.map_update(client, key, fastpath.ClientAck.initial())
     assert not latest().valid
     assert bpf.prog_test_run(rec, _from_client(500, 1000)) == 0
-    assert latest() == fastpath.ClientAck(1000, True, 7777, 500, 900, True)
+    assert latest() == fastpath.ClientAck(1000, True, 500, 900)
     bpf.prog_test_run(rec, _from_client(500, 900, window=5))
-    assert latest().ack == 1000 and latest().window == 900, "an older ack (reordered) changes nothing"
-    bpf.prog_test_run(rec, _from_client(500, 1000, payload=b"abc", options=tcpseg.ts_option(7778, 111)))
-    assert latest() == fastpath.ClientAck(1000, True, 7778, 503, 900, True), "the same ack, a later segment"
+    assert latest() == fastpath.ClientAck(1000, True, 500, 900), "an older ack (reordered) changes nothing"
+    bpf.prog_test_run(rec, _from_client(500, 1000, window=950))
+    assert latest().window == 950, "the same ack and end: a window update"
+    bpf.prog_test_run(rec, _from_client(500, 1000, payload=b"abc"))
+    assert latest().seq_end == 503, "the same ack, a later segment"
+    bpf.prog_test_run(rec, _from_client(400, 1000, payload=b"a", window=3))
+    assert latest() == fastpath.ClientAck(1000, True, 503, 900), "the same ack from an earlier segment"
     bpf.prog_test_run(rec, _from_client(503, 1000, flags=PSH, payload=b"d"))
     assert latest().seq_end == 503, "no ACK flag: not an ack"
-    bpf.prog_test_run(rec, _from_client(503, 1000, flags=ACK | FIN, options=tcpseg.ts_option(7779, 111)))
+    bpf.prog_test_run(rec, _from_client(503, 1000, flags=ACK | FIN))
     assert latest().seq_end == 504, "a FIN takes a sequence number"
-    bpf.prog_test_run(rec, _from_client(504, 2000, options=b"", ip_options=b"\x01\x01\x01\x00"))
-    assert latest() == fastpath.ClientAck(2000, True, 0, 504, 900, False), "IP options; no timestamp"
-    bpf.map_update(client, key, fastpath.CLIENT.pack(0xFFFFFF00, 1, 7777, 504, 900, 1, 0, 0, 0))
-    bpf.prog_test_run(rec, _from_client(503, 0x100))
+    bpf.prog_test_run(rec, _from_client(504, 3001))
+    assert latest().ack == 1000, "beyond what we sent: our stack drops it, and so do we"
+    bpf.prog_test_run(rec, _from_client(504, 3000, options=b"", ip_options=b"\x01\x01\x01\x00"))
+    assert latest() == fastpath.ClientAck(3000, True, 504, 900), "all we sent; IP options"
+    # The program's own position counts when it is the later one.
+    bpf.map_update(st, key, fastpath.FastState.initial(5000))
+    bpf.prog_test_run(rec, _from_client(504, 5000))
+    assert latest().ack == 5000
+    # Across the wrap.
+    bpf.map_update(lim, key, fastpath.Limits(0x200, 0x9000, 5, 5, 7).pack())
+    bpf.map_update(st, key, fastpath.FastState.initial(0x200))
+    bpf.map_update(client, key, fastpath.CLIENT.pack(0xFFFFFF00, 1, 504, 900, 0, 0, 0, 0))
+    bpf.prog_test_run(rec, _from_client(504, 0x100))
     assert latest().ack == 0x100, "a later ack across the wrap"
-    bpf.prog_test_run(rec, _from_client(503, 0xFFFFFFF0))
+    bpf.prog_test_run(rec, _from_client(504, 0xFFFFFFF0))
     assert latest().ack == 0x100, "an older one across the wrap"
     assert bpf.prog_test_run(rec, b"\x45\x00") == 0
 
@@ -203,17 +219,17 @@ def test_the_gate_holds_what_the_lag_bound_stops_while_the_daemon_lives(kernel_g
     assert run(_seg(1000, 5)) == 0, "no client entry: to the queue"
     bpf.map_update(client, key, fastpath.ClientAck.initial())
     assert run(_seg(1000, 5)) == 0, "no client ack recorded yet: no kick could be built"
-    bpf.map_update(client, key, fastpath.CLIENT.pack(1000, 1, 7777, 5, 900, 0, 0, 0, 0))
-    assert run(_seg(1000, 5)) == 0, "the segment has timestamps, the client's recorded ack had none"
-    bpf.map_update(client, key, fastpath.CLIENT.pack(1000, 1, 7777, 5, 900, 1, 0, 0, 0))
+    bpf.map_update(client, key, fastpath.CLIENT.pack(1000, 1, 5, 900, 0, 0, 0, 0))
     assert run(_seg(1000, 5, payload=b"x" * 500)) == 0, "within the lag bound: not the gate's"
     assert run(_seg(1500, 5)) == 0, "not next in order"
     t0 = time.monotonic_ns()
     assert run(_seg(1000, 5)) == 1, "beyond the lag bound: held"
-    _ack, _v, _ts, _end, _win, _hts, _pad, held, since = fastpath.CLIENT.unpack(
+    _ack, _v, _end, _win, _pad, held, _pad2, since = fastpath.CLIENT.unpack(
         bpf.map_lookup(client, key, fastpath.CLIENT.size))
     assert held == 1000 and t0 <= since <= time.monotonic_ns()
-    assert run(_seg(1000, 5, options=b"")) == 1, "without timestamps the kick needs none"
+    assert fastpath.ClientAck.unpack(bpf.map_lookup(client, key, fastpath.CLIENT.size)) == \
+        fastpath.ClientAck(1000, True, 5, 900, held=1000), "the recorder's fields untouched"
+    assert run(_seg(1000, 5, options=b"")) == 1, "without timestamps too"
     assert run(_seg(1000, 6)) == 1, "an unconfirmed ack too: it is not sent at all"
     bpf.map_update(lease, fastpath.LEASE_KEY, fastpath.LEASE.pack(time.monotonic_ns() - 1))
     assert run(_seg(1000, 5)) == 0, "the daemon's lease ran out: to the queue (which passes it without one)"
@@ -251,7 +267,7 @@ def test_a_download_takes_the_fast_path_and_survives_a_crash(make_lab):
 
     def before_crash():
         seen.update(lab.control("primary"))
-        seen["held"] = _gate_held()
+        seen["held"] = bench._gate_held()
 
     r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (50 * MB, 15 * MB)], before_crash=before_crash)
     survived(r, {"download": 50 * MB})
@@ -261,12 +277,6 @@ def test_a_download_takes_the_fast_path_and_survives_a_crash(make_lab):
     # At the default lag bound the backup's pace holds the stream back: in
     # the kernel, and the stack sends again on the next ack or kick.
     assert seen["held"] > 0 and seen["counters"].get("fast_kicks", 0) > 0, seen
-
-
-def _gate_held():
-    """How many segments the gate's DROP rule has held back (its counter)."""
-    out = lab.sh("iptables", "-t", "mangle", "-L", "STTCP-POUT", "-v", "-n", "-x", ns=lab.NS_PRIMARY).stdout
-    return sum(int(line.split()[0]) for line in out.splitlines() if "primary-fast-gate" in line)
 
 
 def test_a_killed_primary_daemon_leaves_the_gate_open(make_lab):
@@ -279,19 +289,26 @@ def test_a_killed_primary_daemon_leaves_the_gate_open(make_lab):
     intact(r, {"download": 40 * MB})
     assert lab.vip_owner() == ["primary"]
     assert _fast_rule(lab.NS_PRIMARY), "the rules stay when the daemon is killed"
-    print("client gap across the kill: %s ms" % [c["wire_gap_ms"] for c in r["connections"]])
+    gap = r["connections"][0]["wire_gap_ms"]
+    print("client gap across the kill: %s ms" % gap)
+    # The lease (250 ms) frees what the gate holds, well before its patience
+    # (1 s) would, and before the stack's probes after that (1.4 s).
+    assert gap < 900, gap
 
 
 def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
     """The backup's application stops (its daemon runs on): the lag bound
     stops moving. The gate holds the primary's next segment for its patience
-    (1 s), then lets it to the queue, where the daemon holds it lag_hold (2 s)
-    and gives the connection up; the download completes, unprotected."""
+    (1 s; the stack tries again at its next probe), then lets it to the
+    queue, where the daemon holds it for its lag hold (2 s) and gives the
+    connection up; the download completes, unprotected."""
     make_lab(fast_path=True)
     daemon = _daemon_pid("backup")
     stopped = []
+    held = []
 
     def stop_backup_app():
+        held.append(bench._gate_held())
         t, wall = time.monotonic(), time.time()
         for pid in lab._ns_pids([lab.NS_BACKUP]) - {daemon}:
             os.kill(pid, signal.SIGSTOP)
@@ -301,6 +318,7 @@ def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
     try:
         r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (30 * MB, 8 * MB)], disrupt=stop_backup_app)
         st = lab.control("primary")
+        held.append(bench._gate_held())
     finally:
         for pid in stopped:
             try:
@@ -313,7 +331,9 @@ def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
             and int(c["conn"].split()[0].split(":")[1]) == r["connections"][0]["local_port"]]
     assert mine and not mine[0]["protected"] and mine[0]["reason"] == "backup stopped keeping up", mine
     gap = r["connections"][0]["wire_gap_ms"]
-    print("client gap: %s ms (the gate's patience, then lag_hold)" % gap)
+    print("client gap: %s ms (the gate's patience, then the lag hold); gate drops %s" % (gap, held))
+    assert held[1] > held[0], "the gate held the stream while the backup stood still"
+    assert 2000 < gap < 6000, gap
     assert lab.vip_owner() == ["primary"]
 
 

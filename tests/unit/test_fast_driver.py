@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nfq_sttcp import fastpath
+from nfq_sttcp import fastpath, tcpseg
 from nfq_sttcp.config import Config
 from nfq_sttcp.driver import FastPath
 from nfq_sttcp.fastpath import FastState
@@ -193,33 +193,75 @@ def test_a_state_that_cannot_be_read_costs_its_connection_the_entry_not_the_daem
     assert KEY not in fast.entries and not fast.bpf.maps[fast.limits] and not fast.bpf.maps[fast.state]
 
 
+def _client_acked(f, key, ack, window=800, held=None):
+    """What the recorder writes (the client's latest ack, the end of its
+    segment, 101, its window) and the gate (the segment it holds: at ``held``)."""
+    f.bpf.maps[f.client][f.entries[key][0]] = fastpath.CLIENT.pack(ack, 1, 101, window, 0, held or 0, 0,
+                                                                  0 if held is None else 12345)
+
+
 def test_a_raised_lag_bound_kicks_a_connection_with_nothing_in_flight(fast):
     p = confirmed_primary()
     fast.sync(p)
     kb = fast.entries[KEY][0]
-    assert fastpath.ClientAck.unpack(fast.bpf.maps[fast.client][kb]) == \
-        fastpath.ClientAck(0, False, 0, 0, 0, False), "a new entry: no client ack yet"
+    assert fastpath.ClientAck.unpack(fast.bpf.maps[fast.client][kb]) == fastpath.ClientAck(0, False, 0, 0), \
+        "a new entry: no client ack yet"
     kernel_sends(fast, KEY, 9006, 4)
     fast.absorb(p, [KEY], 1.0)
-    # What the recorder saw: the client acked all we sent (9006).
-    fast.bpf.maps[fast.client][kb] = fastpath.CLIENT.pack(9006, 1, 4242, 101, 800, 1, 0, 0, 0)
+    _client_acked(fast, KEY, 9006)  # it acked all we sent, but the gate holds nothing
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 8006, (), None),)), 1.0)
+    fast.sync(p)
+    assert fast.kicks == []
+    _client_acked(fast, KEY, 9006, held=9006)  # now it does
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 9006, (), None),)), 1.0)
     fast.sync(p)
     assert len(fast.kicks) == 1
-    from nfq_sttcp import tcpseg
     seg = tcpseg.parse(fast.kicks.pop())
-    assert (seg.src, seg.dst, seg.seq, seg.ack, seg.window, seg.tsval, seg.tsecr) == \
-        (KEY[0], VIP, 101, 9006, 800, 4242, 9000)
+    # Our stack's own ack (101) and echo (1000, from the fast segment it sent last); its TSval as the echo.
+    assert (seg.src, seg.dst, seg.seq, seg.ack, seg.flags, seg.window, seg.tsval, seg.tsecr, seg.payload_len) == \
+        (KEY[0], VIP, 101, 9006, tcpseg.ACK, 800, 1000, 9000, 0)
     # Data in flight (the client acked less): its next ack retries, no kick.
-    fast.bpf.maps[fast.client][kb] = fastpath.CLIENT.pack(8006, 1, 4243, 101, 800, 1, 0, 0, 0)
+    _client_acked(fast, KEY, 8006, held=9006)
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 10006, (), None),)), 2.0)
     fast.sync(p)
     assert fast.kicks == []
     # A confirmation that leaves the lag bound where it was kicks nothing either.
-    fast.bpf.maps[fast.client][kb] = fastpath.CLIENT.pack(9006, 1, 4243, 101, 800, 1, 0, 0, 0)
+    _client_acked(fast, KEY, 9006, held=9006)
     p.on_confirm(Confirm((ConfirmEntry(KEY, 102, 10006, (), None),)), 3.0)
     fast.sync(p)
     assert fast.kicks == []
+
+
+def test_no_kick_where_the_old_bound_was_too_far_ahead_to_hold_anything(tmp_path):
+    cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2",
+                 control_socket_dir=str(tmp_path / "ctl"))
+    f = FastPath(cfg, FakeBpf())
+    try:
+        p = PrimaryCore(PrimaryConfig(VIP, frozenset({7000}), max_lag=4 << 20, fast_path=True))
+        p.backup_following = True
+        p.on_outbound(server_synack(5000, 100, 7000), 0)
+        p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
+        p.on_outbound(from_server(5001, 101, payload=b"hello"), 0)
+        f.sync(p)
+        _client_acked(f, KEY, 5006, held=5006)
+        p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5006, (), None),)), 1.0)
+        f.sync(p)
+        assert f.kicks == [], "4 MB of room before: the gate held nothing, nothing to kick"
+    finally:
+        f.close()
+
+
+def test_entries_that_go_take_the_client_record_with_them_and_kick_what_the_gate_held(fast):
+    p = confirmed_primary()
+    fast.sync(p)
+    kb = fast.entries[KEY][0]
+    _client_acked(fast, KEY, 5006, held=5006)  # all we sent ("hello"), by the daemon's count; the next held
+    p.set_backup_following(False, 1.0)
+    fast.sync(p)
+    assert KEY not in fast.entries
+    assert all(kb not in fast.bpf.maps[fd] for fd in (fast.limits, fast.state, fast.client))
+    assert len(fast.kicks) == 1, "without its limits the gate holds nothing: the stack must try again now"
+    assert tcpseg.parse(fast.kicks[0]).ack == 5006
 
 
 def test_the_lease_is_renewed_at_most_every_renew_s(fast):

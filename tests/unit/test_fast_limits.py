@@ -144,22 +144,33 @@ def test_the_rules_go_in_front_of_the_queue_and_never_into_the_fence():
     assert len(fastpath.program(3, 4)) % 8 == 0
 
 
-def test_a_kick_is_the_clients_last_ack_again_and_only_with_nothing_in_flight():
+def test_a_kick_is_a_duplicate_ack_of_what_the_recorder_can_vouch_for():
     key = ("10.77.0.10", 40000, VIP, 7001)
-    seen = fastpath.ClientAck(ack=5000, valid=True, tsval=777, seq_end=321, window=900, has_ts=True)
-    pkt = fastpath.kick(key, seen, 5000, True, 4444)
+    seen = fastpath.ClientAck(ack=5000, valid=True, seq_end=999, window=900, held=5000)
+    pkt = fastpath.kick(key, seen, 5000, 321, True, 777, 4444)
     seg = tcpseg.parse(pkt)
     assert (seg.src, seg.sport, seg.dst, seg.dport) == key
+    # Sequence number and timestamp our stack's own (its ack, its echo), never the recorder's.
     assert (seg.seq, seg.ack, seg.flags, seg.window, seg.tsval, seg.tsecr, seg.payload_len) == \
         (321, 5000, tcpseg.ACK, 900, 777, 4444, 0)
     assert tcpseg.tcp_checksum_ok(pkt, seg)
-    assert fastpath.kick(key, seen, 6000, True, 4444) is None, "data in flight: the client's next ack retries"
-    assert fastpath.kick(key, seen, 4000, True, 4444) is None
-    assert fastpath.kick(key, fastpath.ClientAck(5000, False, 0, 0, 0, False), 5000, False, 0) is None, "no ack seen"
-    no_ts = fastpath.ClientAck(5000, True, 0, 321, 900, False)
-    assert fastpath.kick(key, no_ts, 5000, True, 4444) is None, "without the client's TSval, PAWS drops it"
-    plain = tcpseg.parse(fastpath.kick(key, no_ts, 5000, False, 0))
+    assert fastpath.kick(key, seen, 6000, 321, True, 777, 4444) is None, "data in flight: the client's next ack retries"
+    assert fastpath.kick(key, seen, 4000, 321, True, 777, 4444) is None
+    assert fastpath.kick(key, fastpath.ClientAck(5000, False, 0, 0, 5000), 5000, 321, False, 0, 0) is None, \
+        "no ack seen"
+    for held in (None, 4000):
+        assert fastpath.kick(key, fastpath.ClientAck(5000, True, 999, 900, held), 5000, 321, True, 777, 4444) is None, \
+            "the gate holds nothing where our output ends: nothing to kick (the fewer kicks, the fewer acks" \
+            " taken from a segment TCP has not checked yet)"
+    plain = tcpseg.parse(fastpath.kick(key, seen, 5000, 321, False, 0, 0))
     assert not plain.has_ts and plain.ack == 5000
+
+
+def test_a_bound_far_enough_ahead_held_nothing():
+    assert fastpath.may_have_held(1000, 1000 + fastpath.KICK_MARGIN - 1)
+    assert not fastpath.may_have_held(1000, 1000 + fastpath.KICK_MARGIN)
+    assert fastpath.may_have_held(0xFFFFFF00, 0x100), "across the wrap"
+    assert not fastpath.may_have_held(1000, (1000 + (1 << 30)) & 0xFFFFFFFF), "no lag bound: 1 GB ahead"
 
 
 def test_what_was_sent_is_the_later_of_the_programs_and_the_daemons_positions():

@@ -108,6 +108,18 @@ def test_bash_and_python_render_the_same_rules(role, ports):
     assert strip(r.stdout) == strip(rules.render(cfg, role))
 
 
+@pytest.mark.parametrize("role", ["primary", "backup"])
+def test_bash_removes_the_chains_python_knows(role):
+    """iptables/remove tears down what rules.hooks lists, the fast path's
+    -PIN chain included (a killed daemon leaves it)."""
+    cfg = config.from_dict({"vip": "192.168.5.9", "ports": [7000], "lan_interface": "ens4",
+                            "sync": {"primary": "172.16.0.1", "backup": "172.16.0.2"}, "chain_prefix": "HA2"})
+    r = subprocess.run(["bash", "-c", '. "$0/iptables/settings.sh" && CHAIN_PREFIX=HA2 && sttcp_chains "$1"',
+                        str(ROOT), role], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:-1] == ["%s %s %s" % (h.table, h.builtin, h.chain) for h in rules.hooks(cfg, role)]
+
+
 def test_rule_scripts_reject_bad_settings():
     r = subprocess.run([str(ROOT / "iptables" / "apply"), "primary", "--print", "VIP=nonsense"],
                        capture_output=True, text=True)
