@@ -193,6 +193,10 @@ def _packets(host: str) -> int:
     return sum(c.get("verdict_" + v, 0) for v in ("accept", "drop", "defer"))
 
 
+def _ms(v: Optional[float]) -> str:
+    return "unknown" if v is None else "%.1f ms" % v
+
+
 def _gate_held() -> int:
     """The fast path gate's drops at the lag bound (its DROP rule's counter:
     each try TCP made counts, not each segment)."""
@@ -598,8 +602,8 @@ def _timeseq_plot(pcap_path: str, run: dict[str, float], hb: str, path: str, plt
         ax.legend(loc="upper left")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("bytes received by the client (MiB)")
-    ax.set_title("One failover, bulk download, heartbeat %s: gap %.0f ms (detection %s, takeover %s ms)" % (
-        hb, run["gap_ms"], run.get("detection_ms"), run.get("takeover_ms")), fontsize=9)
+    ax.set_title("One failover, bulk download, heartbeat %s: gap %.0f ms (detection %s, takeover %s)" % (
+        hb, run["gap_ms"], _ms(run.get("detection_ms")), _ms(run.get("takeover_ms"))), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

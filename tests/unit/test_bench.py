@@ -47,3 +47,7 @@ def test_percentile_and_a_bad_client_spec():
     assert bench._pct([5, 1, 3, 2, 4], 0.5) == 3 and bench._pct([1, 2, 3], 0.99) == 3
     with pytest.raises(ValueError, match="unknown bench client kind"):
         bench.client_main({"kind": "warp", "host": "127.0.0.1"})
+
+
+def test_the_time_sequence_plots_title_rounds_its_figures():
+    assert bench._ms(31.738867997773923) == "31.7 ms" and bench._ms(None) == "unknown"
