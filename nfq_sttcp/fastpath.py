@@ -48,10 +48,11 @@ bound was reached at every turn.
 
 When the client has acked everything, no ack will come to retry the held
 segment (the stack would wait for its zero-window probe timer, 200 ms or
-more). So a third program (``recorder``), a match that never matches, in
-the primary's PREROUTING, keeps each connection's latest client ack, and
-when the daemon raises the lag bound of a connection with nothing in
-flight, or drops its entries, it injects a copy of that ack into its own
+more, doubled after each try the gate drops). So a third program
+(``recorder``), a match that never matches, in the primary's PREROUTING,
+keeps each connection's latest client ack, and when the daemon raises the
+lag bound of a connection with nothing in flight and a segment held at its
+output's end, or drops its entries, it injects a copy of that ack into its own
 stack (``kick``): a duplicate ack, which changes nothing in TCP but makes
 it try to send again. The recorder runs before TCP has checked anything
 (the checksum included), so the kick takes from it only what it can check
