@@ -229,8 +229,8 @@ class Daemon:
         if self.role == "primary" and self.cfg.fast_path:
             from .bpf import BpfError
             try:
-                self.fast = FastPath(self.cfg, lag_hold_s=self.primary.cfg.lag_hold_s if self.primary else
-                                     PrimaryConfig.lag_hold_s)
+                assert self.primary is not None
+                self.fast = FastPath(self.cfg, lag_hold_s=self.primary.cfg.lag_hold_s)
             except (BpfError, OSError) as e:
                 raise DaemonError("tuning.fast_path: %s" % e) from None
         # The primary clones only once a backup follows (see _backup_changed).
@@ -298,9 +298,7 @@ class Daemon:
         if self.fast is not None:
             if self.primary is not None and getattr(self, "rules_applied", False):
                 self.fast.kick_all(self.primary)
-                for pkt in self.fast.kicks:
-                    self._inject(pkt)
-                self.fast.kicks = []
+                self._inject_kicks()
             self.counters["fast_packets"] = self.fast.packets
             self.fast.close()  # (after the rules: the match holds the program until then)
         if self.queues:
@@ -506,11 +504,14 @@ class Daemon:
         if not self.primary.fast_dirty:
             return
         self._fast_errors(self.fast.sync(self.primary))
-        if self.fast.kicks:
-            for pkt in self.fast.kicks:
-                self._inject(pkt)
-            self.counters["fast_kicks"] += len(self.fast.kicks)
-            self.fast.kicks = []
+        self._inject_kicks()
+
+    def _inject_kicks(self) -> None:
+        assert self.fast is not None
+        for pkt in self.fast.kicks:
+            self._inject(pkt)
+        self.counters["fast_kicks"] += len(self.fast.kicks)
+        self.fast.kicks = []
 
     def _fast_errors(self, errors: int) -> None:
         if errors:
@@ -1314,13 +1315,19 @@ class FastPath:
     def kick_all(self, core: PrimaryCore) -> None:
         """Our rules are gone (the daemon stops): what the gate held goes out
         at the next ack, or at the kick of a connection with none to come."""
-        for key, have in list(self.entries.items()):
-            conn = core.conns.get(key)
-            if conn is not None and conn.isn == have[1]:
-                try:
-                    self._kick(key, conn, have[0], have[2])
-                except OSError:
-                    pass
+        for key in list(self.entries):
+            self._kick_going(core, key)
+
+    def _kick_going(self, core: PrimaryCore, key: tcpseg.ConnKey) -> None:
+        """Kick an entry that goes (with it the gate holds nothing), if its
+        connection is still the one it was made for."""
+        have = self.entries[key]
+        conn = core.conns.get(key)
+        if conn is not None and conn.isn == have[1]:
+            try:
+                self._kick(key, conn, have[0], have[2])
+            except OSError:
+                pass  # (the stack's own probe sends it later)
 
     def _drop(self, key: tcpseg.ConnKey, core: Optional[PrimaryCore] = None) -> None:
         """Forget a connection's entries: its limits first (without them the
@@ -1332,12 +1339,7 @@ class FastPath:
         self._delete(self.limits, have[0])
         if core is not None:
             self.absorb(core, (key,), time.monotonic())
-            conn = core.conns.get(key)
-            if conn is not None and conn.isn == have[1]:
-                try:
-                    self._kick(key, conn, have[0], have[2])  # (without its limits the gate holds nothing)
-                except OSError:
-                    pass
+            self._kick_going(core, key)
         self.entries.pop(key, None)
         self._delete(self.state, have[0])
         self._delete(self.client, have[0])

@@ -221,6 +221,11 @@ PROG_TYPE_SOCKET_FILTER = 1
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = range(11)
 
 
+def _s32(x: int) -> int:
+    """The low 32 bits of ``x`` as the signed immediate field holds them."""
+    return ((x & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
+
+
 class _Asm:
     """A minimal eBPF assembler: instructions, and jumps to named labels."""
 
@@ -256,9 +261,8 @@ class _Asm:
             self.op(cls | cond | _X, dst, src, to=to)
 
     def ld_imm64(self, dst: int, value: int) -> None:
-        self.op(_LD | _DW | _IMM, dst, imm=value & 0xFFFFFFFF if value & 0x80000000 == 0 else (value & 0xFFFFFFFF) - (1 << 32))
-        hi = (value >> 32) & 0xFFFFFFFF
-        self.op(0, imm=hi if hi < 1 << 31 else hi - (1 << 32))
+        self.op(_LD | _DW | _IMM, dst, imm=_s32(value))
+        self.op(0, imm=_s32(value >> 32))
 
     def map_fd(self, dst: int, fd: int) -> None:
         self.op(_LD | _DW | _IMM, dst, _PSEUDO_MAP_FD, imm=fd)
@@ -340,17 +344,8 @@ def _next_in_order(a: _Asm, limits_fd: int, state_fd: int) -> None:
         a.movr(dst, R0)
     a.ldx(_W, R2, FP, _at(24))
     a.be(R2, 32)  # seq
-    a.ldx(_W, R3, R9, 0)  # where the last fast segment ended,
-    a.ldx(_W, R4, R8, 0)  # or the last one the daemon accepted, whichever is later
-    a.op(_ALU32 | _MOV | _X, R5, R3)
-    a.op(_ALU32 | _SUB | _X, R5, R4)  # how far the fast one is ahead:
-    a.jmp(_JSLE, R5, 0, "daemons", cls=_JMP32)
-    a.jmp(_JGT, R5, 1 << 30, "daemons", cls=_JMP32)  # (further is an old one, wrapped round)
-    a.jmp(_JA, 0, 0, "expected")
-    a.label("daemons")
-    a.movr(R3, R4)
-    a.label("expected")
-    a.jmp(_JNE, R2, 0, "queue", src=R3)  # (a resend is never next: it goes to the queue)
+    _sent(a, R8, R9, R1)
+    a.jmp(_JNE, R2, 0, "queue", src=R1)  # (a resend is never next: it goes to the queue)
     a.op(_ALU32 | _MOV | _X, R4, R2)
     a.op(_ALU32 | _ADD | _X, R4, R7)  # end
     a.ldx(_W, R3, R8, 4)
@@ -402,15 +397,17 @@ def program(limits_fd: int, state_fd: int) -> bytes:
 
 
 def _sent(a: _Asm, limits: int, state: int, dst: int) -> None:
-    """``dst`` = where our output ends (sent_up_to), from the two entries;
-    clobbers R3-R5."""
+    """``dst`` (not R3-R5, which it clobbers) = where our output ends
+    (sent_up_to): where the last fast segment ended, or the last one the
+    daemon accepted, whichever is later."""
+    assert dst not in (R3, R4, R5)
     a.ldx(_W, R3, state, 0)
     a.ldx(_W, R4, limits, 0)
     a.op(_ALU32 | _MOV | _X, R5, R3)
-    a.op(_ALU32 | _SUB | _X, R5, R4)
+    a.op(_ALU32 | _SUB | _X, R5, R4)  # how far the fast one is ahead:
     a.op(_ALU32 | _MOV | _X, dst, R4)
     a.jmp(_JSLE, R5, 0, "sent_%d" % dst, cls=_JMP32)
-    a.jmp(_JGT, R5, 1 << 30, "sent_%d" % dst, cls=_JMP32)
+    a.jmp(_JGT, R5, 1 << 30, "sent_%d" % dst, cls=_JMP32)  # (further is an old one, wrapped round)
     a.op(_ALU32 | _MOV | _X, dst, R3)
     a.label("sent_%d" % dst)
 

@@ -41,9 +41,14 @@ def kernel_program():
 def _seg(seq, ack, flags=ACK | PSH, payload=b"x" * 1000, window=500, options=None, sport=SPORT, ip_options=b""):
     opts = tcpseg.ts_option(111, 222) if options is None else options
     pkt = tcpseg.build_segment(VIP, CLIENT, sport, CPORT, seq, ack, flags, window, opts, payload)
-    if ip_options:  # an IPv4 header with options (IHL 6)
-        pkt = bytes([0x46]) + pkt[1:2] + (len(pkt) + 4).to_bytes(2, "big") + pkt[4:20] + ip_options + pkt[20:]
-    return pkt
+    return _with_ip_options(pkt, ip_options)
+
+
+def _with_ip_options(pkt, ip_options):
+    """The packet with 4 bytes of IP options (IHL 6), or as it is."""
+    if not ip_options:
+        return pkt
+    return bytes([0x46]) + pkt[1:2] + (len(pkt) + 4).to_bytes(2, "big") + pkt[4:20] + ip_options + pkt[20:]
 
 
 def test_the_program_lets_out_exactly_what_the_daemon_would_accept_unchanged(kernel_program):
@@ -150,9 +155,7 @@ def kernel_gate():
 def _from_client(seq, ack, flags=ACK, payload=b"", window=900, options=None, ip_options=b""):
     opts = tcpseg.ts_option(7777, 111) if options is None else options
     pkt = tcpseg.build_segment(CLIENT, VIP, CPORT, SPORT, seq, ack, flags, window, opts, payload)
-    if ip_options:
-        pkt = bytes([0x46]) + pkt[1:2] + (len(pkt) + 4).to_bytes(2, "big") + pkt[4:20] + ip_options + pkt[20:]
-    return pkt
+    return _with_ip_options(pkt, ip_options)
 
 
 def _renew(lease, seconds):
