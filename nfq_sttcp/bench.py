@@ -362,22 +362,32 @@ def _idle_connections(host: str, count: int, pids: dict[str, int], progress: Cal
 
 # == the kernel fast path ====================================================
 
-FAST_LAGS_KB = (256, 0)  # the default lag bound, and none
+# Lag bounds (max_backup_lag_kb, max_backup_lag_ms) for the fast path's
+# runs: the default, the byte bound alone, and none.
+FAST_BOUNDS = ((256, 25), (256, 0), (0, 0))
 
 
-def _lag_name(lag_kb: int) -> str:
-    return "lag %d KB" % lag_kb if lag_kb else "no lag bound"
+def _bound_key(kb: int, ms: int) -> str:
+    return "%d" % kb if not ms else "%d+%dms" % (kb, ms)
+
+
+def _lag_name(key: str) -> str:
+    kb, _, ms = key.partition("+")
+    if not int(kb):
+        return "no lag bound"
+    return "lag %s KB or %s ms at the backup's pace" % (kb, ms[:-2]) if ms else "lag %s KB alone" % kb
 
 
 def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Unshaped bulk transfers with the primary's kernel fast path on, for
-    each lag bound in FAST_LAGS_KB, against plain TCP in the same lab
+    each lag bound in FAST_BOUNDS, against plain TCP in the same lab
     (_alternating). Also what share of the primary's segments left by the
     fast path."""
     out: dict[str, dict[str, Any]] = {}
-    for lag in FAST_LAGS_KB:
-        tag = _lag_name(lag)
-        lab.up(progress=lambda *_: None, fast_path=True, max_lag_kb=lag)
+    for kb, ms in FAST_BOUNDS:
+        key = _bound_key(kb, ms)
+        tag = _lag_name(key)
+        lab.up(progress=lambda *_: None, fast_path=True, max_lag_kb=kb, max_lag_ms=ms)
         try:
             r: dict[str, Any] = {}
             for kind in ("down", "up"):
@@ -389,7 +399,7 @@ def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> di
                 fast = lab.control("primary").get("fast_path", {}).get("packets", 0) - fast0
                 queued, held = _packets("primary") - queued0, _gate_held() - held0
                 r[kind] = {"pairs": pairs, "fast_packets": fast, "queued_packets": queued, "held_packets": held}
-            out[str(lag)] = r
+            out[key] = r
         finally:
             lab.down(quiet=True)
     return out
@@ -437,7 +447,7 @@ def failover_runs(interval_ms: int, missed: int, crashes: int, progress: Callabl
 
 # == the whole run ==========================================================
 
-SIZES = {"full": {"bulk": 100 * MB, "runs": 3, "rr_small": 2000, "rr_large": 500, "rr_pairs": 8,
+SIZES = {"full": {"bulk": 200 * MB, "runs": 3, "rr_small": 2000, "rr_large": 500, "rr_pairs": 8,
                   "connrate_s": 5.0, "idle": 10000, "crashes": 20},
          "quick": {"bulk": 20 * MB, "runs": 2, "rr_small": 300, "rr_large": 100, "rr_pairs": 2,
                    "connrate_s": 2.0, "idle": 500, "crashes": 3}}
@@ -511,7 +521,7 @@ def table(res: dict[str, Any]) -> str:
             shown = r["fast_packets"] + r["queued_packets"]
             lines.append("fast path, %s, unshaped %s: %s Gbit/s against plain %s; ratio %.2f median (%.2f to %.2f); "
                          "%d%% of the primary's segments fast, %d gate drops (each try of TCP's counts)" % (
-                             _lag_name(int(lag)),
+                             _lag_name(lag),
                              {"down": "download", "up": "upload"}[kind],
                              "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
                              _pct(ratios, 0.5), ratios[0], ratios[-1],

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lag-kb", type=int, default=256,
                    help="tuning.max_backup_lag_kb: how far the primary's output may run ahead of the backup's "
                         "(0 = unbounded; default %(default)s)")
+    p.add_argument("--max-lag-ms", type=int, default=Config.max_backup_lag_ms,
+                   help="tuning.max_backup_lag_ms: ... or as much as the backup wrote in this long at its latest "
+                        "pace, whichever is more (0 = the byte bound alone; default %(default)s)")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     lsub.add_parser("switchover", help="planned handover to the backup")
@@ -506,7 +509,8 @@ def _lab(args: argparse.Namespace) -> int:
                 return _die("--port goes with --app (the built-in app uses 7000-7004)")
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
                    missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons,
-                   keepalived=args.keepalived, fast_path=args.fast_path, max_lag_kb=args.max_lag_kb)
+                   keepalived=args.keepalived, fast_path=args.fast_path, max_lag_kb=args.max_lag_kb,
+                   max_lag_ms=args.max_lag_ms)
             return 0
         if args.lab_cmd == "down":
             lab.down()

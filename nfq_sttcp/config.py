@@ -60,6 +60,9 @@ class Config:
     chain_prefix: str = "STTCP"
     ts_margin_ms: int = 0
     max_backup_lag_kb: int = 256
+    # ... or as much as the backup wrote in this long at its latest pace,
+    # whichever is more (primary.PrimaryCore.lag_limit); 0 = bytes only.
+    max_backup_lag_ms: int = 25
     # The primary's kernel fast path (fastpath.py): in-order data segments
     # within the backup's limits leave without a trip through the queue.
     # Its connections go without divergence detection (the primary tells the
@@ -143,7 +146,8 @@ _LAYOUT: dict[str, dict[str, str]] = {
                   "daemon_lost_ms": "daemon_lost_ms"},
     "queues": {"primary_out": "queue_primary_out", "backup_in": "queue_backup_in",
                "backup_out": "queue_backup_out", "max_len": "queue_max_len", "gso": "queue_gso"},
-    "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb", "synack_hold_ms": "synack_hold_ms",
+    "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb",
+               "max_backup_lag_ms": "max_backup_lag_ms", "synack_hold_ms": "synack_hold_ms",
                "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms",
                "fast_path": "fast_path"},
 }
@@ -256,7 +260,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("mark must be a non-zero 32-bit integer")
     if not _CHAIN.match(cfg.chain_prefix):
         raise ConfigError("chain_prefix must be 1-16 upper-case letters, digits, - or _")
-    for name in ("ts_margin_ms", "synack_hold_ms", "handshake_hold_ms", "max_backup_lag_kb"):
+    for name in ("ts_margin_ms", "synack_hold_ms", "handshake_hold_ms", "max_backup_lag_kb", "max_backup_lag_ms"):
         if not 0 <= getattr(cfg, name) <= 600000:
             raise ConfigError("tuning.%s must be in 0..600000" % name)
     if not cfg.garp_schedule_ms or any(t < 0 for t in cfg.garp_schedule_ms):

@@ -26,7 +26,7 @@ from . import firewall, nfqueue, probe, syncproto, tcpseg
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
-from .primary import PrimaryConfig, PrimaryCore
+from .primary import MAX_PACED_LAG, PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
 from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError, Unprotect
 from .watchdog import ACTIVE, FOLLOWING, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, PeerMonitor, Watchdog
@@ -114,6 +114,8 @@ class Daemon:
         else:
             self.primary = None
             lag = cfg.max_backup_lag_kb * 1024
+            if lag and cfg.max_backup_lag_ms:
+                lag = max(lag, MAX_PACED_LAG)  # (the primary's bound follows our pace: PrimaryCore.lag_limit)
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
                                                   ts_margin=cfg.ts_margin_ms,
                                                   max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
@@ -1161,7 +1163,7 @@ class Daemon:
 
 def _primary_core(cfg: Config, fast_path: Optional[bool] = None) -> PrimaryCore:
     return PrimaryCore(PrimaryConfig(cfg.vip, frozenset(cfg.ports), synack_hold_s=cfg.synack_hold_ms / 1000,
-                                     max_lag=cfg.max_backup_lag_kb * 1024,
+                                     max_lag=cfg.max_backup_lag_kb * 1024, max_lag_s=cfg.max_backup_lag_ms / 1000,
                                      fast_path=cfg.fast_path if fast_path is None else fast_path))
 
 

@@ -22,9 +22,12 @@ def test_table_gives_ratios_differences_and_the_failover_split():
                               "echo": [{"failed": 1.0}]}},
         "fast_path": {"256": {"down": {"pairs": [[10.0, 3.0], [9.0, 3.6]], "fast_packets": 1, "queued_packets": 99,
                                        "held_packets": 40}},
+                      "256+25ms": {"down": {"pairs": [[10.0, 5.5]], "fast_packets": 9, "queued_packets": 1}},
                       "0": {"down": {"pairs": [[8.0, 6.0]], "fast_packets": 0, "queued_packets": 0}}}}
     t = bench.table(res)
-    assert ("fast path, lag 256 KB, unshaped download: 3.0/3.6 Gbit/s against plain 10.0/9.0; ratio 0.30 median "
+    assert ("fast path, lag 256 KB or 25 ms at the backup's pace, unshaped download: 5.5 Gbit/s against plain 10.0; "
+            "ratio 0.55") in t
+    assert ("fast path, lag 256 KB alone, unshaped download: 3.0/3.6 Gbit/s against plain 10.0/9.0; ratio 0.30 median "
             "(0.30 to 0.40); 1% of the primary's segments fast, 40 gate drops (each try of TCP's counts)") in t
     assert "fast path, no lag bound, unshaped download: 6.0 Gbit/s against plain 8.0; ratio 0.75" in t
     assert "download Gbit/s, unshaped veth" in t and " 0.25" in t

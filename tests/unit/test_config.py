@@ -25,6 +25,8 @@ def cfg(**over):
 def test_defaults_and_derived_values():
     c = cfg()
     assert c.heartbeat_interval_ms == 50 and c.heartbeat_missed == 3 and c.detection_ms == 150
+    assert c.max_backup_lag_kb == 256 and c.max_backup_lag_ms == 25
+    assert cfg(**{"tuning.max_backup_lag_ms": 0}).max_backup_lag_ms == 0
     assert c.peer_addresses("primary") == ["10.78.0.2"]
     c = cfg(**{"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2"})
     assert c.peer_addresses("backup") == ["10.78.0.1", "10.77.0.1"]
@@ -52,6 +54,7 @@ def test_defaults_and_derived_values():
     ({"heartbeat.intervall_ms": 5}, "unknown key heartbeat.intervall_ms"),
     ({"lan_snoop": "yes"}, "true or false"),
     ({"sync.key_file": "/nonexistent/key"}, "cannot read"),
+    ({"tuning.max_backup_lag_ms": -1}, "max_backup_lag_ms must be in 0..600000"),
 ])
 def test_every_mistake_names_the_problem(over, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -5,13 +5,14 @@ kernel may let out only what on_outbound would have accepted unchanged.
 kernel's own run of them is in tests/netns/test_fast_path.py) so that the
 limits can be checked against the core on many made-up segments."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfq_sttcp import fastpath, tcpseg
 from nfq_sttcp.actions import Accept, Drop
 from nfq_sttcp.fastpath import FastState, Limits
-from nfq_sttcp.primary import PrimaryConfig, PrimaryCore
+from nfq_sttcp.primary import MAX_PACED_LAG, PrimaryConfig, PrimaryCore
 from nfq_sttcp.rules import render
 from nfq_sttcp.config import Config
 from nfq_sttcp.seqmath import seq_le
@@ -178,3 +179,46 @@ def test_what_was_sent_is_the_later_of_the_programs_and_the_daemons_positions():
     assert fastpath.sent_up_to(lim, fastpath.FastState(3000, 0, 0, 0, 0, 1, 2000)) == 3000
     assert fastpath.sent_up_to(lim, fastpath.FastState(900, 0, 0, 0, 0, 1, 2000)) == 1000
     assert fastpath.sent_up_to(lim, fastpath.FastState(1000 + (1 << 30) + 1, 0, 0, 0, 0, 1, 2000)) == 1000
+
+
+def _confirm_pos(p, pos, now):
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, pos, (), None),)), now)
+
+
+def test_the_lag_bound_follows_the_backups_pace():
+    """With max_lag_s, the bound is as much as the backup wrote in that long
+    at its latest pace, never less than max_lag; the fast path's limit and
+    the queue's deferral agree on it."""
+    p = protected(max_lag=1000)
+    p.cfg.max_lag_s = 0.01
+    conn = p.conns[KEY]
+    assert p.lag_limit(conn) == 5001 + 1000  # no pace yet: the byte bound
+    _confirm_pos(p, 5001 + 50_000, 0.005)  # within the first window: no pace yet
+    assert p.lag_limit(conn) == 5001 + 50_000 + 1000
+    _confirm_pos(p, 5001 + 200_000, 0.02)  # 200 KB in 20 ms: 10 MB/s, 100 KB in 10 ms
+    assert conn.backup_pace == pytest.approx(200_000 / 0.02)
+    assert p.lag_limit(conn) == 5001 + 200_000 + 100_000
+    assert p.fast_limits(KEY).seq_limit == 5001 + 200_000 + 100_000
+    # the queue defers exactly what the kernel would hold
+    def seg(n):
+        return tcpseg.parse(from_server(5001 + 300_000 - 900, 101, payload=b"x" * n))
+    assert not p._must_wait_for_backup(conn, seg(900)) and p._must_wait_for_backup(conn, seg(901))
+    # a backup that slows down gets a smaller bound, never below max_lag
+    _confirm_pos(p, 5001 + 200_010, 0.05)
+    assert p.lag_limit(conn) == 5001 + 200_010 + 1000
+
+
+def test_the_paced_bound_is_capped_and_off_without_a_byte_bound():
+    p = protected(max_lag=1000)
+    p.cfg.max_lag_s = 10.0
+    conn = p.conns[KEY]
+    _confirm_pos(p, 5001 + 1_000_000, 0.02)
+    _confirm_pos(p, 5001 + 2_000_000, 0.04)  # 50 MB/s for 10 s: far beyond the cap
+    assert p.lag_limit(conn) == (5001 + 2_000_000 + MAX_PACED_LAG) & 0xFFFFFFFF
+    unbounded = protected(max_lag=0)
+    unbounded.cfg.max_lag_s = 0.01
+    assert unbounded.lag_limit(unbounded.conns[KEY]) is None
+    bytes_only = protected(max_lag=1000)  # max_lag_s 0: the byte bound alone, whatever the pace
+    _confirm_pos(bytes_only, 5001 + 1_000_000, 0.02)
+    _confirm_pos(bytes_only, 5001 + 2_000_000, 0.04)
+    assert bytes_only.lag_limit(bytes_only.conns[KEY]) == 5001 + 2_000_000 + 1000
