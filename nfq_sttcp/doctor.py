@@ -192,6 +192,7 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "iptables": r.stdout.strip() if r.returncode == 0 else "",
         "features": _try_features(cfg if cfg.fast_path and role == "primary" else None) if os.geteuid() == 0 else {},
         "fast_path": cfg.fast_path,
+        "lag_bound": [cfg.max_backup_lag_kb, cfg.max_backup_lag_ms],
         "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
         "lan_mtu": _mtu(cfg.lan_interface),
         "addresses": sorted(addresses),
@@ -307,6 +308,14 @@ def _compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[Finding]:
                 "they swap roles: set tuning.fast_path the same on both"))
         else:
             out.append(Finding(OK, "fast path alike (%s)" % ("on" if mine["fast_path"] else "off")))
+    if mine.get("lag_bound") is not None and theirs.get("lag_bound") is not None:
+        if mine["lag_bound"] != theirs["lag_bound"]:
+            out.append(Finding(WARN, "lag bound", "%s: tuning.max_backup_lag_kb / _ms %s vs %s" % (
+                who, mine["lag_bound"], theirs["lag_bound"]), "the primary's setting is the one in force, so the "
+                "bound changes when the hosts swap roles; a backup with no bound (0 KB) accepts client acks "
+                "however far ahead, one with a bound only up to 68 MB ahead: set both the same"))
+        else:
+            out.append(Finding(OK, "lag bound alike (%s KB, %s ms)" % tuple(mine["lag_bound"])))
     wa, wb = window_scale(a), window_scale(b)
     if wa != wb:
         out.append(Finding(FAIL, "window scale", "%s: %s vs %s (from tcp_rmem %r / %r, rmem_max %s / %s)" % (

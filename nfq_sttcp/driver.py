@@ -114,8 +114,10 @@ class Daemon:
         else:
             self.primary = None
             lag = cfg.max_backup_lag_kb * 1024
-            if lag and cfg.max_backup_lag_ms:
-                lag = max(lag, MAX_PACED_LAG)  # (the primary's bound follows our pace: PrimaryCore.lag_limit)
+            if lag:
+                # (The primary's bound may follow our pace, up to MAX_PACED_LAG:
+                # PrimaryCore.lag_limit; whatever our own max_backup_lag_ms says.)
+                lag = max(lag, MAX_PACED_LAG)
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
                                                   ts_margin=cfg.ts_margin_ms,
                                                   max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))

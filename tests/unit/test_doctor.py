@@ -55,6 +55,9 @@ def test_the_pair_differences_that_break_a_migration():
     assert got["listening ports differ"] == WARN
     assert levels(doctor.compare(facts("primary", fast_path=True), facts(fast_path=False)))["fast path"] == WARN
     assert levels(doctor.compare(facts("primary", fast_path=True), facts(fast_path=True)))["fast path alike (on)"] == OK
+    assert levels(doctor.compare(facts("primary", lag_bound=[256, 25]), facts(lag_bound=[256, 0])))["lag bound"] == WARN
+    assert levels(doctor.compare(facts("primary", lag_bound=[256, 25]), facts(lag_bound=[256, 25])))[
+        "lag bound alike (256 KB, 25 ms)"] == OK
     missing = {f.what: f for f in doctor.check_host(facts("primary", addresses=["10.77.0.1", "10.78.0.1"],
                                                           features={"fast path": "cannot create the eBPF map"}), CFG)}
     assert missing["kernel feature fast path"].level == FAIL and "xt_bpf" in missing["kernel feature fast path"].fix
