@@ -29,6 +29,11 @@ _CHAIN = re.compile(r"^[A-Z][A-Z0-9_-]{0,15}$")
 VIP_OWNERS = ("builtin", "keepalived")
 
 
+# The most a lag bound that follows the backup's pace allows (seqmath
+# compares positions less than 2**31 apart).
+MAX_PACED_LAG = 64 << 20
+
+
 @dataclass(frozen=True)
 class Config:
     vip: str
@@ -94,6 +99,18 @@ class Config:
     @property
     def detection_ms(self) -> int:
         return self.heartbeat_interval_ms * self.heartbeat_missed
+
+    @property
+    def client_ack_ahead(self) -> int:
+        """How far beyond the backup's own output a client ack may lie: the
+        primary's lag bound (primary.PrimaryCore.lag_limit) and some slack;
+        more is a forgery or a corruption."""
+        if not self.max_backup_lag_kb:
+            return 1 << 30
+        lag = self.max_backup_lag_kb * 1024
+        if self.max_backup_lag_ms:
+            lag = max(lag, MAX_PACED_LAG)
+        return lag + (4 << 20)
 
     def control_socket(self, role: str) -> str:
         return os.path.join(self.control_socket_dir, "%s.sock" % role)

@@ -311,9 +311,10 @@ def _compare(mine: dict[str, Any], theirs: dict[str, Any]) -> list[Finding]:
     if mine.get("lag_bound") is not None and theirs.get("lag_bound") is not None:
         if mine["lag_bound"] != theirs["lag_bound"]:
             out.append(Finding(WARN, "lag bound", "%s: tuning.max_backup_lag_kb / _ms %s vs %s" % (
-                who, mine["lag_bound"], theirs["lag_bound"]), "the primary's setting is the one in force, so the "
-                "bound changes when the hosts swap roles; a backup with no bound (0 KB) accepts client acks "
-                "however far ahead, one with a bound only up to 68 MB ahead: set both the same"))
+                who, mine["lag_bound"], theirs["lag_bound"]), "set both the same: the serving primary's bound is "
+                "the one in force, so it changes when the hosts swap roles, and a backup checks client acks "
+                "against its own setting (with max_backup_lag_ms 0 it refuses acks more than max_backup_lag_kb "
+                "+ 4 MB beyond its output, which a primary's paced bound can exceed)"))
         else:
             out.append(Finding(OK, "lag bound alike (%s KB, %s ms)" % tuple(mine["lag_bound"])))
     wa, wb = window_scale(a), window_scale(b)

@@ -26,8 +26,9 @@ from . import firewall, nfqueue, probe, syncproto, tcpseg
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
-from .primary import MAX_PACED_LAG, PrimaryConfig, PrimaryCore
+from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
+from .seqmath import seq_gt
 from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError, Unprotect
 from .watchdog import ACTIVE, FOLLOWING, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, PeerMonitor, Watchdog
 
@@ -113,14 +114,8 @@ class Daemon:
             self.watchdog: Optional[Watchdog] = None
         else:
             self.primary = None
-            lag = cfg.max_backup_lag_kb * 1024
-            if lag:
-                # (The primary's bound may follow our pace, up to MAX_PACED_LAG:
-                # PrimaryCore.lag_limit; whatever our own max_backup_lag_ms says.)
-                lag = max(lag, MAX_PACED_LAG)
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
-                                                  ts_margin=cfg.ts_margin_ms,
-                                                  max_ack_ahead=lag + (4 << 20) if lag else 1 << 30))
+                                                  ts_margin=cfg.ts_margin_ms, max_ack_ahead=cfg.client_ack_ahead))
             self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000,
                                      autonomous=cfg.vip_owner == "builtin")
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -1284,7 +1279,7 @@ class FastPath:
         elif have[2] != lim:
             self.entries[key] = (have[0], have[1], lim, have[3])
             self.bpf.map_update(self.limits, have[0], lim.pack())
-            if lim.seq_limit != have[2].seq_limit and self.fp.may_have_held(conn.snd_nxt, have[2].seq_limit):
+            if seq_gt(lim.seq_limit, have[2].seq_limit) and core.lag_limit(conn) is not None:
                 # (The gate decided on the old bound: what it held, it held under that.)
                 self._kick(key, conn, have[0], have[2])
 
@@ -1300,12 +1295,20 @@ class FastPath:
         swapped: in the lab 60-70 out-of-order arrivals per 200 MB, against 1
         without the gate, and 93 for plain TCP, whose ack-clocked and
         application-driven sends race the same way.)"""
-        raw_client = self.bpf.map_lookup(self.client, kb, self.fp.CLIENT.size)
         raw_state = self.bpf.map_lookup(self.state, kb, self.fp.STATE.size)
-        if raw_client is None or raw_state is None:
+        if raw_state is None:
             return
         st = self.fp.FastState.unpack(raw_state)
         sent = self.fp.sent_up_to(lim, st)
+        # From the kernel's position, not the daemon's: with a bound of
+        # megabytes (the backup's pace, PrimaryCore.lag_limit) the daemon's
+        # snd_nxt, read back only now and then, can be far behind where the
+        # gate holds, and a kick left out costs the probe timer (200 ms+).
+        if not self.fp.may_have_held(sent, lim.seq_limit):
+            return
+        raw_client = self.bpf.map_lookup(self.client, kb, self.fp.CLIENT.size)
+        if raw_client is None:
+            return
         # Our stack's latest ack and echo: the fast segment's, if it was the last one sent.
         fast_last = st.packets and sent == st.next_fast
         rcv_nxt = st.last_ack if fast_last else conn.latest_ack

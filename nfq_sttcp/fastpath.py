@@ -19,11 +19,13 @@ A segment takes the fast path only if all of these hold, else the gate
   one counts only up to 1 GB ahead: further, it is an old one wrapped
   round). A segment queued for any reason makes every later one miss, so
   nothing ever overtakes a queued segment, and a resend is never next;
-* it ends within the lag bound (the backup's output position plus
-  max_backup_lag_kb), its ack is within what the backup confirmed, and its
+* it ends within the lag bound (PrimaryCore.lag_limit: the backup's output
+  position plus max_backup_lag_kb, or plus what the backup writes in
+  max_backup_lag_ms at its pace), its ack is within what the backup confirmed, and its
   window's right edge within the backup's (the daemon's clamps, as limits).
 
-The limits only grow with the backup's confirmations, so an entry the
+The limits only grow with the backup's confirmations (the lag bound too,
+when the backup's pace drops), so an entry the
 daemon has not refreshed yet is stricter, never looser. One exception: the
 window limit, unlimited until the backup's first window edge arrives; the
 driver writes that at once, and a segment let out in between costs the

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import tcpseg
+from .config import MAX_PACED_LAG
 from .control import first_unprotected
 from .divergence import OutputHasher
 from .fastpath import FastState, Limits
@@ -38,9 +39,6 @@ UNPROTECT_REPEAT_S = 3.0  # how long a connection given up on is repeated to the
 # The backup's pace (lag_limit) is its output over the latest window of at
 # least this long; a connection's first window starts at its first position.
 PACE_WINDOW_S = 0.02
-# The most a pace-scaled lag bound allows (seqmath compares positions less
-# than 2**31 apart; the backup's ack check adds its slack to this).
-MAX_PACED_LAG = 64 << 20
 
 
 @dataclass(slots=True)  # (see backup.BackupConn)
@@ -76,10 +74,13 @@ class PrimaryConn:
     isn_msg: Optional[ConnIsn] = None  # sent until the backup shows the mapping (a pos in its confirms)
     isn_sent_at: float = 0.0
     # The backup's pace (lag_limit): bytes a second over its latest window,
-    # and where that window started.
+    # where that window started, when its position last moved, and the
+    # furthest lag bound it has been given (the bound never moves back).
     backup_pace: float = 0.0
     pace_since: float = 0.0
     pace_from: Optional[int] = None
+    backup_moved_at: float = 0.0
+    lag_edge: Optional[int] = None
 
     def status(self) -> dict[str, object]:
         lag = None
@@ -219,18 +220,29 @@ class PrimaryCore:
             return None
         lag = self.cfg.max_lag
         if self.cfg.max_lag_s:
-            lag = max(lag, min(MAX_PACED_LAG, int(conn.backup_pace * self.cfg.max_lag_s)))
-        return (conn.backup_pos + lag) & 0xFFFFFFFF
+            lag = max(lag, min(MAX_PACED_LAG, round(conn.backup_pace * self.cfg.max_lag_s)))
+        edge = (conn.backup_pos + lag) & 0xFFFFFFFF
+        # A pace that drops never takes back what was let out: a segment
+        # resent below the old edge, or one the fast path's entry already
+        # allows (fastpath.py: limits only grow), stays allowed.
+        if conn.lag_edge is not None and seq_gt(conn.lag_edge, edge):
+            return conn.lag_edge
+        return edge
 
     @staticmethod
     def _note_backup_pos(conn: PrimaryConn, pos: int, now: float) -> None:
         """The backup's position moved to ``pos`` (ahead of the old): its
-        pace is its progress over the latest window of PACE_WINDOW_S."""
+        pace is its progress over the latest window of at least
+        PACE_WINDOW_S. A window spans whatever pause fell in it: from the
+        positions alone a paused application (the primary's paused too) and
+        a backup that writes slowly look the same, and only the latter
+        matters here. After a pause the bound it was given stands (lag_limit)."""
         if conn.pace_from is None:
             conn.pace_from, conn.pace_since = pos, now
         elif now - conn.pace_since >= PACE_WINDOW_S:
             conn.backup_pace = seq_sub(pos, conn.pace_from) / (now - conn.pace_since)
             conn.pace_from, conn.pace_since = pos, now
+        conn.backup_moved_at = now
 
     def _on_synack(self, seg: Segment, data: bytes, key: ConnKey, now: float) -> list[Action]:
         conn = self.conns.get(key)
@@ -355,6 +367,7 @@ class PrimaryCore:
             conn.confirmed = ack if conn.confirmed is None else seq_max(conn.confirmed, ack)
             self._fast_mark(key)
             if pos is not None:
+                conn.lag_edge = self.lag_limit(conn)  # (before the pace moves: the bound never moves back)
                 if conn.backup_pos is None or seq_gt(pos, conn.backup_pos):
                     self._note_backup_pos(conn, pos, now)
                 conn.backup_pos = pos if conn.backup_pos is None else seq_max(conn.backup_pos, pos)
@@ -526,7 +539,11 @@ class PrimaryCore:
             conn = self.conns.get(key)
             if conn is None or not conn.deferred:
                 self.deferring.discard(key)
-            elif now - conn.deferred[0][3] > self.cfg.lag_hold_s:
+            elif now - max(conn.deferred[0][3], conn.backup_moved_at) > self.cfg.lag_hold_s:
+                # Our next segment waited lag_hold_s, and the backup did not
+                # move meanwhile. (One that moves, however slowly, lets it out
+                # in time; with a bound that followed a faster pace, only
+                # after it has written that lead.)
                 out += self._give_up(conn, REASON_TOO_FAR_BEHIND, now)
         if now < self.next_sweep:
             return out

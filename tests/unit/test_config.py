@@ -26,7 +26,10 @@ def test_defaults_and_derived_values():
     c = cfg()
     assert c.heartbeat_interval_ms == 50 and c.heartbeat_missed == 3 and c.detection_ms == 150
     assert c.max_backup_lag_kb == 256 and c.max_backup_lag_ms == 25
-    assert cfg(**{"tuning.max_backup_lag_ms": 0}).max_backup_lag_ms == 0
+    # a backup checks client acks against the bound its primary may grant
+    assert c.client_ack_ahead == config.MAX_PACED_LAG + (4 << 20)
+    assert cfg(**{"tuning.max_backup_lag_ms": 0}).client_ack_ahead == (256 << 10) + (4 << 20)
+    assert cfg(**{"tuning.max_backup_lag_kb": 0}).client_ack_ahead == 1 << 30, "no bound: none of ours either"
     assert c.peer_addresses("primary") == ["10.78.0.2"]
     c = cfg(**{"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2"})
     assert c.peer_addresses("backup") == ["10.78.0.1", "10.77.0.1"]
@@ -89,7 +92,8 @@ def test_key_readable_by_others_refused(tmp_path):
 
 
 def test_render_round_trips(tmp_path):
-    c = cfg(**{"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2", "tuning.garp_schedule_ms": [0, 50]})
+    c = cfg(**{"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2", "tuning.garp_schedule_ms": [0, 50],
+               "tuning.max_backup_lag_ms": 7})
     p = tmp_path / "c.toml"
     p.write_text(config.render_toml(c))
     again = config.load(str(p))

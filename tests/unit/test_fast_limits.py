@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from nfq_sttcp import fastpath, tcpseg
 from nfq_sttcp.actions import Accept, Drop
 from nfq_sttcp.fastpath import FastState, Limits
-from nfq_sttcp.primary import MAX_PACED_LAG, PrimaryConfig, PrimaryCore
+from nfq_sttcp.config import MAX_PACED_LAG
+from nfq_sttcp.primary import REASON_TOO_FAR_BEHIND, PrimaryConfig, PrimaryCore
 from nfq_sttcp.rules import render
 from nfq_sttcp.config import Config
 from nfq_sttcp.seqmath import seq_le
@@ -91,10 +92,13 @@ def test_no_limits_while_deferred_unprotected_closing_or_without_a_backup():
                           st.integers(0, 400), st.integers(0, 2),  # payload, ack offset from 101
                           st.sampled_from([ACK, ACK | PSH, ACK | FIN]), st.integers(0, 1000),
                           st.booleans(), st.integers(0, 2)), min_size=1, max_size=12),
-       st.integers(1, 3000), st.booleans(), st.booleans())
-def test_what_the_kernel_would_let_out_the_core_accepts_unchanged(segs, lag, with_edge, ts):
-    """(For segments the kernel would queue, the core decides as always.)"""
+       st.integers(1, 3000), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.005, 0.05]))
+def test_what_the_kernel_would_let_out_the_core_accepts_unchanged(segs, lag, with_edge, ts, lag_s):
+    """(For segments the kernel would queue, the core decides as always. With
+    a paced bound, the 10 ms steps close pace windows: the bound moves with
+    the pace, up and, held by the edge already given, never down.)"""
     p = protected(max_lag=lag, edge=101 + (200 << 7) if with_edge else None, ts=ts)
+    p.cfg.max_lag_s = lag_s
     next_fast = p.conns[KEY].snd_nxt
     t = 0.1
     for off, n, ack_off, flags, window, confirm, pos_step in segs:
@@ -203,9 +207,58 @@ def test_the_lag_bound_follows_the_backups_pace():
     def seg(n):
         return tcpseg.parse(from_server(5001 + 300_000 - 900, 101, payload=b"x" * n))
     assert not p._must_wait_for_backup(conn, seg(900)) and p._must_wait_for_backup(conn, seg(901))
-    # a backup that slows down gets a smaller bound, never below max_lag
-    _confirm_pos(p, 5001 + 200_010, 0.05)
-    assert p.lag_limit(conn) == 5001 + 200_010 + 1000
+    # The backup slows to a crawl: its pace drops, the bound it was given stays.
+    for i, t in enumerate((0.03, 0.04, 0.045), 1):
+        _confirm_pos(p, 5001 + 200_000 + 10 * i, t)
+    assert conn.backup_pace == pytest.approx(20 / 0.02)
+    assert p.lag_limit(conn) == 5001 + 300_010 == p.fast_limits(KEY).seq_limit  # (the last given at 10 MB/s)
+    assert not p._must_wait_for_backup(conn, seg(900)), "a resent segment below the old edge is not deferred"
+    # ... and moves on from where the backup's own position takes it past that edge
+    _confirm_pos(p, 5001 + 310_000, 0.05)
+    assert p.lag_limit(conn) == 5001 + 310_000 + 1000
+
+
+def test_after_a_pause_the_bound_given_stands_and_the_pace_is_measured_again():
+    p = protected(max_lag=1000)
+    p.cfg.max_lag_s = 0.01
+    conn = p.conns[KEY]
+    _confirm_pos(p, 5001 + 250_000, 0.02)  # (its window began with the handshake's confirmation, at 0)
+    assert conn.backup_pace == pytest.approx(12.5e6)
+    given = p.lag_limit(conn)
+    assert given == 5001 + 250_000 + 125_000
+    # the application pauses for 300 ms (say, for the client's next request), then writes on
+    _confirm_pos(p, 5001 + 251_000, 0.32)
+    assert conn.backup_pace == pytest.approx(1000 / 0.3) and p.lag_limit(conn) == given
+    _confirm_pos(p, 5001 + 451_000, 0.34)  # 200 KB in 20 ms: 10 MB/s
+    assert conn.backup_pace == pytest.approx(200_000 / 0.02)
+    assert p.lag_limit(conn) == 5001 + 451_000 + 100_000
+
+
+def test_a_slow_backup_that_moves_is_waited_for_and_a_stopped_one_given_up():
+    """lag_hold_s counts from the later of the deferral and the backup's
+    last move: a bound given at a fast pace can take the slowed backup
+    longer than lag_hold_s to write, and it is not stuck."""
+    p = protected(max_lag=1000)
+    p.cfg.max_lag_s = 0.01
+    conn = p.conns[KEY]
+    _confirm_pos(p, 5001 + 300_000, 0.02)  # 15 MB/s: the bound reaches 5001 + 450_000
+    assert p.lag_limit(conn) == 5001 + 450_000
+    conn.snd_nxt = 5001 + 450_000
+    acts = p.on_outbound(from_server(5001 + 450_000, 101, payload=b"y" * 1000), 0.03)
+    assert conn.deferred, acts
+    t, pos = 0.03, 5001 + 300_000
+    while t < 5.0:  # 100 bytes every 100 ms: 150 s to write the lead
+        t += 0.1
+        pos += 100
+        _confirm_pos(p, pos, t)
+        p.on_tick(t)
+        assert conn.protected, t
+    assert conn.deferred
+    # it stops: given up lag_hold_s after its last move
+    p.on_tick(t + p.cfg.lag_hold_s - 0.05)
+    assert conn.protected
+    p.on_tick(t + p.cfg.lag_hold_s + 0.05)
+    assert not conn.protected and conn.reason == REASON_TOO_FAR_BEHIND
 
 
 def test_the_paced_bound_is_capped_and_off_without_a_byte_bound():
@@ -215,8 +268,9 @@ def test_the_paced_bound_is_capped_and_off_without_a_byte_bound():
     _confirm_pos(p, 5001 + 1_000_000, 0.02)
     _confirm_pos(p, 5001 + 2_000_000, 0.04)  # 50 MB/s for 10 s: far beyond the cap
     assert p.lag_limit(conn) == (5001 + 2_000_000 + MAX_PACED_LAG) & 0xFFFFFFFF
-    unbounded = protected(max_lag=0)
+    unbounded = protected(max_lag=0)  # no byte bound: no bound at all, the pace's included
     unbounded.cfg.max_lag_s = 0.01
+    _confirm_pos(unbounded, 5001 + 1_000_000, 0.02)
     assert unbounded.lag_limit(unbounded.conns[KEY]) is None
     bytes_only = protected(max_lag=1000)  # max_lag_s 0: the byte bound alone, whatever the pace
     _confirm_pos(bytes_only, 5001 + 1_000_000, 0.02)
