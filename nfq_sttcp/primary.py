@@ -36,6 +36,11 @@ REASON_DIVERGED = "diverged: the backup's application wrote other bytes"
 SWEEP_S = 1.0  # how often on_tick looks at every connection (see PrimaryCore.holding)
 ISN_RESEND_S = 0.1  # how often the ISN goes again to a backup that has not mapped the connection
 UNPROTECT_REPEAT_S = 3.0  # how long a connection given up on is repeated to the backup (each tick)
+# A backup that lacks client bytes our stack has (their clone was lost) gets
+# them only from the client's retransmission: after its RTO, which is 3 s
+# when the handshake took a retransmitted SYN (RFC 6298 5.7; Linux's
+# TCP_TIMEOUT_FALLBACK), as it does when the SYN's clone was lost too.
+CLIENT_RTO_FALLBACK_S = 3.0
 # The backup's pace (lag_limit) is its output over the latest window of at
 # least this long; a connection's first window starts at its first position.
 PACE_WINDOW_S = 0.02
@@ -228,6 +233,17 @@ class PrimaryCore:
         if conn.lag_edge is not None and seq_gt(conn.lag_edge, edge):
             return conn.lag_edge
         return edge
+
+    def _lag_hold(self, conn: PrimaryConn) -> float:
+        """How long our next segment waits at the lag bound for a backup
+        that does not move. Longer when the backup lacks client bytes: its
+        application may be waiting for them (a download's request whose
+        clone was lost; seen in CI at 5% loss on the sync link, after the
+        SYN's clone had been lost too, the client resent the request only
+        after 3 s, and the connection had been given up at 2 s)."""
+        if conn.confirmed is not None and conn.latest_ack is not None and seq_gt(conn.latest_ack, conn.confirmed):
+            return self.cfg.lag_hold_s + CLIENT_RTO_FALLBACK_S
+        return self.cfg.lag_hold_s
 
     @staticmethod
     def _note_backup_pos(conn: PrimaryConn, pos: int, now: float) -> None:
@@ -539,7 +555,7 @@ class PrimaryCore:
             conn = self.conns.get(key)
             if conn is None or not conn.deferred:
                 self.deferring.discard(key)
-            elif now - max(conn.deferred[0][3], conn.backup_moved_at) > self.cfg.lag_hold_s:
+            elif now - max(conn.deferred[0][3], conn.backup_moved_at) > self._lag_hold(conn):
                 # Our next segment waited lag_hold_s, and the backup did not
                 # move meanwhile. (One that moves, however slowly, lets it out
                 # in time; with a bound that followed a faster pace, only

@@ -13,6 +13,7 @@ from nfq_sttcp.primary import (
     REASON_BACKUP_LOST,
     REASON_BEFORE_JOIN,
     REASON_NO_CONFIRM,
+    REASON_TOO_FAR_BEHIND,
     PrimaryConfig,
     PrimaryCore,
 )
@@ -398,6 +399,7 @@ def test_a_connection_the_primary_gives_up_on_is_never_migrated():
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
     p.on_outbound(from_server(5001, 300, payload=b"a" * 900), 0.1)
     assert not verdicts(p.on_outbound(from_server(5901, 300, payload=b"b" * 900), 0.1))  # deferred
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 300, 5001, (), None),)), 0.1)  # it has the client's bytes
     acts = p.on_tick(2.5)
     kinds = [type(a).__name__ for a in acts]
     assert kinds.index("SendSync") < kinds.index("Release")  # the backup hears it before the client is released
@@ -412,6 +414,23 @@ def test_a_connection_the_primary_gives_up_on_is_never_migrated():
     acts = b.activate(3.0)
     assert [a for a in acts if isinstance(a, Log)][-1].fields["migrated"] == 0
     assert any(isinstance(a, Inject) and tcpseg.parse(a.packet).flags & RST for a in acts)
+
+
+def test_a_backup_missing_client_bytes_is_waited_for_until_the_client_resends_them():
+    """Its application may wait for those bytes (a request whose clone was
+    lost), and the client resends them only after its RTO: 3 s after a
+    retransmitted SYN. The lag hold waits that much longer."""
+    from nfq_sttcp.primary import CLIENT_RTO_FALLBACK_S
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS, max_lag=1000, lag_hold_s=2.0))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
+    p.on_outbound(from_server(5001, 111, payload=b"a" * 900), 0.1)  # our stack has the request, the backup not
+    assert not verdicts(p.on_outbound(from_server(5901, 111, payload=b"b" * 900), 0.1))  # deferred
+    p.on_tick(2.5)
+    assert p.conns[KEY].protected, "the client's resend is still to come"
+    p.on_tick(0.1 + 2.0 + CLIENT_RTO_FALLBACK_S + 0.1)
+    assert not p.conns[KEY].protected and p.conns[KEY].reason == REASON_TOO_FAR_BEHIND
 
 
 def test_the_backup_confirms_again_what_it_may_have_lost():
