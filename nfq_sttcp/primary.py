@@ -238,9 +238,9 @@ class PrimaryCore:
         """How long our next segment waits at the lag bound for a backup
         that does not move. Longer when the backup lacks client bytes: its
         application may be waiting for them (a download's request whose
-        clone was lost; seen in CI at 5% loss on the sync link, after the
-        SYN's clone had been lost too, the client resent the request only
-        after 3 s, and the connection had been given up at 2 s)."""
+        clone was lost; seen in CI at 5% loss on the sync link: the SYN's
+        clone had been lost too, the client had not resent the request 2 s
+        later, its RTO being 3 s, and the connection was given up)."""
         if conn.confirmed is not None and conn.latest_ack is not None and seq_gt(conn.latest_ack, conn.confirmed):
             return self.cfg.lag_hold_s + CLIENT_RTO_FALLBACK_S
         return self.cfg.lag_hold_s
