@@ -66,8 +66,8 @@ class FakeBpf:
         self.maps[fd].pop(key, None)
 
 
-def confirmed_primary(isn=5000):
-    p = PrimaryCore(PrimaryConfig(VIP, frozenset({7000}), max_lag=100000, fast_path=True))
+def confirmed_primary(isn=5000, max_lag=100000):
+    p = PrimaryCore(PrimaryConfig(VIP, frozenset({7000}), max_lag=max_lag, fast_path=True))
     p.backup_following = True
     p.on_outbound(server_synack(isn, 100, 7000), 0)
     p.on_confirm(Confirm((ConfirmEntry(KEY, 101, isn + 1, (), None),)), 0)
@@ -232,48 +232,28 @@ def test_a_raised_lag_bound_kicks_a_connection_with_nothing_in_flight(fast):
     assert fast.kicks == []
 
 
-def test_no_kick_where_the_old_bound_was_too_far_ahead_to_hold_anything(tmp_path):
-    cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2",
-                 control_socket_dir=str(tmp_path / "ctl"))
-    f = FastPath(cfg, FakeBpf())
-    try:
-        p = PrimaryCore(PrimaryConfig(VIP, frozenset({7000}), max_lag=4 << 20, fast_path=True))
-        p.backup_following = True
-        p.on_outbound(server_synack(5000, 100, 7000), 0)
-        p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
-        p.on_outbound(from_server(5001, 101, payload=b"hello"), 0)
-        f.sync(p)
-        _client_acked(f, KEY, 5006, held=5006)
-        p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5006, (), None),)), 1.0)
-        f.sync(p)
-        assert f.kicks == [], "4 MB of room before: the gate held nothing, nothing to kick"
-    finally:
-        f.close()
+def test_no_kick_where_the_old_bound_was_too_far_ahead_to_hold_anything(fast):
+    p = confirmed_primary(max_lag=4 << 20)
+    fast.sync(p)
+    _client_acked(fast, KEY, 5006, held=5006)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5006, (), None),)), 1.0)
+    fast.sync(p)
+    assert fast.kicks == [], "4 MB of room before: the gate held nothing, nothing to kick"
 
 
-def test_a_kick_goes_by_the_kernels_position_when_ours_is_stale(tmp_path):
+def test_a_kick_goes_by_the_kernels_position_when_ours_is_stale(fast):
     """With a bound of megabytes (the backup's pace), the kernel can have
     sent up to the bound while the daemon, which reads its position back
     only now and then, still has it megabytes behind: the kick is decided
     on the kernel's position."""
-    cfg = Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2",
-                 control_socket_dir=str(tmp_path / "ctl"))
-    f = FastPath(cfg, FakeBpf())
-    try:
-        p = PrimaryCore(PrimaryConfig(VIP, frozenset({7000}), max_lag=4 << 20, fast_path=True))
-        p.backup_following = True
-        p.on_outbound(server_synack(5000, 100, 7000), 0)
-        p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5001, (), None),)), 0)
-        p.on_outbound(from_server(5001, 101, payload=b"hello"), 0)
-        f.sync(p)
-        edge = 5001 + (4 << 20)
-        kernel_sends(f, KEY, edge, 3000)  # (not read back: the daemon's snd_nxt is 5006)
-        _client_acked(f, KEY, edge, held=edge)
-        p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5006, (), None),)), 1.0)
-        f.sync(p)
-        assert len(f.kicks) == 1 and tcpseg.parse(f.kicks[0]).ack == edge
-    finally:
-        f.close()
+    p = confirmed_primary(max_lag=4 << 20)
+    fast.sync(p)
+    edge = 5001 + (4 << 20)
+    kernel_sends(fast, KEY, edge, 3000)  # (not read back: the daemon's snd_nxt is 5006)
+    _client_acked(fast, KEY, edge, held=edge)
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 101, 5006, (), None),)), 1.0)
+    fast.sync(p)
+    assert len(fast.kicks) == 1 and tcpseg.parse(fast.kicks[0]).ack == edge
 
 
 def test_entries_that_go_take_the_client_record_with_them_and_kick_what_the_gate_held(fast):
