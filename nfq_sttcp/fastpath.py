@@ -24,8 +24,8 @@ A segment takes the fast path only if all of these hold, else the gate
   max_backup_lag_ms at its pace), its ack is within what the backup confirmed, and its
   window's right edge within the backup's (the daemon's clamps, as limits).
 
-The limits only grow with the backup's confirmations (the lag bound too,
-when the backup's pace drops), so an entry the
+The limits only grow with the backup's confirmations (the lag bound never
+moves back, even when the backup's pace drops), so an entry the
 daemon has not refreshed yet is stricter, never looser. One exception: the
 window limit, unlimited until the backup's first window edge arrives; the
 driver writes that at once, and a segment let out in between costs the
