@@ -1128,6 +1128,10 @@ class Daemon:
         if self.promoted is not None:
             st["serving_as"] = "primary"
             st["backup"] = self.peer.state
+        if self._cloning is not None:
+            # (Whether the clone rules are in: the switch applies them from
+            # its thread, a few ms after the peer is seen.)
+            st["cloning"] = self._cloning.applied
         if self.switchover is not None:
             st["switchover"] = self.switchover
         if self.watchdog is not None:
@@ -1431,6 +1435,7 @@ class _CloningSwitch:
         self.cfg, self.log = cfg, log
         self.add_hook = add_hook  # a promoted backup has no clone chain yet
         self.wanted: Optional[bool] = None
+        self.applied: Optional[bool] = None  # what the rules are now (None: not set yet)
         self.cond = threading.Condition()
         self.done = False
         self.thread = threading.Thread(target=self._run, name="cloning", daemon=True)
@@ -1455,7 +1460,7 @@ class _CloningSwitch:
                     firewall.add_clone_hook(self.cfg)
                     self.add_hook = False
                 firewall.set_cloning(self.cfg, bool(want))
-                applied = want
+                applied = self.applied = want
                 self.log.info("cloning", on=want)
             except Exception as e:
                 self.log.error("cloning_switch_failed", on=want, error=str(e))

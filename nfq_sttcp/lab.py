@@ -286,8 +286,17 @@ def start_backup_daemon(progress=print) -> None:
     _spawn("backup", "daemon", _daemon_argv("backup", "backup"))
     _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20,
           log=("backup", "daemon"))
-    _wait("the primary to see its backup", lambda: control("primary")["backup"] == "present", 10,
+    _wait("the primary to see its backup and clone to it", lambda: _clones_to_its_backup("primary"), 10,
           log=("primary", "daemon"))
+
+
+def _clones_to_its_backup(host: str) -> bool:
+    """The serving ``host`` sees its backup, and its clone rules are in. (A
+    client's SYN before them, a few ms after the backup is seen, never
+    reaches the backup, and its SYN-ACK waits for the SYN to come again, a
+    second later: seen as a test's connection sending two SYNs.)"""
+    st = control(host)
+    return st["backup"] == "present" and st.get("cloning") is True
 
 
 def _kill_ns(ns: str, sig: int) -> int:
@@ -397,7 +406,7 @@ def rejoin(host: str = "primary", progress=print) -> None:
     progress("[3/4] backup daemon on %s, waiting until it follows the %s" % (host, other))
     _spawn(host, "daemon", _daemon_argv("backup", host))
     _wait("%s to follow %s" % (host, other), lambda: control(host)["state"] == "following", 20, log=(host, "daemon"))
-    _wait("%s to see its new backup" % other, lambda: control(other)["backup"] == "present", 10,
+    _wait("%s to see its new backup and clone to it" % other, lambda: _clones_to_its_backup(other), 10,
           log=(other, "daemon"))
     progress("[4/4] %s serves, %s is its backup: new connections are protected" % (other, host))
 

@@ -301,7 +301,8 @@ def test_a_killed_primary_daemon_leaves_the_gate_open(make_lab):
 
 def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
     """The backup's application stops (its daemon runs on): the lag bound
-    stops moving. The gate holds the primary's next segment for its patience
+    stops moving, and the primary runs on to it (25 ms of the backup's last
+    pace beyond its output). The gate holds the primary's next segment for its patience
     (1 s; the stack tries again at its next probe), then lets it to the
     queue, where the daemon holds it for its lag hold (2 s) and gives the
     connection up; the download completes, unprotected."""
@@ -319,7 +320,9 @@ def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
         return t, wall
 
     try:
-        r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (30 * MB, 8 * MB)], disrupt=stop_backup_app)
+        # (Longer than the lead a stopped backup leaves: the bound follows its
+        # pace, up to 64 MB, and 30 MB once went by within it.)
+        r = scenario.run_with_crash(["download:bytes=%d,crash_at=%d" % (200 * MB, 8 * MB)], disrupt=stop_backup_app)
         st = lab.control("primary")
         held.append(bench._gate_held())
     finally:
@@ -329,7 +332,7 @@ def test_a_backup_that_stops_keeping_up_is_given_up_not_waited_for(make_lab):
             except ProcessLookupError:
                 pass
     assert stopped, "nothing of the backup's application was found to stop"
-    intact(r, {"download": 30 * MB}, st)
+    intact(r, {"download": 200 * MB}, st)
     mine = [c for c in st["connections"] if c["conn"].startswith(lab.CLIENT_IP + ":")
             and int(c["conn"].split()[0].split(":")[1]) == r["connections"][0]["local_port"]]
     assert mine and not mine[0]["protected"] and mine[0]["reason"] == "backup stopped keeping up", mine
