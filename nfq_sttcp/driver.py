@@ -1283,7 +1283,7 @@ class FastPath:
         elif have[2] != lim:
             self.entries[key] = (have[0], have[1], lim, have[3])
             self.bpf.map_update(self.limits, have[0], lim.pack())
-            if seq_gt(lim.seq_limit, have[2].seq_limit) and core.lag_limit(conn) is not None:
+            if core.cfg.max_lag and seq_gt(lim.seq_limit, have[2].seq_limit):
                 # (The gate decided on the old bound: what it held, it held under that.)
                 self._kick(key, conn, have[0], have[2])
 
