@@ -22,8 +22,9 @@ from typing import Mapping, Optional
 from . import tcpseg
 from .control import first_unprotected
 from .divergence import OutputChecker
+from .fastin import InLimits, InState
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
-from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_min, seq_sub
+from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
 from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn, Digest, Diverged, Unprotect
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
@@ -110,6 +111,12 @@ class BackupConn:
     client_fin_end: Optional[int] = None  # just past the client's FIN
     reset_probes: int = 0  # after takeover, unprotected: resets sent at our guess (see _reset_unprotected)
     reset_probed_at: float = 0.0
+    # for the kernel's inbound path (fastin.py): the ack (the primary's
+    # space) and window of the last client segment we mapped, if we mapped
+    # its ack unclamped, and where the segments we mapped end
+    fast_ack: Optional[int] = None
+    fast_window: int = 0
+    fast_next: Optional[int] = None
 
     @property
     def wscale(self) -> int:
@@ -177,6 +184,7 @@ class BackupConfig:
     closed_linger_s: float = 30.0
     max_pending_in: int = 256
     max_ack_ahead: int = 1 << 30  # how far a client ack may lie beyond our output (the primary's lag bound + slack)
+    fast_inbound: bool = False  # the kernel maps what it can of client segments (fastin.py): keep its entries
 
 
 def _opts(seg: Segment) -> tuple:
@@ -203,6 +211,7 @@ class BackupCore:
     recent: set[ConnKey] = field(default_factory=set)  # changed within RECONFIRM_S
     unmapped: set[ConnKey] = field(default_factory=set)  # created without the primary's ISN yet
     next_sweep: float = 0.0
+    fast_in_dirty: set[ConnKey] = field(default_factory=set)  # whose kernel entry (fast_in_entry) may have changed
 
     # == inbound: client -> service ===========================================
 
@@ -242,6 +251,8 @@ class BackupCore:
             if conn is None or conn.client_isn != seg.seq:
                 conn = self.conns[key] = BackupConn(key, now, client_isn=seg.seq)
                 self.unmapped.add(key)
+                if self.cfg.fast_inbound:
+                    self.fast_in_dirty.add(key)  # (an old connection's entry goes)
                 early = self.early_isn.pop(key, None)
                 if early is not None:
                     self._set_primary_isn(conn, early[0])
@@ -327,16 +338,20 @@ class BackupCore:
         else:
             out.append(Count("out_of_window_in"))
         buf = bytearray(data)
+        # (tcpseg's setters update ``seg`` too: what came in, for the kernel's entry)
+        ack_in, window_in, tsecr_in = seg.ack, seg.window, seg.tsecr
         ack_b = seq_sub(seg.ack, conn.delta_seq)
         if trusted and (conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b)):
             conn.client_ack_b = ack_b
             self._prune_held(conn)
-        if conn.snd_max is not None and seq_gt(ack_b, conn.snd_max):
+        clamped = conn.snd_max is not None and seq_gt(ack_b, conn.snd_max)
+        if clamped:
             # Backup behind the primary (DESIGN.md trap 9): Linux ignores an ack
             # for data it has not sent, so never show it one. It discards the
             # whole segment with it, payload and all (tcp_ack: "ack of unsent
             # data"), which is why a kernel rewrite (conntrack seqadj), blind
-            # to our output position, cannot carry client data segments.
+            # to our output position, cannot carry client data segments
+            # (fastin.py carries only an ack we mapped unclamped before).
             ack_b = conn.snd_max
             if trusted:
                 tcpseg.set_window(buf, seg, conn.window_below(ack_b))
@@ -376,7 +391,51 @@ class BackupCore:
                 elif seq_gt(tsecr, conn.tsval_b_syn_last):
                     tsecr = conn.tsval_b_syn_last
             tcpseg.set_tsecr(buf, seg, tsecr)
+        if self.cfg.fast_inbound:
+            self._note_for_kernel(conn, seg, trusted and not clamped and seg.has_ts and tsecr_in != 0,
+                                  ack_in, window_in)
         return buf, out
+
+    def _note_for_kernel(self, conn: BackupConn, seg: Segment, as_is: bool, ack: int, window: int) -> None:
+        """What the kernel may map of this connection's next segments
+        (fastin.py): the same ``ack`` and ``window`` as this one (as it came
+        in), if we mapped it whole (trusted, its ack unclamped, an echo to
+        map)."""
+        if as_is:
+            conn.fast_ack, conn.fast_window = ack, window
+        else:
+            conn.fast_ack = None
+        if as_is and seg.payload_len:
+            conn.fast_next = seg.end_seq if conn.fast_next is None else seq_max(conn.fast_next, seg.end_seq)
+        self.fast_in_dirty.add(conn.key)
+
+    def fast_in_entry(self, key: ConnKey) -> Optional[InLimits]:
+        """The kernel's entry for one connection, or None for none: only
+        before takeover, for a connection mapped and past our handshake, with
+        timestamps, no FIN seen, whose last segment we mapped whole."""
+        conn = self.conns.get(key)
+        if conn is None or self.active or conn.delta_seq is None or not conn.established_b or not conn.uses_ts \
+                or conn.closing_since is not None or conn.client_fin_end is not None or conn.fast_ack is None \
+                or conn.fast_next is None or conn.rcv_ack is None or conn.pending_in:
+            return None
+        # The window test of _acceptable, at our receive point as we know it now
+        # (it only moves on: the kernel's copy is stricter, never looser).
+        rcv_hi = seq_add(conn.rcv_ack, (conn.last_window << conn.wscale) + (1 << 20))
+        return InLimits(conn.fast_next, conn.fast_ack, seq_sub(conn.fast_ack, conn.delta_seq), conn.fast_window,
+                        conn.delta_ts, rcv_hi)
+
+    def absorb_fast_in(self, key: ConnKey, st: InState) -> None:
+        """What the kernel saw of segments it mapped: the client's newest
+        TSval (our self-acks echo it; an older one fails our stack's PAWS)
+        and the highest TSval of the primary's it echoed (our floor after
+        takeover)."""
+        conn = self.conns.get(key)
+        if conn is None or not st.valid:
+            return
+        if not conn.client_tsval or seq_gt(st.tsval, conn.client_tsval):
+            conn.client_tsval = st.tsval
+        if conn.client_max_tsecr is None or seq_gt(st.tsecr, conn.client_max_tsecr):
+            conn.client_max_tsecr = st.tsecr
 
     def _acceptable(self, conn: BackupConn, seg: Segment) -> bool:
         """Would a TCP receiver accept this segment (RFC 793 window test)?
@@ -490,6 +549,8 @@ class BackupCore:
         if seg.flags & ACK and (conn.rcv_ack is None or seq_gt(seg.ack, conn.rcv_ack)):
             conn.rcv_ack = seg.ack
             moved = True
+            if conn.fast_ack is not None:
+                self.fast_in_dirty.add(conn.key)  # (the kernel's receive window test)
         if not seg.flags & SYN:  # a SYN's window is never scaled
             conn.last_window = seg.window
             edge = self.window_edge(conn)

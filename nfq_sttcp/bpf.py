@@ -82,6 +82,18 @@ def prog_test_run(fd: int, packet: bytes) -> int:
     return struct.unpack_from("=I", buf.raw, 4)[0]
 
 
+def prog_test_run_frame(fd: int, frame: bytes) -> tuple[int, bytes]:
+    """What a tc program returns for an Ethernet ``frame``, and the frame as
+    it left it (BPF_PROG_TEST_RUN): for tests."""
+    data = ctypes.create_string_buffer(frame, len(frame))
+    out = ctypes.create_string_buffer(len(frame) + 256)
+    attr = struct.pack("=IIIIQQII", fd, 0, len(frame), len(out), ctypes.addressof(data), ctypes.addressof(out), 1, 0)
+    buf = ctypes.create_string_buffer(attr.ljust(_ATTR, b"\0"), _ATTR)
+    _call(_PROG_TEST_RUN, b"", "test run", out=buf)
+    retval, size = struct.unpack_from("=II", buf.raw, 4)
+    return retval, out.raw[:size]
+
+
 def _elem(cmd: int, fd: int, key: bytes, value: Optional[ctypes.Array] = None, flags: int = 0) -> int:
     k = ctypes.create_string_buffer(key, len(key))
     attr = struct.pack("=IIQQQ", fd, 0, ctypes.addressof(k), ctypes.addressof(value) if value is not None else 0,

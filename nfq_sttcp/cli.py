@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lag-ms", type=int, default=Config.max_backup_lag_ms,
                    help="tuning.max_backup_lag_ms: ... or as much as the backup wrote in this long at its latest "
                         "pace, whichever is more (0 = the byte bound alone; default %(default)s)")
+    p.add_argument("--no-fast-inbound", action="store_true",
+                   help="tuning.fast_inbound = false: the backup's daemon maps every client segment itself")
     lsub.add_parser("down", help="remove everything the lab made")
     lsub.add_parser("start-backup", help="start the backup daemon deferred by 'lab up --defer-backup'")
     lsub.add_parser("switchover", help="planned handover to the backup")
@@ -487,6 +489,10 @@ def _format_daemon(st: dict, level: str = "", why: tuple = ()) -> str:
         fp = st["fast_path"]
         lines.append("  fast path: %d connections in the kernel's map, %d segments sent by it (as read back so far)"
                      % (fp["connections"], fp["packets"]))
+    if "fast_inbound" in st:
+        fi = st["fast_inbound"]
+        lines.append("  inbound in the kernel (%s): %d connections in its map, %d client segments mapped by it "
+                     "(as read back so far)" % (fi["interface"], fi["connections"], fi["packets"]))
     conns = st.get("connections", [])
     if conns:
         lines.append("  %-44s %-9s %10s %10s %11s %11s  %s" % ("connection", "protected", "lag B", "held B",
@@ -510,7 +516,7 @@ def _lab(args: argparse.Namespace) -> int:
             lab.up(app=args.app, ports=tuple(args.port) if args.port else None, interval_ms=args.heartbeat_ms,
                    missed=args.missed, start_backup=not args.defer_backup, start_daemons=not args.no_daemons,
                    keepalived=args.keepalived, fast_path=args.fast_path, max_lag_kb=args.max_lag_kb,
-                   max_lag_ms=args.max_lag_ms)
+                   max_lag_ms=args.max_lag_ms, fast_inbound=not args.no_fast_inbound)
             return 0
         if args.lab_cmd == "down":
             lab.down()

@@ -73,6 +73,12 @@ class Config:
     # Its connections go without divergence detection (the primary tells the
     # backup so in each ISN message); it matters only on the serving primary.
     fast_path: bool = False
+    # The backup's kernel path for client segments (fastin.py): a tc program
+    # on the interface the clones arrive on maps those whose mapping the
+    # daemon already knows (an upload's, mostly), without the queue. It
+    # changes nothing the daemon would not; where it cannot run (no tc, a
+    # link that is not Ethernet), the daemon warns and maps them all itself.
+    fast_inbound: bool = True
     lan_snoop: bool = True
     metrics_port: int = 0  # Prometheus endpoint; 0 = none
     # Who owns the VIP: "builtin" (our heartbeats and watchdog move it) or
@@ -166,7 +172,7 @@ _LAYOUT: dict[str, dict[str, str]] = {
     "tuning": {"ts_margin_ms": "ts_margin_ms", "max_backup_lag_kb": "max_backup_lag_kb",
                "max_backup_lag_ms": "max_backup_lag_ms", "synack_hold_ms": "synack_hold_ms",
                "handshake_hold_ms": "handshake_hold_ms", "garp_schedule_ms": "garp_schedule_ms",
-               "fast_path": "fast_path"},
+               "fast_path": "fast_path", "fast_inbound": "fast_inbound"},
 }
 _REQUIRED = ("vip", "ports", "lan_interface", "primary_sync", "backup_sync")
 

@@ -107,6 +107,7 @@ class Daemon:
         self.peer_epoch: Optional[int] = None  # the life of the primary's daemon we follow
         self._cloning: Optional[_CloningSwitch] = None
         self.fast: Optional[FastPath] = None
+        self.fast_in: Optional[FastIn] = None
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -115,7 +116,8 @@ class Daemon:
         else:
             self.primary = None
             self.backup = BackupCore(BackupConfig(cfg.vip, ports, handshake_hold_s=cfg.handshake_hold_ms / 1000,
-                                                  ts_margin=cfg.ts_margin_ms, max_ack_ahead=cfg.client_ack_ahead))
+                                                  ts_margin=cfg.ts_margin_ms, max_ack_ahead=cfg.client_ack_ahead,
+                                                  fast_inbound=cfg.fast_inbound))
             self.watchdog = Watchdog(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000,
                                      autonomous=cfg.vip_owner == "builtin")
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -237,6 +239,8 @@ class Daemon:
         self.rules_applied = True
         if self.role == "primary":
             self._cloning = _CloningSwitch(self.cfg, self.log)
+        if self.backup is not None and self.cfg.fast_inbound:
+            self._start_fast_in()
         # Last: a busy queue (another daemon) is the clearer error than a busy port.
         if self.cfg.metrics_port:
             from . import metrics
@@ -300,6 +304,7 @@ class Daemon:
                 self._inject_kicks()
             self.counters["fast_packets"] = self.fast.packets
             self.fast.close()  # (after the rules: the match holds the program until then)
+        self._stop_fast_in()
         if self.queues:
             self._check_kernel_drops()  # (a queue's statistics go with it)
         for r in self.readers:
@@ -384,6 +389,8 @@ class Daemon:
             self._batch_end()
             if self.primary is not None:
                 self._fast_sync()
+            elif self.fast_in is not None and self.backup is not None and self.backup.fast_in_dirty:
+                self._fast_errors(self.fast_in.sync(self.backup))
 
     # == packets =============================================================
 
@@ -417,6 +424,11 @@ class Daemon:
         info = self.inbound_reader.last_info if self.inbound_reader is not None else None
         checked = None if info is None else not info & nfqueue.NFQA_SKB_CSUM_NOTVERIFIED
         self._verdict(pkt, lambda data, now: core.on_inbound(data, now, checked), fallback_accept=False)
+        if self.fast_in is not None and self.backup.fast_in_dirty:
+            # At once, not at the turn's end: the kernel maps the next segment
+            # only if it starts where the last one we accepted ended, and under
+            # a steady upload the queue never empties until that is so.
+            self._fast_errors(self.fast_in.sync(self.backup))
 
     def _cb_backup_out(self, pkt: Any) -> None:
         assert self.backup is not None
@@ -482,6 +494,34 @@ class Daemon:
             except OSError:
                 self.counters["sync_send_errors"] += 1
 
+    def _start_fast_in(self) -> None:
+        """The backup's kernel path for client segments, on the interface
+        our sync address is on (the primary's clones come to it). Without
+        it the daemon maps every segment itself, as it always could."""
+        assert self.backup is not None
+        from .bpf import BpfError
+
+        try:
+            ifname = _ethernet_link_of(self.cfg.backup_sync)
+            self.fast_in = FastIn(self.cfg, ifname)
+        except (BpfError, OSError, firewall.FirewallError) as e:
+            self.backup.cfg.fast_inbound = False
+            self.backup.fast_in_dirty.clear()
+            self.log.warning("fast_inbound_unavailable", error=str(e),
+                             effect="every client segment goes through the queue")
+            return
+        self.log.info("fast_inbound", interface=ifname)
+
+    def _stop_fast_in(self) -> None:
+        if self.fast_in is None:
+            return
+        self.counters["fast_in_packets"] = self.fast_in.packets
+        self.fast_in.close(self.backup)
+        self.fast_in = None
+        if self.backup is not None:
+            self.backup.cfg.fast_inbound = False
+            self.backup.fast_in_dirty.clear()
+
     def _fast_prog(self) -> Optional[str]:
         return self.fast.pinned if self.fast is not None else None
 
@@ -528,6 +568,10 @@ class Daemon:
             return
         self._last_batch_end = now
         if self.backup is not None:
+            if self.fast_in is not None and self.backup.self_ack_due:
+                # A self-ack echoes the client's newest TSval: the kernel may
+                # have seen a newer one than we did.
+                self._fast_errors(self.fast_in.absorb(self.backup, self.backup.self_ack_due))
             self._perform(self.backup.on_batch_end(now))
         if self.primary is not None and self.switchover in (None, "failed"):
             self._perform(self.primary.on_batch_end(now))
@@ -694,6 +738,8 @@ class Daemon:
                     and now - c.last_seen > half], now))
             self._perform(self.primary.on_tick(now))
         if self.backup is not None:
+            if self.fast_in is not None:
+                self._fast_errors(self.fast_in.sweep(self.backup))
             self._perform(self.backup.on_tick(now))
 
     def _backup_changed(self, following: bool, now: float) -> None:
@@ -861,6 +907,7 @@ class Daemon:
             now = time.monotonic()
             self.garp_due = [now + ms / 1000.0 for ms in self.cfg.garp_schedule_ms]
             self._garp_tick(now)
+            self._stop_fast_in()  # (what the kernel saw, read back first)
             self._perform(self.backup.activate(time.monotonic()))
             self._mark("held_released")
         self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
@@ -1155,6 +1202,9 @@ class Daemon:
         if self.fast is not None:
             st["fast_path"] = {"connections": len(self.fast.entries), "packets": self.fast.packets,
                                "program": self.fast.pinned}
+        if self.fast_in is not None:
+            st["fast_inbound"] = {"connections": len(self.fast_in.entries), "packets": self.fast_in.packets,
+                                  "interface": self.fast_in.ifname}
         if connections:
             st["connections"] = core.status(STATUS_MAX_CONNS)
             if st["summary"]["connections"] > len(st["connections"]):
@@ -1419,6 +1469,169 @@ class FastPath:
                 break
 
 
+class FastIn:
+    """The backup's kernel path for client segments (fastin.py): its two
+    maps, its tc program at the ingress of the interface the clones arrive
+    on, and one entry per connection that BackupCore.fast_in_entry allows.
+
+    The program is pinned beside the primary's (<control_socket_dir>/bpf/
+    <chain prefix>) for tc to attach. Entries are written at the end of a
+    loop turn; until then the kernel maps with the one before, which the
+    daemon would still have mapped the same way (an entry only names an ack
+    and window it mapped whole). At takeover everything goes back to the
+    daemon (close): after it the mapping changes (the PAWS margin)."""
+
+    MAX_CONNS = 1 << 20
+    SYNC_BUDGET = 512
+    SWEEP = 256  # entries read back per tick (absorb): position and timestamps
+
+    def __init__(self, cfg: Config, ifname: str, bpf_mod: Any = None) -> None:
+        from . import fastin
+
+        if bpf_mod is None:
+            from . import bpf as bpf_mod
+        self.bpf, self.fi = bpf_mod, fastin
+        if sys.byteorder != "little":
+            raise bpf_mod.BpfError("the inbound program reads headers as a little-endian host does")
+        self.ifname = ifname
+        self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
+        self.pinned = os.path.join(self.dir, "backup-in")
+        self.fds: list[int] = []
+        self.entries: dict[tcpseg.ConnKey, tuple[bytes, bytes, int]] = {}  # key -> (key bytes, limits, packets)
+        self.packets = 0
+        self.attached = False
+        self.own_qdisc = False
+        self.mounted = False
+        self._sweep: list[tcpseg.ConnKey] = []
+        try:
+            self.mounted = bpf_mod.ensure_bpffs(self.dir)
+            self.limits = bpf_mod.map_create(fastin.KEY.size, fastin.LIMITS.size, self.MAX_CONNS, "sttcp_in_lim")
+            self.fds.append(self.limits)
+            self.state = bpf_mod.map_create(fastin.KEY.size, fastin.STATE.size, self.MAX_CONNS, "sttcp_in_state")
+            self.fds.append(self.state)
+            prog = bpf_mod.prog_load(fastin.program(self.limits, self.state, cfg.vip, cfg.mark),
+                                     fastin.PROG_TYPE_SCHED_CLS, "sttcp_in")
+            self.fds.append(prog)
+            if os.path.lexists(self.pinned):
+                os.unlink(self.pinned)  # a dead daemon's: the filter we attach replaces its filter
+            bpf_mod.obj_pin(prog, self.pinned)
+            self.own_qdisc = firewall.tc_attach_ingress(ifname, self.pinned)
+            self.attached = True
+        except Exception:
+            self.close()
+            raise
+
+    def sync(self, core: BackupCore) -> int:
+        """Bring the maps in line with the core's entries for (at most
+        SYNC_BUDGET of) the connections it marked. A new entry's state goes
+        in first, at the daemon's position. Returns the map errors (such a
+        connection loses its entry: its segments come to us)."""
+        errors = 0
+        for _ in range(min(self.SYNC_BUDGET, len(core.fast_in_dirty))):
+            key = core.fast_in_dirty.pop()
+            try:
+                lim = core.fast_in_entry(key)
+                have = self.entries.get(key)
+                if lim is None:
+                    if have is not None:
+                        self._drop(key, core)
+                    continue
+                packed = lim.pack()
+                if have is not None and have[1] == packed:
+                    continue
+                kb = have[0] if have is not None else self.fi.key_bytes(key[0], key[1], key[3])
+                if have is None:
+                    self.bpf.map_update(self.state, kb, self.fi.InState.initial(lim.next_slow))
+                self.bpf.map_update(self.limits, kb, packed)
+                self.entries[key] = (kb, packed, have[2] if have is not None else 0)
+            except OSError:
+                errors += 1
+                self._drop(key)
+        return errors
+
+    def absorb(self, core: BackupCore, keys: Any) -> int:
+        """Tell the core what the kernel saw of ``keys``; returns map errors."""
+        errors = 0
+        for key in list(keys):
+            have = self.entries.get(key)
+            if have is None:
+                continue
+            try:
+                raw = self.bpf.map_lookup(self.state, have[0], self.fi.STATE.size)
+            except OSError:
+                errors += 1
+                self._drop(key)
+                continue
+            if raw is None:
+                continue
+            st = self.fi.InState.unpack(raw)
+            if st.packets != have[2]:
+                self.packets += (st.packets - have[2]) & 0xFFFFFFFFFFFFFFFF
+                core.absorb_fast_in(key, st)
+                self.entries[key] = (have[0], have[1], st.packets)
+            next_slow = self.fi.LIMITS.unpack(have[1])[0]
+            if 1 << 28 < (next_slow - st.next_fast) & 0xFFFFFFFF < 1 << 31:
+                # Nothing went fast for 256 MB: bring the program's position
+                # up before it wraps round to look current (fastpath._sent).
+                try:
+                    self.bpf.map_update(self.state, have[0], self.fi.STATE.pack(
+                        next_slow, st.tsval, st.tsecr, int(st.valid), st.packets, st.bytes))
+                except OSError:
+                    errors += 1
+                    self._drop(key)
+        return errors
+
+    def sweep(self, core: BackupCore) -> int:
+        """Read back SWEEP entries a tick, in turn: the counters and the
+        client's timestamps stay near current without a read per segment."""
+        if not self._sweep:
+            self._sweep = list(self.entries)
+        batch, self._sweep = self._sweep[:self.SWEEP], self._sweep[self.SWEEP:]
+        return self.absorb(core, batch)
+
+    def _drop(self, key: tcpseg.ConnKey, core: Optional[BackupCore] = None) -> None:
+        """Forget a connection's entry: its limits first (without them the
+        program leaves its segments to the queue), then, given the
+        ``core``, what the kernel saw is read into it, then its state goes."""
+        have = self.entries.get(key)
+        if have is None:
+            return
+        self._delete(self.limits, have[0])
+        if core is not None:
+            self.absorb(core, (key,))
+        self.entries.pop(key, None)
+        self._delete(self.state, have[0])
+
+    def _delete(self, fd: int, kb: bytes) -> None:
+        try:
+            self.bpf.map_delete(fd, kb)
+        except OSError:
+            pass
+
+    def close(self, core: Optional[BackupCore] = None) -> None:
+        """Detach, after reading every entry back into ``core`` if given."""
+        if self.attached:
+            firewall.tc_detach_ingress(self.ifname, self.own_qdisc)
+            self.attached = False
+        if core is not None and self.fds:
+            self.absorb(core, list(self.entries))
+        self.entries.clear()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        try:
+            os.unlink(self.pinned)
+        except OSError:
+            pass
+        if self.mounted and self.bpf.is_bpffs(self.dir):
+            self.bpf.unmount(self.dir)
+        for d in (self.dir, os.path.dirname(self.dir)):
+            try:
+                os.rmdir(d)  # (only if empty)
+            except OSError:
+                break
+
+
 class _CloningSwitch:
     """Turns the primary's clone rules on and off from a worker thread.
 
@@ -1528,6 +1741,20 @@ def _attach_bpf(s: socket.socket, prog: list[tuple[int, int, int, int]]) -> None
     buf = ctypes.create_string_buffer(raw)
     fprog = struct.pack("HL", len(prog), ctypes.addressof(buf))
     s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
+
+
+def _ethernet_link_of(address: str) -> str:
+    """The name of the Ethernet interface that holds ``address`` here."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                link = ipr.get_links(a["index"])[0]
+                if link["ifi_type"] != 1:  # ARPHRD_ETHER: the program reads an Ethernet header
+                    raise OSError(errno.EINVAL, "%s is not an Ethernet link" % link.get_attr("IFLA_IFNAME"))
+                return str(link.get_attr("IFLA_IFNAME"))
+    raise OSError(errno.EADDRNOTAVAIL, "no interface here holds %s" % address)
 
 
 def _r(v: Optional[float]) -> Optional[float]:

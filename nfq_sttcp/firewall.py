@@ -115,3 +115,38 @@ def show(cfg: Config) -> str:
             if cfg.chain_prefix + "-" in line:
                 lines.append("[%s] %s" % (table, line))
     return "\n".join(lines)
+
+
+# -- tc: the backup's inbound program (fastin.py) -------------------------------
+
+TC_PREF = 0x5717  # our filter's priority on the ingress hook: the only one we touch
+
+
+def _tc(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(("tc",) + args, capture_output=True, text=True, check=False)
+
+
+def tc_attach_ingress(ifname: str, pinned: str) -> bool:
+    """Attach the pinned tc program at ``ifname``'s ingress (direct action),
+    replacing one a killed daemon left. Returns whether we added the clsact
+    qdisc (and so must remove it)."""
+    if shutil.which("tc") is None:
+        raise FirewallError("tc not found: install the iproute2 package")
+    r = _tc("qdisc", "add", "dev", ifname, "clsact")
+    added = r.returncode == 0
+    if not added and "exists" not in r.stderr.lower():
+        raise FirewallError("cannot add a clsact qdisc on %s: %s" % (ifname, r.stderr.strip()))
+    r = _tc("filter", "replace", "dev", ifname, "ingress", "pref", str(TC_PREF), "handle", "1",
+                  "bpf", "object-pinned", pinned, "direct-action")
+    if r.returncode != 0:
+        if added:
+            _tc("qdisc", "del", "dev", ifname, "clsact")
+        raise FirewallError("cannot attach the inbound program on %s: %s" % (ifname, r.stderr.strip()))
+    return added
+
+
+def tc_detach_ingress(ifname: str, remove_qdisc: bool) -> None:
+    """Undo tc_attach_ingress (keeps going past errors: the link may be gone)."""
+    _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))
+    if remove_qdisc:
+        _tc("qdisc", "del", "dev", ifname, "clsact")

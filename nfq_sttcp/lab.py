@@ -68,12 +68,12 @@ METRICS_PORT = 9477  # each daemon's Prometheus endpoint, on 127.0.0.1 in its ow
 
 def lab_config(ports: tuple[int, ...] = DEFAULT_PORTS, interval_ms: int = 50, missed: int = 3,
                vip_owner: str = "builtin", fast_path: bool = False, max_lag_kb: int = 256,
-               max_lag_ms: int = Config.max_backup_lag_ms) -> Config:
+               max_lag_ms: int = Config.max_backup_lag_ms, fast_inbound: bool = Config.fast_inbound) -> Config:
     return Config(vip=VIP, ports=ports, lan_interface=LAN_IF, primary_sync=PRIMARY_SYNC, backup_sync=BACKUP_SYNC,
                   primary_lan=PRIMARY_IP, backup_lan=BACKUP_IP, sync_key_file=os.path.join(STATE_DIR, "sync.key"),
                   heartbeat_interval_ms=interval_ms, heartbeat_missed=missed, metrics_port=METRICS_PORT, vip_owner=vip_owner,
                   control_socket_dir=os.path.join(STATE_DIR, "ctl"), fast_path=fast_path, max_backup_lag_kb=max_lag_kb,
-                  max_backup_lag_ms=max_lag_ms, source="nfq-sttcp lab")
+                  max_backup_lag_ms=max_lag_ms, fast_inbound=fast_inbound, source="nfq-sttcp lab")
 
 
 def config_path() -> str:
@@ -205,7 +205,8 @@ def _listening(host: str, port: int) -> bool:
 
 def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, interval_ms: int = 50, missed: int = 3,
        start_backup: bool = True, start_daemons: bool = True, progress=print, keepalived: bool = False,
-       fast_path: bool = False, max_lag_kb: int = 256, max_lag_ms: int = Config.max_backup_lag_ms) -> Config:
+       fast_path: bool = False, max_lag_kb: int = 256, max_lag_ms: int = Config.max_backup_lag_ms,
+       fast_inbound: bool = Config.fast_inbound) -> Config:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (it creates network namespaces)")
     if namespaces():
@@ -220,7 +221,7 @@ def up(app: Optional[str] = None, ports: Optional[tuple[int, ...]] = None, inter
         os.write(fd, secrets.token_hex(32).encode() + b"\n")
         os.close(fd)
         cfg = lab_config(ports, interval_ms, missed, "keepalived" if keepalived else "builtin", fast_path, max_lag_kb,
-                         max_lag_ms)
+                         max_lag_ms, fast_inbound)
         if keepalived and not shutil.which("keepalived"):
             raise LabError("--keepalived needs keepalived (apt-get install keepalived)")
         with open(config_path(), "w") as f:
