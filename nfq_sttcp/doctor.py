@@ -43,7 +43,13 @@ FEATURE_FIX = {
                        "nfnetlink_queue appears once it is loaded",
     "fast path": "tuning.fast_path needs the bpf() system call (CONFIG_BPF_SYSCALL) and the bpf match "
                  "(modprobe xt_bpf; CONFIG_NETFILTER_XT_MATCH_BPF); or set fast_path = false",
+    "inbound in the kernel": "tuning.fast_inbound needs tc (apt-get install iproute2), the bpf() system call and "
+                             "cls_bpf with clsact (CONFIG_NET_CLS_BPF, CONFIG_NET_SCH_INGRESS); without them the "
+                             "daemon maps every client segment itself (slower, still right)",
 }
+CLONE_NEWNET = 0x40000000
+# Features the daemon does without (it warns and takes the slow way): a warning, not a failure.
+OPTIONAL_FEATURES = {"inbound in the kernel"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,45 @@ def _try_fast_path(scratch: str, cfg: Config) -> str:
             pass
 
 
-def _try_features(fast_path_cfg: Optional[Config] = None) -> dict[str, str]:
+def _try_fast_inbound(scratch: str, cfg: Config) -> str:
+    """The backup's inbound program, set up as its daemon does (driver.FastIn)
+    on a veth in the scratch namespace ("" when that works)."""
+    import ctypes
+    import dataclasses
+    import tempfile
+
+    from .bpf import BpfError
+    from .driver import FastIn
+    from .firewall import FirewallError
+
+    r = _run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"], ns=scratch)
+    if r.returncode != 0:
+        return r.stderr.strip() or "ip link add exit %d" % r.returncode
+    libc = ctypes.CDLL(None, use_errno=True)
+    d = tempfile.mkdtemp(prefix="nfq-sttcp-doctor-bpf-")
+    try:
+        fd = os.open("/run/netns/" + scratch, os.O_RDONLY)
+        own = os.open("/proc/self/ns/net", os.O_RDONLY)
+        try:
+            # tc runs in our namespace: enter the scratch one for it (os.setns is 3.12+).
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                return "setns: %s" % os.strerror(ctypes.get_errno())
+            FastIn(dataclasses.replace(cfg, control_socket_dir=d), "d0").close()
+            return ""
+        finally:
+            libc.setns(own, CLONE_NEWNET)
+            os.close(fd)
+            os.close(own)
+    except (BpfError, OSError, FirewallError) as e:
+        return str(e)
+    finally:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _try_features(fast_path_cfg: Optional[Config] = None, fast_inbound_cfg: Optional[Config] = None) -> dict[str, str]:
     """Each netfilter feature nfq-sttcp uses, tried in a scratch namespace:
     "" when it works, else the error."""
     rules = {
@@ -138,6 +182,8 @@ def _try_features(fast_path_cfg: Optional[Config] = None) -> dict[str, str]:
             out[name] = "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
         if fast_path_cfg is not None:  # (a primary's config with tuning.fast_path)
             out["fast path"] = _try_fast_path(scratch, fast_path_cfg)
+        if fast_inbound_cfg is not None:  # (a backup's config with tuning.fast_inbound)
+            out["inbound in the kernel"] = _try_fast_inbound(scratch, fast_inbound_cfg)
     finally:
         _run(["ip", "netns", "del", scratch])  # also when killed by SIGTERM (raised as KeyboardInterrupt)
         signal.signal(signal.SIGTERM, old)
@@ -190,7 +236,8 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "role": role,
         "root": os.geteuid() == 0,
         "iptables": r.stdout.strip() if r.returncode == 0 else "",
-        "features": _try_features(cfg if cfg.fast_path and role == "primary" else None) if os.geteuid() == 0 else {},
+        "features": _try_features(cfg if cfg.fast_path and role == "primary" else None,
+                                  cfg if cfg.fast_inbound and role == "backup" else None) if os.geteuid() == 0 else {},
         "fast_path": cfg.fast_path,
         "lag_bound": [cfg.max_backup_lag_kb, cfg.max_backup_lag_ms],
         "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
@@ -216,7 +263,8 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
                                "the features are tried in a throwaway network namespace: run doctor where "
                                "'ip netns add' works"))
         elif err:
-            out.append(Finding(FAIL, "kernel feature %s" % feature, err, FEATURE_FIX.get(feature, "")))
+            out.append(Finding(WARN if feature in OPTIONAL_FEATURES else FAIL, "kernel feature %s" % feature, err,
+                               FEATURE_FIX.get(feature, "")))
         else:
             out.append(Finding(OK, "kernel feature %s" % feature))
     ipt = facts["iptables"]

@@ -75,8 +75,9 @@ What the fast path costs: the daemon never sees those bytes, so the output
 digests of divergence detection are off for its connections (each ISN
 message tells the backup so: ConnIsn.digests).
 
-The backup's side is not built. A first one (branch wip/backup-fast-path)
-let its socket's send queue hold what the daemon now copies; it gained no
+The backup's output side is not built (its input: fastin.py). A first
+one (branch wip/backup-fast-path) let its socket's send queue hold what
+the daemon now copies; it gained no
 throughput, and its takeover (one forged ACK, which moves the stack in
 tests/netns/test_takeover_trigger.py) failed whenever the stack's own
 timer had fired during the outage. The README tells what it found.

@@ -31,6 +31,9 @@ def test_doctor_passes_the_lab_and_names_what_breaks_a_migration(make_lab):
         pair = [f["what"] for f in rep["findings"] if f["scope"] == "pair"]
         assert any(w.startswith("SACK alike") for w in pair) and any(w.startswith("window scale alike") for w in pair)
     assert not [n for n in lab.namespaces() if n.startswith("sttcp-doctor")]  # its scratch namespaces are gone
+    ok = {f["what"] for f in res["backup"][1]["findings"] if f["level"] == "ok"}
+    assert "kernel feature inbound in the kernel" in ok  # attached on a veth in its scratch namespace
+    assert "kernel feature inbound in the kernel" not in [f["what"] for f in res["primary"][1]["findings"]]
 
     subprocess.run(["ip", "netns", "exec", lab.NS_BACKUP, "sysctl", "-qw", "net.ipv4.tcp_sack=0",
                     "net.ipv4.conf.all.arp_ignore=0"], check=True)

@@ -1,0 +1,122 @@
+"""The driver's side of the backup's inbound program (driver.FastIn) against
+a fake bpf module and a fake tc: the entries it writes, what it reads back
+into the core, and its cleanup. The real program is in
+tests/netns/test_fast_inbound.py."""
+
+import os
+
+import pytest
+
+from nfq_sttcp import driver, fastin, firewall
+from nfq_sttcp.config import Config
+from nfq_sttcp.driver import FastIn
+from nfq_sttcp.tcpseg import ACK, PSH
+
+from .helpers import KEY, VIP, from_client, from_server
+from .test_fast_driver import FakeBpf
+from .test_fast_inbound import established
+
+
+@pytest.fixture
+def tc(monkeypatch):
+    calls = []
+    monkeypatch.setattr(firewall, "tc_attach_ingress", lambda ifname, pinned: calls.append(("attach", ifname)) or True)
+    monkeypatch.setattr(firewall, "tc_detach_ingress", lambda ifname, qdisc: calls.append(("detach", ifname, qdisc)))
+    return calls
+
+
+def _cfg(tmp_path):
+    return Config(vip=VIP, ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1", backup_sync="10.78.0.2",
+                  control_socket_dir=str(tmp_path / "ctl"))
+
+
+@pytest.fixture
+def fast_in(tmp_path, tc):
+    f = FastIn(_cfg(tmp_path), "sync0", FakeBpf())
+    yield f
+    f.close()
+    assert not os.path.exists(f.dir), "close removes the pin and its directory"
+    assert tc[-1] == ("detach", "sync0", True)
+
+
+def test_entries_follow_the_core_and_what_the_kernel_saw_reaches_it(fast_in):
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x" * 100, tsval=1100, tsecr=7010, window=1000), 0.1)
+    assert fast_in.sync(b) == 0 and not b.fast_in_dirty
+    kb = fast_in.entries[KEY][0]
+    assert kb == fastin.key_bytes(KEY[0], KEY[1], KEY[3])
+    assert fastin.LIMITS.unpack(fast_in.bpf.maps[fast_in.limits][kb])[:5] == (201, 5001, 901, 1000, 6950)
+    assert fastin.InState.unpack(fast_in.bpf.maps[fast_in.state][kb]).next_fast == 201
+    # The kernel maps two segments; the state it wrote is not reset by the next sync.
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(801, 1300, 7070, 1, 2, 600)
+    b.on_outbound(from_server(901, 201), 0.2)  # our stack acks: the window test moves
+    assert fast_in.sync(b) == 0
+    assert fastin.InState.unpack(fast_in.bpf.maps[fast_in.state][kb]).next_fast == 801
+    assert fast_in.absorb(b, [KEY]) == 0
+    assert fast_in.packets == 2 and b.conns[KEY].client_tsval == 1300 and b.conns[KEY].client_max_tsecr == 7070
+    # The core clamps an ack (beyond our output): the entry goes, what the kernel saw read first.
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(901, 1400, 7080, 1, 3, 700)
+    b.on_inbound(from_client(901, 5201, ACK | PSH, b"y", tsval=1401, tsecr=7080), 0.3)
+    assert fast_in.sync(b) == 0
+    assert KEY not in fast_in.entries and not fast_in.bpf.maps[fast_in.limits] and not fast_in.bpf.maps[fast_in.state]
+    assert fast_in.packets == 3 and b.conns[KEY].client_tsval == 1401
+
+
+def test_a_position_left_far_behind_is_brought_up(fast_in):
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x" * 100, tsval=1100, tsecr=7010, window=1000), 0.1)
+    fast_in.sync(b)
+    kb = fast_in.entries[KEY][0]
+    b.conns[KEY].fast_next = 101 + (300 << 20)  # the daemon mapped 300 MB, the kernel nothing
+    b.fast_in_dirty.add(KEY)
+    fast_in.sync(b)
+    fast_in.absorb(b, [KEY])
+    assert fastin.InState.unpack(fast_in.bpf.maps[fast_in.state][kb]).next_fast == 101 + (300 << 20)
+
+
+def test_map_errors_cost_the_entry_not_the_daemon(fast_in):
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    fast_in.bpf.fail_updates = True
+    assert fast_in.sync(b) == 1 and KEY not in fast_in.entries
+    fast_in.bpf.fail_updates = False
+    b.fast_in_dirty.add(KEY)
+    assert fast_in.sync(b) == 0 and KEY in fast_in.entries
+    fast_in.bpf.fail_lookups = True
+    assert fast_in.absorb(b, [KEY]) == 1 and KEY not in fast_in.entries
+
+
+def test_close_reads_everything_back_before_it_detaches(tmp_path, tc):
+    f = FastIn(_cfg(tmp_path), "sync0", FakeBpf())
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    f.sync(b)
+    f.bpf.maps[f.state][f.entries[KEY][0]] = fastin.STATE.pack(901, 1500, 7090, 1, 4, 800)
+    f.close(b)
+    assert b.conns[KEY].client_tsval == 1500 and f.packets == 4 and not f.entries
+    assert tc == [("attach", "sync0"), ("detach", "sync0", True)] and not os.path.exists(f.dir)
+
+
+def test_a_failed_attach_leaves_nothing_behind(tmp_path, monkeypatch):
+    def refuse(ifname, pinned):
+        raise firewall.FirewallError("tc not found: install the iproute2 package")
+
+    monkeypatch.setattr(firewall, "tc_attach_ingress", refuse)
+    bpf = FakeBpf()
+    with pytest.raises(firewall.FirewallError):
+        FastIn(_cfg(tmp_path), "sync0", bpf)
+    assert not os.path.exists(os.path.join(str(tmp_path), "ctl", "bpf"))
+
+
+def test_the_daemon_goes_on_without_it_when_it_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "_ethernet_link_of", lambda address: "sync0")
+
+    def refuse(ifname, pinned):
+        raise firewall.FirewallError("cannot add a clsact qdisc on sync0: no such device")
+
+    monkeypatch.setattr(firewall, "tc_attach_ingress", refuse)
+    d = driver.Daemon(_cfg(tmp_path), "backup")
+    assert d.backup.cfg.fast_inbound
+    d.backup.fast_in_dirty.add(KEY)
+    d._start_fast_in()
+    assert d.fast_in is None and not d.backup.cfg.fast_inbound and not d.backup.fast_in_dirty
