@@ -405,6 +405,28 @@ def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> di
     return out
 
 
+def inbound_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Unshaped bulk upload with the backup's inbound program on (the
+    default) and off, in a lab each, against plain TCP in the same lab
+    (_alternating); also how many clones the kernel mapped and how many
+    packets the backup's daemon handled."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, on in (("on", True), ("off", False)):
+        lab.up(progress=lambda *_: None, fast_inbound=on)
+        try:
+            progress("  backup's inbound program %s: bulk upload, plain and protected alternating" % key)
+            mapped0 = lab.control("backup").get("fast_inbound", {}).get("packets", 0)
+            queued0 = _packets("backup")
+            pairs = _alternating(sizes["runs"], lambda host: _client(
+                {"kind": "up", "host": host, "bytes": sizes["bulk"], "runs": 1})[0])
+            time.sleep(0.3)  # (the daemon reads the kernel's count back once a tick)
+            mapped = lab.control("backup").get("fast_inbound", {}).get("packets", 0) - mapped0
+            out[key] = {"pairs": pairs, "kernel_mapped": mapped, "queued_packets": _packets("backup") - queued0}
+        finally:
+            lab.down(quiet=True)
+    return out
+
+
 # == failover gaps ===========================================================
 
 FAILOVER_SPECS = {
@@ -467,8 +489,9 @@ def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str
         progress("[%d/5] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
                                              else "through nfq-sttcp"))
         res["modes"][mode] = measure_mode(mode, sizes, progress)
-    progress("[3/5] the primary's kernel fast path (tuning.fast_path)")
+    progress("[3/5] the kernel paths: the primary's (tuning.fast_path), the backup's inbound (tuning.fast_inbound)")
     res["fast_path"] = fast_path_runs(sizes, progress)
+    res["fast_inbound"] = inbound_runs(sizes, progress)
     res["failover"] = {}
     for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 4):
         progress("[%d/5] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
@@ -531,6 +554,12 @@ def table(res: dict[str, Any]) -> str:
                              "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
                              _pct(ratios, 0.5), ratios[0], ratios[-1],
                              round(100 * r["fast_packets"] / shown) if shown else 0, r.get("held_packets", 0)))
+    for key, r in res.get("fast_inbound", {}).items():
+        ratios = sorted(b / a for a, b in r["pairs"] if a)
+        lines.append("backup's inbound program %s, unshaped upload: %s Gbit/s against plain %s; ratio %.2f median "
+                     "(%.2f to %.2f); %d clones mapped in the kernel, %d packets through the backup's queues" % (
+                         key, "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
+                         _pct(ratios, 0.5), ratios[0], ratios[-1], r["kernel_mapped"], r["queued_packets"]))
     lines.append("")
     lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
                                                           "detect p50", "takeover", "resume"))
