@@ -251,8 +251,7 @@ class BackupCore:
             if conn is None or conn.client_isn != seg.seq:
                 conn = self.conns[key] = BackupConn(key, now, client_isn=seg.seq)
                 self.unmapped.add(key)
-                if self.cfg.fast_inbound:
-                    self.fast_in_dirty.add(key)  # (an old connection's entry goes)
+                self._kernel_entry_moved(key)  # (an old connection's entry goes)
                 early = self.early_isn.pop(key, None)
                 if early is not None:
                     self._set_primary_isn(conn, early[0])
@@ -270,6 +269,7 @@ class BackupCore:
             # Only an RST exactly at our receive point ends our state (RFC 5961):
             # a forged one out of the window must not unprotect a connection.
             conn.closing_since = now
+            self._kernel_entry_moved(key)
         if conn.delta_seq is None:
             if self.active or conn.reason in (UNPROTECTED_NO_ISN,):
                 return [Accept()] if self.active else [Drop("no mapping"), Count("unmapped_in")]
@@ -392,11 +392,12 @@ class BackupCore:
                     tsecr = conn.tsval_b_syn_last
             tcpseg.set_tsecr(buf, seg, tsecr)
         if self.cfg.fast_inbound:
-            self._note_for_kernel(conn, seg, trusted and not clamped and seg.has_ts and tsecr_in != 0,
+            self._note_for_kernel(conn, seg, trusted, trusted and not clamped and seg.has_ts and tsecr_in != 0,
                                   ack_in, window_in)
         return buf, out
 
-    def _note_for_kernel(self, conn: BackupConn, seg: Segment, as_is: bool, ack: int, window: int) -> None:
+    def _note_for_kernel(self, conn: BackupConn, seg: Segment, trusted: bool, as_is: bool, ack: int,
+                         window: int) -> None:
         """What the kernel may map of this connection's next segments
         (fastin.py): the same ``ack`` and ``window`` as this one (as it came
         in), if we mapped it whole (trusted, its ack unclamped, an echo to
@@ -405,9 +406,15 @@ class BackupCore:
             conn.fast_ack, conn.fast_window = ack, window
         else:
             conn.fast_ack = None
-        if as_is and seg.payload_len:
+        if trusted and seg.payload_len:  # (clamped too: the position must not lag behind the stream)
             conn.fast_next = seg.end_seq if conn.fast_next is None else seq_max(conn.fast_next, seg.end_seq)
         self.fast_in_dirty.add(conn.key)
+
+    def _kernel_entry_moved(self, key: ConnKey) -> None:
+        """The connection's kernel entry (fast_in_entry) may have changed or
+        gone: the driver rewrites or deletes it."""
+        if self.cfg.fast_inbound:
+            self.fast_in_dirty.add(key)
 
     def fast_in_entry(self, key: ConnKey) -> Optional[InLimits]:
         """The kernel's entry for one connection, or None for none: only
@@ -505,6 +512,7 @@ class BackupCore:
             self.recent.add(key)
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
+            self._kernel_entry_moved(key)
         if self._already_acked(conn, seg):
             # The client already has these bytes (from the primary): keep our
             # stack ack-clocked by its own output instead (DESIGN.md trap 9).
@@ -550,7 +558,7 @@ class BackupCore:
             conn.rcv_ack = seg.ack
             moved = True
             if conn.fast_ack is not None:
-                self.fast_in_dirty.add(conn.key)  # (the kernel's receive window test)
+                self._kernel_entry_moved(conn.key)  # (the kernel's receive window test)
         if not seg.flags & SYN:  # a SYN's window is never scaled
             conn.last_window = seg.window
             edge = self.window_edge(conn)
@@ -979,6 +987,7 @@ class BackupCore:
                 # (One we could not migrate stays: forgotten, its late output
                 # would go out unmapped; remembered, it is always dropped.)
                 del self.conns[key]
+                self._kernel_entry_moved(key)
         for key in [k for k, (_, t) in self.early_isn.items() if now - t > self.cfg.handshake_hold_s]:
             del self.early_isn[key]
         return out

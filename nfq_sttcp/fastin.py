@@ -18,8 +18,9 @@ advance, and leaves every other one to the queue, unchanged:
   connection without timestamps), flags ACK or ACK|PSH, a payload, and a
   timestamp echo that is not 0;
 * its connection has an entry (the daemon writes one only while the
-  connection is protected and mapped, our stack past its handshake, no FIN
-  seen, not after takeover: BackupCore.fast_in_entry);
+  connection is mapped, our stack past its handshake, no FIN or RST seen,
+  not after takeover: BackupCore.fast_in_entry; protected or not, the
+  mapping before takeover is the same);
 * the same ack and window as the last segment the daemon mapped, whose ack
   it did not clamp to our output (DESIGN.md trap 9): the mapping is then
   the entry's ack, the window stays;
