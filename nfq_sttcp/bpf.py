@@ -90,7 +90,7 @@ def prog_test_run_frame(fd: int, frame: bytes) -> tuple[int, bytes]:
     attr = struct.pack("=IIIIQQII", fd, 0, len(frame), len(out), ctypes.addressof(data), ctypes.addressof(out), 1, 0)
     buf = ctypes.create_string_buffer(attr.ljust(_ATTR, b"\0"), _ATTR)
     _call(_PROG_TEST_RUN, b"", "test run", out=buf)
-    retval, size = struct.unpack_from("=II", buf.raw, 4)
+    (retval,), (size,) = struct.unpack_from("=I", buf.raw, 4), struct.unpack_from("=I", buf.raw, 12)
     return retval, out.raw[:size]
 
 

@@ -71,6 +71,10 @@ def backup_sysctls(lan_if: str, sync_if: Optional[str] = None) -> dict[str, str]
            "net.ipv4.conf.lo.rp_filter": "0"}
     if sync_if and sync_if != lan_if:
         out["net.ipv4.conf.%s.rp_filter" % sync_if] = "0"
+    # The mark our injections and the kernel's mapped clones carry skips the
+    # queues; with fwmark_reflect the stack's own RST or ACK answering such a
+    # packet would carry it too, skip the hold, and reach the client.
+    out["net.ipv4.fwmark_reflect"] = "0"
     return out
 
 

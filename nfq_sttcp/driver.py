@@ -241,6 +241,8 @@ class Daemon:
             self._cloning = _CloningSwitch(self.cfg, self.log)
         if self.backup is not None and self.cfg.fast_inbound:
             self._start_fast_in()
+        elif self.backup is not None:
+            firewall.tc_detach_everywhere()  # (a killed daemon's, configured otherwise, would map and mark on)
         # Last: a busy queue (another daemon) is the clearer error than a busy port.
         if self.cfg.metrics_port:
             from . import metrics
@@ -907,9 +909,13 @@ class Daemon:
             now = time.monotonic()
             self.garp_due = [now + ms / 1000.0 for ms in self.cfg.garp_schedule_ms]
             self._garp_tick(now)
-            self._stop_fast_in()  # (what the kernel saw, read back first)
+            if self.fast_in is not None:
+                # Off at once (one map write; detaching takes tc, after the
+                # resends): the mapping changes now. What it saw is read first.
+                self._fast_errors(self.fast_in.switch_off(self.backup))
             self._perform(self.backup.activate(time.monotonic()))
             self._mark("held_released")
+            self._stop_fast_in()
         self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
         if ok:
             self._promote()
@@ -1285,7 +1291,7 @@ class FastPath:
                     os.unlink(path)  # a dead daemon's: the rules we apply replace its rule
                 bpf_mod.obj_pin(prog, path)
                 self.pins.append(path)
-        except Exception:
+        except BaseException:  # (doctor's SIGTERM arrives as KeyboardInterrupt)
             self.close()
             raise
 
@@ -1509,7 +1515,10 @@ class FastIn:
             self.fds.append(self.limits)
             self.state = bpf_mod.map_create(fastin.KEY.size, fastin.STATE.size, self.MAX_CONNS, "sttcp_in_state")
             self.fds.append(self.state)
-            prog = bpf_mod.prog_load(fastin.program(self.limits, self.state, cfg.vip, cfg.mark),
+            self.on = bpf_mod.map_create(len(fastin.ON_KEY), 4, 1, "sttcp_in_on")
+            self.fds.append(self.on)
+            bpf_mod.map_update(self.on, fastin.ON_KEY, b"\1\0\0\0")
+            prog = bpf_mod.prog_load(fastin.program(self.limits, self.state, self.on, cfg.vip, cfg.mark),
                                      fastin.PROG_TYPE_SCHED_CLS, "sttcp_in")
             self.fds.append(prog)
             if os.path.lexists(self.pinned):
@@ -1517,7 +1526,7 @@ class FastIn:
             bpf_mod.obj_pin(prog, self.pinned)
             self.own_qdisc = firewall.tc_attach_ingress(ifname, self.pinned)
             self.attached = True
-        except Exception:
+        except BaseException:  # (doctor's SIGTERM arrives as KeyboardInterrupt)
             self.close()
             raise
 
@@ -1581,12 +1590,25 @@ class FastIn:
                     self._drop(key)
         return errors
 
+    def switch_off(self, core: BackupCore) -> int:
+        """The program maps nothing from now on; what it saw is read into the
+        core. Returns the map errors."""
+        try:
+            self.bpf.map_delete(self.on, self.fi.ON_KEY)
+        except OSError:
+            self.close(core)  # detached now, then: the program must stop
+            return 1
+        return self.absorb(core, list(self.entries))
+
     def sweep(self, core: BackupCore) -> int:
         """Read back SWEEP entries a tick, in turn: the counters and the
         client's timestamps stay near current without a read per segment."""
         if not self._sweep:
             self._sweep = list(self.entries)
         batch, self._sweep = self._sweep[:self.SWEEP], self._sweep[self.SWEEP:]
+        for key in batch:
+            if key not in core.conns:
+                self._drop(key)  # (the core marks those it forgets; this is the backstop)
         return self.absorb(core, batch)
 
     def _drop(self, key: tcpseg.ConnKey, core: Optional[BackupCore] = None) -> None:

@@ -42,7 +42,8 @@ The mapped frame carries the config's mark, which the queue rule skips
 it reads from the state map: the client's latest TSval (its self-acks must
 echo the newest, or our stack drops them, PAWS) and the highest of our
 TSvals it echoed (the floor of our TSvals after takeover). At takeover the
-driver empties the map first.
+driver switches the program off first (ON_KEY: one map write), reads back
+what it saw, and detaches it after the resends (tc takes milliseconds).
 
 A daemon that dies leaves the program running on its last entries: it maps
 what the daemon would have mapped the same way; our stack's replies still
@@ -64,8 +65,13 @@ __all__ = ["KEY", "LIMITS", "STATE", "InLimits", "InState", "key_bytes", "progra
 PROG_TYPE_SCHED_CLS = 3
 FUNC_SKB_STORE_BYTES, FUNC_L4_CSUM_REPLACE, FUNC_CSUM_LEVEL = 9, 11, 135
 _CSUM_LEVEL_QUERY = 0
-TC_ACT_OK, TC_ACT_SHOT = 0, 2
-SKB_MARK = 8  # offsetof(struct __sk_buff, mark)
+# (UNSPEC: on to any later filter of someone else's, then accepted.)
+TC_ACT_UNSPEC, TC_ACT_SHOT = -1, 2
+SKB_PKT_TYPE, SKB_MARK = 4, 8  # offsetof(struct __sk_buff, ...)
+PACKET_HOST = 0
+# A one-entry map: the program maps only while this key is in it. At
+# takeover the driver deletes it (one write), before it detaches the program.
+ON_KEY = b"\0\0\0\0"
 
 # Written by the daemon, read by the program: next_slow, ack (the primary's
 # space), ack_b (ours), window (as on the wire), delta_ts, rcv_hi, pad, pad.
@@ -202,13 +208,18 @@ def _rewrite(a: _Asm, frame_off: int) -> None:
     a.jmp(_JNE, R0, 0, "shot")
 
 
-def program(limits_fd: int, state_fd: int, vip: str, mark: int) -> bytes:
-    """The tc (direct action) program: TC_ACT_OK always, the frame mapped
-    and marked when it may; TC_ACT_SHOT only if the kernel fails to write a
-    frame half mapped (the client resends it, as for a lost clone)."""
+def program(limits_fd: int, state_fd: int, on_fd: int, vip: str, mark: int) -> bytes:
+    """The tc (direct action) program: TC_ACT_UNSPEC always, the frame
+    mapped and marked when it may; TC_ACT_SHOT only if the kernel fails to
+    write a frame half mapped (the client resends it, as for a lost clone)."""
     vip_word = struct.unpack("<I", socket.inet_aton(vip))[0]
     a = _Asm()
     a.movr(R6, R1)
+    a.ldx(_W, R2, R6, SKB_PKT_TYPE)
+    a.jmp(_JNE, R2, PACKET_HOST, "pass")  # (a frame for another host: our stack drops it, the daemon too)
+    a.mov(R2, 0)
+    a.stx(_W, FP, _SCRATCH, R2)
+    _lookup(a, on_fd, _SCRATCH, "pass")  # switched off (takeover)
     a.movr(R1, R6)
     a.mov(R2, 0)
     a.movr(R3, FP)
@@ -298,7 +309,7 @@ def program(limits_fd: int, state_fd: int, vip: str, mark: int) -> bytes:
     a.mov(R2, _s32(mark))
     a.stx(_W, R6, SKB_MARK, R2)  # the queue rule skips it
     a.label("pass")
-    a.mov(R0, TC_ACT_OK)
+    a.mov(R0, TC_ACT_UNSPEC)
     a.exit()
     a.label("shot")
     a.mov(R0, TC_ACT_SHOT)

@@ -7,6 +7,7 @@ and the jumps into them are ever touched.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -128,16 +129,25 @@ def _tc(*args: str) -> subprocess.CompletedProcess[str]:
 
 def tc_attach_ingress(ifname: str, pinned: str) -> bool:
     """Attach the pinned tc program at ``ifname``'s ingress (direct action),
-    replacing one a killed daemon left. Returns whether we added the clsact
-    qdisc (and so must remove it)."""
+    in place of one a killed daemon left. Returns whether we added the
+    clsact qdisc (and so must remove it)."""
     if shutil.which("tc") is None:
         raise FirewallError("tc not found: install the iproute2 package")
-    r = _tc("qdisc", "add", "dev", ifname, "clsact")
-    added = r.returncode == 0
-    if not added and "exists" not in r.stderr.lower():
-        raise FirewallError("cannot add a clsact qdisc on %s: %s" % (ifname, r.stderr.strip()))
-    r = _tc("filter", "replace", "dev", ifname, "ingress", "pref", str(TC_PREF), "handle", "1",
-                  "bpf", "object-pinned", pinned, "direct-action")
+    shown = _tc("qdisc", "show", "dev", ifname)
+    if shown.returncode != 0:
+        raise FirewallError("cannot read the qdiscs of %s: %s" % (ifname, shown.stderr.strip()))
+    added = False
+    if "qdisc clsact" not in shown.stdout:
+        if "qdisc ingress" in shown.stdout:
+            raise FirewallError("%s has an ingress qdisc: the inbound program needs clsact in its place" % ifname)
+        # (One that exists already fails with "Exclusivity flag on", not "exists": hence the look first.)
+        r = _tc("qdisc", "add", "dev", ifname, "clsact")
+        if r.returncode != 0:
+            raise FirewallError("cannot add a clsact qdisc on %s: %s" % (ifname, r.stderr.strip()))
+        added = True
+    _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))  # (a killed daemon's)
+    r = _tc("filter", "add", "dev", ifname, "ingress", "pref", str(TC_PREF), "handle", "1",
+            "bpf", "object-pinned", pinned, "direct-action")
     if r.returncode != 0:
         if added:
             _tc("qdisc", "del", "dev", ifname, "clsact")
@@ -150,3 +160,17 @@ def tc_detach_ingress(ifname: str, remove_qdisc: bool) -> None:
     _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))
     if remove_qdisc:
         _tc("qdisc", "del", "dev", ifname, "clsact")
+
+
+def tc_detach_everywhere() -> None:
+    """Remove our inbound filter from every interface here: one a killed
+    backup daemon left goes on mapping and marking clones (its qdisc, if it
+    added one, stays: it cannot be told from someone else's)."""
+    if shutil.which("tc") is None:
+        return
+    try:
+        names = os.listdir("/sys/class/net")
+    except OSError:
+        return
+    for ifname in names:
+        _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))

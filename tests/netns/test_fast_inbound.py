@@ -32,26 +32,31 @@ def kernel_program():
         fds.append(lim)
         st = bpf.map_create(fastin.KEY.size, fastin.STATE.size, 1024, "t_in_state")
         fds.append(st)
-        prog = bpf.prog_load(fastin.program(lim, st, VIP, MARK), fastin.PROG_TYPE_SCHED_CLS, "t_fastin")
+        on = bpf.map_create(len(fastin.ON_KEY), 4, 1, "t_in_on")
+        fds.append(on)
+        bpf.map_update(on, fastin.ON_KEY, b"\1\0\0\0")
+        prog = bpf.prog_load(fastin.program(lim, st, on, VIP, MARK), fastin.PROG_TYPE_SCHED_CLS, "t_fastin")
         fds.append(prog)
-        yield lim, st, prog
+        yield lim, st, prog, on
     finally:
         for fd in fds:
             os.close(fd)
 
 
 def _client(seq, ack, flags=ACK | PSH, payload=b"x" * 300, tsval=1100, tsecr=7010, window=1000, options=None,
-            dst=VIP, checksum="partial"):
+            dst=VIP, checksum="partial", mac=b"\0" * 6):
     """A client segment as the backup's sync link carries it: an Ethernet
     frame whose TCP checksum holds only the pseudo-header sum, as a local
     stack leaves it and a veth carries it ("partial"), or the whole sum
-    ("whole": a frame the kernel has not checked, in a test run)."""
+    ("whole": a frame the kernel has not checked, in a test run). A test
+    run's device is the loopback, whose address is all zeros: a frame to
+    another ``mac`` is one for another host."""
     opts = tcpseg.ts_option(tsval, tsecr) if options is None else options
     pkt = bytearray(tcpseg.build_segment(CLIENT, dst, CPORT, SPORT, seq, ack, flags, window, opts, payload))
     if checksum == "partial":
         seg = tcpseg.parse(bytes(pkt))
         pkt[seg.csum_off:seg.csum_off + 2] = tcpseg._pseudo_sum(bytes(pkt), seg).to_bytes(2, "big")
-    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes(pkt)
+    return mac + b"\x04" * 6 + b"\x08\x00" + bytes(pkt)
 
 
 def _core():
@@ -82,23 +87,33 @@ def _without_checksum(frame):
     return frame[:14 + seg.csum_off] + frame[14 + seg.csum_off + 2:]
 
 
+def _patched(field, old, new):
+    """RFC 1624 (eqn. 3): a checksum field after one 32-bit word changed."""
+    def fold(x):
+        while x >> 16:
+            x = (x & 0xFFFF) + (x >> 16)
+        return x
+    total = (~field & 0xFFFF) + (~(old >> 16) & 0xFFFF) + (~old & 0xFFFF) + (new >> 16) + (new & 0xFFFF)
+    return ~fold(total) & 0xFFFF
+
+
 def test_the_program_maps_a_segment_exactly_as_the_core_does(kernel_program):
-    lim, st, prog = kernel_program
+    lim, st, prog, _on = kernel_program
     core = _core()
     core.on_inbound(_client(101, 5001)[14:], 0.1)  # the daemon maps the first one
     kb = _install(lim, st, core)
     frame = _client(401, 5001, payload=b"y" * 500, tsval=1101, tsecr=7011)
     verdict, out = bpf.prog_test_run_frame(prog, frame)
-    assert verdict == fastin.TC_ACT_OK
+    assert verdict == fastin.TC_ACT_UNSPEC & 0xFFFFFFFF
     mapped = [a for a in core.on_inbound(frame[14:], 0.2) if type(a).__name__ == "Accept"][0].payload
     assert mapped is not None and _without_checksum(out) == _without_checksum(frame[:14] + bytes(mapped))
     seg = tcpseg.parse(out[14:])
     assert (seg.ack, seg.tsecr) == (901, 61), "ack - 4100, echo - 6950"
-    # The checksum is patched, not summed afresh: a partial one (here, in a
-    # test run, where the kernel has not marked it so) moves by the change.
+    # The checksum is patched for the two words, not summed afresh (in a test
+    # run the kernel has not marked the frame partial, so the field moves).
     before = int.from_bytes(frame[14 + seg.csum_off:14 + seg.csum_off + 2], "big")
     after = int.from_bytes(out[14 + seg.csum_off:14 + seg.csum_off + 2], "big")
-    assert after != before
+    assert after == _patched(_patched(before, 5001, 901), 7011, 61)
     got = fastin.InState.unpack(bpf.map_lookup(st, kb, fastin.STATE.size))
     assert got == fastin.InState(901, 1101, 7011, True, 1, 500)
     verdict, out = bpf.prog_test_run_frame(prog, _client(901, 5001, ACK, b"z" * 100, tsval=1102, tsecr=7012))
@@ -111,14 +126,14 @@ def test_the_program_maps_a_segment_exactly_as_the_core_does(kernel_program):
 
 
 def test_the_program_leaves_everything_else_to_the_queue_unchanged(kernel_program):
-    lim, st, prog = kernel_program
+    lim, st, prog, on = kernel_program
     core = _core()
     core.on_inbound(_client(101, 5001)[14:], 0.1)
     kb = _install(lim, st, core)
 
     def untouched(frame, why):
         verdict, out = bpf.prog_test_run_frame(prog, frame)
-        assert verdict == fastin.TC_ACT_OK and out == frame, why
+        assert verdict == fastin.TC_ACT_UNSPEC & 0xFFFFFFFF and out == frame, why
 
     untouched(_client(401, 5002), "the ack moved")
     untouched(_client(401, 5001, window=999), "the window moved")
@@ -132,6 +147,7 @@ def test_the_program_leaves_everything_else_to_the_queue_unchanged(kernel_progra
               "SACK blocks")
     untouched(_client(401, 5001, options=b""), "no timestamps")
     untouched(_client(401, 5001, dst="10.77.0.101"), "not to the VIP")
+    untouched(_client(401, 5001, mac=b"\x02" * 6), "a frame for another host")
     untouched(_client(401, 5001, checksum="whole"), "a frame the kernel has not checked: the daemon checks it")
     bpf.map_update(lim, kb, fastin.InLimits(401, 5001, 901, 1000, 6950, 400).pack())
     untouched(_client(401, 5001), "beyond our receive window")
@@ -144,6 +160,9 @@ def test_the_program_leaves_everything_else_to_the_queue_unchanged(kernel_progra
     untouched(_client(401, 5001), "no entry")
     assert fastin.InState.unpack(bpf.map_lookup(st, kb, fastin.STATE.size)).packets == 0
     bpf.map_update(lim, kb, core.fast_in_entry(KEY).pack())
+    bpf.map_delete(on, fastin.ON_KEY)
+    untouched(_client(401, 5001), "switched off (takeover)")
+    bpf.map_update(on, fastin.ON_KEY, b"\1\0\0\0")
     assert bpf.prog_test_run_frame(prog, _client(401, 5001))[1] != _client(401, 5001), "and then it maps"
 
 
@@ -200,3 +219,20 @@ def test_the_daemon_detaches_its_program_when_it_stops(make_lab):
     qdiscs = lab.sh("tc", "qdisc", "show", "dev", "sync0", ns=lab.NS_BACKUP).stdout
     assert "clsact" not in qdiscs, qdiscs
     assert not os.path.exists(pinned)
+
+
+def test_a_killed_daemons_program_is_replaced_when_it_starts_again(make_lab):
+    """SIGKILL leaves the filter (and the clsact qdisc it added) behind; the
+    next daemon finds the qdisc there (tc refuses a second one) and puts its
+    own program in place of the dead one's, and an upload takes it."""
+    make_lab()
+    before = _tc_filters(lab.NS_BACKUP)
+    lab.kill_daemon("backup")  # SIGKILL
+    assert _tc_filters(lab.NS_BACKUP) == before, "nothing removed it"
+    lab.start_backup_daemon(progress=lambda *_: None)
+    after = _tc_filters(lab.NS_BACKUP)
+    assert after.count("backup-in") == 1 and after != before, (before, after)  # (a new program id)
+    r = scenario.run_with_crash(["upload:bytes=%d,crash_at=%d" % (100 * MB, 40 * MB)])
+    survived(r, {"upload": 100 * MB})
+    st = lab.control("backup")
+    assert st["counters"].get("fast_in_packets", 0) > 0, st["counters"]

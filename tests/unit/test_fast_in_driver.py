@@ -10,7 +10,7 @@ import pytest
 from nfq_sttcp import driver, fastin, firewall
 from nfq_sttcp.config import Config
 from nfq_sttcp.driver import FastIn
-from nfq_sttcp.tcpseg import ACK, PSH
+from nfq_sttcp.tcpseg import ACK, PSH, RST
 
 from .helpers import KEY, VIP, from_client, from_server
 from .test_fast_driver import FakeBpf
@@ -86,7 +86,42 @@ def test_map_errors_cost_the_entry_not_the_daemon(fast_in):
     assert fast_in.absorb(b, [KEY]) == 1 and KEY not in fast_in.entries
 
 
-def test_close_reads_everything_back_before_it_detaches(tmp_path, tc):
+def test_takeover_switches_it_off_and_reads_everything_back(fast_in):
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    fast_in.sync(b)
+    assert fast_in.bpf.maps[fast_in.on] == {fastin.ON_KEY: b"\1\0\0\0"}
+    fast_in.bpf.maps[fast_in.state][fast_in.entries[KEY][0]] = fastin.STATE.pack(901, 1600, 7095, 1, 5, 900)
+    assert fast_in.switch_off(b) == 0
+    assert not fast_in.bpf.maps[fast_in.on], "the program maps nothing from now on"
+    assert b.conns[KEY].client_tsval == 1600 and b.conns[KEY].client_max_tsecr == 7095
+
+
+def test_the_sweep_forgets_the_entries_of_forgotten_connections(fast_in):
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    fast_in.sync(b)
+    del b.conns[KEY]  # (as if the core had dropped it without a word)
+    fast_in.sweep(b)
+    assert not fast_in.entries and not fast_in.bpf.maps[fast_in.limits] and not fast_in.bpf.maps[fast_in.state]
+
+
+def test_a_connection_that_closes_or_is_forgotten_loses_its_entry(fast_in):
+    b = established(closed_linger_s=1.0)
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    fast_in.sync(b)
+    b.on_outbound(from_server(901, 102, RST | ACK), 0.2)  # our application aborts
+    assert KEY in b.fast_in_dirty
+    fast_in.sync(b)
+    assert KEY not in fast_in.entries
+    b.on_inbound(from_client(102, 5001, ACK | PSH, b"y", tsval=1101, tsecr=7010), 0.3)
+    fast_in.sync(b)
+    assert KEY not in fast_in.entries, "closing: no entry again"
+    b.on_tick(5.0)
+    assert KEY not in b.conns and KEY in b.fast_in_dirty
+
+
+def test_the_detach_reads_everything_back(tmp_path, tc):
     f = FastIn(_cfg(tmp_path), "sync0", FakeBpf())
     b = established()
     b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
@@ -120,3 +155,44 @@ def test_the_daemon_goes_on_without_it_when_it_cannot_run(tmp_path, monkeypatch)
     d.backup.fast_in_dirty.add(KEY)
     d._start_fast_in()
     assert d.fast_in is None and not d.backup.cfg.fast_inbound and not d.backup.fast_in_dirty
+
+
+class FakeTc:
+    """tc's answers, and the commands it was given."""
+
+    def __init__(self, qdiscs="", fail=()):
+        self.qdiscs, self.fail, self.calls = qdiscs, fail, []
+
+    def __call__(self, *args):
+        import subprocess
+        self.calls.append(" ".join(args))
+        bad = any(" ".join(args).startswith(f) for f in self.fail)
+        out = self.qdiscs if args[:2] == ("qdisc", "show") else ""
+        return subprocess.CompletedProcess(("tc",) + args, 2 if bad else 0, out, "Error: no" if bad else "")
+
+
+def test_attaching_adds_clsact_only_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(firewall.shutil, "which", lambda tool: "/usr/sbin/" + tool)
+    t = FakeTc("qdisc noqueue 0: root refcnt 2\n")
+    monkeypatch.setattr(firewall, "_tc", t)
+    assert firewall.tc_attach_ingress("sync0", "/pin") is True
+    assert t.calls == ["qdisc show dev sync0", "qdisc add dev sync0 clsact",
+                       "filter del dev sync0 ingress pref 22295",
+                       "filter add dev sync0 ingress pref 22295 handle 1 bpf object-pinned /pin direct-action"]
+    # One there already (a killed daemon's, or someone else's): "tc qdisc add"
+    # would fail with "Exclusivity flag on", so it is not tried.
+    t = FakeTc("qdisc noqueue 0: root refcnt 2\nqdisc clsact ffff: parent ffff:fff1\n")
+    monkeypatch.setattr(firewall, "_tc", t)
+    assert firewall.tc_attach_ingress("sync0", "/pin") is False and "qdisc add dev sync0 clsact" not in t.calls
+    monkeypatch.setattr(firewall, "_tc", FakeTc("qdisc ingress ffff: parent ffff:fff1\n"))
+    with pytest.raises(firewall.FirewallError, match="needs clsact"):
+        firewall.tc_attach_ingress("sync0", "/pin")
+    t = FakeTc("", fail=("filter add",))
+    monkeypatch.setattr(firewall, "_tc", t)
+    with pytest.raises(firewall.FirewallError, match="cannot attach"):
+        firewall.tc_attach_ingress("sync0", "/pin")
+    assert t.calls[-1] == "qdisc del dev sync0 clsact", "the qdisc it added goes again"
+    monkeypatch.setattr(firewall.shutil, "which", lambda tool: None)
+    with pytest.raises(firewall.FirewallError, match="iproute2"):
+        firewall.tc_attach_ingress("sync0", "/pin")
+
