@@ -915,9 +915,9 @@ class Daemon:
                 self._fast_errors(self.fast_in.switch_off(self.backup))
             self._perform(self.backup.activate(time.monotonic()))
             self._mark("held_released")
-            self._stop_fast_in()
         self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
         if ok:
+            self._stop_fast_in()  # (tc: some 10 ms, the takeover's whole time before it; now after it)
             self._promote()
             self.awaiting_client = True
         t = self.watchdog.times
