@@ -15,6 +15,7 @@ Three parts, kept apart:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -23,7 +24,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .config import Config
 
@@ -93,27 +94,16 @@ def _run(argv: list[str], ns: Optional[str] = None) -> subprocess.CompletedProce
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def _try_fast_path(scratch: str, cfg: Config) -> str:
-    """The primary's fast path, tried as its daemon sets it up (driver.FastPath:
-    maps, program, a bpf file system, the pin), in a directory of its own,
-    then put behind a bpf match in the scratch namespace ("" when that works)."""
+@contextlib.contextmanager
+def _scratch_config(cfg: Config) -> Iterator[Config]:
+    """``cfg`` with its control socket directory in a fresh temporary one
+    (where a kernel path mounts and pins), removed after (if empty)."""
     import dataclasses
     import tempfile
 
-    from .bpf import BpfError
-    from .driver import FastPath
-
     d = tempfile.mkdtemp(prefix="nfq-sttcp-doctor-bpf-")
     try:
-        fast = FastPath(dataclasses.replace(cfg, control_socket_dir=d))
-        try:
-            r = _run(["iptables", "-w", "-t", "mangle", "-A", "POSTROUTING", "-m", "bpf", "--object-pinned",
-                      fast.pinned, "-j", "ACCEPT"], ns=scratch)
-            return "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
-        finally:
-            fast.close()
-    except (BpfError, OSError) as e:
-        return str(e)
+        yield dataclasses.replace(cfg, control_socket_dir=d)
     finally:
         try:
             os.rmdir(d)
@@ -121,12 +111,30 @@ def _try_fast_path(scratch: str, cfg: Config) -> str:
             pass
 
 
+def _try_fast_path(scratch: str, cfg: Config) -> str:
+    """The primary's fast path, tried as its daemon sets it up (driver.FastPath:
+    maps, program, a bpf file system, the pin), in a directory of its own,
+    then put behind a bpf match in the scratch namespace ("" when that works)."""
+    from .bpf import BpfError
+    from .driver import FastPath
+
+    try:
+        with _scratch_config(cfg) as c:
+            fast = FastPath(c)
+            try:
+                r = _run(["iptables", "-w", "-t", "mangle", "-A", "POSTROUTING", "-m", "bpf", "--object-pinned",
+                          fast.pinned, "-j", "ACCEPT"], ns=scratch)
+                return "" if r.returncode == 0 else (r.stderr.strip() or "iptables exit %d" % r.returncode)
+            finally:
+                fast.close()
+    except (BpfError, OSError) as e:
+        return str(e)
+
+
 def _try_fast_inbound(scratch: str, cfg: Config) -> str:
     """The backup's inbound program, set up as its daemon does (driver.FastIn)
     on a veth in the scratch namespace ("" when that works)."""
     import ctypes
-    import dataclasses
-    import tempfile
 
     from .bpf import BpfError
     from .driver import FastIn
@@ -136,27 +144,22 @@ def _try_fast_inbound(scratch: str, cfg: Config) -> str:
     if r.returncode != 0:
         return r.stderr.strip() or "ip link add exit %d" % r.returncode
     libc = ctypes.CDLL(None, use_errno=True)
-    d = tempfile.mkdtemp(prefix="nfq-sttcp-doctor-bpf-")
     try:
-        fd = os.open("/run/netns/" + scratch, os.O_RDONLY)
-        own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        try:
-            # tc runs in our namespace: enter the scratch one for it (os.setns is 3.12+).
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                return "setns: %s" % os.strerror(ctypes.get_errno())
-            FastIn(dataclasses.replace(cfg, control_socket_dir=d), "d0").close()
-            return ""
-        finally:
-            libc.setns(own, CLONE_NEWNET)
-            os.close(fd)
-            os.close(own)
+        with _scratch_config(cfg) as c:
+            fd = os.open("/run/netns/" + scratch, os.O_RDONLY)
+            own = os.open("/proc/self/ns/net", os.O_RDONLY)
+            try:
+                # tc runs in our namespace: enter the scratch one for it (os.setns is 3.12+).
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    return "setns: %s" % os.strerror(ctypes.get_errno())
+                FastIn(c, "d0").close()
+                return ""
+            finally:
+                libc.setns(own, CLONE_NEWNET)
+                os.close(fd)
+                os.close(own)
     except (BpfError, OSError, FirewallError) as e:
         return str(e)
-    finally:
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
 
 
 def _try_features(fast_path_cfg: Optional[Config] = None, fast_inbound_cfg: Optional[Config] = None) -> dict[str, str]:

@@ -1224,18 +1224,78 @@ def _primary_core(cfg: Config, fast_path: Optional[bool] = None) -> PrimaryCore:
                                      fast_path=cfg.fast_path if fast_path is None else fast_path))
 
 
-class FastPath:
+class _KernelMaps:
+    """What both kernel paths (FastPath, FastIn) share: their maps and pins
+    in a bpf file system of ours beside the control sockets
+    (<control_socket_dir>/bpf/<chain prefix>), mounted there: ``ip netns
+    exec`` gives a process a /sys of its own, without the host's
+    /sys/fs/bpf, and iptables or tc resolves a pin in the mount namespace
+    of the child we run it as (it shares ours)."""
+
+    MAX_CONNS = 1 << 20
+
+    def __init__(self, cfg: Config, bpf_mod: Any, what: str) -> None:
+        self.bpf = bpf_mod
+        if sys.byteorder != "little":
+            raise bpf_mod.BpfError("%s reads headers as a little-endian host does" % what)
+        self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
+        self.fds: list[int] = []
+        self.pins: list[str] = []
+        self.packets = 0
+
+    def _map(self, key_size: int, value_size: int, max_entries: int, name: str) -> int:
+        fd = self.bpf.map_create(key_size, value_size, max_entries, name)
+        self.fds.append(fd)
+        return fd
+
+    def _load_and_pin(self, code: bytes, prog_type: int, name: str, path: str) -> None:
+        prog = self.bpf.prog_load(code, prog_type, name)
+        self.fds.append(prog)
+        if os.path.lexists(path):
+            os.unlink(path)  # a dead daemon's: the rule or filter we add replaces its own
+        self.bpf.obj_pin(prog, path)
+        self.pins.append(path)
+
+    def _read_back(self, fd: int, kb: bytes, size: int) -> tuple[Optional[bytes], int]:
+        """A map entry, and 1 if it could not be read (the caller drops the
+        connection's entries: its segments come to us), else 0."""
+        try:
+            return self.bpf.map_lookup(fd, kb, size), 0
+        except OSError:
+            return None, 1
+
+    def _delete(self, fd: int, kb: bytes) -> None:
+        try:
+            self.bpf.map_delete(fd, kb)
+        except OSError:
+            pass
+
+    def _release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        for path in self.pins:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.pins = []
+        if self.bpf.is_bpffs(self.dir):
+            self.bpf.unmount(self.dir)  # (ours, or one a killed daemon left: this directory is ours)
+        for d in (self.dir, os.path.dirname(self.dir)):
+            try:
+                os.rmdir(d)  # (only if empty)
+            except OSError:
+                break
+
+
+class FastPath(_KernelMaps):
     """The primary's kernel fast path (fastpath.py): its maps, its three
     programs pinned where the bpf matches find them, one entry per
     connection that PrimaryCore.fast_limits allows, the gate's lease, and
     the kicks that make the stack send a held segment once it may.
 
-    The pins live in a bpf file system beside the control sockets
-    (<control_socket_dir>/bpf/<chain prefix>), mounted there: ``ip netns
-    exec`` gives a process a /sys of its own, without the host's
-    /sys/fs/bpf, and the match resolves the path in the mount namespace of
-    the iptables that adds it (our child: it shares ours). A daemon that
-    dies leaves the rules' programs running on its last limits, which only
+    The pins live where _KernelMaps says. A daemon that dies leaves the rules' programs running on its last limits, which only
     ever allow what the backup had confirmed; beyond them the gate holds a
     segment until the lease we stop renewing runs out (LEASE_S), then the
     queue rule, with no listener, passes it (--queue-bypass), as without a
@@ -1245,7 +1305,6 @@ class FastPath:
     same ports gets new entries, never the old one's position or acks.
     """
 
-    MAX_CONNS = 1 << 20
     SYNC_BUDGET = 512  # entries changed per loop turn: losing the backup dirties every one at once
     LEASE_S = 0.25  # the gate holds segments this long past the daemon's last renewal
     RENEW_S = 0.05
@@ -1255,42 +1314,27 @@ class FastPath:
 
         if bpf_mod is None:
             from . import bpf as bpf_mod
-        self.bpf, self.fp = bpf_mod, fastpath
-        if sys.byteorder != "little":
-            raise bpf_mod.BpfError("the fast path's program reads headers as a little-endian host does")
-        self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
+        super().__init__(cfg, bpf_mod, "the fast path's program")
+        self.fp = fastpath
         self.pinned = os.path.join(self.dir, "primary-fast")
-        self.fds: list[int] = []
         # key -> (key bytes, the connection's ISN, limits handed to the kernel, packets absorbed so far)
         self.entries: dict[tcpseg.ConnKey, tuple[bytes, int, Any, int]] = {}
-        self.packets = 0
         self.kicks: list[bytes] = []  # for the driver to inject
-        self.pins: list[str] = []
         self.renewed = -1e9
         self.lease_failing = False
         try:
             bpf_mod.ensure_bpffs(self.dir)
-            self.limits = bpf_mod.map_create(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS,
-                                             "sttcp_limits")
-            self.fds.append(self.limits)
-            self.state = bpf_mod.map_create(fastpath.KEY.size, fastpath.STATE.size, self.MAX_CONNS, "sttcp_state")
-            self.fds.append(self.state)
-            self.client = bpf_mod.map_create(fastpath.KEY.size, fastpath.CLIENT.size, self.MAX_CONNS, "sttcp_client")
-            self.fds.append(self.client)
-            self.lease = bpf_mod.map_create(len(fastpath.LEASE_KEY), fastpath.LEASE.size, 1, "sttcp_lease")
-            self.fds.append(self.lease)
+            self.limits = self._map(fastpath.KEY.size, fastpath.LIMITS.size, self.MAX_CONNS, "sttcp_limits")
+            self.state = self._map(fastpath.KEY.size, fastpath.STATE.size, self.MAX_CONNS, "sttcp_state")
+            self.client = self._map(fastpath.KEY.size, fastpath.CLIENT.size, self.MAX_CONNS, "sttcp_client")
+            self.lease = self._map(len(fastpath.LEASE_KEY), fastpath.LEASE.size, 1, "sttcp_lease")
             pins = fastpath.Pins(self.pinned)
             for path, code, name in (
                     (pins.fast, fastpath.program(self.limits, self.state), "sttcp_fast"),
                     (pins.gate, fastpath.gate(self.limits, self.state, self.client, self.lease,
                                               int(lag_hold_s / 2 * 1e9)), "sttcp_gate"),
                     (pins.recorder, fastpath.recorder(self.limits, self.state, self.client), "sttcp_recorder")):
-                prog = bpf_mod.prog_load(code, fastpath.PROG_TYPE_SOCKET_FILTER, name)
-                self.fds.append(prog)
-                if os.path.lexists(path):
-                    os.unlink(path)  # a dead daemon's: the rules we apply replace its rule
-                bpf_mod.obj_pin(prog, path)
-                self.pins.append(path)
+                self._load_and_pin(code, fastpath.PROG_TYPE_SOCKET_FILTER, name, path)
         except BaseException:  # (doctor's SIGTERM arrives as KeyboardInterrupt)
             self.close()
             raise
@@ -1411,12 +1455,6 @@ class FastPath:
         self._delete(self.state, have[0])
         self._delete(self.client, have[0])
 
-    def _delete(self, fd: int, kb: bytes) -> None:
-        try:
-            self.bpf.map_delete(fd, kb)
-        except OSError:
-            pass
-
     def absorb(self, core: PrimaryCore, keys: Any, now: float) -> int:
         """Tell the core what the kernel sent of ``keys`` without it. A
         connection whose state cannot be read loses its entry (its segments
@@ -1427,12 +1465,10 @@ class FastPath:
             conn = core.conns.get(key)
             if have is None or conn is None or conn.isn != have[1]:
                 continue
-            try:
-                raw = self.bpf.map_lookup(self.state, have[0], self.fp.STATE.size)
-            except OSError:
+            raw, failed = self._read_back(self.state, have[0], self.fp.STATE.size)
+            if failed:
                 errors += 1
                 self._drop(key)
-                continue
             if raw is None:
                 continue
             st = self.fp.FastState.unpack(raw)
@@ -1458,36 +1494,22 @@ class FastPath:
         return [k for k in self.entries if (c := core.conns.get(k)) is not None and c.owed_ack]
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        for path in self.pins:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        if self.bpf.is_bpffs(self.dir):
-            self.bpf.unmount(self.dir)  # (ours, or one a killed daemon left: this directory is ours)
-        for d in (self.dir, os.path.dirname(self.dir)):
-            try:
-                os.rmdir(d)  # (only if empty)
-            except OSError:
-                break
+        self._release()
 
 
-class FastIn:
+class FastIn(_KernelMaps):
     """The backup's kernel path for client segments (fastin.py): its two
     maps, its tc program at the ingress of the interface the clones arrive
     on, and one entry per connection that BackupCore.fast_in_entry allows.
 
-    The program is pinned beside the primary's (<control_socket_dir>/bpf/
-    <chain prefix>) for tc to attach. Entries are written at the end of a
-    loop turn; until then the kernel maps with the one before, which the
+    The program is pinned where _KernelMaps says, for tc to attach. An
+    entry is written right after the daemon maps a segment of its
+    connection; until then the kernel maps with the one before, which the
     daemon would still have mapped the same way (an entry only names an ack
-    and window it mapped whole). At takeover everything goes back to the
-    daemon (close): after it the mapping changes (the PAWS margin)."""
+    and window it mapped whole). At takeover the program is switched off
+    (switch_off) and everything goes back to the daemon: after it the
+    mapping changes (the PAWS margin)."""
 
-    MAX_CONNS = 1 << 20
     SYNC_BUDGET = 512
     SWEEP = 256  # entries read back per tick (absorb): position and timestamps
 
@@ -1496,34 +1518,22 @@ class FastIn:
 
         if bpf_mod is None:
             from . import bpf as bpf_mod
-        self.bpf, self.fi = bpf_mod, fastin
-        if sys.byteorder != "little":
-            raise bpf_mod.BpfError("the inbound program reads headers as a little-endian host does")
+        super().__init__(cfg, bpf_mod, "the inbound program")
+        self.fi = fastin
         self.ifname = ifname
-        self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
         self.pinned = os.path.join(self.dir, "backup-in")
-        self.fds: list[int] = []
         self.entries: dict[tcpseg.ConnKey, tuple[bytes, bytes, int]] = {}  # key -> (key bytes, limits, packets)
-        self.packets = 0
         self.attached = False
         self.own_qdisc = False
-        self.mounted = False
         self._sweep: list[tcpseg.ConnKey] = []
         try:
-            self.mounted = bpf_mod.ensure_bpffs(self.dir)
-            self.limits = bpf_mod.map_create(fastin.KEY.size, fastin.LIMITS.size, self.MAX_CONNS, "sttcp_in_lim")
-            self.fds.append(self.limits)
-            self.state = bpf_mod.map_create(fastin.KEY.size, fastin.STATE.size, self.MAX_CONNS, "sttcp_in_state")
-            self.fds.append(self.state)
-            self.on = bpf_mod.map_create(len(fastin.ON_KEY), 4, 1, "sttcp_in_on")
-            self.fds.append(self.on)
+            bpf_mod.ensure_bpffs(self.dir)
+            self.limits = self._map(fastin.KEY.size, fastin.LIMITS.size, self.MAX_CONNS, "sttcp_in_lim")
+            self.state = self._map(fastin.KEY.size, fastin.STATE.size, self.MAX_CONNS, "sttcp_in_state")
+            self.on = self._map(len(fastin.ON_KEY), 4, 1, "sttcp_in_on")
             bpf_mod.map_update(self.on, fastin.ON_KEY, b"\1\0\0\0")
-            prog = bpf_mod.prog_load(fastin.program(self.limits, self.state, self.on, cfg.vip, cfg.mark),
-                                     fastin.PROG_TYPE_SCHED_CLS, "sttcp_in")
-            self.fds.append(prog)
-            if os.path.lexists(self.pinned):
-                os.unlink(self.pinned)  # a dead daemon's: the filter we attach replaces its filter
-            bpf_mod.obj_pin(prog, self.pinned)
+            self._load_and_pin(fastin.program(self.limits, self.state, self.on, cfg.vip, cfg.mark),
+                               fastin.PROG_TYPE_SCHED_CLS, "sttcp_in", self.pinned)
             self.own_qdisc = firewall.tc_attach_ingress(ifname, self.pinned)
             self.attached = True
         except BaseException:  # (doctor's SIGTERM arrives as KeyboardInterrupt)
@@ -1565,12 +1575,10 @@ class FastIn:
             have = self.entries.get(key)
             if have is None:
                 continue
-            try:
-                raw = self.bpf.map_lookup(self.state, have[0], self.fi.STATE.size)
-            except OSError:
+            raw, failed = self._read_back(self.state, have[0], self.fi.STATE.size)
+            if failed:
                 errors += 1
                 self._drop(key)
-                continue
             if raw is None:
                 continue
             st = self.fi.InState.unpack(raw)
@@ -1624,12 +1632,6 @@ class FastIn:
         self.entries.pop(key, None)
         self._delete(self.state, have[0])
 
-    def _delete(self, fd: int, kb: bytes) -> None:
-        try:
-            self.bpf.map_delete(fd, kb)
-        except OSError:
-            pass
-
     def close(self, core: Optional[BackupCore] = None) -> None:
         """Detach, after reading every entry back into ``core`` if given."""
         if self.attached:
@@ -1638,20 +1640,7 @@ class FastIn:
         if core is not None and self.fds:
             self.absorb(core, list(self.entries))
         self.entries.clear()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
-        try:
-            os.unlink(self.pinned)
-        except OSError:
-            pass
-        if self.mounted and self.bpf.is_bpffs(self.dir):
-            self.bpf.unmount(self.dir)
-        for d in (self.dir, os.path.dirname(self.dir)):
-            try:
-                os.rmdir(d)  # (only if empty)
-            except OSError:
-                break
+        self._release()
 
 
 class _CloningSwitch:
