@@ -410,6 +410,12 @@ class BackupCore:
             conn.fast_next = seg.end_seq if conn.fast_next is None else seq_max(conn.fast_next, seg.end_seq)
         self.fast_in_dirty.add(conn.key)
 
+    def without_kernel_path(self) -> None:
+        """The kernel's inbound path is gone (it could not start, or the
+        takeover ended it): keep no more entries for it."""
+        self.cfg.fast_inbound = False
+        self.fast_in_dirty.clear()
+
     def _kernel_entry_moved(self, key: ConnKey) -> None:
         """The connection's kernel entry (fast_in_entry) may have changed or
         gone: the driver rewrites or deletes it."""

@@ -507,8 +507,7 @@ class Daemon:
             ifname = _ethernet_link_of(self.cfg.backup_sync)
             self.fast_in = FastIn(self.cfg, ifname)
         except (BpfError, OSError, firewall.FirewallError) as e:
-            self.backup.cfg.fast_inbound = False
-            self.backup.fast_in_dirty.clear()
+            self.backup.without_kernel_path()
             self.log.warning("fast_inbound_unavailable", error=str(e),
                              effect="every client segment goes through the queue")
             return
@@ -521,8 +520,7 @@ class Daemon:
         self.fast_in.close(self.backup)
         self.fast_in = None
         if self.backup is not None:
-            self.backup.cfg.fast_inbound = False
-            self.backup.fast_in_dirty.clear()
+            self.backup.without_kernel_path()
 
     def _fast_prog(self) -> Optional[str]:
         return self.fast.pinned if self.fast is not None else None
@@ -1235,7 +1233,9 @@ class _KernelMaps:
     MAX_CONNS = 1 << 20
 
     def __init__(self, cfg: Config, bpf_mod: Any, what: str) -> None:
-        self.bpf = bpf_mod
+        from . import fastpath
+
+        self.bpf, self.fp = bpf_mod, fastpath  # (fastpath.py: the kernel paths' shared rules too)
         if sys.byteorder != "little":
             raise bpf_mod.BpfError("%s reads headers as a little-endian host does" % what)
         self.dir = os.path.join(cfg.control_socket_dir, "bpf", cfg.chain_prefix)
@@ -1270,6 +1270,17 @@ class _KernelMaps:
         except OSError:
             pass
 
+    def _bring_up(self, kb: bytes, next_slow: int, next_fast: int, moved_to: Callable[[int], bytes]) -> int:
+        """Move the program's own position up to the daemon's if it fell far
+        behind (fastpath.left_behind); returns 1 if the map refused."""
+        if not self.fp.left_behind(next_slow, next_fast):
+            return 0
+        try:
+            self.bpf.map_update(self.state, kb, moved_to(next_slow))
+        except OSError:
+            return 1
+        return 0
+
     def _release(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -1295,8 +1306,9 @@ class FastPath(_KernelMaps):
     connection that PrimaryCore.fast_limits allows, the gate's lease, and
     the kicks that make the stack send a held segment once it may.
 
-    The pins live where _KernelMaps says. A daemon that dies leaves the rules' programs running on its last limits, which only
-    ever allow what the backup had confirmed; beyond them the gate holds a
+    The pins live where _KernelMaps says. A daemon that dies leaves the
+    rules' programs running on its last limits, which only ever allow what
+    the backup had confirmed; beyond them the gate holds a
     segment until the lease we stop renewing runs out (LEASE_S), then the
     queue rule, with no listener, passes it (--queue-bypass), as without a
     fast path.
@@ -1315,7 +1327,6 @@ class FastPath(_KernelMaps):
         if bpf_mod is None:
             from . import bpf as bpf_mod
         super().__init__(cfg, bpf_mod, "the fast path's program")
-        self.fp = fastpath
         self.pinned = os.path.join(self.dir, "primary-fast")
         # key -> (key bytes, the connection's ISN, limits handed to the kernel, packets absorbed so far)
         self.entries: dict[tcpseg.ConnKey, tuple[bytes, int, Any, int]] = {}
@@ -1476,16 +1487,9 @@ class FastPath(_KernelMaps):
                 self.packets += (st.packets - have[3]) & 0xFFFFFFFFFFFFFFFF
                 core.absorb_fast(key, st, now)
                 self.entries[key] = (have[0], have[1], have[2], st.packets)
-            behind = (have[2].next_slow - st.next_fast) & 0xFFFFFFFF
-            if 1 << 28 < behind < 1 << 31:
-                # Nothing went fast for 256 MB: bring the program's own position
-                # up, before it wraps around to look current (the program
-                # trusts it only within 1 GB ahead of the daemon's).
-                try:
-                    self.bpf.map_update(self.state, have[0], st.moved_to(have[2].next_slow))
-                except OSError:
-                    errors += 1
-                    self._drop(key)
+            if self._bring_up(have[0], have[2].next_slow, st.next_fast, st.moved_to):
+                errors += 1
+                self._drop(key)
         return errors
 
     def owing(self, core: PrimaryCore) -> list[tcpseg.ConnKey]:
@@ -1586,16 +1590,9 @@ class FastIn(_KernelMaps):
                 self.packets += (st.packets - have[2]) & 0xFFFFFFFFFFFFFFFF
                 core.absorb_fast_in(key, st)
                 self.entries[key] = (have[0], have[1], st.packets)
-            next_slow = self.fi.LIMITS.unpack(have[1])[0]
-            if 1 << 28 < (next_slow - st.next_fast) & 0xFFFFFFFF < 1 << 31:
-                # Nothing went fast for 256 MB: bring the program's position
-                # up before it wraps round to look current (fastpath._sent).
-                try:
-                    self.bpf.map_update(self.state, have[0], self.fi.STATE.pack(
-                        next_slow, st.tsval, st.tsecr, int(st.valid), st.packets, st.bytes))
-                except OSError:
-                    errors += 1
-                    self._drop(key)
+            if self._bring_up(have[0], self.fi.LIMITS.unpack(have[1])[0], st.next_fast, st.moved_to):
+                errors += 1
+                self._drop(key)
         return errors
 
     def switch_off(self, core: BackupCore) -> int:

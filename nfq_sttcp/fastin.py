@@ -128,6 +128,10 @@ class InState:
     def initial(next_fast: int) -> bytes:
         return STATE.pack(next_fast & 0xFFFFFFFF, 0, 0, 0, 0, 0)
 
+    def moved_to(self, next_fast: int) -> bytes:
+        """This state with the program's own position brought up to ``next_fast``."""
+        return STATE.pack(next_fast & 0xFFFFFFFF, self.tsval, self.tsecr, int(self.valid), self.packets, self.bytes)
+
 
 def _at(offset: int) -> int:
     return _P + offset

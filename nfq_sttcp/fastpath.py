@@ -172,6 +172,14 @@ class ClientAck:
         return CLIENT.pack(0, 0, 0, 0, 0, 0, 0, 0)
 
 
+def left_behind(next_slow: int, next_fast: int) -> bool:
+    """Has the program's own position fallen 256 MB or more behind the
+    daemon's (nothing went fast for that long)? It must be brought up
+    before it wraps round to look ahead: the programs trust it within 1 GB
+    ahead of the daemon's (sent_up_to; fastin.py uses the same rule)."""
+    return 1 << 28 < (next_slow - next_fast) & 0xFFFFFFFF < 1 << 31
+
+
 def sent_up_to(limits: Limits, state: FastState) -> int:
     """Where our stack's output ends: the later of the program's and the
     daemon's positions (the program's counts only up to 1 GB ahead)."""

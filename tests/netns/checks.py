@@ -15,6 +15,16 @@ def _tcp_drops(host):
             if len(l.split()) >= 2 and any(k in l.split()[0] for k in keep) and l.split()[1] != "0"}
 
 
+# Every workload at once, crashed mid-stream: 12 MB each way at 40 Mbit/s,
+# echo, request-response and a server-speaks-first banner.
+MIXED = ["download:bytes=%d,rate_kbps=40000,crash_at=%d" % (12 << 20, 3 << 20),
+         "upload:bytes=%d,rate_kbps=40000,crash_at=%d" % (12 << 20, 3 << 20),
+         "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10",
+         "rr:count=30,size=20000,pause_ms=20,crash_msg=10,after=5",
+         "banner:lines=30,pause_ms=20,crash_line=8,after=10"]
+MIXED_BYTES = {"download": 12 << 20, "upload": 12 << 20}
+
+
 def intact(report, expect_bytes=None, status=None):
     """Every connection of ``report`` is byte-exact, saw no RST and never
     reconnected. ``status`` (a daemon's) is quoted when one is not."""

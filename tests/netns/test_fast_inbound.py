@@ -16,7 +16,7 @@ from nfq_sttcp.backup import BackupConfig, BackupCore
 from nfq_sttcp.syncproto import ConnIsn
 from nfq_sttcp.tcpseg import ACK, FIN, PSH
 
-from .checks import survived
+from .checks import MIXED, MIXED_BYTES, survived
 
 MB = 1 << 20
 CLIENT, VIP, CPORT, SPORT = "10.77.0.10", "10.77.0.100", 40000, 7000
@@ -188,13 +188,9 @@ def test_an_upload_takes_the_kernel_path_and_survives_a_crash(make_lab):
 def test_mixed_workloads_with_the_kernel_path_survive_a_crash(make_lab):
     make_lab()
     seen = {}
-    r = scenario.run_with_crash(["upload:bytes=%d,rate_kbps=40000,crash_at=%d" % (12 * MB, 3 * MB),
-                                 "download:bytes=%d,rate_kbps=40000,crash_at=%d" % (12 * MB, 3 * MB),
-                                 "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10",
-                                 "rr:count=30,size=20000,pause_ms=20,crash_msg=10,after=5",
-                                 "banner:lines=30,pause_ms=20,crash_line=8,after=10"],
+    r = scenario.run_with_crash(MIXED,
                                 before_crash=lambda: seen.update(lab.control("backup")))
-    survived(r, {"download": 12 * MB, "upload": 12 * MB})
+    survived(r, MIXED_BYTES)
     assert seen["fast_inbound"]["packets"] > 0, seen["fast_inbound"]
 
 

@@ -16,7 +16,7 @@ import pytest
 from nfq_sttcp import bench, bpf, fastpath, lab, scenario, tcpseg
 from nfq_sttcp.tcpseg import ACK, FIN, PSH, RST, SYN
 
-from .checks import intact, start_backup_with, survived
+from .checks import MIXED, MIXED_BYTES, intact, start_backup_with, survived
 
 MB = 1 << 20
 CLIENT, VIP, CPORT, SPORT = "10.77.0.10", "10.77.0.100", 40000, 7001
@@ -368,13 +368,9 @@ def test_status_says_what_the_fast_path_sent(make_lab):
 def test_mixed_workloads_on_the_fast_path_survive_a_crash(make_lab):
     make_lab(fast_path=True)
     seen = {}
-    r = scenario.run_with_crash(["download:bytes=%d,rate_kbps=40000,crash_at=%d" % (12 * MB, 3 * MB),
-                                 "upload:bytes=%d,rate_kbps=40000,crash_at=%d" % (12 * MB, 3 * MB),
-                                 "echo:count=30,size=3000,pause_ms=20,crash_msg=8,after=10",
-                                 "rr:count=30,size=20000,pause_ms=20,crash_msg=10,after=5",
-                                 "banner:lines=30,pause_ms=20,crash_line=8,after=10"],
+    r = scenario.run_with_crash(MIXED,
                                 before_crash=lambda: seen.update(lab.control("primary")))
-    survived(r, {"download": 12 * MB, "upload": 12 * MB})
+    survived(r, MIXED_BYTES)
     assert seen["fast_path"]["packets"] > 0, seen["fast_path"]
 
 
