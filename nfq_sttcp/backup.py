@@ -111,11 +111,10 @@ class BackupConn:
     client_fin_end: Optional[int] = None  # just past the client's FIN
     reset_probes: int = 0  # after takeover, unprotected: resets sent at our guess (see _reset_unprotected)
     reset_probed_at: float = 0.0
-    # for the kernel's inbound path (fastin.py): the ack (the primary's
-    # space) and window of the last client segment we mapped, if we mapped
-    # its ack unclamped, and where the segments we mapped end
-    fast_ack: Optional[int] = None
-    fast_window: int = 0
+    # for the kernel's inbound path (fastin.py): whether the last client
+    # segment we mapped is one the kernel would have mapped the same way,
+    # and where the segments we mapped end
+    fast_ok: bool = False
     fast_next: Optional[int] = None
 
     @property
@@ -338,8 +337,7 @@ class BackupCore:
         else:
             out.append(Count("out_of_window_in"))
         buf = bytearray(data)
-        # (tcpseg's setters update ``seg`` too: what came in, for the kernel's entry)
-        ack_in, window_in, tsecr_in = seg.ack, seg.window, seg.tsecr
+        tsecr_in = seg.tsecr  # (tcpseg's setters update ``seg`` too: what came in, for the kernel's entry)
         ack_b = seq_sub(seg.ack, conn.delta_seq)
         if trusted and (conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b)):
             conn.client_ack_b = ack_b
@@ -351,7 +349,7 @@ class BackupCore:
             # whole segment with it, payload and all (tcp_ack: "ack of unsent
             # data"), which is why a kernel rewrite (conntrack seqadj), blind
             # to our output position, cannot carry client data segments
-            # (fastin.py carries only an ack we mapped unclamped before).
+            # (fastin.py clamps at our output as we last told it).
             ack_b = conn.snd_max
             if trusted:
                 tcpseg.set_window(buf, seg, conn.window_below(ack_b))
@@ -392,20 +390,18 @@ class BackupCore:
                     tsecr = conn.tsval_b_syn_last
             tcpseg.set_tsecr(buf, seg, tsecr)
         if self.cfg.fast_inbound:
-            self._note_for_kernel(conn, seg, trusted, trusted and not clamped and seg.has_ts and tsecr_in != 0,
-                                  ack_in, window_in)
+            self._note_for_kernel(conn, seg, trusted,
+                                  trusted and seg.has_ts and tsecr_in != 0 and seg.payload_len > 0)
         return buf, out
 
-    def _note_for_kernel(self, conn: BackupConn, seg: Segment, trusted: bool, as_is: bool, ack: int,
-                         window: int) -> None:
-        """What the kernel may map of this connection's next segments
-        (fastin.py): the same ``ack`` and ``window`` as this one (as it came
-        in), if we mapped it whole (trusted, its ack unclamped, an echo to
-        map)."""
-        if as_is:
-            conn.fast_ack, conn.fast_window = ack, window
-        else:
-            conn.fast_ack = None
+    def _note_for_kernel(self, conn: BackupConn, seg: Segment, trusted: bool, as_kernel: bool) -> None:
+        """Whether the kernel may map this connection's next segments
+        (fastin.py): only after one it would have mapped the same way
+        (trusted, with an echo to map, with data). A pure ack ends the entry
+        until the client sends data again: the kernel leaves pure acks to us,
+        and while the client only acks (a download) an entry would cost us
+        a map write for every segment of ours (its room) and gain nothing."""
+        conn.fast_ok = as_kernel
         if trusted and seg.payload_len:  # (clamped too: the position must not lag behind the stream)
             conn.fast_next = seg.end_seq if conn.fast_next is None else seq_max(conn.fast_next, seg.end_seq)
         self.fast_in_dirty.add(conn.key)
@@ -425,30 +421,58 @@ class BackupCore:
     def fast_in_entry(self, key: ConnKey) -> Optional[InLimits]:
         """The kernel's entry for one connection, or None for none: only
         before takeover, for a connection mapped and past our handshake, with
-        timestamps, no FIN seen, whose last segment we mapped whole."""
+        timestamps, no FIN seen, whose last segment we mapped as the kernel
+        would have."""
         conn = self.conns.get(key)
         if conn is None or self.active or conn.delta_seq is None or not conn.established_b or not conn.uses_ts \
-                or conn.closing_since is not None or conn.client_fin_end is not None or conn.fast_ack is None \
-                or conn.fast_next is None or conn.rcv_ack is None or conn.pending_in:
+                or conn.closing_since is not None or conn.client_fin_end is not None or not conn.fast_ok \
+                or conn.fast_next is None or conn.rcv_ack is None or conn.snd_max is None \
+                or conn.client_ack_b is None or conn.pending_in:
             return None
         # The window test of _acceptable, at our receive point as we know it now
         # (it only moves on: the kernel's copy is stricter, never looser).
         rcv_hi = seq_add(conn.rcv_ack, (conn.last_window << conn.wscale) + (1 << 20))
-        return InLimits(conn.fast_next, conn.fast_ack, seq_sub(conn.fast_ack, conn.delta_seq), conn.fast_window,
-                        conn.delta_ts, rcv_hi)
+        # Acks from the client's latest on: up to our output as we know it
+        # now (it only grows: a stale end clamps more, as we would have
+        # then), unclamped; beyond it clamped; no further than _acceptable trusts.
+        room = seq_sub(conn.snd_max, conn.client_ack_b)
+        room = room - (1 << 32) if room >= 1 << 31 else room
+        ahead = room + self.cfg.max_ack_ahead
+        if ahead < 0:
+            return None
+        return InLimits(conn.fast_next, seq_add(conn.client_ack_b, conn.delta_seq), room, conn.delta_seq,
+                        conn.delta_ts, rcv_hi, min(ahead, (1 << 31) - 1), conn.client_shift)
 
     def absorb_fast_in(self, key: ConnKey, st: InState) -> None:
         """What the kernel saw of segments it mapped: the client's newest
-        TSval (our self-acks echo it; an older one fails our stack's PAWS)
-        and the highest TSval of the primary's it echoed (our floor after
-        takeover)."""
+        TSval (our self-acks echo it; an older one fails our stack's PAWS),
+        the highest TSval of the primary's it echoed (our floor after
+        takeover), the client's latest ack with its window (the copies we
+        hold up to it are freed; beyond our output, what we send next is
+        dropped and acked into our stack), and the highest ack our stack
+        was shown."""
         conn = self.conns.get(key)
-        if conn is None or not st.valid:
+        if conn is None or not st.valid or conn.delta_seq is None:
             return
         if not conn.client_tsval or seq_gt(st.tsval, conn.client_tsval):
             conn.client_tsval = st.tsval
         if conn.client_max_tsecr is None or seq_gt(st.tsecr, conn.client_max_tsecr):
             conn.client_max_tsecr = st.tsecr
+        if conn.stack_ack is None or seq_gt(st.shown, conn.stack_ack):
+            conn.stack_ack = st.shown
+        ack_b = seq_sub(st.ack, conn.delta_seq)
+        if conn.client_ack_b is None or seq_ge(ack_b, conn.client_ack_b):
+            # (An equal ack: the kernel's segment is most likely the later.)
+            conn.client_window = st.window
+            if conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b):
+                conn.client_ack_b = ack_b
+                self._prune_held(conn)
+        if conn.snd_max is not None and conn.client_ack_b is not None \
+                and (conn.stack_ack is None or seq_gt(seq_min(conn.client_ack_b, conn.snd_max), conn.stack_ack)):
+            # The kernel clamped to our output as it was when the entry was
+            # written; what we sent since, the client has too: ack it into
+            # our stack (on_batch_end), as _map_inbound's clamp would have.
+            self.self_ack_due.add(key)
 
     def _acceptable(self, conn: BackupConn, seg: Segment) -> bool:
         """Would a TCP receiver accept this segment (RFC 793 window test)?
@@ -560,10 +584,12 @@ class BackupCore:
         if conn.snd_max is None or seq_gt(seg.end_seq, conn.snd_max):
             conn.snd_max = seg.end_seq
             moved = True
+            if conn.fast_ok:
+                self._kernel_entry_moved(conn.key)  # (where the kernel clamps acks)
         if seg.flags & ACK and (conn.rcv_ack is None or seq_gt(seg.ack, conn.rcv_ack)):
             conn.rcv_ack = seg.ack
             moved = True
-            if conn.fast_ack is not None:
+            if conn.fast_ok:
                 self._kernel_entry_moved(conn.key)  # (the kernel's receive window test)
         if not seg.flags & SYN:  # a SYN's window is never scaled
             conn.last_window = seg.window

@@ -438,7 +438,22 @@ class Daemon:
             pkt.drop()
             return
         core = self.promoted or self.backup
-        self._verdict(pkt, core.on_outbound, fallback_accept=False)
+        fast_in = self.fast_in
+        if fast_in is None or not fast_in.entries:
+            self._verdict(pkt, core.on_outbound, fallback_accept=False)
+            return
+
+        def on_outbound(data: bytes, now: float) -> list[Action]:
+            # Whether the client already has these bytes (drop them, and ack
+            # them into our stack) depends on its acks, which the kernel may
+            # have mapped since we last looked.
+            self._fast_errors(fast_in.absorb_packet(self.backup, data))
+            return core.on_outbound(data, now)
+
+        self._verdict(pkt, on_outbound, fallback_accept=False)
+        if self.backup.fast_in_dirty:
+            # At once: where the kernel clamps acks follows our output.
+            self._fast_errors(fast_in.sync(self.backup))
 
     def _perform(self, actions: list[Action], pkt: Any = None) -> None:
         for a in actions:
@@ -1508,9 +1523,12 @@ class FastIn(_KernelMaps):
 
     The program is pinned where _KernelMaps says, for tc to attach. An
     entry is written right after the daemon maps a segment of its
-    connection; until then the kernel maps with the one before, which the
-    daemon would still have mapped the same way (an entry only names an ack
-    and window it mapped whole). At takeover the program is switched off
+    connection, or its own output grows; until then the kernel maps with
+    the one before, which the daemon would still have mapped the same way
+    (an entry only names acks it would map as the kernel does). What the
+    kernel saw is read back before the core judges a segment of ours with
+    data (absorb_packet: does the client have it already?), before a
+    self-ack, and in a sweep. At takeover the program is switched off
     (switch_off) and everything goes back to the daemon: after it the
     mapping changes (the PAWS margin)."""
 
@@ -1527,6 +1545,7 @@ class FastIn(_KernelMaps):
         self.ifname = ifname
         self.pinned = os.path.join(self.dir, "backup-in")
         self.entries: dict[tcpseg.ConnKey, tuple[bytes, bytes, int]] = {}  # key -> (key bytes, limits, packets)
+        self.by_bytes: dict[bytes, tcpseg.ConnKey] = {}  # key bytes -> key
         self.attached = False
         self.own_qdisc = False
         self._sweep: list[tcpseg.ConnKey] = []
@@ -1567,6 +1586,7 @@ class FastIn(_KernelMaps):
                     self.bpf.map_update(self.state, kb, self.fi.InState.initial(lim.next_slow))
                 self.bpf.map_update(self.limits, kb, packed)
                 self.entries[key] = (kb, packed, have[2] if have is not None else 0)
+                self.by_bytes[kb] = key
             except OSError:
                 errors += 1
                 self._drop(key)
@@ -1594,6 +1614,18 @@ class FastIn(_KernelMaps):
                 errors += 1
                 self._drop(key)
         return errors
+
+    def absorb_packet(self, core: BackupCore, data: bytes) -> int:
+        """absorb for the connection of one of our stack's segments (IPv4)
+        that carries data, if it has an entry; returns map errors. (A pure
+        ack of ours is not judged by what the client acked: an upload's
+        would cost a read each.)"""
+        ihl = (data[0] & 0x0F) * 4 if data else 0
+        if len(data) < ihl + 14 or int.from_bytes(data[2:4], "big") <= ihl + (data[ihl + 12] >> 4) * 4 \
+                and not data[ihl + 13] & tcpseg.FIN:
+            return 0
+        key = self.by_bytes.get(data[16:20] + data[ihl + 2:ihl + 4] + data[ihl:ihl + 2])
+        return self.absorb(core, (key,)) if key is not None else 0
 
     def switch_off(self, core: BackupCore) -> int:
         """The program maps nothing from now on; what it saw is read into the
@@ -1627,6 +1659,7 @@ class FastIn(_KernelMaps):
         if core is not None:
             self.absorb(core, (key,))
         self.entries.pop(key, None)
+        self.by_bytes.pop(have[0], None)
         self._delete(self.state, have[0])
 
     def close(self, core: Optional[BackupCore] = None) -> None:
@@ -1637,6 +1670,7 @@ class FastIn(_KernelMaps):
         if core is not None and self.fds:
             self.absorb(core, list(self.entries))
         self.entries.clear()
+        self.by_bytes.clear()
         self._release()
 
 

@@ -8,7 +8,9 @@ An upload sends the daemon a whole GSO packet (up to 64 KB) per clone, and
 the verdict copies it back, only to change two header fields: the ack
 (``-= delta_seq``) and the timestamp echo (``-= delta_ts``). Measured on an
 unshaped 200 MB upload: the backup's daemon spent 46% of its samples on its
-inbound queue, most of it in that verdict.
+inbound queue, most of it in that verdict. A request-response client's
+requests cost the daemon a wake-up each, on CPUs the primary's answers
+wait for.
 
 The program maps a segment only where the daemon's own mapping is known in
 advance, and leaves every other one to the queue, unchanged:
@@ -19,29 +21,43 @@ advance, and leaves every other one to the queue, unchanged:
   timestamp echo that is not 0;
 * its connection has an entry (the daemon writes one only while the
   connection is mapped, our stack past its handshake, no FIN or RST seen,
+  the last segment it mapped itself one the program would have mapped,
   not after takeover: BackupCore.fast_in_entry; protected or not, the
   mapping before takeover is the same);
-* the same ack and window as the last segment the daemon mapped, whose ack
-  it did not clamp to our output (DESIGN.md trap 9): the mapping is then
-  the entry's ack, the window stays;
+* its ack is no older than the client's latest the daemon knows or the
+  program mapped, and no further beyond it than the daemon trusts
+  (BackupCore._acceptable: our output and the primary's lag bound);
 * next in order: it starts where the later of two ended, the last segment
   the program mapped and the last one the daemon accepted (fastpath._sent's
   rule: a queued segment makes every later one miss, so none overtakes it);
 * it starts within our receive window as the daemon last knew it (a stale
   edge is only stricter: ours only moves on).
 
-An upload's client never moves its ack or window, so after the first
-segments every clone takes this path; a download's client moves its ack
-with every segment, so its acks stay with the daemon, as before.
+The ack is mapped as the daemon maps it: ``ack - delta_seq`` up to where our
+output ends, as the daemon last saw it; beyond, clamped there (DESIGN.md
+trap 9), with the window widened by what the ack lost so that the right
+edge stays where the client put it (BackupConn.window_below). An echo
+request usually arrives before our own answer to the one before is out,
+so its ack is clamped. A stale end only clamps lower than the daemon
+would now: the daemon, reading back what the program showed our stack,
+acks the rest into it (a self-ack).
 
-The checksum is patched for the two fields (bpf_l4_csum_replace), not
+Pure acks (a download's) go to the daemon: mapping them here gained
+nothing (their cost is our stack's work on them, which stays), and the
+entry they need follows our output, a map write for each segment of
+ours. So a pure ack ends the entry until the client sends data again.
+
+The checksum is patched for the fields changed (bpf_l4_csum_replace), not
 summed afresh: a clone damaged on the sync link stays damaged, and our
 stack drops it, where the daemon drops it too (tcpseg.changed_on_a_link).
 The mapped frame carries the config's mark, which the queue rule skips
 (our injections carry it already). What the daemon needs of those segments
 it reads from the state map: the client's latest TSval (its self-acks must
-echo the newest, or our stack drops them, PAWS) and the highest of our
-TSvals it echoed (the floor of our TSvals after takeover). At takeover the
+echo the newest, or our stack drops them, PAWS), the highest of our
+TSvals it echoed (the floor of our TSvals after takeover), the client's
+latest ack with the window beside it (the daemon frees its held copies up
+to it, and drops what our stack sends that the client already has), and
+the highest ack our stack was shown. At takeover the
 driver switches the program off first (ON_KEY: one map write), reads back
 what it saw, and detaches it after the resends (tc takes milliseconds).
 
@@ -56,13 +72,14 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .fastpath import (_ADD, _ALU32, _ALU64, _AND, _B, _DW, _H, _JEQ, _JMP32, _JNE, _JSGT, _JSLE, _JSLT, _K, _MOV, _RSH,
-                       _SUB, _W, _X, FP, FUNC_SKB_LOAD_BYTES, KEY, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, _Asm,
-                       _lookup, _s32, _sent, key_bytes)
+from .fastpath import (_ADD, _ALU32, _ALU64, _AND, _B, _DW, _H, _JA, _JEQ, _JGT, _JMP32, _JNE, _JSGT, _JSLE, _JSLT, _K,
+                       _LSH, _MOV, _RSH, _SUB, _W, _X, FP, FUNC_SKB_LOAD_BYTES, KEY, R0, R1, R2, R3, R4, R5, R6, R7, R8,
+                       R9, _Asm, _lookup, _s32, _sent, key_bytes)
 
 __all__ = ["KEY", "LIMITS", "STATE", "InLimits", "InState", "key_bytes", "program", "PROG_TYPE_SCHED_CLS"]
 
 PROG_TYPE_SCHED_CLS = 3
+_OR = 0x40
 FUNC_SKB_STORE_BYTES, FUNC_L4_CSUM_REPLACE, FUNC_CSUM_LEVEL = 9, 11, 135
 _CSUM_LEVEL_QUERY = 0
 # (UNSPEC: on to any later filter of someone else's, then accepted.)
@@ -74,11 +91,12 @@ PACKET_HOST = 0
 ON_KEY = b"\0\0\0\0"
 
 # Written by the daemon, read by the program: next_slow, ack (the primary's
-# space), ack_b (ours), window (as on the wire), delta_ts, rcv_hi, pad, pad.
+# space), room, delta_seq, delta_ts, rcv_hi, ahead, shift.
 LIMITS = struct.Struct("=IIIIIIII")
-# Written by the program, read by the daemon: next_fast, tsval, tsecr (the
-# client's, as it sent them), valid, packets, bytes.
-STATE = struct.Struct("=IIIIQQ")
+# Written by the program, read by the daemon: next_fast, tsval, tsecr, valid,
+# ack, window (the client's, as it sent them), shown (ours), pad, packets,
+# bytes.
+STATE = struct.Struct("=IIIIIIIIQQ")
 
 # Frame offsets: Ethernet (a tc program on an Ethernet link sees the frame),
 # IPv4 without options, TCP with NOP NOP TS.
@@ -89,24 +107,29 @@ _HEADERS = 52  # IPv4 20 + TCP 32
 _CSUM = _TCP + 16
 # The frame's first bytes on the stack at fp-74 (its IP header 4-aligned:
 # the verifier refuses a misaligned load); the key at fp-88; the end of the
-# segment at fp-8; a scratch word at fp-4.
+# segment at fp-8; a scratch word at fp-4; the mapped ack at fp-92, whether
+# it was clamped at fp-96, and the frame's word with the widened window at
+# fp-100.
 _P, _KEY_AT, _END_AT, _SCRATCH = -74, -88, -8, -4
+_SHOWN_AT, _CLAMPED_AT, _WINDOW_WORD_AT = -92, -96, -100
 
 
 @dataclass(frozen=True)
 class InLimits:
     """What the program may map of one connection."""
     next_slow: int  # where the last segment the daemon accepted ended (client space)
-    ack: int  # the client's ack the daemon last mapped (the primary's space)
-    ack_b: int  # what it mapped it to (ours)
-    window: int  # the client's window field beside it
+    ack: int  # the client's latest ack the daemon knows (the primary's space): none older is mapped
+    room: int  # how far beyond ``ack`` our output ends (negative: it ends short of it); beyond, acks are clamped
+    delta_seq: int  # the primary's sequence numbers minus ours
     delta_ts: int  # the primary's TSval minus ours
     rcv_hi: int  # no segment starting beyond this (our receive window, with slack)
+    ahead: int  # no ack further beyond ``ack`` than this (the core's trust: our output and the lag bound)
+    shift: int  # the client's window scale (a clamped ack's window is widened by what it lost)
 
     def pack(self) -> bytes:
         m = 0xFFFFFFFF
-        return LIMITS.pack(self.next_slow & m, self.ack & m, self.ack_b & m, self.window & 0xFFFF,
-                           self.delta_ts & m, self.rcv_hi & m, 0, 0)
+        return LIMITS.pack(self.next_slow & m, self.ack & m, self.room & m, self.delta_seq & m,
+                           self.delta_ts & m, self.rcv_hi & m, self.ahead & m, self.shift)
 
 
 @dataclass(frozen=True)
@@ -116,21 +139,25 @@ class InState:
     tsval: int  # the newest client TSval (valid only if ``valid``)
     tsecr: int  # the highest echo of the primary's TSvals
     valid: bool
+    ack: int  # the client's latest ack (the primary's space)
+    window: int  # the client's window field beside it
+    shown: int  # the highest ack shown to our stack (ours; clamped)
     packets: int
     bytes: int
 
     @classmethod
     def unpack(cls, data: bytes) -> "InState":
-        n, tsval, tsecr, valid, packets, nbytes = STATE.unpack(data)
-        return cls(n, tsval, tsecr, bool(valid), packets, nbytes)
+        n, tsval, tsecr, valid, ack, window, shown, _pad, packets, nbytes = STATE.unpack(data)
+        return cls(n, tsval, tsecr, bool(valid), ack, window, shown, packets, nbytes)
 
     @staticmethod
     def initial(next_fast: int) -> bytes:
-        return STATE.pack(next_fast & 0xFFFFFFFF, 0, 0, 0, 0, 0)
+        return STATE.pack(next_fast & 0xFFFFFFFF, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def moved_to(self, next_fast: int) -> bytes:
         """This state with the program's own position brought up to ``next_fast``."""
-        return STATE.pack(next_fast & 0xFFFFFFFF, self.tsval, self.tsecr, int(self.valid), self.packets, self.bytes)
+        return STATE.pack(next_fast & 0xFFFFFFFF, self.tsval, self.tsecr, int(self.valid), self.ack, self.window,
+                          self.shown, 0, self.packets, self.bytes)
 
 
 def _at(offset: int) -> int:
@@ -191,14 +218,14 @@ def _checked_or_unfinished(a: _Asm) -> None:
     a.label("csum_ok")
 
 
-def _rewrite(a: _Asm, frame_off: int) -> None:
-    """Write the big-endian word at fp-4 over the frame's word at
-    ``frame_off`` and patch the TCP checksum for it (the frame's old word
-    is still in the copy on the stack)."""
+def _rewrite(a: _Asm, frame_off: int, new_at: int = _SCRATCH) -> None:
+    """Write the word at fp+``new_at`` (as it goes on the wire) over the
+    frame's word at ``frame_off`` and patch the TCP checksum for it (the
+    frame's old word is still in the copy on the stack)."""
     a.movr(R1, R6)
     a.mov(R2, frame_off)
     a.movr(R3, FP)
-    a.op(_ALU64 | _ADD | _K, R3, imm=_SCRATCH)
+    a.op(_ALU64 | _ADD | _K, R3, imm=new_at)
     a.mov(R4, 4)
     a.mov(R5, 0)
     a.call(FUNC_SKB_STORE_BYTES)
@@ -206,7 +233,7 @@ def _rewrite(a: _Asm, frame_off: int) -> None:
     a.movr(R1, R6)
     a.mov(R2, _CSUM)
     a.ldx(_W, R3, FP, _at(frame_off))
-    a.ldx(_W, R4, FP, _SCRATCH)
+    a.ldx(_W, R4, FP, new_at)
     a.mov(R5, 4)
     a.call(FUNC_L4_CSUM_REPLACE)
     a.jmp(_JNE, R0, 0, "shot")
@@ -254,7 +281,7 @@ def program(limits_fd: int, state_fd: int, on_fd: int, vip: str, mark: int) -> b
     a.ldx(_H, R7, FP, _at(_IP + 2))
     a.be(R7, 16)
     a.op(_ALU64 | _SUB | _K, R7, imm=_HEADERS)  # payload length
-    a.jmp(_JSLE, R7, 0, "pass")
+    a.jmp(_JSLE, R7, 0, "pass")  # a pure ack: the daemon maps it (see the module doc)
     a.ldx(_W, R2, FP, _at(_TSECR))
     a.jmp(_JEQ, R2, 0, "pass")  # (the daemon leaves an echo of 0 alone)
     _checked_or_unfinished(a)
@@ -278,18 +305,59 @@ def program(limits_fd: int, state_fd: int, on_fd: int, vip: str, mark: int) -> b
     a.op(_ALU32 | _ADD | _X, R2, R7)
     a.stx(_W, FP, _END_AT, R2)
     a.ldx(_W, R3, FP, _at(_TCP + 8))
-    a.be(R3, 32)
-    a.ldx(_W, R4, R8, 4)
-    a.jmp(_JNE, R3, 0, "pass", src=R4)  # the ack moved: the daemon maps it
-    a.ldx(_H, R3, FP, _at(_TCP + 14))
-    a.be(R3, 16)
+    a.be(R3, 32)  # the ack
+    a.ldx(_W, R4, R9, 12)
+    a.jmp(_JEQ, R4, 0, "ack_fresh")
+    a.ldx(_W, R4, R9, 16)
+    a.op(_ALU32 | _MOV | _X, R5, R3)
+    a.op(_ALU32 | _SUB | _X, R5, R4)
+    a.jmp(_JSLT, R5, 0, "pass", cls=_JMP32)  # older than one we mapped (reordered)
+    a.label("ack_fresh")
+    a.op(_ALU32 | _MOV | _X, R4, R3)
+    a.ldx(_W, R5, R8, 4)
+    a.op(_ALU32 | _SUB | _X, R4, R5)  # how far beyond the core's latest
+    a.ldx(_W, R5, R8, 24)
+    a.jmp(_JGT, R4, 0, "pass", src=R5, cls=_JMP32)  # older than that, or further than the core trusts
+    a.mov(R2, 0)
+    a.stx(_W, FP, _CLAMPED_AT, R2)
+    a.stx(_W, FP, _WINDOW_WORD_AT, R2)
+    a.ldx(_W, R5, R8, 8)
+    a.jmp(_JSLE, R4, 0, "unclamped", src=R5, cls=_JMP32)
+    # Beyond our output (DESIGN.md trap 9): the ack where our output ends,
+    # and the window widened by what the ack lost, so that the right edge
+    # stays where the client put it (BackupConn.window_below).
+    a.ldx(_W, R3, R8, 4)
+    a.op(_ALU32 | _ADD | _X, R3, R5)
+    a.op(_ALU32 | _SUB | _X, R4, R5)
+    a.ldx(_W, R2, R8, 28)
+    a.op(_ALU64 | _RSH | _X, R4, R2)
+    a.ldx(_H, R2, FP, _at(_TCP + 14))
+    a.be(R2, 16)
+    a.op(_ALU64 | _ADD | _X, R4, R2)
+    a.jmp(_JGT, R4, 0xFFFF, "window_cut")
+    a.jmp(_JA, 0, 0, "window_kept")
+    a.label("window_cut")
+    a.mov(R4, 0xFFFF)
+    a.label("window_kept")
+    a.be(R4, 16)
+    a.op(_ALU64 | _LSH | _K, R4, imm=16)
+    a.ldx(_H, R2, FP, _at(_TCP + 12))  # data offset and flags, as they are
+    a.op(_ALU64 | _OR | _X, R4, R2)
+    a.stx(_W, FP, _WINDOW_WORD_AT, R4)
+    a.mov(R2, 1)
+    a.stx(_W, FP, _CLAMPED_AT, R2)
+    a.label("unclamped")
+    # Map: the ack, the window if widened, then the echo.
     a.ldx(_W, R4, R8, 12)
-    a.jmp(_JNE, R3, 0, "pass", src=R4)  # the window moved
-    # Map: the ack, then the echo.
-    a.ldx(_W, R2, R8, 8)
-    a.be(R2, 32)
-    a.stx(_W, FP, _SCRATCH, R2)
+    a.op(_ALU32 | _SUB | _X, R3, R4)
+    a.stx(_W, FP, _SHOWN_AT, R3)
+    a.be(R3, 32)
+    a.stx(_W, FP, _SCRATCH, R3)
     _rewrite(a, _TCP + 8)
+    a.ldx(_W, R2, FP, _CLAMPED_AT)
+    a.jmp(_JEQ, R2, 0, "window_as_is")
+    _rewrite(a, _TCP + 12, _WINDOW_WORD_AT)
+    a.label("window_as_is")
     a.ldx(_W, R2, FP, _at(_TSECR))
     a.be(R2, 32)
     a.ldx(_W, R3, R8, 16)
@@ -302,14 +370,41 @@ def program(limits_fd: int, state_fd: int, on_fd: int, vip: str, mark: int) -> b
     a.stx(_W, R9, 0, R2)
     _max_into(a, 4, _TSVAL, "tsval")
     _max_into(a, 8, _TSECR, "tsecr")
+    # The ack and the window beside it, unless an older ack (a later
+    # segment with the same ack may carry a new window).
+    a.ldx(_W, R2, FP, _at(_TCP + 8))
+    a.be(R2, 32)
+    a.ldx(_W, R4, R9, 12)
+    a.jmp(_JEQ, R4, 0, "ack_new")
+    a.ldx(_W, R3, R9, 16)
+    a.op(_ALU32 | _MOV | _X, R5, R2)
+    a.op(_ALU32 | _SUB | _X, R5, R3)
+    a.jmp(_JSLT, R5, 0, "ack_kept", cls=_JMP32)
+    a.label("ack_new")
+    a.stx(_W, R9, 16, R2)
+    a.ldx(_H, R2, FP, _at(_TCP + 14))
+    a.be(R2, 16)
+    a.stx(_W, R9, 20, R2)
+    a.label("ack_kept")
+    # The highest ack shown to our stack.
+    a.ldx(_W, R2, FP, _SHOWN_AT)
+    a.ldx(_W, R4, R9, 12)
+    a.jmp(_JEQ, R4, 0, "shown_new")
+    a.ldx(_W, R3, R9, 24)
+    a.op(_ALU32 | _MOV | _X, R5, R2)
+    a.op(_ALU32 | _SUB | _X, R5, R3)
+    a.jmp(_JSLE, R5, 0, "shown_kept", cls=_JMP32)
+    a.label("shown_new")
+    a.stx(_W, R9, 24, R2)
+    a.label("shown_kept")
     a.mov(R2, 1)
     a.stx(_W, R9, 12, R2)
-    a.ldx(_DW, R2, R9, 16)
+    a.ldx(_DW, R2, R9, 32)
     a.op(_ALU64 | _ADD | _K, R2, imm=1)
-    a.stx(_DW, R9, 16, R2)
-    a.ldx(_DW, R2, R9, 24)
+    a.stx(_DW, R9, 32, R2)
+    a.ldx(_DW, R2, R9, 40)
     a.op(_ALU64 | _ADD | _X, R2, R7)
-    a.stx(_DW, R9, 24, R2)
+    a.stx(_DW, R9, 40, R2)
     a.mov(R2, _s32(mark))
     a.stx(_W, R6, SKB_MARK, R2)  # the queue rule skips it
     a.label("pass")

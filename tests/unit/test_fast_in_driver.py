@@ -14,7 +14,7 @@ from nfq_sttcp.tcpseg import ACK, PSH, RST
 
 from .helpers import KEY, VIP, from_client, from_server
 from .test_fast_driver import FakeBpf
-from .test_fast_inbound import established
+from .test_fast_inbound import RCV_HI, established
 
 
 @pytest.fixture
@@ -45,18 +45,18 @@ def test_entries_follow_the_core_and_what_the_kernel_saw_reaches_it(fast_in):
     assert fast_in.sync(b) == 0 and not b.fast_in_dirty
     kb = fast_in.entries[KEY][0]
     assert kb == fastin.key_bytes(KEY[0], KEY[1], KEY[3])
-    assert fastin.LIMITS.unpack(fast_in.bpf.maps[fast_in.limits][kb])[:5] == (201, 5001, 901, 1000, 6950)
+    assert fastin.LIMITS.unpack(fast_in.bpf.maps[fast_in.limits][kb])[:6] == (201, 5001, 0, 4100, 6950, RCV_HI)
     assert fastin.InState.unpack(fast_in.bpf.maps[fast_in.state][kb]).next_fast == 201
     # The kernel maps two segments; the state it wrote is not reset by the next sync.
-    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(801, 1300, 7070, 1, 2, 600)
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(801, 1300, 7070, 1, 5001, 1000, 901, 0, 2, 600)
     b.on_outbound(from_server(901, 201), 0.2)  # our stack acks: the window test moves
     assert fast_in.sync(b) == 0
     assert fastin.InState.unpack(fast_in.bpf.maps[fast_in.state][kb]).next_fast == 801
     assert fast_in.absorb(b, [KEY]) == 0
     assert fast_in.packets == 2 and b.conns[KEY].client_tsval == 1300 and b.conns[KEY].client_max_tsecr == 7070
-    # The core clamps an ack (beyond our output): the entry goes, what the kernel saw read first.
-    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(901, 1400, 7080, 1, 3, 700)
-    b.on_inbound(from_client(901, 5201, ACK | PSH, b"y", tsval=1401, tsecr=7080), 0.3)
+    # The core maps one the kernel would not (an echo of 0): the entry goes, what the kernel saw read first.
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(901, 1400, 7080, 1, 5001, 1000, 901, 0, 3, 700)
+    b.on_inbound(from_client(901, 5001, ACK | PSH, b"y", tsval=1401, tsecr=0), 0.3)
     assert fast_in.sync(b) == 0
     assert KEY not in fast_in.entries and not fast_in.bpf.maps[fast_in.limits] and not fast_in.bpf.maps[fast_in.state]
     assert fast_in.packets == 3 and b.conns[KEY].client_tsval == 1401
@@ -91,7 +91,7 @@ def test_takeover_switches_it_off_and_reads_everything_back(fast_in):
     b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
     fast_in.sync(b)
     assert fast_in.bpf.maps[fast_in.on] == {fastin.ON_KEY: b"\1\0\0\0"}
-    fast_in.bpf.maps[fast_in.state][fast_in.entries[KEY][0]] = fastin.STATE.pack(901, 1600, 7095, 1, 5, 900)
+    fast_in.bpf.maps[fast_in.state][fast_in.entries[KEY][0]] = fastin.STATE.pack(901, 1600, 7095, 1, 5001, 1000, 901, 0, 5, 900)
     assert fast_in.switch_off(b) == 0
     assert not fast_in.bpf.maps[fast_in.on], "the program maps nothing from now on"
     assert b.conns[KEY].client_tsval == 1600 and b.conns[KEY].client_max_tsecr == 7095
@@ -126,7 +126,7 @@ def test_the_detach_reads_everything_back(tmp_path, tc):
     b = established()
     b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
     f.sync(b)
-    f.bpf.maps[f.state][f.entries[KEY][0]] = fastin.STATE.pack(901, 1500, 7090, 1, 4, 800)
+    f.bpf.maps[f.state][f.entries[KEY][0]] = fastin.STATE.pack(901, 1500, 7090, 1, 5001, 1000, 901, 0, 4, 800)
     f.close(b)
     assert b.conns[KEY].client_tsval == 1500 and f.packets == 4 and not f.entries
     assert tc == [("attach", "sync0"), ("detach", "sync0", True)] and not os.path.exists(f.dir)
@@ -196,3 +196,28 @@ def test_attaching_adds_clsact_only_where_there_is_none(monkeypatch):
     with pytest.raises(firewall.FirewallError, match="iproute2"):
         firewall.tc_attach_ingress("sync0", "/pin")
 
+
+
+def test_our_output_reads_back_what_the_kernel_saw_of_its_connection(fast_in):
+    """Before the core decides on one of our stack's segments, it learns the
+    client's acks the kernel mapped: bytes the client has are dropped and
+    acked into our stack, not held."""
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    fast_in.sync(b)
+    kb = fast_in.entries[KEY][0]
+    # The kernel mapped an ack for 100 bytes we have not sent yet (clamped to 901).
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(102, 1200, 7020, 1, 5101, 1000, 901, 0, 1, 0)
+    ours = from_server(901, 102, ACK | PSH, b"z" * 100)
+    assert fast_in.absorb_packet(b, ours) == 0
+    acts = b.on_outbound(ours, 0.2)
+    assert [type(a).__name__ for a in acts] == ["Drop"] and KEY in b.self_ack_due
+    assert fast_in.absorb_packet(b, ours[:22]) == 0 and fast_in.absorb_packet(b, b"") == 0, "short: nothing to read"
+    reads = []
+    fast_in.bpf.map_lookup = lambda *a: reads.append(a)
+    fast_in.absorb_packet(b, from_server(1001, 102))
+    assert not reads, "a pure ack of ours: not read for"
+    fast_in.absorb_packet(b, ours)
+    assert len(reads) == 1
+    fast_in._drop(KEY)
+    assert not fast_in.by_bytes
