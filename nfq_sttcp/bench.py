@@ -406,10 +406,11 @@ def fast_path_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> di
 
 
 def inbound_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Unshaped bulk upload with the backup's inbound program on (the
-    default) and off, in a lab each, against plain TCP in the same lab
-    (_alternating); also how many clones the kernel mapped and how many
-    packets the backup's daemon handled."""
+    """Unshaped bulk upload and 1-byte request-response (_rr_pairs) with
+    the backup's inbound program on (the default) and off, in a lab each,
+    against plain TCP in the same lab (_alternating); also how many of the
+    upload's clones the kernel mapped and how many packets the backup's
+    daemon handled."""
     out: dict[str, dict[str, Any]] = {}
     for key, on in (("on", True), ("off", False)):
         lab.up(progress=lambda *_: None, fast_inbound=on)
@@ -422,6 +423,9 @@ def inbound_runs(sizes: dict[str, int], progress: Callable[[str], None]) -> dict
             time.sleep(0.3)  # (the daemon reads the kernel's count back once a tick)
             mapped = lab.control("backup").get("fast_inbound", {}).get("packets", 0) - mapped0
             out[key] = {"pairs": pairs, "kernel_mapped": mapped, "queued_packets": _packets("backup") - queued0}
+            progress("  backup's inbound program %s: request-response, 1-byte answers, plain and protected "
+                     "alternating" % key)
+            out[key]["rr1_pairs_us"] = _rr_pairs(sizes["rr_pairs"], sizes["rr_small"])
         finally:
             lab.down(quiet=True)
     return out
@@ -560,6 +564,11 @@ def table(res: dict[str, Any]) -> str:
                      "(%.2f to %.2f); %d clones mapped in the kernel, %d packets through the backup's queues" % (
                          key, "/".join("%.1f" % b for _, b in r["pairs"]), "/".join("%.1f" % a for a, _ in r["pairs"]),
                          _pct(ratios, 0.5), ratios[0], ratios[-1], r["kernel_mapped"], r["queued_packets"]))
+        if r.get("rr1_pairs_us"):
+            added = sorted(b - a for a, b in r["rr1_pairs_us"])
+            lines.append("backup's inbound program %s, 1-byte request-response: %+.0f us added at p50, median of %d "
+                         "alternating pairs (%+.0f to %+.0f)" % (key, _pct(added, 0.5), len(added), added[0],
+                                                                 added[-1]))
     lines.append("")
     lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
                                                           "detect p50", "takeover", "resume"))

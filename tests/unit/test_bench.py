@@ -58,9 +58,13 @@ def test_the_time_sequence_plots_title_rounds_its_figures():
 
 def test_table_compares_the_backups_inbound_program_on_and_off():
     res = {"modes": {"plain": {}, "sttcp": {}}, "failover": {},
-           "fast_inbound": {"on": {"pairs": [[10.0, 6.0], [8.0, 5.6]], "kernel_mapped": 3000, "queued_packets": 900},
+           "fast_inbound": {"on": {"pairs": [[10.0, 6.0], [8.0, 5.6]], "kernel_mapped": 3000, "queued_packets": 900,
+                                   "rr1_pairs_us": [[130.0, 200.0], [140.0, 230.0], [120.0, 300.0]]},
                             "off": {"pairs": [[10.0, 4.0]], "kernel_mapped": 0, "queued_packets": 6000}}}
     t = bench.table(res)
     assert ("backup's inbound program on, unshaped upload: 6.0/5.6 Gbit/s against plain 10.0/8.0; ratio 0.60 median "
             "(0.60 to 0.70); 3000 clones mapped in the kernel, 900 packets through the backup's queues") in t
     assert "backup's inbound program off, unshaped upload: 4.0 Gbit/s against plain 10.0; ratio 0.40" in t
+    assert ("backup's inbound program on, 1-byte request-response: +90 us added at p50, median of 3 alternating "
+            "pairs (+70 to +180)") in t
+    assert "program off, 1-byte" not in t, "(a run without the pairs shows none)"
