@@ -443,16 +443,21 @@ class BackupCore:
         return InLimits(conn.fast_next, seq_add(conn.client_ack_b, conn.delta_seq), room, conn.delta_seq,
                         conn.delta_ts, rcv_hi, min(ahead, (1 << 31) - 1), conn.client_shift)
 
-    def absorb_fast_in(self, key: ConnKey, st: InState) -> None:
+    def absorb_fast_in(self, key: ConnKey, st: InState, client_isn: Optional[int] = None) -> None:
         """What the kernel saw of segments it mapped: the client's newest
         TSval (our self-acks echo it; an older one fails our stack's PAWS),
         the highest TSval of the primary's it echoed (our floor after
         takeover), the client's latest ack with its window (the copies we
         hold up to it are freed; beyond our output, what we send next is
         dropped and acked into our stack), and the highest ack our stack
-        was shown."""
+        was shown. ``client_isn``: of the connection the entry was written
+        for (a new one on the same addresses and ports gets nothing of an
+        old one's). The driver passes only state that changed since it last
+        read it, and reads it before we map a segment of the connection
+        ourselves: what it passes is later than what we mapped."""
         conn = self.conns.get(key)
-        if conn is None or not st.valid or conn.delta_seq is None:
+        if conn is None or not st.valid or conn.delta_seq is None \
+                or (client_isn is not None and conn.client_isn != client_isn):
             return
         if not conn.client_tsval or seq_gt(st.tsval, conn.client_tsval):
             conn.client_tsval = st.tsval
@@ -462,7 +467,7 @@ class BackupCore:
             conn.stack_ack = st.shown
         ack_b = seq_sub(st.ack, conn.delta_seq)
         if conn.client_ack_b is None or seq_ge(ack_b, conn.client_ack_b):
-            # (An equal ack: the kernel's segment is most likely the later.)
+            # (An equal ack: the kernel's segment is the later, see above.)
             conn.client_window = st.window
             if conn.client_ack_b is None or seq_gt(ack_b, conn.client_ack_b):
                 conn.client_ack_b = ack_b

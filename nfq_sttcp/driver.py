@@ -425,12 +425,28 @@ class Daemon:
         core = self.promoted or self.backup
         info = self.inbound_reader.last_info if self.inbound_reader is not None else None
         checked = None if info is None else not info & nfqueue.NFQA_SKB_CSUM_NOTVERIFIED
-        self._verdict(pkt, lambda data, now: core.on_inbound(data, now, checked), fallback_accept=False)
-        if self.fast_in is not None and self.backup.fast_in_dirty:
+        fast_in = self.fast_in
+        if fast_in is None or not fast_in.entries:
+            self._verdict(pkt, lambda data, now: core.on_inbound(data, now, checked), fallback_accept=False)
+            return
+        key = None
+
+        def on_inbound(data: bytes, now: float) -> list[Action]:
+            nonlocal key
+            # What the kernel mapped of this connection came before this
+            # segment: read it first, so that what we map is the later (the
+            # client's window beside an ack both saw).
+            key = fast_in.key_of(data, inbound=True)
+            if key is not None:
+                self._fast_errors(fast_in.absorb(self.backup, (key,)))
+            return core.on_inbound(data, now, checked)
+
+        self._verdict(pkt, on_inbound, fallback_accept=False)
+        if self.backup.fast_in_dirty:
             # At once, not at the turn's end: the kernel maps the next segment
             # only if it starts where the last one we accepted ended, and under
             # a steady upload the queue never empties until that is so.
-            self._fast_errors(self.fast_in.sync(self.backup))
+            self._fast_errors(fast_in.sync(self.backup, first=key))
 
     def _cb_backup_out(self, pkt: Any) -> None:
         assert self.backup is not None
@@ -443,17 +459,27 @@ class Daemon:
             self._verdict(pkt, core.on_outbound, fallback_accept=False)
             return
 
+        key = None
+
         def on_outbound(data: bytes, now: float) -> list[Action]:
-            # Whether the client already has these bytes (drop them, and ack
-            # them into our stack) depends on its acks, which the kernel may
-            # have mapped since we last looked.
-            self._fast_errors(fast_in.absorb_packet(self.backup, data))
+            nonlocal key
+            key = fast_in.key_of(data, inbound=False)
+            if key is not None and fast_in.carries_data(data):
+                # Whether the client already has these bytes (drop them, and
+                # ack them into our stack) depends on its acks, which the
+                # kernel may have mapped since we last looked. (Not for a pure
+                # ack of ours: an upload's would cost a read each.)
+                self._fast_errors(fast_in.absorb(self.backup, (key,)))
             return core.on_outbound(data, now)
 
         self._verdict(pkt, on_outbound, fallback_accept=False)
         if self.backup.fast_in_dirty:
-            # At once: where the kernel clamps acks follows our output.
-            self._fast_errors(fast_in.sync(self.backup))
+            # At once, this connection first: where the kernel clamps acks
+            # follows our output. An end left far behind would be worse than
+            # slow: an ack more than a window below what our stack has had
+            # acked is discarded with its segment, payload and all (tcp_ack,
+            # RFC 5961 5.2).
+            self._fast_errors(fast_in.sync(self.backup, first=key))
 
     def _perform(self, actions: list[Action], pkt: Any = None) -> None:
         for a in actions:
@@ -1544,7 +1570,8 @@ class FastIn(_KernelMaps):
         self.fi = fastin
         self.ifname = ifname
         self.pinned = os.path.join(self.dir, "backup-in")
-        self.entries: dict[tcpseg.ConnKey, tuple[bytes, bytes, int]] = {}  # key -> (key bytes, limits, packets)
+        # key -> (key bytes, limits, packets read back, the client's ISN of the connection it was written for)
+        self.entries: dict[tcpseg.ConnKey, tuple[bytes, bytes, int, Optional[int]]] = {}
         self.by_bytes: dict[bytes, tcpseg.ConnKey] = {}  # key bytes -> key
         self.attached = False
         self.own_qdisc = False
@@ -1563,34 +1590,47 @@ class FastIn(_KernelMaps):
             self.close()
             raise
 
-    def sync(self, core: BackupCore) -> int:
+    def sync(self, core: BackupCore, first: Optional[tcpseg.ConnKey] = None) -> int:
         """Bring the maps in line with the core's entries for (at most
-        SYNC_BUDGET of) the connections it marked. A new entry's state goes
-        in first, at the daemon's position. Returns the map errors (such a
-        connection loses its entry: its segments come to us)."""
+        SYNC_BUDGET of) the connections it marked, ``first`` first. A new
+        entry's state goes in first, at the daemon's position. Returns the
+        map errors (such a connection loses its entry: its segments come to
+        us)."""
+        dirty = core.fast_in_dirty
+        budget = min(self.SYNC_BUDGET, len(dirty))
         errors = 0
-        for _ in range(min(self.SYNC_BUDGET, len(core.fast_in_dirty))):
-            key = core.fast_in_dirty.pop()
-            try:
-                lim = core.fast_in_entry(key)
-                have = self.entries.get(key)
-                if lim is None:
-                    if have is not None:
-                        self._drop(key, core)
-                    continue
-                packed = lim.pack()
-                if have is not None and have[1] == packed:
-                    continue
-                kb = have[0] if have is not None else self.fi.key_bytes(key[0], key[1], key[3])
-                if have is None:
-                    self.bpf.map_update(self.state, kb, self.fi.InState.initial(lim.next_slow))
-                self.bpf.map_update(self.limits, kb, packed)
-                self.entries[key] = (kb, packed, have[2] if have is not None else 0)
-                self.by_bytes[kb] = key
-            except OSError:
-                errors += 1
-                self._drop(key)
+        if first is not None and first in dirty:
+            dirty.discard(first)
+            errors += self._sync_one(core, first)
+            budget -= 1
+        for _ in range(max(0, budget)):
+            errors += self._sync_one(core, dirty.pop())
         return errors
+
+    def _sync_one(self, core: BackupCore, key: tcpseg.ConnKey) -> int:
+        try:
+            lim = core.fast_in_entry(key)
+            have = self.entries.get(key)
+            if lim is None:
+                if have is not None:
+                    self._drop(key, core)
+                return 0
+            packed = lim.pack()
+            if have is not None and have[1] == packed:
+                return 0
+            kb = have[0] if have is not None else self.fi.key_bytes(key[0], key[1], key[3])
+            if have is None:
+                self.bpf.map_update(self.state, kb, self.fi.InState.initial(lim.next_slow))
+            self.bpf.map_update(self.limits, kb, packed)
+            if have is not None:
+                self.entries[key] = (kb, packed, have[2], have[3])
+            else:
+                self.entries[key] = (kb, packed, 0, core.conns[key].client_isn)
+                self.by_bytes[kb] = key
+        except OSError:
+            self._drop(key)
+            return 1
+        return 0
 
     def absorb(self, core: BackupCore, keys: Any) -> int:
         """Tell the core what the kernel saw of ``keys``; returns map errors."""
@@ -1608,24 +1648,30 @@ class FastIn(_KernelMaps):
             st = self.fi.InState.unpack(raw)
             if st.packets != have[2]:
                 self.packets += (st.packets - have[2]) & 0xFFFFFFFFFFFFFFFF
-                core.absorb_fast_in(key, st)
-                self.entries[key] = (have[0], have[1], st.packets)
+                core.absorb_fast_in(key, st, have[3])
+                self.entries[key] = (have[0], have[1], st.packets, have[3])
             if self._bring_up(have[0], self.fi.LIMITS.unpack(have[1])[0], st.next_fast, st.moved_to):
                 errors += 1
                 self._drop(key)
         return errors
 
-    def absorb_packet(self, core: BackupCore, data: bytes) -> int:
-        """absorb for the connection of one of our stack's segments (IPv4)
-        that carries data, if it has an entry; returns map errors. (A pure
-        ack of ours is not judged by what the client acked: an upload's
-        would cost a read each.)"""
+    def key_of(self, data: bytes, inbound: bool) -> Optional[tcpseg.ConnKey]:
+        """The connection of an IPv4 TCP segment (a client's if ``inbound``,
+        else one of our stack's), if it has an entry."""
         ihl = (data[0] & 0x0F) * 4 if data else 0
-        if len(data) < ihl + 14 or int.from_bytes(data[2:4], "big") <= ihl + (data[ihl + 12] >> 4) * 4 \
-                and not data[ihl + 13] & tcpseg.FIN:
-            return 0
-        key = self.by_bytes.get(data[16:20] + data[ihl + 2:ihl + 4] + data[ihl:ihl + 2])
-        return self.absorb(core, (key,)) if key is not None else 0
+        if len(data) < ihl + 4:
+            return None
+        if inbound:
+            return self.by_bytes.get(data[12:16] + data[ihl:ihl + 2] + data[ihl + 2:ihl + 4])
+        return self.by_bytes.get(data[16:20] + data[ihl + 2:ihl + 4] + data[ihl:ihl + 2])
+
+    @staticmethod
+    def carries_data(data: bytes) -> bool:
+        """Whether an IPv4 TCP segment carries a payload or a FIN."""
+        ihl = (data[0] & 0x0F) * 4 if data else 0
+        if len(data) < ihl + 14:
+            return False
+        return int.from_bytes(data[2:4], "big") > ihl + (data[ihl + 12] >> 4) * 4 or bool(data[ihl + 13] & tcpseg.FIN)
 
     def switch_off(self, core: BackupCore) -> int:
         """The program maps nothing from now on; what it saw is read into the

@@ -125,12 +125,15 @@ def test_the_program_maps_a_segment_exactly_as_the_core_does(kernel_program):
     assert (got.next_fast, got.tsval, got.tsecr) == (1301, 1102, 7012), "timestamps never move back"
 
 
-def _same_as_the_core(prog, core, frame, now):
-    """The program maps ``frame`` and the core maps it the same way."""
+def _same_as_the_core(prog, core, frame, now, out_frame=None):
+    """The program maps ``frame`` and the core maps it the same way (the
+    frame the program made goes into the list ``out_frame`` if given)."""
     verdict, out = bpf.prog_test_run_frame(prog, frame)
     assert verdict == fastin.TC_ACT_UNSPEC & 0xFFFFFFFF and out != frame, "mapped in the kernel"
     mapped = [a for a in core.on_inbound(frame[14:], now) if type(a).__name__ == "Accept"][0].payload
     assert mapped is not None and _without_checksum(out) == _without_checksum(frame[:14] + bytes(mapped))
+    if out_frame is not None:
+        out_frame.append(out)
     return tcpseg.parse(out[14:])
 
 
@@ -138,9 +141,12 @@ def test_the_program_maps_moving_acks_up_to_our_output_as_the_core_does(kernel_p
     from tests.unit.helpers import from_server
 
     lim, st, prog, _on = kernel_program
-    core = _core()
-    core.on_inbound(_client(101, 5001)[14:], 0.1)
-    core.on_outbound(from_server(901, 401, payload=b"r" * 1000), 0.1)  # our reply: our output ends at 1901
+    # ``core`` maps every frame too (the oracle); ``daemon`` sees only what
+    # the daemon would: the first request and our reply.
+    core, daemon = _core(), _core()
+    for c in (core, daemon):
+        c.on_inbound(_client(101, 5001)[14:], 0.1)
+        c.on_outbound(from_server(901, 401, payload=b"r" * 1000), 0.1)  # our reply: our output ends at 1901
     kb = _install(lim, st, core)
     # A request whose ack moved (it acks the primary's reply), with a new window.
     seg = _same_as_the_core(prog, core, _client(401, 5501, payload=b"q" * 10, tsval=1101, tsecr=7011, window=900), 0.2)
@@ -157,8 +163,19 @@ def test_the_program_maps_moving_acks_up_to_our_output_as_the_core_does(kernel_p
     assert fastin.InState.unpack(bpf.map_lookup(st, kb, fastin.STATE.size)).window == 700
     # Beyond our output (DESIGN.md trap 9): clamped to its end, the window
     # widened by what the ack lost (1,000 bytes at the client's scale, 2^7).
-    seg = _same_as_the_core(prog, core, _client(414, 7001, ACK, b"q", tsval=1105, tsecr=7014, window=700), 0.6)
+    frame, outs = _client(414, 7001, ACK, b"q", tsval=1105, tsecr=7014, window=700), []
+    seg = _same_as_the_core(prog, core, frame, 0.6, outs)
     assert (seg.ack, seg.window) == (1901, 707)
+    # The checksum is patched for the three words: the ack, the one with the window, the echo.
+
+    def word(f, tcp_off):
+        return int.from_bytes(f[34 + tcp_off:34 + tcp_off + 4], "big")
+
+    assert [word(outs[0], off) - word(frame, off) for off in (8, 12, 28)] == [1901 - 7001, 7, 64 - 7014]
+    field = int.from_bytes(frame[14 + seg.csum_off:14 + seg.csum_off + 2], "big")
+    for off in (8, 12, 28):
+        field = _patched(field, word(frame, off), word(outs[0], off))
+    assert int.from_bytes(outs[0][14 + seg.csum_off:14 + seg.csum_off + 2], "big") == field
     seg = _same_as_the_core(prog, core, _client(415, 7001 + (1 << 24), ACK, b"x" * 20, tsval=1106, tsecr=7014,
                                                 window=700), 0.7)
     assert (seg.ack, seg.window) == (1901, 0xFFFF), "at most 0xFFFF"
@@ -168,9 +185,12 @@ def test_the_program_maps_moving_acks_up_to_our_output_as_the_core_does(kernel_p
     assert bpf.prog_test_run_frame(prog, frame)[1] == frame, "an ack older than the kernel's latest"
     frame = _client(435, 7001 + (1 << 24), ACK, b"", tsval=1107, tsecr=7014)
     assert bpf.prog_test_run_frame(prog, frame)[1] == frame, "a pure ack (a download's): the daemon's"
-    # Read back, the kernel's acks free what the core held up to them.
-    core.absorb_fast_in(KEY, got)
-    assert core.conns[KEY].client_ack_b == 2901 + (1 << 24) and not core.conns[KEY].held
+    # Read back, the kernel's acks free what the daemon held up to them.
+    conn = daemon.conns[KEY]
+    assert conn.client_ack_b == 901 and conn.held and conn.stack_ack == 901
+    daemon.absorb_fast_in(KEY, got)
+    assert (conn.client_ack_b, conn.client_window, conn.stack_ack) == (2901 + (1 << 24), 700, 1901)
+    assert not conn.held and not daemon.self_ack_due, "our stack was shown all it sent"
 
 
 def test_the_program_leaves_everything_else_to_the_queue_unchanged(kernel_program):

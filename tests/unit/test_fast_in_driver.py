@@ -10,7 +10,7 @@ import pytest
 from nfq_sttcp import driver, fastin, firewall
 from nfq_sttcp.config import Config
 from nfq_sttcp.driver import FastIn
-from nfq_sttcp.tcpseg import ACK, PSH, RST
+from nfq_sttcp.tcpseg import ACK, FIN, PSH, RST
 
 from .helpers import KEY, VIP, from_client, from_server
 from .test_fast_driver import FakeBpf
@@ -206,18 +206,47 @@ def test_our_output_reads_back_what_the_kernel_saw_of_its_connection(fast_in):
     b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
     fast_in.sync(b)
     kb = fast_in.entries[KEY][0]
+    ours = from_server(901, 102, ACK | PSH, b"z" * 100)
+    assert fast_in.key_of(ours, inbound=False) == KEY and fast_in.carries_data(ours)
+    assert fast_in.key_of(from_client(102, 5001, ACK), inbound=True) == KEY
+    assert not fast_in.carries_data(from_server(1001, 102)), "a pure ack of ours"
+    assert fast_in.carries_data(from_server(1001, 102, ACK | FIN)), "a FIN"
+    for short in (ours[:22], b"", ours[:1]):
+        assert fast_in.key_of(short, inbound=False) is None and not fast_in.carries_data(short)
     # The kernel mapped an ack for 100 bytes we have not sent yet (clamped to 901).
     fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(102, 1200, 7020, 1, 5101, 1000, 901, 0, 1, 0)
-    ours = from_server(901, 102, ACK | PSH, b"z" * 100)
-    assert fast_in.absorb_packet(b, ours) == 0
+    assert fast_in.absorb(b, [KEY]) == 0
     acts = b.on_outbound(ours, 0.2)
     assert [type(a).__name__ for a in acts] == ["Drop"] and KEY in b.self_ack_due
-    assert fast_in.absorb_packet(b, ours[:22]) == 0 and fast_in.absorb_packet(b, b"") == 0, "short: nothing to read"
-    reads = []
-    fast_in.bpf.map_lookup = lambda *a: reads.append(a)
-    fast_in.absorb_packet(b, from_server(1001, 102))
-    assert not reads, "a pure ack of ours: not read for"
-    fast_in.absorb_packet(b, ours)
-    assert len(reads) == 1
     fast_in._drop(KEY)
-    assert not fast_in.by_bytes
+    assert not fast_in.by_bytes and fast_in.key_of(ours, inbound=False) is None
+
+
+def test_an_entry_is_read_back_only_into_the_connection_it_was_written_for(fast_in):
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    fast_in.sync(b)
+    kb = fast_in.entries[KEY][0]
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(102, 1200, 7020, 1, 5101, 1000, 901, 0, 1, 0)
+    b.conns[KEY].client_isn = 777  # (as if a new connection on the same addresses and ports held the key)
+    assert fast_in.absorb(b, [KEY]) == 0
+    assert b.conns[KEY].client_ack_b == 901 and b.conns[KEY].client_tsval == 1100, "the old one's state is not read in"
+
+
+def test_what_the_daemon_maps_after_reading_back_stays_the_latest(fast_in):
+    """The kernel mapped a request (window 0); the client then opened its
+    window with a pure ack, which the daemon maps: read back before it, the
+    kernel's older window never overwrites the daemon's newer one."""
+    b = established()
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010, window=500), 0.1)
+    fast_in.sync(b)
+    kb = fast_in.entries[KEY][0]
+    fast_in.bpf.maps[fast_in.state][kb] = fastin.STATE.pack(103, 1101, 7010, 1, 5001, 0, 901, 0, 1, 1)
+    opening = from_client(103, 5001, ACK, tsval=1102, tsecr=7010, window=1000)
+    assert fast_in.key_of(opening, inbound=True) == KEY
+    fast_in.absorb(b, [KEY])  # (the driver's read before the core maps a segment)
+    assert b.conns[KEY].client_window == 0
+    b.on_inbound(opening, 0.2)
+    assert b.conns[KEY].client_window == 1000
+    fast_in.sync(b, first=KEY)  # a pure ack: the entry goes, read back once more
+    assert KEY not in fast_in.entries and b.conns[KEY].client_window == 1000
