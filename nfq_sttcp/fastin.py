@@ -71,6 +71,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .fastpath import (_ADD, _ALU32, _ALU64, _AND, _B, _DW, _H, _JA, _JEQ, _JGT, _JMP32, _JNE, _JSGT, _JSLE, _JSLT, _K,
                        _LSH, _MOV, _RSH, _SUB, _W, _X, FP, FUNC_SKB_LOAD_BYTES, KEY, R0, R1, R2, R3, R4, R5, R6, R7, R8,
@@ -164,19 +165,25 @@ def _at(offset: int) -> int:
     return _P + offset
 
 
-def _max_into(a: _Asm, state_off: int, frame_off: int, name: str) -> None:
-    """state[state_off] = the frame's field (a sequence-like 32-bit number) if
-    later than what is there or if nothing valid is there (state[12])."""
-    a.ldx(_W, R2, FP, _at(frame_off))
-    a.be(R2, 32)
+def _max_into(a: _Asm, state_off: int, name: str, frame_off: Optional[int] = None, equal_too: bool = False,
+              also: Optional[Callable[[], None]] = None) -> None:
+    """state[state_off] = a sequence-like 32-bit number: the frame's field at
+    ``frame_off``, or R2 as it is, if later than what is there (or, with
+    ``equal_too``, as late), or if nothing valid is there (state[12]);
+    ``also`` adds more stores beside it."""
+    if frame_off is not None:
+        a.ldx(_W, R2, FP, _at(frame_off))
+        a.be(R2, 32)
     a.ldx(_W, R4, R9, 12)
     a.jmp(_JEQ, R4, 0, name)
     a.ldx(_W, R3, R9, state_off)
     a.op(_ALU32 | _MOV | _X, R5, R2)
     a.op(_ALU32 | _SUB | _X, R5, R3)
-    a.jmp(_JSLE, R5, 0, name + "_kept", cls=_JMP32)
+    a.jmp(_JSLT if equal_too else _JSLE, R5, 0, name + "_kept", cls=_JMP32)
     a.label(name)
     a.stx(_W, R9, state_off, R2)
+    if also is not None:
+        also()
     a.label(name + "_kept")
 
 
@@ -368,35 +375,19 @@ def program(limits_fd: int, state_fd: int, on_fd: int, vip: str, mark: int) -> b
     # What the daemon reads back.
     a.ldx(_W, R2, FP, _END_AT)
     a.stx(_W, R9, 0, R2)
-    _max_into(a, 4, _TSVAL, "tsval")
-    _max_into(a, 8, _TSECR, "tsecr")
-    # The ack and the window beside it, unless an older ack (a later
-    # segment with the same ack may carry a new window).
-    a.ldx(_W, R2, FP, _at(_TCP + 8))
-    a.be(R2, 32)
-    a.ldx(_W, R4, R9, 12)
-    a.jmp(_JEQ, R4, 0, "ack_new")
-    a.ldx(_W, R3, R9, 16)
-    a.op(_ALU32 | _MOV | _X, R5, R2)
-    a.op(_ALU32 | _SUB | _X, R5, R3)
-    a.jmp(_JSLT, R5, 0, "ack_kept", cls=_JMP32)
-    a.label("ack_new")
-    a.stx(_W, R9, 16, R2)
-    a.ldx(_H, R2, FP, _at(_TCP + 14))
-    a.be(R2, 16)
-    a.stx(_W, R9, 20, R2)
-    a.label("ack_kept")
-    # The highest ack shown to our stack.
+    _max_into(a, 4, "tsval", _TSVAL)
+    _max_into(a, 8, "tsecr", _TSECR)
+
+    def window() -> None:
+        a.ldx(_H, R2, FP, _at(_TCP + 14))
+        a.be(R2, 16)
+        a.stx(_W, R9, 20, R2)
+
+    # The ack and the window beside it (a later segment with the same ack
+    # may carry a new window), and the highest ack shown to our stack.
+    _max_into(a, 16, "ack", _TCP + 8, equal_too=True, also=window)
     a.ldx(_W, R2, FP, _SHOWN_AT)
-    a.ldx(_W, R4, R9, 12)
-    a.jmp(_JEQ, R4, 0, "shown_new")
-    a.ldx(_W, R3, R9, 24)
-    a.op(_ALU32 | _MOV | _X, R5, R2)
-    a.op(_ALU32 | _SUB | _X, R5, R3)
-    a.jmp(_JSLE, R5, 0, "shown_kept", cls=_JMP32)
-    a.label("shown_new")
-    a.stx(_W, R9, 24, R2)
-    a.label("shown_kept")
+    _max_into(a, 24, "shown")
     a.mov(R2, 1)
     a.stx(_W, R9, 12, R2)
     a.ldx(_DW, R2, R9, 32)
