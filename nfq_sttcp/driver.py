@@ -1552,9 +1552,10 @@ class FastIn(_KernelMaps):
     connection, or its own output grows; until then the kernel maps with
     the one before, which the daemon would still have mapped the same way
     (an entry only names acks it would map as the kernel does). What the
-    kernel saw is read back before the core judges a segment of ours with
-    data (absorb_packet: does the client have it already?), before a
-    self-ack, and in a sweep. At takeover the program is switched off
+    kernel saw is read back before the core maps a client segment of the
+    connection itself, before it judges a segment of ours with data (does
+    the client have it already?), before a self-ack, and in a sweep (key_of
+    finds the connection of a queued packet). At takeover the program is switched off
     (switch_off) and everything goes back to the daemon: after it the
     mapping changes (the PAWS margin)."""
 
