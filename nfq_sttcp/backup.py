@@ -24,7 +24,7 @@ from .control import first_unprotected
 from .divergence import OutputChecker
 from .fastin import InLimits, InState
 from .actions import Accept, Action, Count, Drop, Inject, Log, SendSync
-from .seqmath import MASK, seq_add, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
+from .seqmath import MASK, seq_add, seq_diff, seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
 from .syncproto import MAX_CONFIRMS, MAX_SACK, Confirm, ConfirmEntry, ConnIsn, Digest, Diverged, Unprotect
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
@@ -435,29 +435,26 @@ class BackupCore:
         # Acks from the client's latest on: up to our output as we know it
         # now (it only grows: a stale end clamps more, as we would have
         # then), unclamped; beyond it clamped; no further than _acceptable trusts.
-        room = seq_sub(conn.snd_max, conn.client_ack_b)
-        room = room - (1 << 32) if room >= 1 << 31 else room
+        room = seq_diff(conn.snd_max, conn.client_ack_b)
         ahead = room + self.cfg.max_ack_ahead
         if ahead < 0:
             return None
         return InLimits(conn.fast_next, seq_add(conn.client_ack_b, conn.delta_seq), room, conn.delta_seq,
                         conn.delta_ts, rcv_hi, min(ahead, (1 << 31) - 1), conn.client_shift)
 
-    def absorb_fast_in(self, key: ConnKey, st: InState, client_isn: Optional[int] = None) -> None:
+    def absorb_fast_in(self, key: ConnKey, st: InState) -> None:
         """What the kernel saw of segments it mapped: the client's newest
         TSval (our self-acks echo it; an older one fails our stack's PAWS),
         the highest TSval of the primary's it echoed (our floor after
         takeover), the client's latest ack with its window (the copies we
         hold up to it are freed; beyond our output, what we send next is
         dropped and acked into our stack), and the highest ack our stack
-        was shown. ``client_isn``: of the connection the entry was written
-        for (a new one on the same addresses and ports gets nothing of an
-        old one's). The driver passes only state that changed since it last
-        read it, and reads it before we map a segment of the connection
-        ourselves: what it passes is later than what we mapped."""
+        was shown. The driver passes only state that changed since it last
+        read it, only to the connection the entry was written for, and reads
+        it before we map a segment of the connection ourselves: what it
+        passes is later than what we mapped."""
         conn = self.conns.get(key)
-        if conn is None or not st.valid or conn.delta_seq is None \
-                or (client_isn is not None and conn.client_isn != client_isn):
+        if conn is None or not st.valid or conn.delta_seq is None:
             return
         if not conn.client_tsval or seq_gt(st.tsval, conn.client_tsval):
             conn.client_tsval = st.tsval

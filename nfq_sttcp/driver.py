@@ -1634,11 +1634,14 @@ class FastIn(_KernelMaps):
         return 0
 
     def absorb(self, core: BackupCore, keys: Any) -> int:
-        """Tell the core what the kernel saw of ``keys``; returns map errors."""
+        """Tell the core what the kernel saw of ``keys`` (a new connection on
+        an old one's addresses and ports gets nothing of it); returns map
+        errors."""
         errors = 0
         for key in list(keys):
             have = self.entries.get(key)
-            if have is None:
+            conn = core.conns.get(key)
+            if have is None or conn is None or conn.client_isn != have[3]:
                 continue
             raw, failed = self._read_back(self.state, have[0], self.fi.STATE.size)
             if failed:
@@ -1649,7 +1652,7 @@ class FastIn(_KernelMaps):
             st = self.fi.InState.unpack(raw)
             if st.packets != have[2]:
                 self.packets += (st.packets - have[2]) & 0xFFFFFFFFFFFFFFFF
-                core.absorb_fast_in(key, st, have[3])
+                core.absorb_fast_in(key, st)
                 self.entries[key] = (have[0], have[1], st.packets, have[3])
             if self._bring_up(have[0], self.fi.LIMITS.unpack(have[1])[0], st.next_fast, st.moved_to):
                 errors += 1
