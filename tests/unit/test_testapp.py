@@ -19,6 +19,21 @@ def test_block_matches_its_definition(seed: int, block: int) -> None:
     assert stream_block(seed, block) == reference_block(seed, block)
 
 
+def test_repeated_answers_come_from_the_cache_unchanged() -> None:
+    """A request-response server asks for the same first bytes every time:
+    the block is built once, and what the cache returns is still the stream
+    after other blocks pass through it."""
+    stream_block.cache_clear()
+    first = stream_bytes(7, 0, 16384)
+    for block in range(8):  # more blocks than the cache holds
+        assert stream_block(9, block) == reference_block(9, block)
+    for _ in range(3):
+        assert stream_bytes(7, 0, 16384) == first == reference_block(7, 0)[:16384]
+    assert stream_bytes(7, 0, 1) == reference_block(7, 0)[:1]
+    info = stream_block.cache_info()
+    assert info.hits >= 3 and info.currsize <= info.maxsize
+
+
 def test_bytes_cross_block_edges() -> None:
     whole = reference_block(3, 0) + reference_block(3, 1) + reference_block(3, 2)
     for off, n in [(0, 10), (65530, 20), (1, 131072), (131071, 65537), (0, 0)]:
