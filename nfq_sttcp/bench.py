@@ -478,7 +478,7 @@ def failover_runs(interval_ms: int, missed: int, crashes: int, progress: Callabl
 
 # == the whole run ==========================================================
 
-SIZES = {"full": {"bulk": 200 * MB, "runs": 3, "rr_small": 2000, "rr_large": 500, "rr_pairs": 8,
+SIZES = {"full": {"bulk": 200 * MB, "runs": 3, "rr_small": 2000, "rr_large": 500, "rr_pairs": 16,
                   "connrate_s": 5.0, "idle": 10000, "crashes": 20},
          "quick": {"bulk": 20 * MB, "runs": 2, "rr_small": 300, "rr_large": 100, "rr_pairs": 2,
                    "connrate_s": 2.0, "idle": 500, "crashes": 3}}
