@@ -178,6 +178,41 @@ def _busy_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def _stolen_s(path: str = "/proc/stat") -> float:
+    """CPU time the hypervisor took from this machine (all CPUs): the
+    "steal" of /proc/stat, 0 on bare metal."""
+    with open(path) as f:
+        fields = f.readline().split()[1:]
+    return (int(fields[7]) if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
+
+
+class _StealMeter:
+    """The share of the machine's CPU time the hypervisor took during each
+    step of a run. The same code's figures moved by more than 60 us between
+    runs on a VM whose steal rose to some tenth of its time: a reader needs
+    it to tell a slow run from a slow change."""
+
+    def __init__(self) -> None:
+        self.shares: dict[str, float] = {}
+        self.ncpu = max(1, len(os.sched_getaffinity(0)))
+
+    def step(self, name: str) -> "_StealStep":
+        return _StealStep(self, name)
+
+
+class _StealStep:
+    def __init__(self, meter: _StealMeter, name: str) -> None:
+        self.meter, self.name = meter, name
+
+    def __enter__(self) -> None:
+        self.t0, self.s0 = time.monotonic(), _stolen_s()
+
+    def __exit__(self, *exc: object) -> None:
+        wall = (time.monotonic() - self.t0) * self.meter.ncpu
+        if wall > 0:
+            self.meter.shares[self.name] = round((_stolen_s() - self.s0) / wall, 3)
+
+
 def _rss_kb(pid: int) -> int:
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -489,18 +524,24 @@ def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.monotonic()
     res: dict[str, Any] = {"sizes": sizes, "modes": {}}
+    steal = _StealMeter()
     for i, mode in enumerate(("plain", "sttcp"), 1):
         progress("[%d/5] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
                                              else "through nfq-sttcp"))
-        res["modes"][mode] = measure_mode(mode, sizes, progress)
+        with steal.step(mode):
+            res["modes"][mode] = measure_mode(mode, sizes, progress)
     progress("[3/5] the kernel paths: the primary's (tuning.fast_path), the backup's inbound (tuning.fast_inbound)")
-    res["fast_path"] = fast_path_runs(sizes, progress)
-    res["fast_inbound"] = inbound_runs(sizes, progress)
+    with steal.step("kernel paths"):
+        res["fast_path"] = fast_path_runs(sizes, progress)
+        res["fast_inbound"] = inbound_runs(sizes, progress)
     res["failover"] = {}
     for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 4):
         progress("[%d/5] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
-        res["failover"]["%dx%d" % (interval, missed)] = failover_runs(
-            interval, missed, sizes["crashes"], progress, capture_dir=os.path.join(out_dir, "timeseq-%d" % interval))
+        hb = "%dx%d" % (interval, missed)
+        with steal.step("failover " + hb):
+            res["failover"][hb] = failover_runs(
+                interval, missed, sizes["crashes"], progress, capture_dir=os.path.join(out_dir, "timeseq-%d" % interval))
+    res["steal"] = steal.shares
     res["seconds"] = round(time.monotonic() - t0, 1)
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -569,6 +610,9 @@ def table(res: dict[str, Any]) -> str:
             lines.append("backup's inbound program %s, 1-byte request-response: %+.0f us added at p50, median of %d "
                          "alternating pairs (%+.0f to %+.0f)" % (key, _pct(added, 0.5), len(added), added[0],
                                                                  added[-1]))
+    if res.get("steal"):
+        lines.append("CPU time the hypervisor took (steal), per step: %s" % ", ".join(
+            "%s %.0f%%" % (name, 100 * share) for name, share in res["steal"].items()))
     lines.append("")
     lines.append("%-10s %-6s %5s %8s %8s %10s %9s %9s" % ("heartbeat", "load", "runs", "gap p50", "gap p99",
                                                           "detect p50", "takeover", "resume"))
