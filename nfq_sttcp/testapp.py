@@ -5,6 +5,8 @@
   ``stream_bytes(SEED, 0, LENGTH)`` and closes. ``LENGTH SEED raw\\n`` sends
   one fixed 64 KiB block over and over instead (throughput benchmarks).
   ``LENGTH SEED pace=KBPS\\n`` sends at that rate, a write every 2 ms.
+  ``LENGTH SEED discard\\n`` turns it around: the server reads LENGTH bytes,
+  keeps none, and answers their count and a newline (throughput benchmarks).
 * 7002 sink: the server reads until the client's FIN, then answers with the
   sha256 hex digest of everything it read and a newline, and closes.
 * 7003 banner (server speaks first): ``220 nfq-sttcp banner ready\\r\\n``,
@@ -116,6 +118,9 @@ class Server:
         parts = line.split()
         length = int(parts[0])
         seed = int(parts[1]) if len(parts) > 1 else 0
+        if len(parts) > 2 and parts[2] == b"discard":
+            self._discard(c, length)
+            return
         raw = len(parts) > 2 and parts[2] == b"raw"
         rate = int(parts[2][5:]) * 1000 / 8 if len(parts) > 2 and parts[2].startswith(b"pace=") else 0
         step = write_size(rate, 0.002) if rate else 1 << 30
@@ -135,6 +140,21 @@ class Server:
         c.shutdown(socket.SHUT_WR)
         while c.recv(65536):
             pass
+
+    @staticmethod
+    def _discard(c: socket.socket, length: int) -> None:
+        """Read ``length`` bytes, keep none, answer how many came. The
+        benchmark's upload: the sink on 7002 hashes every byte (SHA-256, some
+        1.8 GB/s here), and the backup's copy of the application hashed
+        them again on the same CPUs, which plain TCP never pays."""
+        buf = bytearray(1 << 18)
+        got = 0
+        while got < length:
+            n = c.recv_into(buf, min(len(buf), length - got))
+            if not n:
+                break
+            got += n
+        c.sendall(b"%d\n" % got)
 
     def serve_sink(self, c: socket.socket) -> None:
         h = hashlib.sha256()

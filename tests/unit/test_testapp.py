@@ -68,3 +68,30 @@ def test_bulk_source_sends_the_stream_and_paces_it_when_asked(request_line: byte
     assert bytes(got) == stream_bytes(3, 0, 300000)
     if paced:
         assert took >= 0.29
+
+
+@pytest.mark.parametrize("sent, expect", [(300000, b"300000\n"), (1000, b"1000\n")])
+def test_bulk_port_discards_an_upload_and_counts_it(sent: int, expect: bytes) -> None:
+    """``LENGTH SEED discard``: the benchmark's upload. The server reads what
+    was announced and answers the count; a client that stops short gets the
+    count of what came (1000 of 300,000 announced), not a hang."""
+    import socket
+    import threading
+
+    from nfq_sttcp.testapp import Server
+
+    ours, theirs = socket.socketpair()
+    t = threading.Thread(target=Server("127.0.0.1", 0.0).serve_bulk, args=(theirs,), daemon=True)
+    t.start()
+    ours.sendall(b"300000 0 discard\n" + bytes(range(256)) * (sent // 256) + bytes(sent % 256))
+    if sent < 300000:
+        ours.shutdown(socket.SHUT_WR)
+    answer = b""
+    while not answer.endswith(b"\n"):
+        d = ours.recv(100)
+        if not d:
+            break
+        answer += d
+    ours.close()
+    t.join(5)
+    assert answer == expect
