@@ -79,6 +79,7 @@ def test_bulk_port_discards_an_upload_and_counts_it(sent: int, expect: bytes) ->
     import threading
 
     from nfq_sttcp.testapp import Server
+    from nfq_sttcp.traffic import recv_line
 
     ours, theirs = socket.socketpair()
     t = threading.Thread(target=Server("127.0.0.1", 0.0).serve_bulk, args=(theirs,), daemon=True)
@@ -86,12 +87,7 @@ def test_bulk_port_discards_an_upload_and_counts_it(sent: int, expect: bytes) ->
     ours.sendall(b"300000 0 discard\n" + bytes(range(256)) * (sent // 256) + bytes(sent % 256))
     if sent < 300000:
         ours.shutdown(socket.SHUT_WR)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        d = ours.recv(100)
-        if not d:
-            break
-        answer += d
+    answer = recv_line(ours, 100)
     ours.close()
     t.join(5)
     assert answer == expect
