@@ -13,6 +13,7 @@ nfq_sttcp.bench SPEC``, one JSON line out); the orchestration runs here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from . import lab, scenario
 from .matrix import percentile as _pct
@@ -180,39 +181,46 @@ def _busy_s() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _stolen_s(path: str = "/proc/stat") -> float:
-    """CPU time the hypervisor took from this machine (all CPUs): the
-    "steal" of /proc/stat, 0 on bare metal."""
+def _cpu_stat(path: str = "/proc/stat") -> tuple[float, int]:
+    """CPU time the hypervisor took from this machine, all CPUs together
+    ("steal", 0 on bare metal or a kernel too old to count it), and the
+    number of CPUs that line sums."""
     with open(path) as f:
-        fields = f.readline().split()[1:]
-    return (int(fields[7]) if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
+        lines = f.read().splitlines()
+    fields = lines[0].split()[1:]
+    ncpu = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return (int(fields[7]) if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK"), max(1, ncpu)
 
 
 class _StealMeter:
     """The share of the machine's CPU time the hypervisor took during each
-    step of a run. The same code's figures moved by more than 60 us between
-    runs on a VM whose steal rose to some tenth of its time: a reader needs
-    it to tell a slow run from a slow change."""
+    step of a run. A quick run here lost a quarter of it in the steps that
+    move traffic flat out, and full runs 0-4%; the same code's
+    request-response figure moved by tens of microseconds between runs. A
+    reader needs it to tell a slow run from a slow change. A step whose
+    counts cannot be read gets no share; the run goes on."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: Callable[[], tuple[float, int]] = _cpu_stat,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.shares: dict[str, float] = {}
-        self.ncpu = max(1, len(os.sched_getaffinity(0)))
+        self.read, self.clock = read, clock
 
-    def step(self, name: str) -> "_StealStep":
-        return _StealStep(self, name)
+    def _sample(self) -> Optional[tuple[float, float, int]]:
+        try:
+            stolen, ncpu = self.read()
+        except (OSError, ValueError, IndexError):
+            return None
+        return self.clock(), stolen, ncpu
 
-
-class _StealStep:
-    def __init__(self, meter: _StealMeter, name: str) -> None:
-        self.meter, self.name = meter, name
-
-    def __enter__(self) -> None:
-        self.t0, self.s0 = time.monotonic(), _stolen_s()
-
-    def __exit__(self, *exc: object) -> None:
-        wall = (time.monotonic() - self.t0) * self.meter.ncpu
-        if wall > 0:
-            self.meter.shares[self.name] = round((_stolen_s() - self.s0) / wall, 3)
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = self._sample()
+        try:
+            yield
+        finally:
+            end = self._sample()
+            if start is not None and end is not None and end[0] > start[0]:
+                self.shares[name] = round((end[1] - start[1]) / ((end[0] - start[0]) * start[2]), 3)
 
 
 def _rss_kb(pid: int) -> int:

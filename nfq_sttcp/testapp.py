@@ -5,8 +5,10 @@
   ``stream_bytes(SEED, 0, LENGTH)`` and closes. ``LENGTH SEED raw\\n`` sends
   one fixed 64 KiB block over and over instead (throughput benchmarks).
   ``LENGTH SEED pace=KBPS\\n`` sends at that rate, a write every 2 ms.
-  ``LENGTH SEED discard\\n`` turns it around: the server reads LENGTH bytes,
-  keeps none, and answers their count and a newline (throughput benchmarks).
+  ``LENGTH SEED discard\\n`` turns it around: the server reads LENGTH bytes
+  (fewer if the client's FIN comes first), keeps none, and answers their
+  count and a newline (throughput benchmarks). Any other third word closes
+  the connection.
 * 7002 sink: the server reads until the client's FIN, then answers with the
   sha256 hex digest of everything it read and a newline, and closes.
 * 7003 banner (server speaks first): ``220 nfq-sttcp banner ready\\r\\n``,
@@ -118,10 +120,13 @@ class Server:
         parts = line.split()
         length = int(parts[0])
         seed = int(parts[1]) if len(parts) > 1 else 0
-        if len(parts) > 2 and parts[2] == b"discard":
+        mode = parts[2] if len(parts) > 2 else b""
+        if mode == b"discard":
             self._discard(c, length)
             return
-        raw = len(parts) > 2 and parts[2] == b"raw"
+        if mode not in (b"", b"raw") and not mode.startswith(b"pace="):
+            return  # (closed at once: a client that meant to send finds out now, not at its timeout)
+        raw = mode == b"raw"
         rate = int(parts[2][5:]) * 1000 / 8 if len(parts) > 2 and parts[2].startswith(b"pace=") else 0
         step = write_size(rate, 0.002) if rate else 1 << 30
         start = time.monotonic()
@@ -141,9 +146,9 @@ class Server:
         while c.recv(65536):
             pass
 
-    @staticmethod
-    def _discard(c: socket.socket, length: int) -> None:
-        """Read ``length`` bytes, keep none, answer how many came. The
+    def _discard(self, c: socket.socket, length: int) -> None:
+        """Read ``length`` bytes, keep none, answer how many came (fewer if
+        the client's FIN came first), then close after the client does. The
         benchmark's upload: the sink on 7002 hashes every byte (SHA-256, some
         1.8 GB/s here), and the backup's copy of the application hashed
         them again on the same CPUs, which plain TCP never pays."""
@@ -154,7 +159,11 @@ class Server:
             if not n:
                 break
             got += n
+        self._slow()
         c.sendall(b"%d\n" % got)
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
 
     def serve_sink(self, c: socket.socket) -> None:
         h = hashlib.sha256()

@@ -70,28 +70,36 @@ def test_table_compares_the_backups_inbound_program_on_and_off():
     assert "program off, 1-byte" not in t, "(a run without the pairs shows none)"
 
 
-def test_table_says_how_much_cpu_the_hypervisor_took_in_each_step(monkeypatch):
+def test_table_says_how_much_cpu_the_hypervisor_took_in_each_step():
     res = {"modes": {"plain": {}, "sttcp": {}}, "failover": {},
            "steal": {"plain": 0.004, "sttcp": 0.118, "failover 50x3": 0.0}}
     t = bench.table(res)
     assert "CPU time the hypervisor took (steal), per step: plain 0%, sttcp 12%, failover 50x3 0%" in t
     assert "steal" not in bench.table({"modes": {"plain": {}, "sttcp": {}}, "failover": {}})  # not measured: no line
 
-    # The meter: the share of every CPU's time over the step's wall time.
-    clock, stolen = iter([100.0, 110.0]), iter([5.0, 7.0])
-    monkeypatch.setattr(bench.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(bench, "_stolen_s", lambda: next(stolen))
-    meter = bench._StealMeter()
-    meter.ncpu = 2
+
+def test_steal_meter_shares_every_cpus_time_and_survives_a_failed_read_and_step():
+    clock, stolen = iter([100.0, 110.0, 200.0, 201.0]), iter([(5.0, 2), (7.0, 2)])
+    meter = bench._StealMeter(read=lambda: next(stolen), clock=lambda: next(clock))
     with meter.step("sttcp"):
         pass
     assert meter.shares == {"sttcp": 0.1}  # 2 s of 2 CPUs x 10 s
 
+    def unreadable():
+        raise OSError("no /proc")
 
-def test_stolen_time_reads_the_steal_column_of_proc_stat(tmp_path):
+    meter.read = unreadable
+    with pytest.raises(RuntimeError, match="the step's own"):  # its error, not the meter's, comes out
+        with meter.step("failover 10x3"):
+            raise RuntimeError("the step's own failure")
+    assert meter.shares == {"sttcp": 0.1}  # no share for a step it could not read
+
+
+def test_cpu_stat_reads_the_steal_column_and_counts_the_cpus(tmp_path):
     stat = tmp_path / "stat"
     hz = bench.os.sysconf("SC_CLK_TCK")
-    stat.write_text("cpu  1548483 94 711027 11306331 6127 0 111851 %d 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n" % (3 * hz))
-    assert bench._stolen_s(str(stat)) == 3.0
-    stat.write_text("cpu  1 2 3 4 5 6 7\n")  # a kernel too old to count steal
-    assert bench._stolen_s(str(stat)) == 0.0
+    stat.write_text("cpu  1548483 94 711027 11306331 6127 0 111851 %d 0 0\n"
+                    "cpu0 1 2 3 4 5 6 7 8 9 10\ncpu1 1 2 3 4 5 6 7 8 9 10\nintr 5 6\n" % (3 * hz))
+    assert bench._cpu_stat(str(stat)) == (3.0, 2)
+    stat.write_text("cpu  1 2 3 4 5 6 7\ncpu0 1 2 3 4 5 6 7\n")  # a kernel too old to count steal
+    assert bench._cpu_stat(str(stat)) == (0.0, 1)
