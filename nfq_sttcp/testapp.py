@@ -127,7 +127,7 @@ class Server:
         if mode not in (b"", b"raw") and not mode.startswith(b"pace="):
             return  # (closed at once: a client that meant to send finds out now, not at its timeout)
         raw = mode == b"raw"
-        rate = int(parts[2][5:]) * 1000 / 8 if len(parts) > 2 and parts[2].startswith(b"pace=") else 0
+        rate = int(mode[5:]) * 1000 / 8 if mode.startswith(b"pace=") else 0
         step = write_size(rate, 0.002) if rate else 1 << 30
         start = time.monotonic()
         sent = 0
