@@ -425,60 +425,48 @@ class Daemon:
         core = self.promoted or self.backup
         info = self.inbound_reader.last_info if self.inbound_reader is not None else None
         checked = None if info is None else not info & nfqueue.NFQA_SKB_CSUM_NOTVERIFIED
-        fast_in = self.fast_in
-        if fast_in is None or not fast_in.entries:
-            self._verdict(pkt, lambda data, now: core.on_inbound(data, now, checked), fallback_accept=False)
-            return
-        key = None
-
-        def on_inbound(data: bytes, now: float) -> list[Action]:
-            nonlocal key
-            # What the kernel mapped of this connection came before this
-            # segment: read it first, so that what we map is the later (the
-            # client's window beside an ack both saw).
-            key = fast_in.key_of(data, inbound=True)
-            if key is not None:
-                self._fast_errors(fast_in.absorb(self.backup, (key,)))
-            return core.on_inbound(data, now, checked)
-
-        self._verdict(pkt, on_inbound, fallback_accept=False)
-        if self.backup.fast_in_dirty:
-            # At once, not at the turn's end: the kernel maps the next segment
-            # only if it starts where the last one we accepted ended, and under
-            # a steady upload the queue never empties until that is so.
-            self._fast_errors(fast_in.sync(self.backup, first=key))
+        self._backup_verdict(pkt, lambda data, now: core.on_inbound(data, now, checked), inbound=True)
 
     def _cb_backup_out(self, pkt: Any) -> None:
         assert self.backup is not None
         if self.switchover in ("stepping_down", "done"):
             pkt.drop()
             return
-        core = self.promoted or self.backup
+        self._backup_verdict(pkt, (self.promoted or self.backup).on_outbound, inbound=False)
+
+    def _backup_verdict(self, pkt: Any, handle: Callable[[bytes, float], list[Action]], inbound: bool) -> None:
+        """A verdict on the backup, with the inbound program's state read
+        back first where it bears on the segment, and written at once after.
+
+        Read back: for a client segment of a connection with an entry (what
+        the kernel mapped came before it: what we map is the later, the
+        client's window beside an ack both saw); for one of our segments
+        with data (whether the client already has these bytes, to drop and
+        ack into our stack, depends on acks the kernel may have mapped since;
+        not for a pure ack of ours: an upload's would cost a read each)."""
         fast_in = self.fast_in
-        if fast_in is None or not fast_in.entries:
-            self._verdict(pkt, core.on_outbound, fallback_accept=False)
-            return
-
+        assert self.backup is not None
         key = None
+        if fast_in is None or not fast_in.entries:
+            self._verdict(pkt, handle, fallback_accept=False)
+        else:
+            def read_back_first(data: bytes, now: float) -> list[Action]:
+                nonlocal key
+                key = fast_in.key_of(data, inbound=inbound)
+                if key is not None and (inbound or fast_in.carries_data(data)):
+                    self._fast_errors(fast_in.absorb(self.backup, (key,)))
+                return handle(data, now)
 
-        def on_outbound(data: bytes, now: float) -> list[Action]:
-            nonlocal key
-            key = fast_in.key_of(data, inbound=False)
-            if key is not None and fast_in.carries_data(data):
-                # Whether the client already has these bytes (drop them, and
-                # ack them into our stack) depends on its acks, which the
-                # kernel may have mapped since we last looked. (Not for a pure
-                # ack of ours: an upload's would cost a read each.)
-                self._fast_errors(fast_in.absorb(self.backup, (key,)))
-            return core.on_outbound(data, now)
-
-        self._verdict(pkt, on_outbound, fallback_accept=False)
-        if self.backup.fast_in_dirty:
-            # At once, this connection first: where the kernel clamps acks
-            # follows our output. An end left far behind would be worse than
-            # slow: an ack more than a window below what our stack has had
-            # acked is discarded with its segment, payload and all (tcp_ack,
-            # RFC 5961 5.2).
+            self._verdict(pkt, read_back_first, fallback_accept=False)
+        if fast_in is not None and self.backup.fast_in_dirty:
+            # At once, this connection first, not at the turn's end: the
+            # kernel maps a client segment only if it starts where the last
+            # one we accepted ended (under a steady upload the queue never
+            # empties until that is so), and clamps acks where our output
+            # ended. An end left far behind would be worse than slow: an ack
+            # more than a window below what our stack has had acked is
+            # discarded with its segment, payload and all (tcp_ack, RFC 5961
+            # 5.2).
             self._fast_errors(fast_in.sync(self.backup, first=key))
 
     def _perform(self, actions: list[Action], pkt: Any = None) -> None:
