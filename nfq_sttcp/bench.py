@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from . import lab, scenario
+from . import handlercost, lab, scenario
 from .matrix import percentile as _pct
 from .traffic import recv_line
 
@@ -535,18 +535,20 @@ def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str
     t0 = time.monotonic()
     res: dict[str, Any] = {"sizes": sizes, "modes": {}}
     steal = _StealMeter()
-    for i, mode in enumerate(("plain", "sttcp"), 1):
-        progress("[%d/5] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
+    progress("[1/6] the daemons' own code per packet, without the kernel (no lab)")
+    res["handlers"] = handlercost.measure()
+    for i, mode in enumerate(("plain", "sttcp"), 2):
+        progress("[%d/6] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
                                              else "through nfq-sttcp"))
         with steal.step(mode):
             res["modes"][mode] = measure_mode(mode, sizes, progress)
-    progress("[3/5] the kernel paths: the primary's (tuning.fast_path), the backup's inbound (tuning.fast_inbound)")
+    progress("[4/6] the kernel paths: the primary's (tuning.fast_path), the backup's inbound (tuning.fast_inbound)")
     with steal.step("kernel paths"):
         res["fast_path"] = fast_path_runs(sizes, progress)
         res["fast_inbound"] = inbound_runs(sizes, progress)
     res["failover"] = {}
-    for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 4):
-        progress("[%d/5] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
+    for i, (interval, missed) in enumerate(((50, 3), (10, 3)), 5):
+        progress("[%d/6] failover gaps, heartbeat %d ms x %d" % (i, interval, missed))
         hb = "%dx%d" % (interval, missed)
         with steal.step("failover " + hb):
             res["failover"][hb] = failover_runs(
@@ -620,6 +622,8 @@ def table(res: dict[str, Any]) -> str:
             lines.append("backup's inbound program %s, 1-byte request-response: %+.0f us added at p50, median of %d "
                          "alternating pairs (%+.0f to %+.0f)" % (key, _pct(added, 0.5), len(added), added[0],
                                                                  added[-1]))
+    if res.get("handlers"):
+        lines.append(handlercost.line(res["handlers"]))
     if res.get("steal"):
         lines.append("CPU time the hypervisor took (steal), per step: %s" % ", ".join(
             "%s %.0f%%" % (name, 100 * share) for name, share in res["steal"].items()))

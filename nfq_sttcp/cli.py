@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "failover gaps (table, JSON, PNG plots)")
     p.add_argument("--quick", action="store_true", help="small sizes and 3 crashes per workload (minutes, not half an hour)")
     p.add_argument("--out", default="bench-out", help="directory for bench.json and the plots (default bench-out)")
+    p.add_argument("--handlers", action="store_true",
+                   help="only the daemons' own code per packet, without the kernel: seconds, no lab, no root")
 
     p = sub.add_parser("notify", help="keepalived's notify hook: tell the local daemon its VRRP state")
     p.add_argument("--config", required=True)
@@ -292,6 +294,14 @@ def _daemon_status(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench, lab
+    if args.handlers:
+        from . import handlercost
+        res = handlercost.measure()
+        print(handlercost.line(res))
+        for name in ("download", "request_response"):
+            print("  %s, every round: %s" % (name.replace("_", "-"), "; ".join(
+                "%s %s" % (h, " ".join("%.1f" % v for v in vals)) for h, vals in res[name]["rounds"].items())))
+        return 0
     if os.geteuid() != 0:
         return _die("bench needs root: it builds the namespace lab", 1)
     if lab.namespaces():
