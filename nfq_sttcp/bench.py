@@ -536,7 +536,8 @@ def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str
     res: dict[str, Any] = {"sizes": sizes, "modes": {}}
     steal = _StealMeter()
     progress("[1/6] the daemons' own code per packet, without the kernel (no lab)")
-    res["handlers"] = handlercost.measure()
+    with steal.step("handlers"):
+        res["handlers"] = handlercost.measure()
     for i, mode in enumerate(("plain", "sttcp"), 2):
         progress("[%d/6] steady state, %s" % (i, "plain TCP (no daemons, no rules)" if mode == "plain"
                                              else "through nfq-sttcp"))

@@ -297,10 +297,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.handlers:
         from . import handlercost
         res = handlercost.measure()
-        print(handlercost.line(res))
-        for name in ("download", "request_response"):
-            print("  %s, every round: %s" % (name.replace("_", "-"), "; ".join(
-                "%s %s" % (h, " ".join("%.1f" % v for v in vals)) for h, vals in res[name]["rounds"].items())))
+        print("\n".join([handlercost.line(res)] + handlercost.rounds_lines(res)))
         return 0
     if os.geteuid() != 0:
         return _die("bench needs root: it builds the namespace lab", 1)

@@ -4,10 +4,11 @@ made-up queued packets of one connection (no namespace, no queue, no root).
 
 The lab's figure (bench.py, "CPU time per packet") adds the kernel's share
 to this: the copy of each packet to the daemon, the verdict that carries it
-on through the stack, the wake-ups. That share swings with the machine;
-this one does not, so a change to the per-packet Python (the driver's
-callbacks, the cores, the sync messages) is measured here before and after,
-side by side, where the lab could not tell 5 us from its noise.
+on through the stack, the wake-ups. That share swings with the machine by
+more than a change to the per-packet Python (the driver's callbacks, the
+cores, the sync messages) moves it. Measure such a change here, before and
+after, alternately: on a shared VM the same code's figure still moves by a
+fifth from one process to the next.
 
 Two workloads, each in lockstep (every packet one host's stack would queue,
 in the order the hosts would see them):
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ import structlog
 
 from . import tcpseg
 from .config import Config
-from .seqmath import seq_add
+from .seqmath import seq_add, seq_sub
 
 CLIENT, VIP = "192.0.2.10", "192.0.2.100"  # (nothing is sent: the sockets are in memory)
 CPORT, SPORT = 40000, 7000
@@ -66,30 +67,25 @@ class _Queued:
 
 
 class _Wire:
-    """One end of the sync link: what it sends, the other end receives."""
+    """One host's sync socket: what it sends, the other host receives, from
+    the address of the path it went by (the sync link or the LAN)."""
 
-    def __init__(self, address: str) -> None:
-        self.address = address
+    def __init__(self, source_for: dict[str, str]) -> None:
+        self.source_for = source_for  # destination -> our address on that path
         self.inbox: collections.deque[tuple[bytes, tuple[str, int]]] = collections.deque()
         self.peer: "_Wire | None" = None
         self.sent = 0
 
-    def sendto(self, data: bytes, _addr: Any) -> int:
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
         self.sent += 1
         if self.peer is not None:
-            self.peer.inbox.append((data, (self.address, 0)))
+            self.peer.inbox.append((data, (self.source_for[addr[0]], 0)))
         return len(data)
 
     def recvfrom(self, _n: int) -> tuple[bytes, tuple[str, int]]:
         if not self.inbox:
             raise BlockingIOError
         return self.inbox.popleft()
-
-    def fileno(self) -> int:
-        return -1
-
-    def close(self) -> None:
-        pass
 
 
 class _Injector:
@@ -113,14 +109,15 @@ def _config() -> Config:
 
 
 def _pair() -> tuple[Any, Any]:
-    from .driver import Daemon  # (imports NetfilterQueue's module only when measuring)
+    from .driver import Daemon  # (a heavy import: only when measuring)
 
     cfg = _config()
     quiet = structlog.wrap_logger(None, wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     p, b = Daemon(cfg, "primary"), Daemon(cfg, "backup")
-    for d, addr in ((p, cfg.primary_sync), (b, cfg.backup_sync)):
+    for d, role, peer in ((p, "primary", "backup"), (b, "backup", "primary")):
         d.key = b"handlercost-key-" * 2  # (signed as the lab's are)
-        d.sync, d.raw, d.log = _Wire(addr), _Injector(), quiet
+        d.sync = _Wire(dict(zip(cfg.peer_addresses(role), cfg.own_addresses(role))))
+        d.raw, d.log = _Injector(), quiet
     p.sync.peer, b.sync.peer = b.sync, p.sync
     p._cloning = _Cloning()
     p.primary.backup_following = True
@@ -159,15 +156,16 @@ def _connect(p: Any, b: Any) -> None:
 
 
 class _Clock:
-    """CPU per host: time spent in the calls made on its behalf."""
+    """CPU per host: this thread's CPU time in the calls made on its behalf
+    (not wall-clock time: a preemption or the hypervisor's steal would count)."""
 
     def __init__(self) -> None:
         self.s = {"primary": 0.0, "backup": 0.0}
 
     def on(self, host: str, call: Callable[..., Any], *args: Any) -> None:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         call(*args)
-        self.s[host] += time.perf_counter() - t0
+        self.s[host] += time.thread_time() - t0
 
 
 def _confirmations(clock: _Clock, p: Any, b: Any) -> None:
@@ -238,11 +236,18 @@ def request_response(n: int = 3000) -> dict[str, Any]:
 
 
 def _result(clock: _Clock, packets: dict[str, int], p: Any, b: Any) -> dict[str, Any]:
+    key = (CLIENT, CPORT, VIP, SPORT)
+    pc, bc = p.primary.conns[key], b.backup.conns[key]
     return {
         "us_per_packet": {h: round(clock.s[h] / packets[h] * 1e6, 2) for h in packets},
         "packets": packets,
         "counters": {"primary": dict(p.counters), "backup": dict(b.counters)},
         "sync_messages": {"primary": p.sync.sent, "backup": b.sync.sent},
+        # What the connection went through: the path the figures stand for.
+        "connection": {"protected": pc.protected and bc.protected, "acks_clamped": pc.clamped,
+                       "held_by_backup": len(bc.held),
+                       "checked_by_backup": None if bc.checker is None else seq_sub(bc.checker.base, ISN_B + 1),
+                       "ranges_unchecked": None if bc.checker is None else bc.checker.skipped},
     }
 
 
@@ -255,11 +260,19 @@ def measure(n: int = 3000, rounds: int = 3) -> dict[str, Any]:
         runs["download"].append(download(n))
         runs["request_response"].append(request_response(n))
     for name, rs in runs.items():
-        per = {h: sorted(r["us_per_packet"][h] for r in rs) for h in ("primary", "backup")}
-        out[name] = {"us_per_packet": {h: v[len(v) // 2] for h, v in per.items()}, "rounds": per,
-                     "counters": rs[-1]["counters"], "packets": rs[-1]["packets"]}
-    out["python"] = "%d.%d" % os.sys.version_info[:2]
+        per = {h: [r["us_per_packet"][h] for r in rs] for h in ("primary", "backup")}  # (in the order run)
+        out[name] = {"us_per_packet": {h: sorted(v)[len(v) // 2] for h, v in per.items()}, "rounds": per,
+                     "counters": rs[-1]["counters"], "packets": rs[-1]["packets"],
+                     "connection": rs[-1]["connection"]}
+    out["python"] = "%d.%d" % sys.version_info[:2]
     return out
+
+
+def rounds_lines(res: dict[str, Any]) -> list[str]:
+    """Every round's figures, in the order they ran."""
+    return ["  %s, every round: %s" % (name.replace("_", "-"), "; ".join(
+        "%s %s" % (h, " ".join("%.1f" % v for v in vals)) for h, vals in res[name]["rounds"].items()))
+        for name in ("download", "request_response")]
 
 
 def line(res: dict[str, Any]) -> str:

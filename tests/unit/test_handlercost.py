@@ -1,44 +1,63 @@
 """The handler-cost harness drives the real daemons' callbacks: its figures
 mean something only if every made-up packet took the path it stands for."""
 
-from nfq_sttcp import handlercost
+from nfq_sttcp import bench, handlercost
+
+# Every counter a run may touch; anything else (a foreign, malformed,
+# unmapped or out-of-window packet, a handler error) is a wrong path.
+HANDSHAKE = {"synack_held", "verdict_drop", "injected", "verdict_inject"}
+AT_THE_LAG_BOUND = {"verdict_defer", "deferred_out", "verdict_release"}
 
 
 def test_download_takes_the_download_path():
     n = 200
     r = handlercost.download(n)
     p, b = r["counters"]["primary"], r["counters"]["backup"]
+    assert HANDSHAKE | {"verdict_accept"} <= set(p) <= HANDSHAKE | {"verdict_accept"} | AT_THE_LAG_BOUND
+    assert set(b) == {"verdict_accept", "verdict_drop"}
     # Every data segment of the primary's got a verdict: let out at once,
     # or held at the lag bound and released once the backup confirmed.
     assert p["verdict_accept"] + p.get("verdict_defer", 0) == n
     assert p.get("verdict_release", 0) == p.get("verdict_defer", 0)
+    assert p["verdict_drop"] == 1 and p["injected"] == 1  # the SYN-ACK, held for the backup, then let out
     # The backup dropped every copy of its own (and its SYN-ACK), and mapped
     # every client ack (and the SYN and the handshake's ack) into its stack.
     assert b["verdict_drop"] == n + 1
     assert b["verdict_accept"] == n // 2 + 2
-    assert not p.get("handler_errors") and not b.get("handler_errors")
+    conn = r["connection"]
+    assert conn["protected"]
+    assert conn["checked_by_backup"] == n * handlercost.SEGMENT and conn["ranges_unchecked"] == 0
+    assert conn["held_by_backup"] == 1  # the last segment: the client has not acked it
     assert r["packets"] == {"primary": n, "backup": n + n // 2}
-    assert r["sync_messages"]["backup"] > 0 and r["sync_messages"]["primary"] > 0
-    assert all(v > 0 for v in r["us_per_packet"].values())
 
 
 def test_request_response_clamps_and_releases():
     n = 200
     r = handlercost.request_response(n)
     p, b = r["counters"]["primary"], r["counters"]["backup"]
-    assert p["verdict_accept"] == n  # every answer went out at once, its ack clamped
+    assert set(p) == HANDSHAKE | {"verdict_accept"}
+    assert set(b) == {"verdict_accept", "verdict_drop"}
+    assert p["verdict_accept"] == n
+    assert r["connection"]["acks_clamped"] == n  # every answer went out at once, its ack clamped
     assert p["injected"] > 1  # the held SYN-ACK, then acks released as confirmations came in
     assert b["verdict_accept"] == 2 * n + 2  # requests and acks mapped, with the SYN and the handshake's ack
     assert b["verdict_drop"] == n + 1  # its own answers held, and its SYN-ACK
-    assert not p.get("handler_errors") and not b.get("handler_errors")
+    conn = r["connection"]
+    assert conn["protected"] and conn["held_by_backup"] == 0  # the client acked every answer
+    assert conn["checked_by_backup"] == n and conn["ranges_unchecked"] == 0
 
 
-def test_measure_reports_the_median_round():
+def test_measure_reports_the_median_round_and_every_round_in_order():
     res = handlercost.measure(n=50, rounds=3)
     for name in ("download", "request_response"):
         for host in ("primary", "backup"):
             rounds = res[name]["rounds"][host]
-            assert len(rounds) == 3 and rounds == sorted(rounds)
-            assert res[name]["us_per_packet"][host] == rounds[1]
+            assert len(rounds) == 3
+            assert res[name]["us_per_packet"][host] == sorted(rounds)[1]
     text = handlercost.line(res)
-    assert "median of 3 rounds" in text and "%.1f" % res["download"]["us_per_packet"]["primary"] in text
+    assert "median of 3 rounds" in text and "download primary %.1f," % res["download"]["us_per_packet"]["primary"] in text
+    lines = handlercost.rounds_lines(res)
+    assert lines[1].startswith("  request-response, every round: primary %s" % " ".join(
+        "%.1f" % v for v in res["request_response"]["rounds"]["primary"]))
+    t = bench.table({"modes": {"plain": {}, "sttcp": {}}, "failover": {}, "handlers": res})
+    assert text in t
