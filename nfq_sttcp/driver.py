@@ -242,7 +242,7 @@ class Daemon:
         if self.backup is not None and self.cfg.fast_inbound:
             self._start_fast_in()
         elif self.backup is not None:
-            firewall.tc_detach_everywhere()  # (a killed daemon's, configured otherwise, would map and mark on)
+            firewall.tc_detach_everywhere(self.cfg)  # (a killed daemon's, configured otherwise, would map and mark on)
         # Last: a busy queue (another daemon) is the clearer error than a busy port.
         if self.cfg.metrics_port:
             from . import metrics
@@ -1564,6 +1564,9 @@ class FastIn(_KernelMaps):
         self.by_bytes: dict[bytes, tcpseg.ConnKey] = {}  # key bytes -> key
         self.attached = False
         self.own_qdisc = False
+        # Kept while a clsact qdisc we added stands: a daemon started after a
+        # killed one knows the qdisc it finds is ours to remove.
+        self.qdisc_marker = firewall.qdisc_marker(cfg, ifname)
         self._sweep: list[tcpseg.ConnKey] = []
         try:
             bpf_mod.ensure_bpffs(self.dir)
@@ -1573,7 +1576,7 @@ class FastIn(_KernelMaps):
             bpf_mod.map_update(self.on, fastin.ON_KEY, b"\1\0\0\0")
             self._load_and_pin(fastin.program(self.limits, self.state, self.on, cfg.vip, cfg.mark),
                                fastin.PROG_TYPE_SCHED_CLS, "sttcp_in", self.pinned)
-            self.own_qdisc = firewall.tc_attach_ingress(ifname, self.pinned)
+            self.own_qdisc = firewall.tc_attach_ingress(ifname, self.pinned, self.qdisc_marker)
             self.attached = True
         except BaseException:  # (doctor's SIGTERM arrives as KeyboardInterrupt)
             self.close()
@@ -1703,7 +1706,7 @@ class FastIn(_KernelMaps):
     def close(self, core: Optional[BackupCore] = None) -> None:
         """Detach, after reading every entry back into ``core`` if given."""
         if self.attached:
-            firewall.tc_detach_ingress(self.ifname, self.own_qdisc)
+            firewall.tc_detach_ingress(self.ifname, self.own_qdisc, self.qdisc_marker)
             self.attached = False
         if core is not None and self.fds:
             self.absorb(core, list(self.entries))

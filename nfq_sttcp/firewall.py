@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from typing import Optional
 
 from .config import Config
 from .rules import Hook, all_hooks, hooks, render, render_clone_hook, render_cloning
@@ -127,10 +128,11 @@ def _tc(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(("tc",) + args, capture_output=True, text=True, check=False)
 
 
-def tc_attach_ingress(ifname: str, pinned: str) -> bool:
+def tc_attach_ingress(ifname: str, pinned: str, marker: Optional[str] = None) -> bool:
     """Attach the pinned tc program at ``ifname``'s ingress (direct action),
-    in place of one a killed daemon left. Returns whether we added the
-    clsact qdisc (and so must remove it)."""
+    in place of one a killed daemon left. Returns whether the clsact qdisc is
+    ours to remove: we added it, or a killed daemon of ours did (``marker``,
+    a file we keep while a qdisc we added stands)."""
     if shutil.which("tc") is None:
         raise FirewallError("tc not found: install the iproute2 package")
     shown = _tc("qdisc", "show", "dev", ifname)
@@ -145,27 +147,60 @@ def tc_attach_ingress(ifname: str, pinned: str) -> bool:
         if r.returncode != 0:
             raise FirewallError("cannot add a clsact qdisc on %s: %s" % (ifname, r.stderr.strip()))
         added = True
+        _write_marker(marker)
+    elif marker is not None and os.path.exists(marker):
+        # A killed daemon added it; the qdisc alone cannot say whose it is,
+        # so without the file it stayed behind for good.
+        added = True
     _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))  # (a killed daemon's)
     r = _tc("filter", "add", "dev", ifname, "ingress", "pref", str(TC_PREF), "handle", "1",
             "bpf", "object-pinned", pinned, "direct-action")
     if r.returncode != 0:
         if added:
-            _tc("qdisc", "del", "dev", ifname, "clsact")
+            _remove_qdisc(ifname, marker)
         raise FirewallError("cannot attach the inbound program on %s: %s" % (ifname, r.stderr.strip()))
     return added
 
 
-def tc_detach_ingress(ifname: str, remove_qdisc: bool) -> None:
+def _write_marker(marker: Optional[str]) -> None:
+    if marker is None:
+        return
+    try:
+        with open(marker, "w") as f:
+            f.write("clsact qdisc added by nfq-sttcp\n")
+    except OSError:
+        pass  # (a killed daemon's qdisc then stays, as before)
+
+
+def _remove_qdisc(ifname: str, marker: Optional[str]) -> None:
+    """Remove our clsact qdisc, unless someone has put filters of their own
+    on it since."""
+    if all(not _tc("filter", "show", "dev", ifname, hook).stdout.strip() for hook in ("ingress", "egress")):
+        _tc("qdisc", "del", "dev", ifname, "clsact")
+    if marker is not None:
+        try:
+            os.unlink(marker)
+        except OSError:
+            pass
+
+
+def tc_detach_ingress(ifname: str, remove_qdisc: bool, marker: Optional[str] = None) -> None:
     """Undo tc_attach_ingress (keeps going past errors: the link may be gone)."""
     _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))
     if remove_qdisc:
-        _tc("qdisc", "del", "dev", ifname, "clsact")
+        _remove_qdisc(ifname, marker)
 
 
-def tc_detach_everywhere() -> None:
+def qdisc_marker(cfg: Config, ifname: str) -> str:
+    """The file a backup daemon keeps while a clsact qdisc it added on
+    ``ifname`` stands: nothing in the qdisc says whose it is."""
+    return os.path.join(cfg.control_socket_dir, "clsact-%s" % ifname)
+
+
+def tc_detach_everywhere(cfg: Optional[Config] = None) -> None:
     """Remove our inbound filter from every interface here: one a killed
-    backup daemon left goes on mapping and marking clones (its qdisc, if it
-    added one, stays: it cannot be told from someone else's)."""
+    backup daemon left goes on mapping and marking clones. With ``cfg``,
+    also the clsact qdiscs such a daemon added (qdisc_marker)."""
     if shutil.which("tc") is None:
         return
     try:
@@ -174,3 +209,6 @@ def tc_detach_everywhere() -> None:
         return
     for ifname in names:
         _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))
+        marker = qdisc_marker(cfg, ifname) if cfg is not None else None
+        if marker is not None and os.path.exists(marker):
+            _remove_qdisc(ifname, marker)

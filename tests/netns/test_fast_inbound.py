@@ -7,6 +7,7 @@ uploads that take the path and survive a crash, and the daemon's cleanup."""
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -302,6 +303,19 @@ def test_the_daemon_detaches_its_program_when_it_stops(make_lab):
     assert not os.path.exists(pinned)
 
 
+def test_cleanup_removes_a_killed_daemons_program_and_its_qdisc(make_lab):
+    make_lab()
+    marker = os.path.join(lab.STATE_DIR, "ctl", "clsact-sync0")
+    lab.kill_daemon("backup")  # SIGKILL: filter, qdisc and file stay (a killed daemon removes nothing)
+    assert _tc_filters(lab.NS_BACKUP).strip() and os.path.exists(marker)
+    r = lab.sh(sys.executable, "-m", "nfq_sttcp", "cleanup", ns=lab.NS_BACKUP, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not _tc_filters(lab.NS_BACKUP).strip()
+    qdiscs = lab.sh("tc", "qdisc", "show", "dev", "sync0", ns=lab.NS_BACKUP).stdout
+    assert "clsact" not in qdiscs, qdiscs
+    assert not os.path.exists(marker)
+
+
 def test_a_killed_daemons_program_is_replaced_when_it_starts_again(make_lab):
     """SIGKILL leaves the filter (and the clsact qdisc it added) behind; the
     next daemon finds the qdisc there (tc refuses a second one) and puts its
@@ -310,6 +324,8 @@ def test_a_killed_daemons_program_is_replaced_when_it_starts_again(make_lab):
     before = _tc_filters(lab.NS_BACKUP)
     lab.kill_daemon("backup")  # SIGKILL
     assert _tc_filters(lab.NS_BACKUP) == before, "nothing removed it"
+    marker = os.path.join(lab.STATE_DIR, "ctl", "clsact-sync0")
+    assert os.path.exists(marker), "the killed daemon added the qdisc, and said so"
     lab.start_backup_daemon(progress=lambda *_: None)
     after = _tc_filters(lab.NS_BACKUP)
     assert after.count("backup-in") == 1 and after != before, (before, after)  # (a new program id)
@@ -317,3 +333,9 @@ def test_a_killed_daemons_program_is_replaced_when_it_starts_again(make_lab):
     survived(r, {"upload": 100 * MB})
     st = lab.control("backup")
     assert st["counters"].get("fast_in_packets", 0) > 0, st["counters"]
+    # The qdisc the killed daemon added was this one's to remove (once it
+    # stayed for good: nothing could tell it from someone else's). The
+    # takeover detached the program, and the qdisc went with it.
+    qdiscs = lab.sh("tc", "qdisc", "show", "dev", "sync0", ns=lab.NS_BACKUP).stdout
+    assert "clsact" not in qdiscs, qdiscs
+    assert not os.path.exists(marker)

@@ -17,11 +17,19 @@ from .test_fast_driver import FakeBpf
 from .test_fast_inbound import RCV_HI, established
 
 
+class _Calls(list):
+    markers: list
+
+
 @pytest.fixture
 def tc(monkeypatch):
-    calls = []
-    monkeypatch.setattr(firewall, "tc_attach_ingress", lambda ifname, pinned: calls.append(("attach", ifname)) or True)
-    monkeypatch.setattr(firewall, "tc_detach_ingress", lambda ifname, qdisc: calls.append(("detach", ifname, qdisc)))
+    calls = _Calls()
+    calls.markers = []
+    monkeypatch.setattr(firewall, "tc_attach_ingress",
+                        lambda ifname, pinned, marker: calls.markers.append(marker) or calls.append(("attach", ifname))
+                        or True)
+    monkeypatch.setattr(firewall, "tc_detach_ingress",
+                        lambda ifname, qdisc, marker: calls.append(("detach", ifname, qdisc)))
     return calls
 
 
@@ -37,6 +45,7 @@ def fast_in(tmp_path, tc):
     f.close()
     assert not os.path.exists(f.dir), "close removes the pin and its directory"
     assert tc[-1] == ("detach", "sync0", True)
+    assert tc.markers == [str(tmp_path / "ctl" / "clsact-sync0")]  # (the file that says whose the qdisc is)
 
 
 def test_entries_follow_the_core_and_what_the_kernel_saw_reaches_it(fast_in):
@@ -133,7 +142,7 @@ def test_the_detach_reads_everything_back(tmp_path, tc):
 
 
 def test_a_failed_attach_leaves_nothing_behind(tmp_path, monkeypatch):
-    def refuse(ifname, pinned):
+    def refuse(ifname, pinned, marker):
         raise firewall.FirewallError("tc not found: install the iproute2 package")
 
     monkeypatch.setattr(firewall, "tc_attach_ingress", refuse)
@@ -146,7 +155,7 @@ def test_a_failed_attach_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_the_daemon_goes_on_without_it_when_it_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "_ethernet_link_of", lambda address: "sync0")
 
-    def refuse(ifname, pinned):
+    def refuse(ifname, pinned, marker):
         raise firewall.FirewallError("cannot add a clsact qdisc on sync0: no such device")
 
     monkeypatch.setattr(firewall, "tc_attach_ingress", refuse)
