@@ -30,7 +30,7 @@ from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
 from .seqmath import seq_gt
 from .syncproto import Confirm, ConnIsn, Digest, Diverged, Heartbeat, ReplayGuard, SyncError, Unprotect
-from .watchdog import ACTIVE, FOLLOWING, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, PeerMonitor, Watchdog
+from .watchdog import ACTIVE, FOLLOWING, ORPHANED, PRESENT, SERVING, STOPPING, SUSPECT, WAITING, PeerMonitor, Watchdog
 
 SO_MARK = 36
 SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC, PACKET_OTHERHOST = 263, 1, 1, 3
@@ -38,6 +38,7 @@ SO_ATTACH_FILTER = 26
 TICK_S = 0.1
 STATUS_MAX_CONNS = 1000  # connections listed in a status reply (the summary counts them all)
 CONFIRM_EVERY_S = 0.001
+VRRP_CHECK_S = 0.5  # with keepalived: how often a backup looks for the VIP on its LAN interface
 
 
 class DaemonError(RuntimeError):
@@ -108,6 +109,7 @@ class Daemon:
         self._cloning: Optional[_CloningSwitch] = None
         self.fast: Optional[FastPath] = None
         self.fast_in: Optional[FastIn] = None
+        self._next_vrrp_check = 0.0
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -770,6 +772,7 @@ class Daemon:
             if self.fast_in is not None:
                 self._fast_errors(self.fast_in.sweep(self.backup))
             self._perform(self.backup.on_tick(now))
+        self._vrrp_tick(now)
 
     def _backup_changed(self, following: bool, now: float) -> None:
         """Clone client segments only to a backup that follows us: a backup
@@ -973,6 +976,35 @@ class Daemon:
         return {k: round((v - t0) * 1000, 2) for k, v in self.timeline}
 
     # == keepalived ==========================================================
+
+    def _vrrp_tick(self, now: float) -> None:
+        """keepalived tells a change of state once, by running its notify
+        command: a backup daemon that was down or restarting then, or whose
+        notify failed, never hears that this host became MASTER. It went on
+        holding its application's replies (failing closed) on the host the
+        clients now reach, and the service stayed dark. So the backup also
+        looks, every VRRP_CHECK_S, for what MASTER means here: the VIP on
+        the LAN interface, where only VRRP puts it (on a backup the VIP
+        sits on lo, for the clones)."""
+        if self.cfg.vip_owner != "keepalived" or self.primary is not None or self.watchdog is None \
+                or now < self._next_vrrp_check:
+            return
+        self._next_vrrp_check = now + VRRP_CHECK_S
+        if self.watchdog.state not in (WAITING, FOLLOWING, SUSPECT, ORPHANED):
+            return  # (taking over, or done)
+        from pyroute2 import IPRoute
+
+        try:
+            with IPRoute() as ipr:
+                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)}
+        except Exception as e:  # (the link may be gone: the next look may do better)
+            self.log.debug("vrrp_check_failed", error=repr(e))
+            return
+        if self.cfg.vip in have:
+            self.log.warning("keepalived_master_seen", interface=self.cfg.lan_interface,
+                             note="the VIP is on the LAN interface, yet no MASTER notify reached this daemon")
+            self._perform(self.watchdog.force_takeover(now, "keepalived: this host is MASTER (the VIP is on %s)"
+                                                       % self.cfg.lan_interface))
 
     def _on_notify(self, vrrp_state: str) -> dict[str, Any]:
         """keepalived's notify: MASTER means this host now owns the VIP (take

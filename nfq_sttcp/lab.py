@@ -284,11 +284,17 @@ def start_backup_daemon(progress=print) -> None:
     cfg = load_config()
     if cfg.vip_owner == "keepalived":
         _start_keepalived(cfg, "backup")
-    _spawn("backup", "daemon", _daemon_argv("backup", "backup"))
+    spawn_backup_daemon()
     _wait("the backup to follow the primary", lambda: control("backup")["state"] == "following", 20,
           log=("backup", "daemon"))
     _wait("the primary to see its backup and clone to it", lambda: _clones_to_its_backup("primary"), 10,
           log=("primary", "daemon"))
+
+
+def spawn_backup_daemon() -> None:
+    """Start the backup's daemon alone, waiting for nothing (a test of what
+    it does on a host where something has happened already)."""
+    _spawn("backup", "daemon", _daemon_argv("backup", "backup"))
 
 
 def _clones_to_its_backup(host: str) -> bool:

@@ -4,6 +4,7 @@ over the lab LAN, its notify hook driving the daemons."""
 
 import json
 import os
+import time
 
 from nfq_sttcp import lab, scenario
 
@@ -26,3 +27,33 @@ def test_keepalived_moves_the_vip_and_the_connections_survive(make_lab):
     # the built-in watchdog never took over by itself: only keepalived's word did
     assert not any(e["event"] == "watchdog_transition" and e.get("new") == "takeover"
                    and "keepalived" not in str(e.get("reason")) for e in events)
+
+
+def test_a_backup_daemon_that_missed_the_master_notify_serves_all_the_same(make_lab):
+    """keepalived runs its notify once per change. The backup's daemon is
+    down when its host becomes MASTER (its notify finds no daemon); started
+    again, it must see what MASTER means (the VIP on its LAN interface) and
+    serve, not hold its application's replies on the host clients now reach."""
+    make_lab(keepalived=True)
+    lab.kill_daemon("backup")  # SIGKILL: its rules stay, the backup's replies go nowhere
+    lab.crash("primary")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and lab.vip_owner() != ["backup"]:
+        time.sleep(0.05)
+    assert lab.vip_owner() == ["backup"], "keepalived on the backup never became MASTER"
+    lab.spawn_backup_daemon()
+    deadline = time.monotonic() + 20
+    st = {}
+    while time.monotonic() < deadline:
+        try:
+            st = lab.control("backup")
+        except Exception:  # (not up yet)
+            st = {}
+        if st.get("state") in ("active", "fault"):
+            break
+        time.sleep(0.1)
+    assert st.get("state") == "active", st
+    assert "keepalived" in st["failover"]["reason"], st["failover"]
+    r = scenario.run_with_crash(["echo:count=5,size=100,pause_ms=10,crash_msg=2,after=3"], crash=False, timeout=30)
+    c = r["connections"][0]
+    assert r["ok"] and c["ok"] and c["syns_sent"] == 1 and c["rsts_received"] == 0, r
