@@ -225,7 +225,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             elif args.action == "remove":
                 errs = firewall.remove(cfg, args.role)
                 if args.role == "backup":
-                    firewall.tc_detach_everywhere(cfg)  # (the inbound program a killed daemon left, its qdisc)
+                    firewall.tc_detach_everywhere((cfg.control_socket_dir,))  # (what a killed daemon left)
                 print("removed %s rules%s" % (args.role, "" if not errs else " (with errors: %s)" % "; ".join(errs)))
             else:
                 print(firewall.show(cfg) or "(no nfq-sttcp rules)")
@@ -245,7 +245,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if os.geteuid() != 0:
             return _die("cleanup needs root", 1)
         errs = firewall.remove_all(cfg)
-        firewall.tc_detach_everywhere(cfg)
+        # (Without a config file: the lab's directory and the default one.)
+        firewall.tc_detach_everywhere((cfg.control_socket_dir,) if args.config else
+                                      (cfg.control_socket_dir, Config.control_socket_dir))
         print("removed chains %s-*%s" % (cfg.chain_prefix, "" if not errs else " (errors: %s)" % "; ".join(errs)))
         return 0
     if args.cmd == "status":

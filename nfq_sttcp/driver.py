@@ -110,6 +110,8 @@ class Daemon:
         self.fast: Optional[FastPath] = None
         self.fast_in: Optional[FastIn] = None
         self._next_vrrp_check = 0.0
+        self._vrrp_warned_at = -60.0
+        self._vrrp_check_failed = False
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -244,7 +246,8 @@ class Daemon:
         if self.backup is not None and self.cfg.fast_inbound:
             self._start_fast_in()
         elif self.backup is not None:
-            firewall.tc_detach_everywhere(self.cfg)  # (a killed daemon's, configured otherwise, would map and mark on)
+            # (A killed daemon's, configured otherwise, would map and mark on.)
+            firewall.tc_detach_everywhere((self.cfg.control_socket_dir,))
         # Last: a busy queue (another daemon) is the clearer error than a busy port.
         if self.cfg.metrics_port:
             from . import metrics
@@ -980,12 +983,16 @@ class Daemon:
     def _vrrp_tick(self, now: float) -> None:
         """keepalived tells a change of state once, by running its notify
         command: a backup daemon that was down or restarting then, or whose
-        notify failed, never hears that this host became MASTER. It went on
+        notify failed, never heard that this host became MASTER. It went on
         holding its application's replies (failing closed) on the host the
         clients now reach, and the service stayed dark. So the backup also
         looks, every VRRP_CHECK_S, for what MASTER means here: the VIP on
-        the LAN interface, where only VRRP puts it (on a backup the VIP
-        sits on lo, for the clones)."""
+        the LAN interface (on a backup the VIP sits on lo, for the clones).
+
+        It acts on that only once the primary has been silent for the whole
+        detection time (or, never heard, since this daemon started): a VIP
+        left on the interface by hand, or by a keepalived killed with -9,
+        must not make a backup take over from a primary that serves."""
         if self.cfg.vip_owner != "keepalived" or self.primary is not None or self.watchdog is None \
                 or now < self._next_vrrp_check:
             return
@@ -996,15 +1003,31 @@ class Daemon:
 
         try:
             with IPRoute() as ipr:
-                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)}
-        except Exception as e:  # (the link may be gone: the next look may do better)
-            self.log.debug("vrrp_check_failed", error=repr(e))
+                links = ipr.link_lookup(ifname=self.cfg.lan_interface)  # (by name: a link made again has a new index)
+                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=links[0], family=socket.AF_INET)} \
+                    if links else set()
+            error = "" if links else "no interface %s" % self.cfg.lan_interface
+        except Exception as e:
+            have, links, error = set(), [], repr(e)
+        if error and not self._vrrp_check_failed:
+            self.log.warning("vrrp_check_failed", error=error, effect="a missed MASTER notify goes unseen")
+        self._vrrp_check_failed = bool(error)
+        if self.cfg.vip not in have:
             return
-        if self.cfg.vip in have:
-            self.log.warning("keepalived_master_seen", interface=self.cfg.lan_interface,
-                             note="the VIP is on the LAN interface, yet no MASTER notify reached this daemon")
-            self._perform(self.watchdog.force_takeover(now, "keepalived: this host is MASTER (the VIP is on %s)"
-                                                       % self.cfg.lan_interface))
+        detection = self.cfg.detection_ms / 1000
+        quiet = self.watchdog.silence(now) if self.watchdog.last_beat is not None else now - self.started
+        if quiet < detection:
+            if self.watchdog.last_beat is not None and now - self._vrrp_warned_at >= 60:
+                self._vrrp_warned_at = now
+                self.log.warning("vip_on_lan_while_primary_heard", interface=self.cfg.lan_interface,
+                                 note="the VIP is on our LAN interface, but the primary's heartbeats go on: "
+                                      "not taking over (was it added by hand, or left by a killed keepalived?)")
+            return
+        self.log.warning("keepalived_master_seen", interface=self.cfg.lan_interface,
+                         note="the VIP is on the LAN interface and the primary is silent, yet no MASTER notify "
+                              "reached this daemon")
+        self._perform(self.watchdog.force_takeover(now, "keepalived: this host is MASTER (the VIP is on %s)"
+                                                   % self.cfg.lan_interface))
 
     def _on_notify(self, vrrp_state: str) -> dict[str, Any]:
         """keepalived's notify: MASTER means this host now owns the VIP (take
@@ -1598,7 +1621,7 @@ class FastIn(_KernelMaps):
         self.own_qdisc = False
         # Kept while a clsact qdisc we added stands: a daemon started after a
         # killed one knows the qdisc it finds is ours to remove.
-        self.qdisc_marker = firewall.qdisc_marker(cfg, ifname)
+        self.qdisc_marker = firewall.qdisc_marker(cfg.control_socket_dir, ifname)
         self._sweep: list[tcpseg.ConnKey] = []
         try:
             bpf_mod.ensure_bpffs(self.dir)

@@ -131,8 +131,8 @@ def _tc(*args: str) -> subprocess.CompletedProcess[str]:
 def tc_attach_ingress(ifname: str, pinned: str, marker: Optional[str] = None) -> bool:
     """Attach the pinned tc program at ``ifname``'s ingress (direct action),
     in place of one a killed daemon left. Returns whether the clsact qdisc is
-    ours to remove: we added it, or a killed daemon of ours did (``marker``,
-    a file we keep while a qdisc we added stands)."""
+    ours to remove: we added it, or a killed daemon of ours did (``marker``:
+    qdisc_marker)."""
     if shutil.which("tc") is None:
         raise FirewallError("tc not found: install the iproute2 package")
     shown = _tc("qdisc", "show", "dev", ifname)
@@ -147,11 +147,9 @@ def tc_attach_ingress(ifname: str, pinned: str, marker: Optional[str] = None) ->
         if r.returncode != 0:
             raise FirewallError("cannot add a clsact qdisc on %s: %s" % (ifname, r.stderr.strip()))
         added = True
-        _write_marker(marker)
-    elif marker is not None and os.path.exists(marker):
-        # A killed daemon added it; the qdisc alone cannot say whose it is,
-        # so without the file it stayed behind for good.
-        added = True
+        _write_marker(marker, ifname)
+    elif _marked(marker, ifname):
+        added = True  # a killed daemon of ours added it
     _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))  # (a killed daemon's)
     r = _tc("filter", "add", "dev", ifname, "ingress", "pref", str(TC_PREF), "handle", "1",
             "bpf", "object-pinned", pinned, "direct-action")
@@ -162,22 +160,55 @@ def tc_attach_ingress(ifname: str, pinned: str, marker: Optional[str] = None) ->
     return added
 
 
-def _write_marker(marker: Optional[str]) -> None:
-    if marker is None:
+def qdisc_marker(control_dir: str, ifname: str) -> str:
+    """The file a backup daemon keeps while a clsact qdisc it added on
+    ``ifname`` stands. Nothing in a qdisc says who added it: without this, a
+    killed daemon's stayed for good, as it could be anyone's."""
+    return os.path.join(control_dir, "clsact-%s" % ifname)
+
+
+def _link_identity(ifname: str) -> Optional[str]:
+    """This network namespace and the link's index: the file names a link
+    by name, and namespaces share /run (the lab's two hosts both have a
+    sync0), and a link deleted and made again keeps its name."""
+    try:
+        with open("/sys/class/net/%s/ifindex" % ifname) as f:
+            index = f.read().strip()
+        return "netns %d ifindex %s\n" % (os.stat("/proc/self/ns/net").st_ino, index)
+    except OSError:
+        return None
+
+
+def _write_marker(marker: Optional[str], ifname: str) -> None:
+    ident = _link_identity(ifname)
+    if marker is None or ident is None:
         return
     try:
         with open(marker, "w") as f:
-            f.write("clsact qdisc added by nfq-sttcp\n")
+            f.write(ident)
     except OSError:
-        pass  # (a killed daemon's qdisc then stays, as before)
+        pass  # (a killed daemon's qdisc then stays, as it always did)
+
+
+def _marked(marker: Optional[str], ifname: str) -> bool:
+    """The file says we added the clsact qdisc on this very link."""
+    if marker is None:
+        return False
+    try:
+        with open(marker) as f:
+            return f.read() == _link_identity(ifname)
+    except OSError:
+        return False
 
 
 def _remove_qdisc(ifname: str, marker: Optional[str]) -> None:
-    """Remove our clsact qdisc, unless someone has put filters of their own
-    on it since."""
-    if all(not _tc("filter", "show", "dev", ifname, hook).stdout.strip() for hook in ("ingress", "egress")):
-        _tc("qdisc", "del", "dev", ifname, "clsact")
-    if marker is not None:
+    """Remove the clsact qdisc we added, unless someone has put filters of
+    their own on it since (or we cannot tell). The file goes with the qdisc."""
+    shows = [_tc("filter", "show", "dev", ifname, hook) for hook in ("ingress", "egress")]
+    if any(r.returncode != 0 or r.stdout.strip() for r in shows):
+        return
+    _tc("qdisc", "del", "dev", ifname, "clsact")
+    if marker is not None and "qdisc clsact" not in _tc("qdisc", "show", "dev", ifname).stdout:
         try:
             os.unlink(marker)
         except OSError:
@@ -191,16 +222,10 @@ def tc_detach_ingress(ifname: str, remove_qdisc: bool, marker: Optional[str] = N
         _remove_qdisc(ifname, marker)
 
 
-def qdisc_marker(cfg: Config, ifname: str) -> str:
-    """The file a backup daemon keeps while a clsact qdisc it added on
-    ``ifname`` stands: nothing in the qdisc says whose it is."""
-    return os.path.join(cfg.control_socket_dir, "clsact-%s" % ifname)
-
-
-def tc_detach_everywhere(cfg: Optional[Config] = None) -> None:
+def tc_detach_everywhere(control_dirs: tuple[str, ...] = ()) -> None:
     """Remove our inbound filter from every interface here: one a killed
-    backup daemon left goes on mapping and marking clones. With ``cfg``,
-    also the clsact qdiscs such a daemon added (qdisc_marker)."""
+    backup daemon left goes on mapping and marking clones. Also the clsact
+    qdiscs such a daemon added, where a file in ``control_dirs`` says so."""
     if shutil.which("tc") is None:
         return
     try:
@@ -209,6 +234,7 @@ def tc_detach_everywhere(cfg: Optional[Config] = None) -> None:
         return
     for ifname in names:
         _tc("filter", "del", "dev", ifname, "ingress", "pref", str(TC_PREF))
-        marker = qdisc_marker(cfg, ifname) if cfg is not None else None
-        if marker is not None and os.path.exists(marker):
-            _remove_qdisc(ifname, marker)
+        for d in control_dirs:
+            marker = qdisc_marker(d, ifname)
+            if _marked(marker, ifname):
+                _remove_qdisc(ifname, marker)

@@ -285,3 +285,33 @@ def test_lab_place_puts_each_server_host_on_cpus_of_its_own(make_lab):
     assert lab.status()["daemons"]["backup"]["state"] == "following"
     run(*CLI, "lab", "place", "--shared")
     assert all(a == cpus for ns in (lab.NS_PRIMARY, lab.NS_BACKUP) for a in _affinities(ns).values())
+
+
+def test_cleanup_removes_only_the_clsact_qdiscs_a_daemon_of_ours_added(scratch_ns, tmp_path):
+    """A qdisc is ours to remove only if our file names this very link (this
+    namespace, this index) and nobody else's filter is on it."""
+    conf = lab_config_file(tmp_path)
+    ctl = tmp_path / "ctl"
+    ctl.mkdir()
+    for a, b in (("va", "vb"), ("vc", "vd")):
+        run("ip", "link", "add", a, "type", "veth", "peer", "name", b, ns=scratch_ns)
+    for dev in ("va", "vb", "vc", "vd"):
+        run("tc", "qdisc", "add", "dev", dev, "clsact", ns=scratch_ns)
+
+    def mark(dev):  # as the daemon marks a qdisc it added
+        run(sys.executable, "-c", "from nfq_sttcp import firewall as f; f._write_marker(f.qdisc_marker(%r, %r), %r)"
+            % (str(ctl), dev, dev), ns=scratch_ns)
+        assert (ctl / ("clsact-" + dev)).read_text().startswith("netns ")
+
+    mark("va")  # ours, but someone has put a filter on it since
+    run("tc", "filter", "add", "dev", "va", "ingress", "pref", "9", "bpf", "bytecode", "1,6 0 0 0,", ns=scratch_ns)
+    mark("vb")  # ours, empty: goes
+    (ctl / "clsact-vc").write_text("netns 1 ifindex 1\n")  # a file for another namespace's vc
+    # vd: no file at all
+    run(*CLI, "cleanup", "--config", conf, ns=scratch_ns)
+    shown = {dev: run("tc", "qdisc", "show", "dev", dev, ns=scratch_ns).stdout for dev in ("va", "vb", "vc", "vd")}
+    assert "clsact" not in shown["vb"] and not (ctl / "clsact-vb").exists()
+    for dev in ("va", "vc", "vd"):
+        assert "clsact" in shown[dev], (dev, shown[dev])
+    assert (ctl / "clsact-va").exists() and (ctl / "clsact-vc").exists()
+    assert "pref 9" in run("tc", "filter", "show", "dev", "va", "ingress", ns=scratch_ns).stdout
