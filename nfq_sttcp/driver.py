@@ -112,6 +112,9 @@ class Daemon:
         self._next_vrrp_check = 0.0
         self._vrrp_warned_at = -60.0
         self._vrrp_check_failed = False
+        self._vip_seen_on_lan = False  # (serving, with keepalived: once it was there, its going means something)
+        self._vip_gone_looks = 0
+        self._peer_serves_at = -60.0
         if role == "primary":
             self.primary: Optional[PrimaryCore] = _primary_core(cfg)
             self.peer = PeerMonitor(cfg.heartbeat_interval, cfg.heartbeat_missed, cfg.daemon_lost_ms / 1000)
@@ -704,6 +707,8 @@ class Daemon:
             expected = "backup" if self.serving_as == "primary" else "primary"
             if msg.role != expected:
                 self.counters["sync_rejected"] += 1
+                if msg.role == "primary" and self.serving_as == "primary":
+                    self._peer_serves_at = now  # (two serving: _vrrp_serving_tick settles it under keepalived)
                 return
             self.peer_state = msg.state
             if addr in (self.cfg.primary_sync, self.cfg.backup_sync):
@@ -993,11 +998,13 @@ class Daemon:
         detection time (or, never heard, since this daemon started): a VIP
         left on the interface by hand, or by a keepalived killed with -9,
         must not make a backup take over from a primary that serves."""
-        if self.cfg.vip_owner != "keepalived" or self.primary is not None or self.watchdog is None \
-                or now < self._next_vrrp_check:
+        if self.cfg.vip_owner != "keepalived" or now < self._next_vrrp_check:
             return
         self._next_vrrp_check = now + VRRP_CHECK_S
-        if self.watchdog.state not in (WAITING, FOLLOWING, SUSPECT, ORPHANED):
+        serving = self.primary is not None
+        if serving and self.switchover in ("stepping_down", "done"):
+            return
+        if not serving and (self.watchdog is None or self.watchdog.state not in (WAITING, FOLLOWING, SUSPECT, ORPHANED)):
             return  # (taking over, or done)
         from pyroute2 import IPRoute
 
@@ -1012,6 +1019,12 @@ class Daemon:
         if error and not self._vrrp_check_failed:
             self.log.warning("vrrp_check_failed", error=error, effect="a missed MASTER notify goes unseen")
         self._vrrp_check_failed = bool(error)
+        if error:
+            return
+        if serving:
+            self._vrrp_serving_tick(now, self.cfg.vip in have)
+            return
+        assert self.watchdog is not None
         if self.cfg.vip not in have:
             return
         detection = self.cfg.detection_ms / 1000
@@ -1028,6 +1041,43 @@ class Daemon:
                               "reached this daemon")
         self._perform(self.watchdog.force_takeover(now, "keepalived: this host is MASTER (the VIP is on %s)"
                                                    % self.cfg.lan_interface))
+
+    def _vrrp_serving_tick(self, now: float, vip_here: bool) -> None:
+        """The serving side of _vrrp_tick: keepalived took the VIP off our
+        LAN interface (it left MASTER), and its BACKUP, FAULT or STOP notify
+        never reached us, so we serve on unfenced beside the host clients
+        now reach. Only once the VIP was seen here: a primary starts before
+        keepalived makes it MASTER. Two looks in a row, then: if the peer
+        already serves (its heartbeats say primary), fence and stop, as a
+        finished switchover does; if it still follows us, hand over to it
+        (the BACKUP notify's step down)."""
+        if vip_here:
+            self._vip_seen_on_lan, self._vip_gone_looks = True, 0
+            return
+        if not self._vip_seen_on_lan:
+            return
+        self._vip_gone_looks += 1
+        if self._vip_gone_looks != 2:
+            return  # (acted on once; a refused step down is not retried every look)
+        peer_serves = now - self._peer_serves_at < 1.0
+        self.log.warning("keepalived_vip_gone", interface=self.cfg.lan_interface, peer_serves=peer_serves,
+                         note="the VIP left the LAN interface, yet no BACKUP, FAULT or STOP notify reached this daemon")
+        if peer_serves:
+            try:
+                self._fence_and_release_vip()
+            except Exception as e:
+                self.log.error("fence_failed", error=repr(e))
+                return
+            for pkt in self.deferred.values():
+                pkt.drop()  # (held output would leave past the fence once released)
+            self.deferred.clear()
+            self.switchover = "done"
+            self.log.warning("switchover_done", note="the peer serves the VIP; this host stays fenced; exiting")
+            self.stop = True
+        elif self.peer.state == PRESENT:
+            reply = self._step_down()
+            if reply.get("error"):
+                self.log.error("step_down_refused", error=reply["error"])
 
     def _on_notify(self, vrrp_state: str) -> dict[str, Any]:
         """keepalived's notify: MASTER means this host now owns the VIP (take

@@ -4,6 +4,7 @@ over the lab LAN, its notify hook driving the daemons."""
 
 import json
 import os
+import signal
 import time
 
 from nfq_sttcp import lab, scenario
@@ -77,3 +78,39 @@ def test_a_vip_put_on_the_backups_lan_by_hand_never_makes_it_take_over_from_a_li
     finally:
         lab.sh("ip", "addr", "del", "%s/%d" % (cfg.vip, cfg.lan_prefix), "dev", cfg.lan_interface, ns=lab.NS_BACKUP,
                check=False)
+
+
+def test_a_serving_daemon_that_missed_its_notify_fences_itself_when_the_peer_serves(make_lab):
+    """keepalived takes the VIP off the serving host's LAN, but its notify
+    never reaches the daemon (here: keepalived killed with -9, the VIP then
+    taken off by hand). The backup's keepalived becomes MASTER and its daemon
+    serves; the old primary's daemon must see the VIP gone and its peer
+    serving, and fence itself, not serve on beside it."""
+    make_lab(keepalived=True)
+    cfg = lab.load_config()
+    # Every keepalived process of the primary's, its VRRP child first: the
+    # child, left alone, shuts down cleanly when its parent dies (the VIP
+    # removed, the notify run), which is not the case this test is about.
+    pids = [int(p) for p in lab.sh("ip", "netns", "pids", lab.NS_PRIMARY).stdout.split()]
+    keepalived = [p for p in pids if open("/proc/%d/comm" % p).read().strip() == "keepalived"]
+    assert len(keepalived) >= 2, keepalived
+    for pid in sorted(keepalived, reverse=True):
+        os.kill(pid, signal.SIGKILL)  # no notify, and the VIP stays where it was
+    lab.sh("ip", "addr", "del", "%s/%d" % (cfg.vip, cfg.lan_prefix), "dev", cfg.lan_interface, ns=lab.NS_PRIMARY)
+    deadline = time.monotonic() + 15
+    events = []
+    while time.monotonic() < deadline:
+        with open(os.path.join(lab.STATE_DIR, "logs", "primary-daemon.log")) as f:
+            events = [json.loads(line) for line in f if line.startswith("{")]
+        if any(e["event"] == "switchover_done" for e in events):
+            break
+        time.sleep(0.1)
+    gone = [e for e in events if e["event"] == "keepalived_vip_gone"]
+    assert gone and gone[-1]["peer_serves"] is True, [e["event"] for e in events][-20:]
+    assert any(e["event"] == "switchover_done" for e in events)
+    assert lab.control("backup")["state"] == "active"
+    # The old primary's replies from the VIP are dropped: its fence is in.
+    rules = lab.sh("iptables-save", "-t", "mangle", ns=lab.NS_PRIMARY).stdout
+    assert any(("-s %s/32" % cfg.vip) in line and line.endswith("-j DROP") for line in rules.splitlines()), rules
+    r = scenario.run_with_crash(["echo:count=5,size=100,pause_ms=10,crash_msg=2,after=3"], crash=False, timeout=30)
+    assert r["ok"] and r["connections"][0]["rsts_received"] == 0, r
