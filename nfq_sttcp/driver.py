@@ -38,7 +38,7 @@ SO_ATTACH_FILTER = 26
 TICK_S = 0.1
 STATUS_MAX_CONNS = 1000  # connections listed in a status reply (the summary counts them all)
 CONFIRM_EVERY_S = 0.001
-VRRP_CHECK_S = 0.5  # with keepalived: how often a backup looks for the VIP on its LAN interface
+VRRP_CHECK_S = 0.5  # with keepalived: how often a daemon looks for the VIP on its LAN interface (_vrrp_tick)
 
 
 class DaemonError(RuntimeError):
@@ -1044,40 +1044,45 @@ class Daemon:
 
     def _vrrp_serving_tick(self, now: float, vip_here: bool) -> None:
         """The serving side of _vrrp_tick: keepalived took the VIP off our
-        LAN interface (it left MASTER), and its BACKUP, FAULT or STOP notify
-        never reached us, so we serve on unfenced beside the host clients
-        now reach. Only once the VIP was seen here: a primary starts before
-        keepalived makes it MASTER. Two looks in a row, then: if the peer
-        already serves (its heartbeats say primary), fence and stop, as a
-        finished switchover does; if it still follows us, hand over to it
-        (the BACKUP notify's step down)."""
+        LAN interface (it left MASTER), its BACKUP, FAULT or STOP notify
+        never reached us, and the peer took over: we would serve on,
+        unfenced, beside the host clients now reach. So once the VIP was
+        seen here (a primary starts before keepalived makes it MASTER) and
+        is gone for two looks in a row, and the peer's heartbeats say it
+        serves, fence and stop, as a finished switchover does (tried again
+        at every look until the fence is in).
+
+        The VIP gone alone proves nothing: keepalived does not put back a
+        VIP that someone else removed, and a step down would hand the
+        service to a host that has no VIP either. That only warns."""
         if vip_here:
             self._vip_seen_on_lan, self._vip_gone_looks = True, 0
             return
         if not self._vip_seen_on_lan:
             return
         self._vip_gone_looks += 1
-        if self._vip_gone_looks != 2:
-            return  # (acted on once; a refused step down is not retried every look)
-        peer_serves = now - self._peer_serves_at < 1.0
-        self.log.warning("keepalived_vip_gone", interface=self.cfg.lan_interface, peer_serves=peer_serves,
-                         note="the VIP left the LAN interface, yet no BACKUP, FAULT or STOP notify reached this daemon")
-        if peer_serves:
-            try:
-                self._fence_and_release_vip()
-            except Exception as e:
-                self.log.error("fence_failed", error=repr(e))
-                return
-            for pkt in self.deferred.values():
-                pkt.drop()  # (held output would leave past the fence once released)
-            self.deferred.clear()
-            self.switchover = "done"
-            self.log.warning("switchover_done", note="the peer serves the VIP; this host stays fenced; exiting")
-            self.stop = True
-        elif self.peer.state == PRESENT:
-            reply = self._step_down()
-            if reply.get("error"):
-                self.log.error("step_down_refused", error=reply["error"])
+        if self._vip_gone_looks < 2:
+            return
+        # (A window of beats, not a fixed second: heartbeats may be slower.)
+        peer_serves = now - self._peer_serves_at < max(1.0, 2.5 * self.cfg.heartbeat_interval)
+        if self._vip_gone_looks == 2 or peer_serves:
+            self.log.warning("keepalived_vip_gone", interface=self.cfg.lan_interface, peer_serves=peer_serves,
+                             note="the VIP left the LAN interface and no BACKUP, FAULT or STOP notify came; "
+                                  + ("the peer serves: fencing this host" if peer_serves
+                                     else "the peer does not serve: serving on"))
+        if not peer_serves:
+            return
+        try:
+            self._fence_and_release_vip()
+        except Exception as e:  # (tried again at the next look)
+            self.log.error("fence_failed", error=repr(e))
+            return
+        for pkt in self.deferred.values():
+            pkt.drop()  # (held output would leave past the fence once released)
+        self.deferred.clear()
+        self.switchover = "done"
+        self.log.warning("switchover_done", note="the peer serves the VIP; this host stays fenced; exiting")
+        self.stop = True
 
     def _on_notify(self, vrrp_state: str) -> dict[str, Any]:
         """keepalived's notify: MASTER means this host now owns the VIP (take

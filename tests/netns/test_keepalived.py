@@ -88,29 +88,39 @@ def test_a_serving_daemon_that_missed_its_notify_fences_itself_when_the_peer_ser
     serving, and fence itself, not serve on beside it."""
     make_lab(keepalived=True)
     cfg = lab.load_config()
-    # Every keepalived process of the primary's, its VRRP child first: the
-    # child, left alone, shuts down cleanly when its parent dies (the VIP
-    # removed, the notify run), which is not the case this test is about.
+    # Every keepalived process of the primary's, stopped before any is
+    # killed: its VRRP child, left alone when its parent dies, shuts down
+    # cleanly (the VIP removed, the notify run), which is not this case.
     pids = [int(p) for p in lab.sh("ip", "netns", "pids", lab.NS_PRIMARY).stdout.split()]
     keepalived = [p for p in pids if open("/proc/%d/comm" % p).read().strip() == "keepalived"]
     assert len(keepalived) >= 2, keepalived
-    for pid in sorted(keepalived, reverse=True):
-        os.kill(pid, signal.SIGKILL)  # no notify, and the VIP stays where it was
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in keepalived:
+            os.kill(pid, sig)  # no notify, and the VIP stays where it was
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and lab.control("backup")["state"] != "active":
+        time.sleep(0.05)  # (the backup's keepalived, MASTER, told its daemon)
+    assert lab.control("backup")["state"] == "active"
+    log = os.path.join(lab.STATE_DIR, "logs", "primary-daemon.log")
+    with open(log) as f:
+        assert not any('"keepalived_notify"' in line for line in f), "a notify reached the primary's daemon"
     lab.sh("ip", "addr", "del", "%s/%d" % (cfg.vip, cfg.lan_prefix), "dev", cfg.lan_interface, ns=lab.NS_PRIMARY)
     deadline = time.monotonic() + 15
     events = []
     while time.monotonic() < deadline:
-        with open(os.path.join(lab.STATE_DIR, "logs", "primary-daemon.log")) as f:
+        with open(log) as f:
             events = [json.loads(line) for line in f if line.startswith("{")]
-        if any(e["event"] == "switchover_done" for e in events):
+        if any(e["event"] == "fenced_after_switchover" for e in events):
             break
         time.sleep(0.1)
     gone = [e for e in events if e["event"] == "keepalived_vip_gone"]
     assert gone and gone[-1]["peer_serves"] is True, [e["event"] for e in events][-20:]
-    assert any(e["event"] == "switchover_done" for e in events)
-    assert lab.control("backup")["state"] == "active"
+    assert any(e["event"] == "fenced_after_switchover" for e in events)  # the daemon exited, fence kept
     # The old primary's replies from the VIP are dropped: its fence is in.
-    rules = lab.sh("iptables-save", "-t", "mangle", ns=lab.NS_PRIMARY).stdout
-    assert any(("-s %s/32" % cfg.vip) in line and line.endswith("-j DROP") for line in rules.splitlines()), rules
+    rules = lab.sh("iptables-save", "-t", "mangle", ns=lab.NS_PRIMARY).stdout.splitlines()
+    fence = [line for line in rules if ("-s %s/32" % cfg.vip) in line and line.endswith("-j DROP")
+             and "-m bpf" not in line]
+    assert fence and not any("NFQUEUE" in line for line in rules), rules
     r = scenario.run_with_crash(["echo:count=5,size=100,pause_ms=10,crash_msg=2,after=3"], crash=False, timeout=30)
     assert r["ok"] and r["connections"][0]["rsts_received"] == 0, r
+
