@@ -993,6 +993,7 @@ class Daemon:
         clients now reach, and the service stayed dark. So the backup also
         looks, every VRRP_CHECK_S, for what MASTER means here: the VIP on
         the LAN interface (on a backup the VIP sits on lo, for the clones).
+        (The serving side looks too: _vrrp_serving_tick.)
 
         It acts on that only once the primary has been silent for the whole
         detection time (or, never heard, since this daemon started): a VIP
@@ -1052,9 +1053,10 @@ class Daemon:
         serves, fence and stop, as a finished switchover does (tried again
         at every look until the fence is in).
 
-        The VIP gone alone proves nothing: keepalived does not put back a
-        VIP that someone else removed, and a step down would hand the
-        service to a host that has no VIP either. That only warns."""
+        The VIP gone alone proves no failover (it may have been removed by
+        hand; keepalived 2.2.7 answers that by leaving MASTER and coming
+        back), and a step down then could hand the service to a host that
+        has no VIP. That only warns."""
         if vip_here:
             self._vip_seen_on_lan, self._vip_gone_looks = True, 0
             return
