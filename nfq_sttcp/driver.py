@@ -1030,7 +1030,7 @@ class Daemon:
             return
         detection = self.cfg.detection_ms / 1000
         quiet = self.watchdog.silence(now) if self.watchdog.last_beat is not None else now - self.started
-        if quiet < detection:
+        if quiet < detection and self.peer_state != STOPPING:  # (a primary stepping down serves no more)
             if self.watchdog.last_beat is not None and now - self._vrrp_warned_at >= 60:
                 self._vrrp_warned_at = now
                 self.log.warning("vip_on_lan_while_primary_heard", interface=self.cfg.lan_interface,

@@ -109,9 +109,13 @@ class Watchdog:
         if self.state in (TAKEOVER, ACTIVE, FAULT):
             return []
         self.last_beat = now
-        if peer_state == STOPPING and self.state in (FOLLOWING, SUSPECT, ORPHANED):
+        if peer_state == STOPPING and self.autonomous and self.state in (FOLLOWING, SUSPECT, ORPHANED):
             # A planned handover: the primary has fenced itself and given up
-            # the VIP. Take over now, without the detection wait.
+            # the VIP. Take over now, without the detection wait. (Not when
+            # keepalived owns the VIP: only its MASTER says the VIP is here.
+            # A primary steps down on a BACKUP notify even when keepalived
+            # comes back to MASTER a moment later; taking over then left the
+            # VIP on the fenced host and the service nowhere.)
             return self.force_takeover(now, SWITCHOVER)
         if self.state in (WAITING, SUSPECT, ORPHANED):
             return self._go(FOLLOWING, now)

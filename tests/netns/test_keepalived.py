@@ -124,3 +124,53 @@ def test_a_serving_daemon_that_missed_its_notify_fences_itself_when_the_peer_ser
     r = scenario.run_with_crash(["echo:count=5,size=100,pause_ms=10,crash_msg=2,after=3"], crash=False, timeout=30)
     assert r["ok"] and r["connections"][0]["rsts_received"] == 0, r
 
+
+
+def _events(host):
+    with open(os.path.join(lab.STATE_DIR, "logs", "%s-daemon.log" % host)) as f:
+        return [json.loads(line) for line in f if line.startswith("{")]
+
+
+def _echo_works():
+    r = scenario.run_with_crash(["echo:count=3,size=100,pause_ms=10,crash_msg=1,after=2"], crash=False, timeout=20)
+    c = (r.get("connections") or [{}])[0]
+    return bool(r.get("ok") and c.get("ok") and c.get("rsts_received") == 0)
+
+
+def test_a_keepalived_flap_leaves_the_service_where_the_vip_is(make_lab):
+    """keepalived 2.2.7 answers a VIP removed by hand from the MASTER by going
+    BACKUP, then MASTER again. The BACKUP notify makes the primary step down;
+    the backup must not take over on that alone (its keepalived never became
+    MASTER: the VIP stays with the primary), so the step down times out and
+    the primary serves again, where the VIP is. Before, the backup took over
+    without the VIP and the service went dark."""
+    make_lab(keepalived=True)
+    cfg = lab.load_config()
+    lab.sh("ip", "addr", "del", "%s/%d" % (cfg.vip, cfg.lan_prefix), "dev", cfg.lan_interface, ns=lab.NS_PRIMARY)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not any(e["event"] == "switchover_failed" for e in _events("primary")):
+        time.sleep(0.1)
+    names = [e["event"] for e in _events("primary")]
+    assert "switchover_started" in names and "switchover_failed" in names, names[-12:]
+    assert lab.vip_owner() == ["primary"] and lab.control("backup")["state"] == "following"
+    assert lab.control("primary")["state"] == "serving"
+    assert _echo_works()
+
+
+def test_stopping_keepalived_on_the_serving_host_hands_over(make_lab):
+    """The planned way with keepalived: stop it where the service runs. The
+    primary steps down on the STOP notify, the backup takes over on its own
+    MASTER (not on the primary's stepping down), the primary exits fenced."""
+    make_lab(keepalived=True)
+    pids = [int(p) for p in lab.sh("ip", "netns", "pids", lab.NS_PRIMARY).stdout.split()]
+    for pid in pids:
+        if open("/proc/%d/comm" % pid).read().strip() == "keepalived":
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not any(e["event"] == "fenced_after_switchover" for e in _events("primary")):
+        time.sleep(0.1)
+    assert any(e["event"] == "fenced_after_switchover" for e in _events("primary"))
+    st = lab.control("backup")
+    assert st["state"] == "active" and "MASTER" in st["failover"]["reason"], st.get("failover")
+    assert lab.vip_owner() == ["backup"]
+    assert _echo_works()

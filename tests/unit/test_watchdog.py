@@ -146,6 +146,9 @@ def test_a_stepping_down_primary_is_taken_over_at_once():
     acts = w.on_heartbeat(1.01, STOPPING)
     assert w.state == TAKEOVER and any(isinstance(a, TakeOver) for a in acts) and w.times.reason == SWITCHOVER
     assert w.times.detection_ms == 0
+    w = Watchdog(0.05, 3, autonomous=False)  # keepalived owns the VIP: its MASTER alone says take over
+    w.on_heartbeat(1.0)
+    assert w.on_heartbeat(1.01, STOPPING) == [] and w.state == FOLLOWING
 
 
 def test_probe_echo_round_trip_against_scapy():
