@@ -700,9 +700,7 @@ class Daemon:
                 # too late for our deadline: silence ourselves again.
                 if self.switchover == "failed":
                     self._fence_and_release_vip()
-                self.switchover = "done"
-                self.log.warning("switchover_done", note="the backup serves; this host stays fenced; exiting")
-                self.stop = True
+                self._exit_fenced("the backup serves; this host stays fenced; exiting")
                 return
             expected = "backup" if self.serving_as == "primary" else "primary"
             if msg.role != expected:
@@ -903,12 +901,20 @@ class Daemon:
                 raise PeerServes("the peer at %s serves the VIP (it took over): start this host as its backup "
                                  "('nfq-sttcp backup' with the same config rejoins it)" % addr)
 
-    def _claim_vip(self) -> None:
+    def _lan_addresses(self) -> Optional[set[str]]:
+        """The IPv4 addresses on the LAN interface now, or None if there is
+        no such interface. Looked up by name: a link made again has a new
+        index."""
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
-            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)}
-        if self.cfg.vip not in have:
+            links = ipr.link_lookup(ifname=self.cfg.lan_interface)
+            if not links:
+                return None
+            return {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=links[0], family=socket.AF_INET)}
+
+    def _claim_vip(self) -> None:
+        if self.cfg.vip not in (self._lan_addresses() or set()):
             self._vip_on_lan(True)
             self.log.info("vip_claimed", vip=self.cfg.vip, interface=self.cfg.lan_interface)
 
@@ -1007,16 +1013,11 @@ class Daemon:
             return
         if not serving and (self.watchdog is None or self.watchdog.state not in (WAITING, FOLLOWING, SUSPECT, ORPHANED)):
             return  # (taking over, or done)
-        from pyroute2 import IPRoute
-
         try:
-            with IPRoute() as ipr:
-                links = ipr.link_lookup(ifname=self.cfg.lan_interface)  # (by name: a link made again has a new index)
-                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=links[0], family=socket.AF_INET)} \
-                    if links else set()
-            error = "" if links else "no interface %s" % self.cfg.lan_interface
+            found = self._lan_addresses()
+            have, error = found or set(), "" if found is not None else "no interface %s" % self.cfg.lan_interface
         except Exception as e:
-            have, links, error = set(), [], repr(e)
+            have, error = set(), repr(e)
         if error and not self._vrrp_check_failed:
             self.log.warning("vrrp_check_failed", error=error, effect="a missed MASTER notify goes unseen")
         self._vrrp_check_failed = bool(error)
@@ -1079,12 +1080,8 @@ class Daemon:
         except Exception as e:  # (tried again at the next look)
             self.log.error("fence_failed", error=repr(e))
             return
-        for pkt in self.deferred.values():
-            pkt.drop()  # (held output would leave past the fence once released)
-        self.deferred.clear()
-        self.switchover = "done"
-        self.log.warning("switchover_done", note="the peer serves the VIP; this host stays fenced; exiting")
-        self.stop = True
+        self._drop_deferred()
+        self._exit_fenced("the peer serves the VIP; this host stays fenced; exiting")
 
     def _on_notify(self, vrrp_state: str) -> dict[str, Any]:
         """keepalived's notify: MASTER means this host now owns the VIP (take
@@ -1129,14 +1126,25 @@ class Daemon:
             self.log.error("switchover_refused", error=repr(e))
             self._undo_step_down()
             return {"error": "cannot fence this host: %s" % e}
-        for pkt in self.deferred.values():
-            pkt.drop()  # our output only; the backup resends its own copy
-        self.deferred.clear()
+        self._drop_deferred()
         self.switchover = "stepping_down"
         self.switchover_deadline = now + max(2.0, 10 * self.cfg.detection_ms / 1000)
         self.log.warning("switchover_started", note="replies fenced, VIP released; the backup takes over")
         self._send_heartbeats(now)
         return {"ok": True, "switchover": self.switchover}
+
+    def _drop_deferred(self) -> None:
+        """Our held output goes, not out: the fence is up, and a released
+        packet would leave past it. (The backup resends its own copy.)"""
+        for pkt in self.deferred.values():
+            pkt.drop()
+        self.deferred.clear()
+
+    def _exit_fenced(self, note: str) -> None:
+        """The peer serves the VIP: stop, the fence kept past our exit (_teardown)."""
+        self.switchover = "done"
+        self.log.warning("switchover_done", note=note)
+        self.stop = True
 
     def _fence_and_release_vip(self) -> None:
         firewall.apply(self.cfg, self.role, fence=True)
