@@ -91,6 +91,13 @@ def pace(done: int, rate: float, start: float) -> None:
         time.sleep(ahead)
 
 
+def _close_after_client(c: socket.socket) -> None:
+    """Our side is done: say so (FIN), and let the client close first."""
+    c.shutdown(socket.SHUT_WR)
+    while c.recv(65536):
+        pass
+
+
 class Server:
     def __init__(self, host: str, delay_s: float) -> None:
         self.host = host
@@ -142,9 +149,7 @@ class Server:
             blk += 1
             if blk % 16 == 0:
                 self._slow()
-        c.shutdown(socket.SHUT_WR)
-        while c.recv(65536):
-            pass
+        _close_after_client(c)
 
     def _discard(self, c: socket.socket, length: int) -> None:
         """Read ``length`` bytes, keep none, answer how many came (fewer if
@@ -161,9 +166,7 @@ class Server:
             got += n
         self._slow()
         c.sendall(b"%d\n" % got)
-        c.shutdown(socket.SHUT_WR)
-        while c.recv(65536):
-            pass
+        _close_after_client(c)
 
     def serve_sink(self, c: socket.socket) -> None:
         h = hashlib.sha256()
