@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from . import nfqueue
 from .config import Config
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -222,6 +223,22 @@ def _mtu(ifname: str) -> Optional[int]:
         return None
 
 
+def link_packet_sizes(ifname: str) -> Optional[dict[str, int]]:
+    """``ifname``'s BIG TCP sizes, as the kernel reports them
+    (nfqueue.link_packet_sizes), or None if they cannot be read."""
+    try:
+        index = socket.if_nametoindex(ifname)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # (0: NETLINK_ROUTE)
+            s.settimeout(2.0)
+            s.sendto(nfqueue.getlink_request(index, 1), (0, 0))
+            while True:
+                sizes = nfqueue.link_packet_sizes(s.recv(65536), 1)
+                if sizes is not None:
+                    return sizes
+    except OSError:
+        return None
+
+
 def _c_extension() -> dict[str, bool]:
     """Whether nfq_sttcp/_csum.c is built, and computes CRC-32C in hardware."""
     try:
@@ -249,6 +266,7 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "lag_bound": [cfg.max_backup_lag_kb, cfg.max_backup_lag_ms],
         "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
         "lan_mtu": _mtu(cfg.lan_interface),
+        "packet_sizes": {i: link_packet_sizes(i) for i in sorted({cfg.lan_interface, sync_if} - {None})},
         "addresses": sorted(addresses),
         "sync_if": sync_if,
         "listening": _listening_ports(),
@@ -285,6 +303,13 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
     if facts["lan_mtu"] is None:
         out.append(Finding(FAIL, "LAN interface", "%s does not exist" % cfg.lan_interface,
                            "set lan_interface to the interface that carries the VIP"))
+    sizes = facts.get("packet_sizes") or {}
+    big = [(i, nfqueue.oversize_problem(i, v)) for i, v in sorted(sizes.items()) if v]
+    for ifname, problem in big:
+        if problem:
+            out.append(Finding(FAIL, "packet size %s" % ifname, problem, nfqueue.oversize_fix(ifname)))
+    if big and not any(p for _, p in big):
+        out.append(Finding(OK, "packets within 64 KB on %s" % ", ".join(i for i, _ in big)))
     mine = cfg.own_addresses(role)[0]
     if mine not in facts["addresses"]:
         out.append(Finding(FAIL, "sync address", "%s (sync.%s) is not on this host" % (mine, role),

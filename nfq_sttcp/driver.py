@@ -862,7 +862,9 @@ class Daemon:
                 raise DaemonError("LAN interface %s does not exist" % self.cfg.lan_interface)
             self.lan_index = links[0]
             addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)]
-            local = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
+            where = {a.get_attr("IFA_ADDRESS"): a["index"] for a in ipr.get_addr(family=socket.AF_INET)}
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        local = set(where)
         net = ipaddress.IPv4Network("%s/%d" % (self.cfg.vip, self.cfg.lan_prefix), strict=False)
         own = [a for a in addrs if a != self.cfg.vip]
         if own and not any(ipaddress.IPv4Address(a) in net for a in own):
@@ -881,6 +883,13 @@ class Daemon:
         elif mine not in local:
             raise DaemonError("neither sync address is on this host (sync.%s = %s, sync.%s = %s)"
                               % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
+        from .doctor import link_packet_sizes
+
+        sync_if = names.get(where.get(self.cfg.own_addresses(self.role)[0]))
+        for ifname in sorted({self.cfg.lan_interface, sync_if} - {None}):
+            problem = nfqueue.oversize_problem(ifname, link_packet_sizes(ifname) or {})
+            if problem:
+                raise DaemonError("%s; fix: %s" % (problem, nfqueue.oversize_fix(ifname)))
 
     def _refuse_if_peer_serves(self) -> None:
         """A primary coming back after a failover must not claim the VIP the

@@ -18,6 +18,7 @@ handling.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Any, Iterable, Optional
@@ -133,3 +134,67 @@ def queue_drops(text: str, queues: Iterable[int]) -> dict[int, tuple[int, int]]:
         if num in wanted:
             out[num] = (int(f[5]), int(f[6]))
     return out
+
+
+# BIG TCP (Linux 6.3 and later for IPv4) lets a link carry GSO and GRO
+# packets beyond 64 KB once gso_ipv4_max_size or gro_ipv4_max_size is raised
+# above 65536. Such a packet cannot cross a queue whole: the copy stops at
+# MAX_COPY, and its IP total length field reads 0 (the kernel uses the
+# skb's length instead). Seen in the lab with 196,608 on lan0: every
+# download segment failed to parse, the primary let them out unchecked and
+# gave the connection up unprotected, and the backup dropped its own. The
+# daemon therefore refuses such links, and doctor names them.
+RTM_GETLINK, RTM_NEWLINK = 18, 16
+IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE = 63, 64
+QUEUEABLE_PACKET = 65536
+_LINK_SIZE_NAMES = {IFLA_GSO_IPV4_MAX_SIZE: "gso_ipv4_max_size", IFLA_GRO_IPV4_MAX_SIZE: "gro_ipv4_max_size"}
+
+
+def getlink_request(ifindex: int, seq: int) -> bytes:
+    """RTM_GETLINK for one link (its answer: link_packet_sizes)."""
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    return struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body
+
+
+def link_packet_sizes(data: bytes, seq: int) -> Optional[dict[str, int]]:
+    """From the kernel's answer to getlink_request ``seq``: the link's
+    gso_ipv4_max_size and gro_ipv4_max_size, each where the kernel sent it
+    (a kernel before 6.3 sends neither: no IPv4 packet there exceeds 64 KB).
+    None if ``data`` holds no link answer to ``seq``; an error answer raises
+    OSError with the kernel's errno."""
+    off = 0
+    while off + 16 <= len(data):
+        length, kind, _flags, mseq, _pid = struct.unpack_from("=IHHII", data, off)
+        if length < 16 or off + length > len(data):
+            return None
+        if mseq == seq and kind == NLMSG_ERROR and length >= 20:
+            err = -struct.unpack_from("=i", data, off + 16)[0]
+            if err:
+                raise OSError(err, os.strerror(err))
+        if mseq == seq and kind == RTM_NEWLINK and length >= 32:
+            out: dict[str, int] = {}
+            a, end = off + 32, off + length
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4 or a + alen > end:
+                    break
+                name = _LINK_SIZE_NAMES.get(atype & 0x3FFF)
+                if name is not None and alen >= 8:
+                    out[name] = struct.unpack_from("=I", data, a + 4)[0]
+                a += (alen + 3) & ~3
+            return out
+        off += (length + 3) & ~3
+    return None
+
+
+def oversize_problem(ifname: str, sizes: dict[str, int]) -> Optional[str]:
+    """What is wrong with ``ifname``'s packet sizes for a queue, or None."""
+    big = ["%s %d" % (k, v) for k, v in sorted(sizes.items()) if v > QUEUEABLE_PACKET]
+    if not big:
+        return None
+    return ("%s has %s: BIG TCP packets over 64 KB cannot cross an NFQUEUE whole (the copy stops at %d bytes), "
+            "so its connections would go unprotected" % (ifname, ", ".join(big), MAX_COPY))
+
+
+def oversize_fix(ifname: str) -> str:
+    return "ip link set dev %s gso_ipv4_max_size 65536 gro_ipv4_max_size 65536 (iproute2 6.3 or later)" % ifname

@@ -112,6 +112,9 @@ def parse(buf: bytes | bytearray) -> Segment:
     if total_len > n:
         raise MalformedPacket("truncated copy: IP total length %d > %d bytes" % (total_len, n))
     if total_len < ihl + 20:
+        if total_len == 0 and n >= 0xFFFF - 4:
+            # (nfqueue.py: a BIG TCP packet, cut at the queue's copy range)
+            raise MalformedPacket("IP total length 0 in a %d-byte copy: a BIG TCP packet over 64 KB" % n)
         raise MalformedPacket("IP total length too small for a TCP header")
     if proto != 6:
         raise MalformedPacket("not TCP")

@@ -1,5 +1,6 @@
 """Start-up errors: one clear line and a non-zero exit, never a traceback."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -88,3 +89,39 @@ def test_missing_interface_and_vip_outside_the_lan(ns, tmp_path):
     subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.1/24", "dev", "lan0"], check=True)
     err = daemon(ns, "backup", "--config", conf)
     assert err.startswith("nfq-sttcp: neither sync address is on this host (sync.backup = "), err
+
+
+SET_BIG_TCP = """
+import socket, struct, sys
+ifname, size = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+attrs = b"".join(struct.pack("=HHI", 8, t, size) for t in (63, 64))  # IFLA_GSO/GRO_IPV4_MAX_SIZE
+body = struct.pack("=BxHiII", 0, 0, socket.if_nametoindex(ifname), 0, 0) + attrs
+s.sendto(struct.pack("=IHHII", 16 + len(body), 16, 0x5, 1, 0) + body, (0, 0))  # RTM_NEWLINK, request|ack
+err = -struct.unpack_from("=i", s.recv(4096), 16)[0]
+sys.exit(err)
+"""
+
+
+def big_tcp(ns, ifname, size):
+    """Set gso_ipv4_max_size and gro_ipv4_max_size (iproute2 before 6.3 cannot)."""
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", SET_BIG_TCP, ifname, str(size)], check=True)
+
+
+def test_links_that_carry_big_tcp_packets_are_refused(ns, tmp_path):
+    conf = write_config(tmp_path)
+    for name, addr in (("lan0", "10.77.0.1/24"), ("sync0", "10.78.0.1/24")):
+        subprocess.run(["ip", "-n", ns, "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", addr, "dev", name], check=True)
+    big_tcp(ns, "lan0", 196608)
+    err = daemon(ns, "primary", "--config", conf)
+    assert "lan0 has gro_ipv4_max_size 196608, gso_ipv4_max_size 196608: BIG TCP" in err, err
+    assert "fix: ip link set dev lan0 gso_ipv4_max_size 65536 gro_ipv4_max_size 65536" in err
+    r = subprocess.run(["ip", "netns", "exec", ns] + CLI + ["doctor", "--config", conf, "--role", "primary", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    bad = {f["what"]: f for f in json.loads(r.stdout)["findings"] if f["level"] == "fail"}
+    assert r.returncode == 1 and "packet size lan0" in bad and "packet size sync0" not in bad, bad
+    big_tcp(ns, "lan0", 65536)
+    big_tcp(ns, "sync0", 131072)  # where the backup's clones arrive, and the primary's leave
+    err = daemon(ns, "primary", "--config", conf)
+    assert "sync0 has gro_ipv4_max_size 131072, gso_ipv4_max_size 131072: BIG TCP" in err, err

@@ -76,3 +76,17 @@ def test_facts_are_signed_with_the_sync_key():
     assert doctor._verify(key, data) == b'{"doctor": 1}'
     assert doctor._verify(key, data[:-1] + bytes([data[-1] ^ 1])) is None
     assert doctor._verify(b"x" * 32, data) is None
+
+
+def test_a_link_that_carries_big_tcp_packets_fails_with_its_fix():
+    ok = {"lan0": {"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 65536}, "sync0": {"gso_ipv4_max_size": 65536}}
+    assert levels(doctor.check_host(facts(packet_sizes=ok), CFG))["packets within 64 KB on lan0, sync0"] == OK
+    # a kernel before 6.3 reports neither size, and an unreadable link gives None: nothing to judge
+    assert not [f for f in doctor.check_host(facts(packet_sizes={"lan0": {}, "sync0": None}), CFG)
+                if "packet" in f.what]
+    big = dict(ok, sync0={"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 196608})
+    by = {f.what: f for f in doctor.check_host(facts(packet_sizes=big), CFG)}
+    assert by["packet size sync0"].level == FAIL and "packets within 64 KB on lan0, sync0" not in by
+    assert "gro_ipv4_max_size 196608" in by["packet size sync0"].detail
+    assert by["packet size sync0"].fix.startswith("ip link set dev sync0 gso_ipv4_max_size 65536 gro_ipv4_max_size 65536")
+    assert "packet size lan0" not in by

@@ -91,3 +91,34 @@ def test_skb_info_in_c_agrees_with_the_pure_version_on_any_bytes(data):
     msg = struct.pack("=I", len(data) + 20) + bytes(16) + data
     for m in (data, msg, msg[:-1]):
         assert nfqueue.skb_info(m) == nfqueue._skb_info_py(m)
+
+
+def _newlink(seq, attrs, kind=nfqueue.RTM_NEWLINK):
+    body = struct.pack("=BxHiII", 0, 1, 7, 0, 0)
+    for t, v in attrs:
+        body += struct.pack("=HH", 4 + len(v), t) + v + b"\0" * (-len(v) % 4)
+    return struct.pack("=IHHII", 16 + len(body), kind, 0, seq, 0) + body
+
+
+def test_getlink_asks_for_one_link_by_index():
+    msg = nfqueue.getlink_request(7, 42)
+    length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", msg)
+    assert (length, kind, flags, seq) == (len(msg), nfqueue.RTM_GETLINK, nfqueue.NLM_F_REQUEST, 42)
+    assert struct.unpack_from("=i", msg, 20)[0] == 7
+
+
+def test_link_packet_sizes_reads_the_big_tcp_sizes_of_the_answer_to_our_request():
+    name = (3, b"lan0\0")
+    answer = _newlink(5, [name, (nfqueue.IFLA_GSO_IPV4_MAX_SIZE, struct.pack("=I", 196608)),
+                          (41, struct.pack("=I", 65536)),  # IFLA_GSO_MAX_SIZE: IPv6's, not ours
+                          (nfqueue.IFLA_GRO_IPV4_MAX_SIZE, struct.pack("=I", 65536))])
+    assert nfqueue.link_packet_sizes(answer, 5) == {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536}
+    assert nfqueue.link_packet_sizes(answer, 6) is None  # not the answer to this request
+    assert nfqueue.link_packet_sizes(answer[:40], 5) is None  # cut short
+    assert nfqueue.link_packet_sizes(_newlink(5, [name]), 5) == {}  # a kernel before 6.3
+    err = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", -19) + b"\0" * 16
+    with pytest.raises(OSError) as e:
+        nfqueue.link_packet_sizes(err, 5)
+    assert e.value.errno == 19
+    assert "gso_ipv4_max_size 196608" in nfqueue.oversize_problem("lan0", {"gso_ipv4_max_size": 196608})
+    assert nfqueue.oversize_problem("lan0", {"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 65536}) is None

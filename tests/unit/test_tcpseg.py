@@ -142,6 +142,9 @@ good = bytes(IP(src="1.1.1.1", dst="2.2.2.2") / TCP(options=[("Timestamp", (1, 2
     (lambda b: b[:32] + bytes([0x30]) + b[33:], "data offset"),
     (lambda b: b[:32] + bytes([0xF0]) + b[33:], "overruns"),
     (lambda b: b[:2] + struct.pack("!H", 30) + b[4:], "too small"),
+    (lambda b: b[:2] + struct.pack("!H", 0) + b[4:], "too small"),
+    # a BIG TCP packet, cut at the queue's copy range, its total length 0
+    (lambda b: (b[:2] + struct.pack("!H", 0) + b[4:]).ljust(0xFFFF - 4, b"x"), "BIG TCP"),
 ])
 def test_malformed_packets_are_refused(mangle, why):
     with pytest.raises(MalformedPacket, match=why):
