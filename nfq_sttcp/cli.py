@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="ask a running daemon for its status (exit 0 healthy, 1 degraded, 2 down)")
     p.add_argument("--config", required=True)
-    p.add_argument("--role", choices=("primary", "backup"), help="whose control socket (default: whichever answers)")
+    p.add_argument("--role", choices=("primary", "backup"), help="whose control socket (default: the daemon in this network "
+                   "namespace, else whichever answers)")
     p.add_argument("--control-socket", help="a control socket path (overrides --role)")
     p.add_argument("--json", action="store_true")
 
@@ -283,7 +284,7 @@ def _daemon_status(args: argparse.Namespace) -> int:
     paths = [args.control_socket] if args.control_socket else \
         [cfg.control_socket(r) for r in ([args.role] if args.role else ["primary", "backup"])]
     try:
-        _path, st = control.first_answer(paths)
+        _path, st = control.local_status(paths)
     except OSError as e:
         if args.json:
             print(json.dumps({"health": control.DOWN, "why": ["no daemon answers"], "errors": str(e)}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any, Optional
 
@@ -35,6 +36,35 @@ def first_answer(paths: list[str], command: str = "status", timeout: float = 2.0
         except (OSError, ValueError) as e:
             errors.append("%s: %s" % (path, e))
     raise OSError("; ".join(errors))
+
+
+def own_netns() -> Optional[int]:
+    """This process's network namespace (its inode), or None."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def local_status(paths: list[str], timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
+    """(path, status) of the daemon in this network namespace, else of the
+    first that answers. Namespaces share the file system: in the lab both
+    hosts' sockets sit in one directory, and the backup's host asking the
+    first socket that answers got the primary's status. Raises OSError
+    naming every socket tried when none answers."""
+    mine, first, errors = own_netns(), None, []
+    for path in paths:
+        try:
+            st = request(path, "status", timeout)
+        except (OSError, ValueError) as e:
+            errors.append("%s: %s" % (path, e))
+            continue
+        if mine is not None and st.get("netns") == mine:
+            return path, st
+        first = first or (path, st)
+    if first is None:
+        raise OSError("; ".join(errors))
+    return first
 
 
 def serves(status: dict[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from . import firewall, nfqueue, probe, syncproto, tcpseg
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync, TakeOver
 from .backup import BackupConfig, BackupCore
 from .config import Config
+from .control import own_netns
 from .primary import PrimaryConfig, PrimaryCore
 from .promoted import PromotedCore
 from .seqmath import seq_gt
@@ -1333,7 +1334,7 @@ class Daemon:
                               "uptime_s": round(now - self.started, 1), "detection_ms": self.cfg.detection_ms,
                               "counters": dict(self.counters), "queues": self._queue_stats(),
                               "heartbeats": dict(self.beat_stats), "failovers": list(self.failovers),
-                              "peer_state": self.peer_state}
+                              "peer_state": self.peer_state, "netns": own_netns()}
         if self.promoted is not None:
             st["serving_as"] = "primary"
             st["backup"] = self.peer.state

@@ -13,6 +13,7 @@ import subprocess
 from typing import Optional
 
 from .config import Config
+from .control import own_netns
 from .rules import Hook, all_hooks, hooks, render, render_clone_hook, render_cloning
 
 
@@ -171,12 +172,13 @@ def _link_identity(ifname: str) -> Optional[str]:
     """This network namespace and the link's index: the file names a link
     by name, and namespaces share /run (the lab's two hosts both have a
     sync0), and a link deleted and made again keeps its name."""
+    netns = own_netns()
     try:
         with open("/sys/class/net/%s/ifindex" % ifname) as f:
             index = f.read().strip()
-        return "netns %d ifindex %s\n" % (os.stat("/proc/self/ns/net").st_ino, index)
     except OSError:
         return None
+    return None if netns is None else "netns %d ifindex %s\n" % (netns, index)
 
 
 def _write_marker(marker: Optional[str], ifname: str) -> None:

@@ -40,6 +40,12 @@ def test_status_metrics_and_the_failover_timeline(make_lab):
     rc, st = status_cli("backup")
     assert (rc, st["health"], st["state"]) == (0, "healthy", "following"), st
     assert st["heartbeats"]["rtt_ms"] > 0, st["heartbeats"]
+    # Without --role or --control-socket: the daemon of the host asked from,
+    # though both hosts' sockets sit in one directory (the primary's answers first)
+    for host in ("backup", "primary"):
+        r = subprocess.run(["ip", "netns", "exec", lab.HOSTS[host]] + CLI + [
+            "status", "--config", lab.config_path(), "--json"], capture_output=True, text=True)
+        assert json.loads(r.stdout)["role"] == host, r.stdout[:300]
 
     deadline = time.monotonic() + 5
     m = scrape("primary")
