@@ -133,7 +133,10 @@ def _build_network() -> None:
 
 # A backup holds the VIP on lo: it must not answer ARP for it, and clones
 # arrive on the sync link for an address on another interface.
-BACKUP_SYSCTLS = dict(doctor.backup_sysctls(LAN_IF, SYNC_IF), **{"net.ipv4.conf.default.rp_filter": "0"})
+# Its stack's congestion control is cubic whatever the machine's default:
+# one that paces (bbr) holds a following backup back (doctor.PACING_CCS).
+BACKUP_SYSCTLS = dict(doctor.backup_sysctls(LAN_IF, SYNC_IF), **{"net.ipv4.conf.default.rp_filter": "0",
+                                                                 "net.ipv4.tcp_congestion_control": "cubic"})
 
 
 def _sysctls(ns: str, kv: dict[str, str]) -> None:

@@ -90,3 +90,13 @@ def test_a_link_that_carries_big_tcp_packets_fails_with_its_fix():
     assert "gro_ipv4_max_size 196608" in by["packet size sync0"].detail
     assert by["packet size sync0"].fix.startswith("ip link set dev sync0 gso_ipv4_max_size 65536 gro_ipv4_max_size 65536")
     assert "packet size lan0" not in by
+
+
+def test_a_backup_whose_stack_paces_itself_is_warned_with_its_fix():
+    f = {x.what: x for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_congestion_control": "bbr"}), CFG)}
+    assert f["congestion control"].level == WARN
+    assert f["congestion control"].fix.startswith("sysctl -w net.ipv4.tcp_congestion_control=cubic")
+    assert all(x.level == OK for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_congestion_control": "cubic"}), CFG))
+    # the primary's is its own business: it paces what the client receives
+    assert all(x.level == OK for x in doctor.check_host(facts(
+        "primary", addresses=["10.77.0.1", "10.78.0.1"], sysctls={"net.ipv4.tcp_congestion_control": "bbr"}), CFG))
