@@ -310,6 +310,7 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
     out: dict[str, Any] = {}
     try:
         host = lab.VIP  # plain: on the primary's LAN interface with no daemon; sttcp: the protected service
+        out["congestion_control"] = lab.congestion_controls()
         pids = _daemon_pids() if sttcp else {}
         for shaped in (False, True):
             _shape(shaped)
@@ -623,6 +624,8 @@ def table(res: dict[str, Any]) -> str:
             lines.append("backup's inbound program %s, 1-byte request-response: %+.0f us added at p50, median of %d "
                          "alternating pairs (%+.0f to %+.0f)" % (key, _pct(added, 0.5), len(added), added[0],
                                                                  added[-1]))
+    if s.get("congestion_control"):
+        lines.append("TCP congestion control: %s" % ", ".join("%s %s" % kv for kv in s["congestion_control"].items()))
     if res.get("handlers"):
         lines.append(handlercost.line(res["handlers"]))
     if res.get("steal"):

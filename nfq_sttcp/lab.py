@@ -474,6 +474,15 @@ def exec_in(host: str, argv: list[str]) -> int:
     return subprocess.call(["ip", "netns", "exec", HOSTS[host]] + argv)
 
 
+def congestion_controls() -> dict[str, str]:
+    """Each host's TCP congestion control (the backup's: BACKUP_SYSCTLS)."""
+    out = {}
+    for host in ("client", "primary", "backup"):
+        r = sh("sysctl", "-n", "net.ipv4.tcp_congestion_control", ns=HOSTS[host], check=False)
+        out[host] = r.stdout.strip() or "?"
+    return out
+
+
 def place_hosts(separate: bool = True) -> dict[str, list[int]]:
     """Put every process of each server host, threads included, on CPUs of
     its own, as on two machines; ``separate=False`` gives them every CPU
