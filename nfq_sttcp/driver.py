@@ -967,7 +967,7 @@ class Daemon:
                 # Off at once (one map write; detaching takes tc, after the
                 # resends): the mapping changes now. What it saw is read first.
                 self._fast_errors(self.fast_in.switch_off(self.backup))
-            self._perform(self.backup.activate(time.monotonic()))
+            self._perform(self.backup.activate_lazily(time.monotonic()))  # (each resend out as it is made)
             self._mark("held_released")
         self._perform(self.watchdog.takeover_done(time.monotonic(), ok))
         if ok:

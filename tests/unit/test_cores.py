@@ -570,6 +570,24 @@ def test_a_held_gso_packet_is_resent_at_takeover_in_mss_pieces_the_client_lacks(
     assert [(s.seq, s.payload_len) for s in sent] == [(5001 + mss, mss), (5001 + 2 * mss, 4096 - 2 * mss)]
 
 
+def test_at_takeover_the_first_held_piece_is_out_before_the_rest_are_made():
+    def held():
+        b = mapped_backup()
+        for i in range(3):
+            b.on_outbound(from_server(901 + i * 4096, 101, payload=bytes([i]) * 4096), 0.1)
+        return b
+    b = held()
+    n = len(b.conns[KEY].held)
+    it = b.activate_lazily(1.0)
+    first = next(it)
+    # switched, the first piece made, the rest still held (cleared once all are made)
+    assert b.active and isinstance(first, Inject) and first.why == "held segment resent"
+    assert n >= 3 and len(b.conns[KEY].held) == n
+    rest = list(it)
+    assert not b.conns[KEY].held
+    assert [a for a in [first] + rest] == held().activate(1.0)  # the same actions, in the same order
+
+
 def test_a_lost_isn_message_is_resent_and_the_synack_waits_for_the_mapping():
     p = PrimaryCore(PrimaryConfig(VIP, PORTS, synack_hold_s=3.0))
     p.backup_following = True
