@@ -902,9 +902,12 @@ class BackupCore:
         client's MSS: some 2,900 for the 4 MB a backup on cubic held in a
         bulk download. Made all before the first was sent, they kept the
         client's first byte 13 ms after the declared failure (median of 5
-        crashes); sent as made, 8 ms. The switch happens at the first
-        action."""
+        crashes); sent as made, 8 ms. The switch happens at once; the
+        resends are made as they are drawn."""
         self.active = True
+        return self._release_held(now)
+
+    def _release_held(self, now: float) -> Iterator[Action]:
         migrated = unprotected = resent = idle = 0
         for conn in self.conns.values():
             if self.suspended and conn.protected:

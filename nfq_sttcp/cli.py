@@ -284,7 +284,7 @@ def _daemon_status(args: argparse.Namespace) -> int:
     paths = [args.control_socket] if args.control_socket else \
         [cfg.control_socket(r) for r in ([args.role] if args.role else ["primary", "backup"])]
     try:
-        _path, st = control.local_status(paths)
+        _path, st = control.local_answer(paths)
     except OSError as e:
         if args.json:
             print(json.dumps({"health": control.DOWN, "why": ["no daemon answers"], "errors": str(e)}))
@@ -370,7 +370,7 @@ def _notify(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     paths = [args.control_socket] if args.control_socket else [cfg.control_socket(r) for r in ("backup", "primary")]
     try:
-        _path, reply = control.first_answer(paths, "notify %s" % args.vrrp_state, timeout=5.0)
+        _path, reply = control.local_answer(paths, "notify %s" % args.vrrp_state, timeout=5.0)
     except OSError as e:
         return _die("notify: no daemon answers (%s)" % e, 1)
     if "error" in reply:

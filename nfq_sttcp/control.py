@@ -26,18 +26,6 @@ def request(path: str, command: str = "status", timeout: float = 2.0) -> dict[st
     return json.loads(data)
 
 
-def first_answer(paths: list[str], command: str = "status", timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
-    """Ask each control socket in turn; (path, answer) of the first daemon
-    that answers. Raises OSError naming every socket tried when none does."""
-    errors = []
-    for path in paths:
-        try:
-            return path, request(path, command, timeout)
-        except (OSError, ValueError) as e:
-            errors.append("%s: %s" % (path, e))
-    raise OSError("; ".join(errors))
-
-
 def own_netns() -> Optional[int]:
     """This process's network namespace (its inode), or None."""
     try:
@@ -46,12 +34,14 @@ def own_netns() -> Optional[int]:
         return None
 
 
-def local_status(paths: list[str], timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
-    """(path, status) of the daemon in this network namespace, else of the
-    first that answers. Namespaces share the file system: in the lab both
-    hosts' sockets sit in one directory, and the backup's host asking the
-    first socket that answers got the primary's status. Raises OSError
-    naming every socket tried when none answers."""
+def local_answer(paths: list[str], command: str = "status", timeout: float = 2.0) -> tuple[str, dict[str, Any]]:
+    """(path, answer to ``command``) of the daemon in this network
+    namespace, else of the first that answers. Namespaces share the file
+    system: in the lab both hosts' sockets sit in one directory, and the
+    backup's host asking the first socket that answered got the primary's
+    status (and keepalived's notify could have reached the wrong daemon).
+    Each is asked its status first, so another command goes to one daemon
+    only. Raises OSError naming every socket tried when none answers."""
     mine, first, errors = own_netns(), None, []
     for path in paths:
         try:
@@ -60,11 +50,18 @@ def local_status(paths: list[str], timeout: float = 2.0) -> tuple[str, dict[str,
             errors.append("%s: %s" % (path, e))
             continue
         if mine is not None and st.get("netns") == mine:
-            return path, st
+            first = (path, st)
+            break
         first = first or (path, st)
     if first is None:
         raise OSError("; ".join(errors))
-    return first
+    path, st = first
+    if command == "status":
+        return path, st
+    try:
+        return path, request(path, command, timeout)
+    except ValueError as e:
+        raise OSError("%s: %s" % (path, e)) from None
 
 
 def serves(status: dict[str, Any]) -> bool:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-from . import nfqueue
+from . import firewall, nfqueue
 from .config import Config
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -231,22 +231,6 @@ def _mtu(ifname: str) -> Optional[int]:
         return None
 
 
-def link_packet_sizes(ifname: str) -> Optional[dict[str, int]]:
-    """``ifname``'s BIG TCP sizes, as the kernel reports them
-    (nfqueue.link_packet_sizes), or None if they cannot be read."""
-    try:
-        index = socket.if_nametoindex(ifname)
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # (0: NETLINK_ROUTE)
-            s.settimeout(2.0)
-            s.sendto(nfqueue.getlink_request(index, 1), (0, 0))
-            while True:
-                sizes = nfqueue.link_packet_sizes(s.recv(65536), 1)
-                if sizes is not None:
-                    return sizes
-    except OSError:
-        return None
-
-
 def _c_extension() -> dict[str, bool]:
     """Whether nfq_sttcp/_csum.c is built, and computes CRC-32C in hardware."""
     try:
@@ -274,7 +258,7 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "lag_bound": [cfg.max_backup_lag_kb, cfg.max_backup_lag_ms],
         "sysctls": {k: _sysctl(k) for k in sorted(wanted)},
         "lan_mtu": _mtu(cfg.lan_interface),
-        "packet_sizes": {i: link_packet_sizes(i) for i in sorted({cfg.lan_interface, sync_if} - {None})},
+        "packet_sizes": firewall.queue_packet_sizes([cfg.lan_interface, sync_if]),
         "addresses": sorted(addresses),
         "sync_if": sync_if,
         "listening": _listening_ports(),
@@ -312,12 +296,15 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
         out.append(Finding(FAIL, "LAN interface", "%s does not exist" % cfg.lan_interface,
                            "set lan_interface to the interface that carries the VIP"))
     sizes = facts.get("packet_sizes") or {}
-    big = [(i, nfqueue.oversize_problem(i, v)) for i, v in sorted(sizes.items()) if v]
-    for ifname, problem in big:
+    problems = nfqueue.oversize_problems(sizes)
+    for ifname, problem in problems:
         if problem:
             out.append(Finding(FAIL, "packet size %s" % ifname, problem, nfqueue.oversize_fix(ifname)))
-    if big and not any(p for _, p in big):
-        out.append(Finding(OK, "packets within 64 KB on %s" % ", ".join(i for i, _ in big)))
+        else:
+            out.append(Finding(WARN, "packet size %s" % ifname, "its GSO and GRO sizes could not be read",
+                               "a packet over 64 KB cannot cross a queue whole: check with ip -d link show"))
+    if sizes and not problems:
+        out.append(Finding(OK, "packets within 64 KB on %s" % ", ".join(sorted(sizes))))
     mine = cfg.own_addresses(role)[0]
     if mine not in facts["addresses"]:
         out.append(Finding(FAIL, "sync address", "%s (sync.%s) is not on this host" % (mine, role),
@@ -335,8 +322,9 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
             out.append(Finding(WARN, "congestion control", "%s paces the backup's stack by the acks it is shown, "
                                "which follow the primary: the pair runs slower (an unshaped lab download 20%% "
                                "slower than with cubic)" % cc,
-                               "sysctl -w net.ipv4.tcp_congestion_control=cubic on the backup (for connections "
-                               "opened after; the primary may keep %s)" % cc))
+                               "sysctl -w net.ipv4.tcp_congestion_control=cubic on the backup, for connections "
+                               "opened after (a primary that may rejoin as the backup after a failover: there "
+                               "too)"))
     ext = facts.get("c_extension")
     if ext is not None and not ext["built"]:
         out.append(Finding(WARN, "C extension", "nfq_sttcp/_csum.c is not built: checksums and output digests "

@@ -18,7 +18,7 @@ import struct
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import structlog
 
@@ -478,7 +478,7 @@ class Daemon:
             # 5.2).
             self._fast_errors(fast_in.sync(self.backup, first=key))
 
-    def _perform(self, actions: list[Action], pkt: Any = None) -> None:
+    def _perform(self, actions: Iterable[Action], pkt: Any = None) -> None:
         for a in actions:
             if isinstance(a, Accept):
                 if a.payload is not None:
@@ -884,13 +884,14 @@ class Daemon:
         elif mine not in local:
             raise DaemonError("neither sync address is on this host (sync.%s = %s, sync.%s = %s)"
                               % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
-        from .doctor import link_packet_sizes
-
         sync_if = names.get(where.get(self.cfg.own_addresses(self.role)[0]))
-        for ifname in sorted({self.cfg.lan_interface, sync_if} - {None}):
-            problem = nfqueue.oversize_problem(ifname, link_packet_sizes(ifname) or {})
+        for ifname, problem in nfqueue.oversize_problems(firewall.queue_packet_sizes([self.cfg.lan_interface,
+                                                                                      sync_if])):
             if problem:
                 raise DaemonError("%s; fix: %s" % (problem, nfqueue.oversize_fix(ifname)))
+            self.log.warning("packet_sizes_unknown", interface=ifname,
+                             note="its GSO and GRO sizes could not be read: a packet over 64 KB cannot cross a "
+                                  "queue whole")
 
     def _refuse_if_peer_serves(self) -> None:
         """A primary coming back after a failover must not claim the VIP the

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from typing import Optional
 
+from . import nfqueue
 from .config import Config
 from .control import own_netns
 from .rules import Hook, all_hooks, hooks, render, render_clone_hook, render_cloning
@@ -123,6 +124,41 @@ def show(cfg: Config) -> str:
 # -- tc: the backup's inbound program (fastin.py) -------------------------------
 
 TC_PREF = 0x5717  # our filter's priority on the ingress hook: the only one we touch
+
+
+def queue_packet_sizes(ifnames: list[Optional[str]]) -> dict[str, Optional[dict[str, int]]]:
+    """The BIG TCP sizes (nfqueue.link_packet_sizes) of each link named and
+    of the links beneath it (nfqueue.links_beneath); None for one that
+    cannot be read. A name that is no link here is left out."""
+    import socket
+
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            links = [(link["index"], link.get_attr("IFLA_IFNAME"),
+                      None if link.get_attr("IFLA_LINK_NETNSID") is not None else link.get_attr("IFLA_LINK"),
+                      link.get_attr("IFLA_MASTER")) for link in ipr.get_links()]
+    except OSError:
+        return {}
+    names = []
+    for ifname in ifnames:
+        if ifname:
+            names += [n for n in nfqueue.links_beneath(links, ifname) if n not in names]
+    index_of = {n: i for i, n, _p, _m in links}
+    out: dict[str, Optional[dict[str, int]]] = {}
+    for n in names:
+        try:
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # (0: NETLINK_ROUTE)
+                s.settimeout(2.0)
+                s.sendto(nfqueue.getlink_request(index_of[n], 1), (0, 0))
+                got = None
+                while got is None:
+                    got = nfqueue.link_packet_sizes(s.recv(65536), 1)
+                out[n] = got
+        except OSError:
+            out[n] = None
+    return out
 
 
 def _tc(*args: str) -> subprocess.CompletedProcess[str]:

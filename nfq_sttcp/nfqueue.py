@@ -23,6 +23,8 @@ import socket
 import struct
 from typing import Any, Iterable, Optional
 
+from .tcpseg import QUEUE_COPY_LIMIT
+
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_CONFIG = 2
 NLMSG_ERROR = 2
@@ -33,7 +35,7 @@ NFQA_CFG_F_GSO = 0x4
 # NFQNL_MAX_COPY_RANGE: 64 KB less an attribute header. Copying less would not
 # save the copy for packets a handler may rewrite: a verdict carrying a
 # shorter packet truncates it to that length (nfqnl_mangle trims the skb).
-MAX_COPY = 0xFFFF - 4
+MAX_COPY = QUEUE_COPY_LIMIT
 RECV_BYTES = 0x10000 + 0x1000  # one queued 64 KB packet and its metadata
 
 
@@ -143,7 +145,8 @@ def queue_drops(text: str, queues: Iterable[int]) -> dict[int, tuple[int, int]]:
 # skb's length instead). Seen in the lab with 196,608 on lan0: every
 # download segment failed to parse, the primary let them out unchecked and
 # gave the connection up unprotected, and the backup dropped its own. The
-# daemon therefore refuses such links, and doctor names them.
+# daemon therefore refuses such links (when it starts: one raised later goes
+# unnoticed until the next start), and doctor names them.
 RTM_GETLINK, RTM_NEWLINK = 18, 16
 IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE = 63, 64
 QUEUEABLE_PACKET = 65536
@@ -162,15 +165,14 @@ def link_packet_sizes(data: bytes, seq: int) -> Optional[dict[str, int]]:
     (a kernel before 6.3 sends neither: no IPv4 packet there exceeds 64 KB).
     None if ``data`` holds no link answer to ``seq``; an error answer raises
     OSError with the kernel's errno."""
+    err = ack_error(data, seq)
+    if err:
+        raise OSError(err, os.strerror(err))
     off = 0
     while off + 16 <= len(data):
         length, kind, _flags, mseq, _pid = struct.unpack_from("=IHHII", data, off)
         if length < 16 or off + length > len(data):
             return None
-        if mseq == seq and kind == NLMSG_ERROR and length >= 20:
-            err = -struct.unpack_from("=i", data, off + 16)[0]
-            if err:
-                raise OSError(err, os.strerror(err))
         if mseq == seq and kind == RTM_NEWLINK and length >= 32:
             out: dict[str, int] = {}
             a, end = off + 32, off + length
@@ -187,13 +189,41 @@ def link_packet_sizes(data: bytes, seq: int) -> Optional[dict[str, int]]:
     return None
 
 
-def oversize_problem(ifname: str, sizes: dict[str, int]) -> Optional[str]:
-    """What is wrong with ``ifname``'s packet sizes for a queue, or None."""
-    big = ["%s %d" % (k, v) for k, v in sorted(sizes.items()) if v > QUEUEABLE_PACKET]
-    if not big:
-        return None
-    return ("%s has %s: BIG TCP packets over 64 KB cannot cross an NFQUEUE whole (the copy stops at %d bytes), "
-            "so its connections would go unprotected" % (ifname, ", ".join(big), MAX_COPY))
+def links_beneath(links: list[tuple[int, str, Optional[int], Optional[int]]], name: str) -> list[str]:
+    """``name`` and the links its packets also pass: the one it is stacked
+    on (a VLAN's or macvlan's parent, a veth's peer) and the ports or slaves
+    of a bridge or bond, and theirs in turn. GRO merges on the device a
+    frame arrives on, so a bridge's own sizes tell nothing of its ports'.
+    ``links``: (index, name, the index it is stacked on in this namespace
+    or None, its master's index or None)."""
+    by_index = {i: (n, parent, master) for i, n, parent, master in links}
+    index_of = {n: i for i, n, _parent, _master in links}
+    todo, seen = [index_of[name]] if name in index_of else [], []
+    while todo:
+        i = todo.pop(0)
+        if i in seen or i not in by_index:
+            continue
+        seen.append(i)
+        parent = by_index[i][1]
+        todo += ([parent] if parent is not None else []) + [j for j, (_n, _p, m) in sorted(by_index.items()) if m == i]
+    return [by_index[i][0] for i in seen]
+
+
+def oversize_problems(sizes: dict[str, Optional[dict[str, int]]]) -> list[tuple[str, Optional[str]]]:
+    """(link, what is wrong) for each link whose sizes let a packet over
+    64 KB reach a queue, and (link, None) for each whose sizes could not be
+    read; nothing for the rest."""
+    out: list[tuple[str, Optional[str]]] = []
+    for ifname, got in sorted(sizes.items()):
+        if got is None:
+            out.append((ifname, None))
+            continue
+        big = ["%s %d" % (k, v) for k, v in sorted(got.items()) if v > QUEUEABLE_PACKET]
+        if big:
+            out.append((ifname, "%s has %s: BIG TCP packets over 64 KB cannot cross an NFQUEUE whole (the copy "
+                                "stops at %d bytes), so its connections would go unprotected"
+                        % (ifname, ", ".join(big), MAX_COPY)))
+    return out
 
 
 def oversize_fix(ifname: str) -> str:

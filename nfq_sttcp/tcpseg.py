@@ -98,6 +98,11 @@ def _ip(b: bytes) -> str:
     return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
 
 
+# The most a queue copies of a packet (nfqueue.MAX_COPY): 64 KB less a
+# netlink attribute's header.
+QUEUE_COPY_LIMIT = 0xFFFF - 4
+
+
 def parse(buf: bytes | bytearray) -> Segment:
     """Parse an IPv4/TCP packet; raise MalformedPacket for anything unsafe to touch."""
     n = len(buf)
@@ -112,7 +117,7 @@ def parse(buf: bytes | bytearray) -> Segment:
     if total_len > n:
         raise MalformedPacket("truncated copy: IP total length %d > %d bytes" % (total_len, n))
     if total_len < ihl + 20:
-        if total_len == 0 and n >= 0xFFFF - 4:
+        if total_len == 0 and n >= QUEUE_COPY_LIMIT:
             # (nfqueue.py: a BIG TCP packet, cut at the queue's copy range)
             raise MalformedPacket("IP total length 0 in a %d-byte copy: a BIG TCP packet over 64 KB" % n)
         raise MalformedPacket("IP total length too small for a TCP header")

@@ -125,3 +125,8 @@ def test_links_that_carry_big_tcp_packets_are_refused(ns, tmp_path):
     big_tcp(ns, "sync0", 131072)  # where the backup's clones arrive, and the primary's leave
     err = daemon(ns, "primary", "--config", conf)
     assert "sync0 has gro_ipv4_max_size 131072, gso_ipv4_max_size 131072: BIG TCP" in err, err
+    # a link beneath: lan0's veth peer (here in the same namespace) sends what lan0 receives
+    big_tcp(ns, "sync0", 65536)
+    big_tcp(ns, "lan0p", 196608)
+    err = daemon(ns, "primary", "--config", conf)
+    assert "lan0p has gro_ipv4_max_size 196608, gso_ipv4_max_size 196608: BIG TCP" in err, err

@@ -585,7 +585,11 @@ def test_at_takeover_the_first_held_piece_is_out_before_the_rest_are_made():
     assert n >= 3 and len(b.conns[KEY].held) == n
     rest = list(it)
     assert not b.conns[KEY].held
-    assert [a for a in [first] + rest] == held().activate(1.0)  # the same actions, in the same order
+    assert [first] + rest == held().activate(1.0)  # the same actions, in the same order
+    # switched at the call, before any action is drawn
+    b = held()
+    b.activate_lazily(1.0)
+    assert b.active
 
 
 def test_a_lost_isn_message_is_resent_and_the_synack_waits_for_the_mapping():

@@ -116,9 +116,27 @@ def test_link_packet_sizes_reads_the_big_tcp_sizes_of_the_answer_to_our_request(
     assert nfqueue.link_packet_sizes(answer, 6) is None  # not the answer to this request
     assert nfqueue.link_packet_sizes(answer[:40], 5) is None  # cut short
     assert nfqueue.link_packet_sizes(_newlink(5, [name]), 5) == {}  # a kernel before 6.3
+    # another message first (an answer to an older request), then ours
+    assert nfqueue.link_packet_sizes(_newlink(4, [(nfqueue.IFLA_GSO_IPV4_MAX_SIZE, struct.pack("=I", 1))]) + answer,
+                                     5) == {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536}
     err = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", -19) + b"\0" * 16
     with pytest.raises(OSError) as e:
         nfqueue.link_packet_sizes(err, 5)
     assert e.value.errno == 19
-    assert "gso_ipv4_max_size 196608" in nfqueue.oversize_problem("lan0", {"gso_ipv4_max_size": 196608})
-    assert nfqueue.oversize_problem("lan0", {"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 65536}) is None
+    ack = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0) + b"\0" * 16
+    assert nfqueue.link_packet_sizes(ack, 5) is None  # an acknowledgement, no link: not the answer
+    probs = nfqueue.oversize_problems({"lan0": {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536},
+                                       "eth1": {"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 65536},
+                                       "sync0": None, "old0": {}})
+    assert [(i, p is None) for i, p in probs] == [("lan0", False), ("sync0", True)]
+    assert "lan0 has gso_ipv4_max_size 196608: BIG TCP" in probs[0][1]
+
+
+def test_links_beneath_follow_a_vlan_to_its_parent_and_a_bridge_or_bond_to_its_ports():
+    links = [(1, "lo", None, None), (2, "eth0", None, 5), (3, "eth1", None, 5), (5, "bond0", None, None),
+             (6, "bond0.7", 5, 8), (8, "br0", None, None), (9, "veth1", 10, 8), (10, "veth1p", 9, None),
+             (11, "sync0", None, None)]
+    assert nfqueue.links_beneath(links, "br0") == ["br0", "bond0.7", "veth1", "bond0", "veth1p", "eth0", "eth1"]
+    assert nfqueue.links_beneath(links, "sync0") == ["sync0"]
+    assert nfqueue.links_beneath(links, "bond0") == ["bond0", "eth0", "eth1"]
+    assert nfqueue.links_beneath(links, "nosuch") == []
