@@ -146,6 +146,9 @@ def queue_packet_sizes(ifnames: list[Optional[str]]) -> dict[str, Optional[dict[
         if ifname:
             names += [n for n in nfqueue.links_beneath(links, ifname) if n not in names]
     index_of = {n: i for i, n, _p, _m in links}
+    # Read by our own request: pyroute2 (0.9.7) knows no attribute past
+    # IFLA_ALLMULTI and gives these as UNKNOWN without their value, and
+    # iproute2 before 6.3 (Debian 12 has 6.1) neither shows nor sets them.
     out: dict[str, Optional[dict[str, int]]] = {}
     for n in names:
         try:
