@@ -863,9 +863,7 @@ class Daemon:
                 raise DaemonError("LAN interface %s does not exist" % self.cfg.lan_interface)
             self.lan_index = links[0]
             addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=self.lan_index, family=socket.AF_INET)]
-            where = {a.get_attr("IFA_ADDRESS"): a["index"] for a in ipr.get_addr(family=socket.AF_INET)}
-            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        local = set(where)
+            local = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)}
         net = ipaddress.IPv4Network("%s/%d" % (self.cfg.vip, self.cfg.lan_prefix), strict=False)
         own = [a for a in addrs if a != self.cfg.vip]
         if own and not any(ipaddress.IPv4Address(a) in net for a in own):
@@ -884,7 +882,8 @@ class Daemon:
         elif mine not in local:
             raise DaemonError("neither sync address is on this host (sync.%s = %s, sync.%s = %s)"
                               % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
-        sync_if = names.get(where.get(self.cfg.own_addresses(self.role)[0]))
+        sync = _link_holding(self.cfg.own_addresses(self.role)[0])
+        sync_if = None if sync is None else str(sync.get_attr("IFLA_IFNAME"))
         for ifname, problem in nfqueue.oversize_problems(firewall.queue_packet_sizes([self.cfg.lan_interface,
                                                                                       sync_if])):
             if problem:
@@ -1957,18 +1956,25 @@ def _attach_bpf(s: socket.socket, prog: list[tuple[int, int, int, int]]) -> None
     s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
 
 
-def _ethernet_link_of(address: str) -> str:
-    """The name of the Ethernet interface that holds ``address`` here."""
+def _link_holding(address: str) -> Any:
+    """The link (pyroute2's message) that holds ``address`` here, or None."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         for a in ipr.get_addr(family=socket.AF_INET):
             if a.get_attr("IFA_ADDRESS") == address:
-                link = ipr.get_links(a["index"])[0]
-                if link["ifi_type"] != 1:  # ARPHRD_ETHER: the program reads an Ethernet header
-                    raise OSError(errno.EINVAL, "%s is not an Ethernet link" % link.get_attr("IFLA_IFNAME"))
-                return str(link.get_attr("IFLA_IFNAME"))
-    raise OSError(errno.EADDRNOTAVAIL, "no interface here holds %s" % address)
+                return ipr.get_links(a["index"])[0]
+    return None
+
+
+def _ethernet_link_of(address: str) -> str:
+    """The name of the Ethernet interface that holds ``address`` here."""
+    link = _link_holding(address)
+    if link is None:
+        raise OSError(errno.EADDRNOTAVAIL, "no interface here holds %s" % address)
+    if link["ifi_type"] != 1:  # ARPHRD_ETHER: the program reads an Ethernet header
+        raise OSError(errno.EINVAL, "%s is not an Ethernet link" % link.get_attr("IFLA_IFNAME"))
+    return str(link.get_attr("IFLA_IFNAME"))
 
 
 def _r(v: Optional[float]) -> Optional[float]:
