@@ -324,7 +324,8 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
                                "slower than with cubic)" % cc,
                                "sysctl -w net.ipv4.tcp_congestion_control=cubic on the backup, for connections "
                                "opened after (a primary that may rejoin as the backup after a failover: there "
-                               "too)"))
+                               "too); in a container, first add cubic to the machine's "
+                               "net.ipv4.tcp_allowed_congestion_control, else EPERM"))
     ext = facts.get("c_extension")
     if ext is not None and not ext["built"]:
         out.append(Finding(WARN, "C extension", "nfq_sttcp/_csum.c is not built: checksums and output digests "

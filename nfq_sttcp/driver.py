@@ -527,6 +527,7 @@ class Daemon:
 
     def _send_sync(self, msg: syncproto.SyncMessage, to: Optional[list[str]] = None) -> None:
         self.counter += 1
+        self.counters["sync_sent"] += 1
         data = syncproto.encode(msg, self.epoch, self.counter, self.key)
         for addr in to or self.cfg.peer_addresses(self.role)[:1]:
             try:

@@ -121,7 +121,7 @@ def _build_network() -> None:
     sysctls = {
         NS_PRIMARY: {"net.ipv4.tcp_timestamps": "1"},
         # Offset-free clock on the backup: its TSvals differ from the primary's.
-        NS_BACKUP: dict(BACKUP_SYSCTLS, **{"net.ipv4.tcp_timestamps": "2"}),
+        NS_BACKUP: dict(_backup_sysctls(), **{"net.ipv4.tcp_timestamps": "2"}),
         # The benchmark opens tens of thousands of connections in a few
         # seconds, each leaving a port in TIME-WAIT for 60 s: with the default
         # 28,000 ports connect() slows to a crawl searching for a free one.
@@ -135,8 +135,50 @@ def _build_network() -> None:
 # arrive on the sync link for an address on another interface.
 # Its stack's congestion control is cubic whatever the machine's default:
 # one that paces (bbr) holds a following backup back (doctor.PACING_CCS).
+BACKUP_CC = "cubic"
 BACKUP_SYSCTLS = dict(doctor.backup_sysctls(LAN_IF, SYNC_IF), **{"net.ipv4.conf.default.rp_filter": "0",
-                                                                 "net.ipv4.tcp_congestion_control": "cubic"})
+                                                                 "net.ipv4.tcp_congestion_control": BACKUP_CC})
+_CC_PROC = "/proc/sys/net/ipv4/tcp_%s_congestion_control"
+_ALLOWED_SAVED = os.path.join(STATE_DIR, "allowed_cc")
+
+
+def _allow_in_namespaces(cc: str) -> bool:
+    """Let the lab's namespaces choose ``cc``; False when this kernel has no
+    such algorithm.
+
+    Trap: a namespace other than the first may set as its default only an
+    algorithm in the machine's ``tcp_allowed_congestion_control``, else
+    EPERM, and a fresh machine allows only its default and reno (this VM:
+    "reno bbr"). The machine's list is widened here and put back by down()."""
+    if cc not in open(_CC_PROC % "available").read().split():
+        return False
+    allowed = open(_CC_PROC % "allowed").read().split()
+    if cc not in allowed:
+        if not os.path.exists(_ALLOWED_SAVED):
+            with open(_ALLOWED_SAVED, "w") as f:
+                f.write(" ".join(allowed) + "\n")
+        with open(_CC_PROC % "allowed", "w") as f:
+            f.write(" ".join(allowed + [cc]))
+    return True
+
+
+def _backup_sysctls() -> dict[str, str]:
+    """BACKUP_SYSCTLS, less the congestion control where the kernel lacks it
+    (the backup then runs the default, which congestion_controls() shows)."""
+    if _allow_in_namespaces(BACKUP_CC):
+        return dict(BACKUP_SYSCTLS)
+    return {k: v for k, v in BACKUP_SYSCTLS.items() if k != "net.ipv4.tcp_congestion_control"}
+
+
+def _restore_allowed_cc() -> None:
+    if os.path.exists(_ALLOWED_SAVED):
+        saved = open(_ALLOWED_SAVED).read().strip()
+        try:
+            with open(_CC_PROC % "allowed", "w") as f:
+                f.write(saved)
+        except OSError as e:
+            print("lab down: could not put back tcp_allowed_congestion_control %r: %s" % (saved, e), file=sys.stderr)
+        os.unlink(_ALLOWED_SAVED)
 
 
 def _sysctls(ns: str, kv: dict[str, str]) -> None:
@@ -381,7 +423,7 @@ def reboot(host: str) -> None:
     sh("ss", "-K", "-t", "-a", ns=ns, check=False)
     sh("ip", "addr", "del", VIP + "/24", "dev", LAN_IF, ns=ns, check=False)
     sh("ip", "addr", "replace", VIP + "/32", "dev", "lo", ns=ns)
-    _sysctls(ns, BACKUP_SYSCTLS)
+    _sysctls(ns, _backup_sysctls())
     from . import rules
     r = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", "-w", "--noflush"], text=True,
                        input=rules.render(load_config(), "backup", fence=True), capture_output=True)
@@ -577,6 +619,7 @@ def down(quiet: bool = False, keep_logs: Optional[str] = None) -> None:
         time.sleep(0.02)
     for ns in nss:
         sh("ip", "netns", "del", ns, check=False)
+    _restore_allowed_cc()
     if os.path.isdir(STATE_DIR):
         keep = keep_logs or os.environ.get("STTCP_LAB_KEEP_LOGS")
         if keep and os.path.isdir(os.path.join(STATE_DIR, "logs")):

@@ -45,6 +45,7 @@ def clean_machine():
         _require(shutil.which(tool), tool)
     lab.down(quiet=True)
     before = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
+    allowed = _allowed_cc()
     yield
     left = lab.namespaces()
     lab.down(quiet=True)
@@ -54,6 +55,12 @@ def clean_machine():
     after = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     strip = lambda t: [l for l in t.splitlines() if not l.startswith("#")]
     assert strip(before) == strip(after), "the root namespace's rules changed"
+    assert _allowed_cc() == allowed, "the machine's tcp_allowed_congestion_control changed"
+
+
+def _allowed_cc():
+    with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+        return f.read().split()
 
 
 @pytest.fixture

@@ -55,6 +55,31 @@ def test_lab_lifecycle_status_exec_and_idempotent_down(make_lab):
     assert lab.status()["daemons"]["backup"]["state"] == "following"
 
 
+def test_the_backup_runs_cubic_on_a_machine_that_restricts_it(make_lab):
+    """A namespace may choose as its default only an algorithm in the
+    machine's allowed list, which on a fresh machine holds only the default
+    and reno: the lab widens it while it is up and puts it back at down."""
+    path = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+    original = open(path).read().strip()
+    default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    fresh = " ".join(dict.fromkeys(["reno", default]))  # (what a fresh machine allows)
+    with open(path, "w") as f:
+        f.write(fresh)
+    try:
+        make_lab()
+        assert lab.congestion_controls()["backup"] == "cubic"
+        assert lab.congestion_controls()["client"] == default, "only the backup's is changed"
+        assert "cubic" in open(path).read().split()
+        lab.crash("primary")
+        lab.reboot("primary")  # a crashed primary comes back with the backup's settings
+        assert lab.congestion_controls()["primary"] == "cubic"
+        lab.down(quiet=True)
+        assert open(path).read().strip() == fresh, "lab down puts the machine's list back"
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+
+
 def test_crash_silences_the_primary(make_lab):
     make_lab()
     lab.crash("primary")

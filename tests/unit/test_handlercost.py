@@ -5,7 +5,7 @@ from nfq_sttcp import bench, handlercost
 
 # Every counter a run may touch; anything else (a foreign, malformed,
 # unmapped or out-of-window packet, a handler error) is a wrong path.
-HANDSHAKE = {"synack_held", "verdict_drop", "injected", "verdict_inject"}
+HANDSHAKE = {"synack_held", "verdict_drop", "injected", "verdict_inject", "sync_sent"}
 AT_THE_LAG_BOUND = {"verdict_defer", "deferred_out", "verdict_release"}
 
 
@@ -14,7 +14,7 @@ def test_download_takes_the_download_path():
     r = handlercost.download(n)
     p, b = r["counters"]["primary"], r["counters"]["backup"]
     assert HANDSHAKE | {"verdict_accept"} <= set(p) <= HANDSHAKE | {"verdict_accept"} | AT_THE_LAG_BOUND
-    assert set(b) == {"verdict_accept", "verdict_drop"}
+    assert set(b) == {"verdict_accept", "verdict_drop", "sync_sent"}  # (its confirmations)
     # Every data segment of the primary's got a verdict: let out at once,
     # or held at the lag bound and released once the backup confirmed.
     assert p["verdict_accept"] + p.get("verdict_defer", 0) == n
@@ -36,7 +36,7 @@ def test_request_response_clamps_and_releases():
     r = handlercost.request_response(n)
     p, b = r["counters"]["primary"], r["counters"]["backup"]
     assert set(p) == HANDSHAKE | {"verdict_accept"}
-    assert set(b) == {"verdict_accept", "verdict_drop"}
+    assert set(b) == {"verdict_accept", "verdict_drop", "sync_sent"}  # (its confirmations)
     assert p["verdict_accept"] == n
     assert r["connection"]["acks_clamped"] == n  # every answer went out at once, its ack clamped
     assert p["injected"] > 1  # the held SYN-ACK, then acks released as confirmations came in
