@@ -116,6 +116,7 @@ class BackupConn:
     # and where the segments we mapped end
     fast_ok: bool = False
     fast_next: Optional[int] = None
+    fast_seen: int = 0  # client data segments we mapped as the kernel would have (up to cfg.fast_in_after)
 
     @property
     def wscale(self) -> int:
@@ -184,6 +185,13 @@ class BackupConfig:
     max_pending_in: int = 256
     max_ack_ahead: int = 1 << 30  # how far a client ack may lie beyond our output (the primary's lag bound + slack)
     fast_inbound: bool = False  # the kernel maps what it can of client segments (fastin.py): keep its entries
+    # A connection gets a kernel entry only once we have mapped this many of
+    # its client's data segments as the kernel would have: one that sends a
+    # request and closes (a new-connection storm) would cost map writes, a
+    # read-back and a delete, and the kernel would map none of its segments.
+    # Measured, new connections a second (4 clients, alternating labs, 4
+    # runs each): 961 with the inbound program on, 1,004 with it off.
+    fast_in_after: int = 2
 
 
 def _opts(seg: Segment) -> tuple:
@@ -402,6 +410,8 @@ class BackupCore:
         and while the client only acks (a download) an entry would cost us
         a map write for every segment of ours (its room) and gain nothing."""
         conn.fast_ok = as_kernel
+        if as_kernel and conn.fast_seen < self.cfg.fast_in_after:
+            conn.fast_seen += 1
         if trusted and seg.payload_len:  # (clamped too: the position must not lag behind the stream)
             conn.fast_next = seg.end_seq if conn.fast_next is None else seq_max(conn.fast_next, seg.end_seq)
         self.fast_in_dirty.add(conn.key)
@@ -422,12 +432,14 @@ class BackupCore:
         """The kernel's entry for one connection, or None for none: only
         before takeover, for a connection mapped and past our handshake, with
         timestamps, no FIN seen, whose last segment we mapped as the kernel
-        would have."""
+        would have, and not before the cfg.fast_in_after-th such."""
         conn = self.conns.get(key)
         if conn is None or self.active or conn.delta_seq is None or not conn.established_b or not conn.uses_ts \
                 or conn.closing_since is not None or conn.client_fin_end is not None or not conn.fast_ok \
                 or conn.fast_next is None or conn.rcv_ack is None or conn.snd_max is None \
                 or conn.client_ack_b is None or conn.pending_in:
+            return None
+        if conn.fast_seen < self.cfg.fast_in_after:
             return None
         # The window test of _acceptable, at our receive point as we know it now
         # (it only moves on: the kernel's copy is stricter, never looser).

@@ -63,10 +63,10 @@ def _client(seq, ack, flags=ACK | PSH, payload=b"x" * 300, tsval=1100, tsecr=701
 def _core():
     """The oracle: a backup core with the connection mapped (client ISN 100,
     ours 900, the primary's 5000; TSvals 50 and 7000) and our stack past
-    its handshake."""
+    its handshake; an entry from the first data segment on."""
     from tests.unit.helpers import client_syn, from_server, server_synack
 
-    b = BackupCore(BackupConfig(VIP, frozenset({SPORT}), fast_inbound=True))
+    b = BackupCore(BackupConfig(VIP, frozenset({SPORT}), fast_inbound=True, fast_in_after=1))
     b.on_inbound(client_syn(100), 0)
     b.on_outbound(server_synack(900, 100, 50), 0)
     b.on_conn_isn(ConnIsn(KEY, 5000, 7000, True, 1460, 7, True), 0)

@@ -5,16 +5,19 @@ from nfq_sttcp import fastin, tcpseg
 from nfq_sttcp.fastin import InLimits, InState
 from nfq_sttcp.tcpseg import ACK, FIN, PSH
 
-from .helpers import KEY, from_client, from_server
-from .test_cores import mapped_backup
+from nfq_sttcp.backup import BackupConfig
+
+from .helpers import KEY, VIP, from_client, from_server
+from .test_cores import PORTS, mapped_backup
 
 RCV_HI = (101 + (2000 << 7) + (1 << 20)) & 0xFFFFFFFF
 
 
 def established(**cfg):
     """mapped_backup (delta_seq 4100, delta_ts 7000 - 50), our stack past
-    the handshake (its first ack: 101, window 2000 << 7)."""
-    b = mapped_backup(fast_inbound=True, **cfg)
+    the handshake (its first ack: 101, window 2000 << 7); an entry from the
+    first data segment on, unless ``fast_in_after`` says otherwise."""
+    b = mapped_backup(**dict(dict(fast_inbound=True, fast_in_after=1), **cfg))
     b.on_outbound(from_server(901, 101), 0)
     return b
 
@@ -55,6 +58,26 @@ def test_an_entry_names_the_acks_the_core_would_map_as_the_kernel_does():
     assert fastin.LIMITS.unpack(b.fast_in_entry(KEY).pack())[2] == (-200) & 0xFFFFFFFF
 
 
+def test_a_connection_gets_its_entry_only_from_its_second_data_segment_on():
+    """By default the kernel gets a connection only once the client has sent
+    data twice: one request and a close (a new-connection storm) would cost
+    the driver map writes and a delete, and the kernel would map nothing."""
+    b = established(fast_in_after=2)
+    b.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    assert b.fast_in_entry(KEY) is None, "one request: still ours"
+    b.on_inbound(from_client(102, 5001, ACK, tsval=1101, tsecr=7010), 0.1)
+    assert b.fast_in_entry(KEY) is None, "a pure ack does not count"
+    b.on_inbound(from_client(102, 5001, ACK | PSH, b"y", tsval=1101, tsecr=0), 0.1)
+    assert b.fast_in_entry(KEY) is None, "nor a segment the kernel would not have mapped (an echo of 0)"
+    b.on_inbound(from_client(103, 5001, ACK | PSH, b"z", tsval=1102, tsecr=7010), 0.1)
+    assert b.fast_in_entry(KEY) == InLimits(104, 5001, 0, 4100, 6950, RCV_HI, AHEAD, 7)
+    c = established(fast_in_after=2)
+    c.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
+    c.on_inbound(from_client(102, 5001, ACK | FIN, tsval=1101, tsecr=7010), 0.1)
+    assert c.fast_in_entry(KEY) is None
+    assert BackupConfig(VIP, PORTS).fast_in_after == 2, "the daemon's default"
+
+
 def test_no_entry_where_the_core_would_map_otherwise():
     b = established()
     b.on_inbound(from_client(101, 5001, ACK | PSH, b"x" * 100, tsval=1100, tsecr=7010), 0.1)
@@ -73,7 +96,7 @@ def test_no_entry_where_the_core_would_map_otherwise():
     c.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=7010), 0.1)
     c.on_inbound(from_client(102, 5001, ACK | FIN, tsval=1101, tsecr=7010), 0.1)
     assert c.fast_in_entry(KEY) is None, "a FIN seen"
-    d = mapped_backup(fast_inbound=True)  # our stack still in its handshake
+    d = mapped_backup(fast_inbound=True, fast_in_after=1)  # our stack still in its handshake
     d.on_inbound(from_client(101, 5001, ACK | PSH, b"x", tsval=1100, tsecr=50), 0.1)
     assert d.fast_in_entry(KEY) is None
     e = mapped_backup()  # without fast_inbound nothing is kept for the kernel
