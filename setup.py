@@ -1,8 +1,10 @@
-"""Only the C checksum helper is declared here; everything else is in setup.cfg.
+"""Only the C helpers are declared here; everything else is in setup.cfg.
 
-The extension is optional: without a compiler the package installs anyway
-and nfq_sttcp.tcpseg falls back to the pure-Python sum (same results)."""
+The extensions are optional: without a compiler the package installs anyway,
+nfq_sttcp.tcpseg falls back to the pure-Python sum and nfq_sttcp.bpf to
+ctypes (same results, slower)."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("nfq_sttcp._csum", ["nfq_sttcp/_csum.c"], optional=True)])
+setup(ext_modules=[Extension("nfq_sttcp._csum", ["nfq_sttcp/_csum.c"], optional=True),
+                   Extension("nfq_sttcp._bpfsys", ["nfq_sttcp/_bpfsys.c"], optional=True)])

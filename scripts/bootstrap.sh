@@ -41,9 +41,10 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.sttcp-installed-$EXTRAS"
-# setup.py builds the C checksum helper (nfq_sttcp/_csum.c) in place.
+# setup.py builds the C helpers (nfq_sttcp/_csum.c, nfq_sttcp/_bpfsys.c) in place.
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] \
-        || [ "$ROOT/setup.py" -nt "$stamp" ] || [ "$ROOT/nfq_sttcp/_csum.c" -nt "$stamp" ]; then
+        || [ "$ROOT/setup.py" -nt "$stamp" ] || [ "$ROOT/nfq_sttcp/_csum.c" -nt "$stamp" ] \
+        || [ "$ROOT/nfq_sttcp/_bpfsys.c" -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     if [ "$EXTRAS" = runtime ]; then
         "$VENV/bin/python" -m pip install -q -e "$ROOT"
