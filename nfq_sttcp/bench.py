@@ -358,13 +358,17 @@ def measure_mode(mode: str, sizes: dict[str, int], progress: Callable[[str], Non
                         lab.place_hosts(separate=False)
                     except lab.LabError as e:  # (the lab goes down next anyway)
                         progress("  could not give the hosts every CPU again: %s" % e)
-        _drain_time_wait(progress)
-        progress("  %s: new connections per second" % mode)
-        out["conn_per_s"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"]})
-        _drain_time_wait(progress)
-        progress("  %s: new connections per second, %d clients at once" % (mode, CONNRATE_CLIENTS))
-        out["conn_per_s_together"] = _client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"],
-                                              "clients": CONNRATE_CLIENTS})
+        for key, clients in (("conn_per_s", 1), ("conn_per_s_together", CONNRATE_CLIENTS)):
+            # The median of a few runs: one run of the same code moved by a
+            # third from one minute to the next on this VM.
+            runs = []
+            for i in range(sizes["connrate_runs"]):
+                _drain_time_wait(progress)
+                progress("  %s: new connections per second, %d client%s, run %d of %d" % (
+                    mode, clients, "s at once" if clients > 1 else "", i + 1, sizes["connrate_runs"]))
+                runs.append(_client({"kind": "connrate", "host": host, "seconds": sizes["connrate_s"],
+                                     "clients": clients}))
+            out[key], out[key + "_runs"] = statistics.median(runs), runs
     finally:
         _shape(False)
         lab.down(quiet=True)
@@ -525,9 +529,9 @@ def failover_runs(interval_ms: int, missed: int, crashes: int, progress: Callabl
 # == the whole run ==========================================================
 
 SIZES = {"full": {"bulk": 200 * MB, "runs": 3, "rr_small": 2000, "rr_large": 500, "rr_pairs": 16,
-                  "connrate_s": 5.0, "idle": 10000, "crashes": 20},
+                  "connrate_s": 5.0, "connrate_runs": 3, "idle": 10000, "crashes": 20},
          "quick": {"bulk": 20 * MB, "runs": 2, "rr_small": 300, "rr_large": 100, "rr_pairs": 2,
-                   "connrate_s": 2.0, "idle": 500, "crashes": 3}}
+                   "connrate_s": 2.0, "connrate_runs": 1, "idle": 500, "crashes": 3}}
 
 
 def run(quick: bool = False, out_dir: str = "bench-out", progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -589,6 +593,11 @@ def table(res: dict[str, Any]) -> str:
     row("16 KiB request-response p99 us", "rr16384_p99_us", "%.0f", diff=True)
     row("new connections per second, 1 client", "conn_per_s", "%.0f")
     row("new connections/s, %d clients" % CONNRATE_CLIENTS, "conn_per_s_together", "%.0f")
+    for key, who in (("conn_per_s", "1 client"), ("conn_per_s_together", "%d clients" % CONNRATE_CLIENTS)):
+        runs = {m: r.get(key + "_runs") for m, r in (("plain", p), ("nfq-sttcp", s))}
+        if all(v and len(v) > 1 for v in runs.values()):
+            lines.append("  new connections/s, %s, the runs (medians above): %s" % (who, "; ".join(
+                "%s %s" % (m, ", ".join("%.0f" % x for x in v)) for m, v in runs.items())))
     if "idle_opened" in s:
         lines.append("idle connections: %d opened, %d protected; daemon memory per connection: %s" % (
             s["idle_opened"], s["idle_protected"],
