@@ -33,12 +33,14 @@ lookup(PyObject *self, PyObject *args)
     Py_ssize_t size;
     PyObject *out;
     long r;
+    int e;
 
     if (!PyArg_ParseTuple(args, "iy*n", &fd, &key, &size))
         return NULL;
-    if (size < 0) {
+    if (size < 1) {
+        /* (a size of 0 would hand the kernel the shared empty bytes object) */
         PyBuffer_Release(&key);
-        PyErr_SetString(PyExc_ValueError, "negative value size");
+        PyErr_SetString(PyExc_ValueError, "the value size must be positive");
         return NULL;
     }
     out = PyBytes_FromStringAndSize(NULL, size);
@@ -47,9 +49,9 @@ lookup(PyObject *self, PyObject *args)
         return NULL;
     }
     r = elem(BPF_MAP_LOOKUP_ELEM, fd, key.buf, PyBytes_AS_STRING(out), 0);
+    e = errno; /* before anything that may change it */
     PyBuffer_Release(&key);
     if (r < 0) {
-        int e = errno;
         Py_DECREF(out);
         if (e == ENOENT)
             Py_RETURN_NONE;
@@ -67,14 +69,18 @@ update(PyObject *self, PyObject *args)
     Py_buffer key, value;
     unsigned long long flags = 0;
     long r;
+    int e;
 
     if (!PyArg_ParseTuple(args, "iy*y*|K", &fd, &key, &value, &flags))
         return NULL;
     r = elem(BPF_MAP_UPDATE_ELEM, fd, key.buf, value.buf, flags);
+    e = errno;
     PyBuffer_Release(&key);
     PyBuffer_Release(&value);
-    if (r < 0)
+    if (r < 0) {
+        errno = e;
         return PyErr_SetFromErrno(PyExc_OSError);
+    }
     Py_RETURN_NONE;
 }
 
@@ -85,14 +91,17 @@ delete(PyObject *self, PyObject *args)
     int fd;
     Py_buffer key;
     long r;
+    int e;
 
     if (!PyArg_ParseTuple(args, "iy*", &fd, &key))
         return NULL;
     r = elem(BPF_MAP_DELETE_ELEM, fd, key.buf, NULL, 0);
+    e = errno;
     PyBuffer_Release(&key);
     if (r < 0) {
-        if (errno == ENOENT)
+        if (e == ENOENT)
             Py_RETURN_FALSE;
+        errno = e;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     Py_RETURN_TRUE;

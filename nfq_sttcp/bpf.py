@@ -130,6 +130,8 @@ def map_update(fd: int, key: bytes, value: bytes) -> None:
 
 
 def map_lookup(fd: int, key: bytes, size: int) -> Optional[bytes]:
+    if size < 1:
+        raise ValueError("map_lookup: the value size must be positive, not %d" % size)
     if native is not None:
         return native.lookup(fd, key, size)  # type: ignore[no-any-return]
     v = ctypes.create_string_buffer(size)

@@ -150,9 +150,16 @@ def _allow_in_namespaces(cc: str) -> bool:
     algorithm in the machine's ``tcp_allowed_congestion_control``, else
     EPERM, and a fresh machine allows only its default and reno (this VM:
     "reno bbr"). The machine's list is widened here and put back by down()."""
-    if cc not in open(_CC_PROC % "available").read().split():
-        return False
-    allowed = open(_CC_PROC % "allowed").read().split()
+    if cc not in _read(_CC_PROC % "available").split():
+        # (The list names only algorithms loaded: a modular one is loaded
+        # here, as a namespace's own sysctl would have done.)
+        try:
+            sh("modprobe", "tcp_" + cc, check=False, quiet=True)
+        except OSError:
+            pass  # no modprobe (a container): the kernel has what it has loaded
+        if cc not in _read(_CC_PROC % "available").split():
+            return False
+    allowed = _read(_CC_PROC % "allowed").split()
     if cc not in allowed:
         if not os.path.exists(_ALLOWED_SAVED):
             with open(_ALLOWED_SAVED, "w") as f:
@@ -170,9 +177,14 @@ def _backup_sysctls() -> dict[str, str]:
     return {k: v for k, v in BACKUP_SYSCTLS.items() if k != "net.ipv4.tcp_congestion_control"}
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _restore_allowed_cc() -> None:
     if os.path.exists(_ALLOWED_SAVED):
-        saved = open(_ALLOWED_SAVED).read().strip()
+        saved = _read(_ALLOWED_SAVED).strip()
         try:
             with open(_CC_PROC % "allowed", "w") as f:
                 f.write(saved)

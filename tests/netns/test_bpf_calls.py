@@ -19,8 +19,11 @@ def hash_map():
         os.close(fd)
 
 
-def _ctypes_versions(monkeypatch):
-    monkeypatch.setattr(bpf, "native", None)
+def _use(impl, monkeypatch):
+    if impl == "ctypes":
+        monkeypatch.setattr(bpf, "native", None)
+    else:
+        assert bpf.native is not None, "the C calls are not built: these cases would test ctypes twice"
 
 
 def test_the_c_calls_are_built_and_in_use():
@@ -35,8 +38,7 @@ def test_the_c_calls_are_built_and_in_use():
 
 @pytest.mark.parametrize("impl", ["c", "ctypes"])
 def test_lookup_update_delete_on_a_real_map(hash_map, monkeypatch, impl):
-    if impl == "ctypes":
-        _ctypes_versions(monkeypatch)
+    _use(impl, monkeypatch)
     k1, k2 = b"key-0001", b"key-0002"
     assert bpf.map_lookup(hash_map, k1, 24) is None, "no entry yet"
     bpf.map_update(hash_map, k1, b"a" * 24)
@@ -53,8 +55,7 @@ def test_lookup_update_delete_on_a_real_map(hash_map, monkeypatch, impl):
 
 @pytest.mark.parametrize("impl", ["c", "ctypes"])
 def test_the_kernel_refusals_come_out_as_the_same_errors(hash_map, monkeypatch, impl):
-    if impl == "ctypes":
-        _ctypes_versions(monkeypatch)
+    _use(impl, monkeypatch)
     for i in range(4):
         bpf.map_update(hash_map, b"key-%04d" % i, b"v" * 24)
     with pytest.raises(OSError) as full:
@@ -73,10 +74,20 @@ def test_the_kernel_refusals_come_out_as_the_same_errors(hash_map, monkeypatch, 
 
 @pytest.mark.parametrize("impl", ["c", "ctypes"])
 def test_a_key_that_is_not_bytes_is_a_type_error(hash_map, monkeypatch, impl):
-    if impl == "ctypes":
-        _ctypes_versions(monkeypatch)
+    _use(impl, monkeypatch)
     with pytest.raises(TypeError):
         bpf.map_lookup(hash_map, "key-0000", 24)
     with pytest.raises(TypeError):
         bpf.map_update(hash_map, "key-0000", b"v" * 24)
-    assert bpf.map_lookup(hash_map, b"key-0000", 24) is None, "nothing was written"
+
+
+@pytest.mark.parametrize("impl", ["c", "ctypes"])
+def test_a_value_size_of_nothing_is_refused_before_the_kernel_writes(hash_map, monkeypatch, impl):
+    """(The kernel writes the map's value size at the buffer, whatever its
+    length: 0 would have it write into an empty bytes object.)"""
+    _use(impl, monkeypatch)
+    bpf.map_update(hash_map, b"key-0000", b"v" * 24)
+    for size in (0, -1):
+        with pytest.raises(ValueError):
+            bpf.map_lookup(hash_map, b"key-0000", size)
+    assert bpf.map_lookup(hash_map, b"key-0000", 24) == b"v" * 24

@@ -1,5 +1,7 @@
 """The doctor's judgements (pure): facts in, findings with fixes out."""
 
+import dataclasses
+
 from nfq_sttcp import doctor, lab
 from nfq_sttcp.doctor import FAIL, OK, WARN
 
@@ -38,6 +40,12 @@ def test_a_good_host_passes_and_each_problem_is_named_with_its_fix():
     assert by["iptables backend"].level == WARN
     slow = {f.what: f for f in doctor.check_host(facts(c_extension={"built": False, "crc32c_hw": False}), CFG)}
     assert slow["C extension"].level == WARN and "build-essential" in slow["C extension"].fix
+    no_bpf = {f.what: f for f in doctor.check_host(
+        facts(c_extension={"built": True, "crc32c_hw": True, "bpf_built": False}), CFG)}
+    assert no_bpf["C extension (bpf)"].level == WARN and "ctypes" in no_bpf["C extension (bpf)"].detail
+    assert "C extension (bpf)" not in {f.what for f in doctor.check_host(
+        facts(c_extension={"built": True, "crc32c_hw": True, "bpf_built": False}),
+        dataclasses.replace(CFG, fast_inbound=False, fast_path=False))}, "no kernel path: no map calls"
     assert levels(doctor.check_host(facts(root=False), CFG)) == {"privilege": FAIL}
     # the primary needs none of the backup's ARP settings
     assert all(f.level == OK for f in doctor.check_host(
