@@ -338,12 +338,12 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
     elif ext is not None and not ext["crc32c_hw"]:
         out.append(Finding(WARN, "C extension", "no SSE4.2 crc32 instruction: output digests use a table, "
                            "several times slower", "expected only on CPUs other than x86-64"))
+    elif ext is not None:
+        out.append(Finding(OK, "C extension (checksums, CRC-32C in hardware)"))
     if ext is not None and not ext.get("bpf_built", True) and (cfg.fast_inbound or cfg.fast_path):
         out.append(Finding(WARN, "C extension (bpf)", "nfq_sttcp/_bpfsys.c is not built: the kernel paths' map "
                            "calls go through ctypes, some 3.5 us slower each (one or two a packet)",
                            "install build-essential and python3-dev, then reinstall the package"))
-    elif ext is not None:
-        out.append(Finding(OK, "C extension (checksums, CRC-32C in hardware)"))
     missing = [p for p in cfg.ports if p not in facts["listening"]]
     if missing:
         out.append(Finding(WARN, "application", "nothing listens on port(s) %s" % ", ".join(map(str, missing)),
