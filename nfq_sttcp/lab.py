@@ -161,9 +161,11 @@ def _allow_in_namespaces(cc: str) -> bool:
             return False
     allowed = _read(_CC_PROC % "allowed").split()
     if cc not in allowed:
-        if not os.path.exists(_ALLOWED_SAVED):
-            with open(_ALLOWED_SAVED, "w") as f:
-                f.write(" ".join(allowed) + "\n")
+        # Remember what we added, not the whole list: down() then takes out
+        # only that, and a change an admin made meanwhile stays.
+        added = _read(_ALLOWED_SAVED).split() if os.path.exists(_ALLOWED_SAVED) else []
+        with open(_ALLOWED_SAVED, "w") as f:
+            f.write(" ".join(added + [cc]) + "\n")
         with open(_CC_PROC % "allowed", "w") as f:
             f.write(" ".join(allowed + [cc]))
     return True
@@ -183,14 +185,24 @@ def _read(path: str) -> str:
 
 
 def _restore_allowed_cc() -> None:
-    if os.path.exists(_ALLOWED_SAVED):
-        saved = _read(_ALLOWED_SAVED).strip()
+    """Take the algorithms the lab added out of the machine's allowed list
+    again. If that fails, the record stays, and the next down() tries again."""
+    if not os.path.exists(_ALLOWED_SAVED):
+        return
+    added = set(_read(_ALLOWED_SAVED).split())
+    current = _read(_CC_PROC % "allowed").split()
+    keep = [a for a in current if a not in added]
+    if not keep:  # (a record from elsewhere: the list can never be empty)
+        print("lab down: left tcp_allowed_congestion_control alone: %s" % " ".join(current), file=sys.stderr)
+    elif keep != current:
         try:
             with open(_CC_PROC % "allowed", "w") as f:
-                f.write(saved)
+                f.write(" ".join(keep))
         except OSError as e:
-            print("lab down: could not put back tcp_allowed_congestion_control %r: %s" % (saved, e), file=sys.stderr)
-        os.unlink(_ALLOWED_SAVED)
+            print("lab down: could not take %s out of tcp_allowed_congestion_control (%s); "
+                  "'lab down' tries again" % (" ".join(sorted(added)), e.strerror), file=sys.stderr)
+            return
+    os.unlink(_ALLOWED_SAVED)
 
 
 def _sysctls(ns: str, kv: dict[str, str]) -> None:
