@@ -10,9 +10,11 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     res = {"modes": {
         "plain": {"down_veth_gbps": 8.0, "up_veth_gbps": 6.0, "rr1_p50_us": 40.0, "conn_per_s": 2000.0,
                   "conn_per_s_together": 4000.0, "conn_per_s_together_runs": [3900.0, 4000.0, 4400.0],
+                  "conn_per_s_loaded": 5000.0,
                   "cpu_s_per_gbit": {"down": {"all": 0.16}}},
         "sttcp": {"down_veth_gbps": 2.0, "up_veth_gbps": 3.0, "rr1_p50_us": 140.0, "conn_per_s": 500.0,
                   "conn_per_s_together": 1000.0, "conn_per_s_together_runs": [700.0, 1000.0, 1040.0],
+                  "conn_per_s_loaded": 1500.0,
                   "idle_opened": 100, "idle_protected": 100, "bytes_per_conn": {"primary": 2048, "backup": 4096},
                   "cpu_us_per_packet": {"primary_down": 20.5},
                   "cpu_s_per_gbit": {"down": {"all": 0.87, "daemons": 0.68}, "up": {"all": 0.5, "daemons": 0.3}},
@@ -42,6 +44,10 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     assert ("new connections/s, 4 clients, the runs (medians above): plain 3900, 4000, 4400; "
             "nfq-sttcp 700, 1000, 1040") in t
     assert "1 client, the runs" not in t, "one run each: nothing more to show"
+    loaded = [line for line in t.splitlines() if line.startswith("new connections/s, 16 clients")][0]
+    assert loaded.split()[-3:] == ["5000", "1500", "0.30"]
+    one = [line for line in t.splitlines() if line.startswith("new connections/s, 1 client ")][0]
+    assert one.split()[-3:] == ["2000", "500", "0.25"]
     assert "download Gbit/s, 1 Gbit/s tbf" not in t  # not measured: no made-up row
     assert "unshaped download (all CPUs): plain 0.160, nfq-sttcp 0.870, of it the daemons 0.680" in t
     assert "unshaped upload" not in t  # plain TCP's half is missing: no row
