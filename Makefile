@@ -16,7 +16,7 @@ test: bootstrap
 bootstrap:
 	@bash scripts/bootstrap.sh dev
 
-# The benchmark against plain TCP (about 30 minutes; BENCH_ARGS=--quick for ~6).
+# The benchmark against plain TCP (about 35 minutes; BENCH_ARGS=--quick for ~6).
 bench:
 	@bash scripts/bootstrap.sh bench
 	$(VENV)/bin/nfq-sttcp bench $(BENCH_ARGS)

@@ -10,7 +10,7 @@ cores, the sync messages) moves it. Measure such a change here, before and
 after, alternately: on a shared VM the same code's figure still moves by a
 fifth from one process to the next.
 
-Two workloads, each in lockstep (every packet one host's stack would queue,
+Three workloads, each in lockstep (every packet one host's stack would queue,
 in the order the hosts would see them):
 
 * download: the primary's 64 KB segment, the backup's copy of it, a client
@@ -20,7 +20,10 @@ in the order the hosts would see them):
 * request-response: a client request (the backup maps its clone), the
   primary's 1-byte answer (its ack clamped to what the backup confirmed),
   the backup's copy of the answer (held), the client's ack, and the
-  confirmations.
+  confirmations;
+* connections: short connections one after another (the handshake, one
+  echo byte, both FINs), the figure per connection: the Python share of
+  what the bench's connection storm costs each daemon.
 
 Sync messages cross as they would, HMAC and all; heartbeats go when due.
 """
@@ -125,14 +128,14 @@ def _pair() -> tuple[Any, Any]:
 
 
 def _from_client(seq: int, ack: int, flags: int = tcpseg.ACK, payload: bytes = b"", tsval: int = TS_C,
-                 tsecr: int = 0, opts: bytes = b"") -> bytes:
-    return tcpseg.build_segment(CLIENT, VIP, CPORT, SPORT, seq, ack, flags, 20000,
+                 tsecr: int = 0, opts: bytes = b"", cport: int = CPORT) -> bytes:
+    return tcpseg.build_segment(CLIENT, VIP, cport, SPORT, seq, ack, flags, 20000,
                                 opts or tcpseg.ts_option(tsval, tsecr), payload)
 
 
 def _from_server(seq: int, ack: int, flags: int = tcpseg.ACK, payload: bytes = b"", tsval: int = 0,
-                 opts: bytes = b"") -> bytes:
-    return tcpseg.build_segment(VIP, CLIENT, SPORT, CPORT, seq, ack, flags, 3000,
+                 opts: bytes = b"", cport: int = CPORT) -> bytes:
+    return tcpseg.build_segment(VIP, CLIENT, SPORT, cport, seq, ack, flags, 3000,
                                 opts or tcpseg.ts_option(tsval, TS_C), payload)
 
 
@@ -235,6 +238,73 @@ def request_response(n: int = 3000) -> dict[str, Any]:
     return _result(clock, packets, p, b)
 
 
+def connections(n: int = 1000) -> dict[str, Any]:
+    """Short connections one after another, as the bench's connection storm
+    makes them: the handshake, a 1-byte request and its echo, the client's
+    FIN, both servers' FINs and the client's last ack; the confirmations as
+    the driver sends them. The figure is per connection."""
+    if not 0 < n <= 40000:
+        raise ValueError("connections: n must be 1 to 40000 (one client port each)")
+    p, b = _pair()
+    clock, packets = _Clock(), {"primary": 0, "backup": 0}
+    A, AP, S, F = tcpseg.ACK, tcpseg.ACK | tcpseg.PSH, tcpseg.SYN, tcpseg.ACK | tcpseg.FIN
+    for i in range(n):
+        cp, t = 20000 + i, TS_C + 10 * i
+        c0, p0, b0 = seq_add(ISN_C, i * 7919), seq_add(ISN_P, i * 104729), seq_add(ISN_B, i * 1299709)
+        c1, c2, c3 = seq_add(c0, 1), seq_add(c0, 2), seq_add(c0, 3)
+
+        def cl(seq: int, ack: int, flags: int = A, payload: bytes = b"", tsval: int = 0, tsecr: int = 0,
+               opts: bytes = b"", cp: int = cp) -> _Queued:
+            return _Queued(_from_client(seq, ack, flags, payload, tsval, tsecr, opts, cport=cp))
+
+        def sv(seq: int, ack: int, flags: int = A, payload: bytes = b"", tsval: int = 0, opts: bytes = b"",
+               cp: int = cp) -> _Queued:
+            return _Queued(_from_server(seq, ack, flags, payload, tsval, opts, cport=cp))
+
+        # (built outside the clock: making packets is not the daemons' work)
+        steps: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = [
+            ("backup", b._cb_backup_in, (cl(c0, 0, S, opts=_syn_opts(t, 0)),)),
+            ("primary", p._cb_primary_out, (sv(p0, c1, S | A, opts=_syn_opts(t + 1, t)),)),
+            ("backup", b._on_sync_readable, ()),
+            ("backup", b._cb_backup_out, (sv(b0, c1, S | A, opts=_syn_opts(t + 2, t)),)),
+            ("backup", b._batch_end, ()),
+            ("primary", p._on_sync_readable, ()),
+            ("backup", b._cb_backup_in, (cl(c1, seq_add(p0, 1), tsval=t + 3, tsecr=t + 1),)),
+            ("backup", b._cb_backup_in, (cl(c1, seq_add(p0, 1), AP, b"x", tsval=t + 3, tsecr=t + 1),)),
+            ("primary", p._cb_primary_out, (sv(seq_add(p0, 1), c2, AP, b"x", tsval=t + 4),)),
+            ("backup", b._cb_backup_out, (sv(seq_add(b0, 1), c2, AP, b"x", tsval=t + 5),)),
+            ("backup", b._batch_end, ()),
+            ("primary", p._on_sync_readable, ()),
+            ("backup", b._cb_backup_in, (cl(c2, seq_add(p0, 2), F, tsval=t + 6, tsecr=t + 4),)),
+            ("primary", p._cb_primary_out, (sv(seq_add(p0, 2), c3, F, tsval=t + 7),)),
+            ("backup", b._cb_backup_out, (sv(seq_add(b0, 2), c3, F, tsval=t + 8),)),
+            ("backup", b._cb_backup_in, (cl(c3, seq_add(p0, 3), tsval=t + 9, tsecr=t + 7),)),
+            ("backup", b._batch_end, ()),
+            ("primary", p._on_sync_readable, ()),
+            ("primary", p._batch_end, ()),
+            ("backup", b._on_sync_readable, ()),
+        ]
+        for host, call, args in steps:
+            clock.on(host, call, *args)
+            if args:
+                packets[host] += 1
+    _settle(p, b)
+    mapped = sum(1 for conn in b.backup.conns.values() if conn.delta_seq is not None)
+    return {
+        "us_per_connection": {h: round(clock.s[h] / n * 1e6, 1) for h in clock.s},
+        "packets": packets,
+        "counters": {"primary": dict(p.counters), "backup": dict(b.counters)},
+        "sync_messages": {"primary": p.sync.sent, "backup": b.sync.sent},
+        # What the connections went through: the path the figure stands for.
+        "connection": {"protected_by_primary": sum(c.protected for c in p.primary.conns.values()),
+                       "held_by_primary": sum(c.held_synack is not None or len(c.deferred) > 0
+                                              for c in p.primary.conns.values()),
+                       "mapped_by_backup": mapped,
+                       "closed_by_backup": sum(c.fully_closed() for c in b.backup.conns.values()),
+                       "held_by_backup": sum(len(c.held) for c in b.backup.conns.values())},
+    }
+
+
 def _result(clock: _Clock, packets: dict[str, int], p: Any, b: Any) -> dict[str, Any]:
     key = (CLIENT, CPORT, VIP, SPORT)
     pc, bc = p.primary.conns[key], b.backup.conns[key]
@@ -251,17 +321,23 @@ def _result(clock: _Clock, packets: dict[str, int], p: Any, b: Any) -> dict[str,
     }
 
 
+# What each workload's figure is per.
+_UNIT = {"download": "us_per_packet", "request_response": "us_per_packet", "connections": "us_per_connection"}
+
+
 def measure(n: int = 3000, rounds: int = 3) -> dict[str, Any]:
     """Each workload ``rounds`` times, alternating; the median round's
     figures per host, and every round's."""
     out: dict[str, Any] = {}
-    runs: dict[str, list[dict[str, Any]]] = {"download": [], "request_response": []}
+    runs: dict[str, list[dict[str, Any]]] = {"download": [], "request_response": [], "connections": []}
     for _ in range(rounds):
         runs["download"].append(download(n))
         runs["request_response"].append(request_response(n))
+        runs["connections"].append(connections(n))
     for name, rs in runs.items():
-        per = {h: [r["us_per_packet"][h] for r in rs] for h in ("primary", "backup")}  # (in the order run)
-        out[name] = {"us_per_packet": {h: sorted(v)[len(v) // 2] for h, v in per.items()}, "rounds": per,
+        unit = _UNIT[name]
+        per = {h: [r[unit][h] for r in rs] for h in ("primary", "backup")}  # (in the order run)
+        out[name] = {unit: {h: sorted(v)[len(v) // 2] for h, v in per.items()}, "rounds": per,
                      "counters": rs[-1]["counters"], "packets": rs[-1]["packets"],
                      "connection": rs[-1]["connection"]}
     out["python"] = "%d.%d" % sys.version_info[:2]
@@ -272,11 +348,16 @@ def rounds_lines(res: dict[str, Any]) -> list[str]:
     """Every round's figures, in the order they ran."""
     return ["  %s, every round: %s" % (name.replace("_", "-"), "; ".join(
         "%s %s" % (h, " ".join("%.1f" % v for v in vals)) for h, vals in res[name]["rounds"].items()))
-        for name in ("download", "request_response")]
+        for name in _UNIT if name in res]
 
 
 def line(res: dict[str, Any]) -> str:
     d, r = res["download"]["us_per_packet"], res["request_response"]["us_per_packet"]
-    return ("the daemons' own code per packet, without the kernel (us, median of %d rounds): download primary "
+    text = ("the daemons' own code per packet, without the kernel (us, median of %d rounds): download primary "
             "%.1f, backup %.1f; request-response primary %.1f, backup %.1f" % (
                 len(res["download"]["rounds"]["primary"]), d["primary"], d["backup"], r["primary"], r["backup"]))
+    if "connections" in res:  # (a bench.json from before has none)
+        c = res["connections"]["us_per_connection"]
+        text += "; per short connection (SYN to FIN, one echo byte) primary %.1f, backup %.1f" % (
+            c["primary"], c["backup"])
+    return text

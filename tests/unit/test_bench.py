@@ -10,11 +10,11 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     res = {"modes": {
         "plain": {"down_veth_gbps": 8.0, "up_veth_gbps": 6.0, "rr1_p50_us": 40.0, "conn_per_s": 2000.0,
                   "conn_per_s_together": 4000.0, "conn_per_s_together_runs": [3900.0, 4000.0, 4400.0],
-                  "conn_per_s_loaded": 5000.0,
+                  "conn_per_s_loaded": 5000.0, "conn_per_s_loaded_runs": [5000.0, 4800.0, 5100.0],
                   "cpu_s_per_gbit": {"down": {"all": 0.16}}},
         "sttcp": {"down_veth_gbps": 2.0, "up_veth_gbps": 3.0, "rr1_p50_us": 140.0, "conn_per_s": 500.0,
                   "conn_per_s_together": 1000.0, "conn_per_s_together_runs": [700.0, 1000.0, 1040.0],
-                  "conn_per_s_loaded": 1500.0,
+                  "conn_per_s_loaded": 1500.0, "conn_per_s_loaded_runs": [1500.0, 1400.0, 1600.0],
                   "idle_opened": 100, "idle_protected": 100, "bytes_per_conn": {"primary": 2048, "backup": 4096},
                   "cpu_us_per_packet": {"primary_down": 20.5},
                   "cpu_s_per_gbit": {"down": {"all": 0.87, "daemons": 0.68}, "up": {"all": 0.5, "daemons": 0.3}},
@@ -46,6 +46,8 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     assert "1 client, the runs" not in t, "one run each: nothing more to show"
     loaded = [line for line in t.splitlines() if line.startswith("new connections/s, 16 clients")][0]
     assert loaded.split()[-3:] == ["5000", "1500", "0.30"]
+    assert ("new connections/s, 16 clients, the runs (medians above): plain 5000, 4800, 5100; "
+            "nfq-sttcp 1500, 1400, 1600") in t
     one = [line for line in t.splitlines() if line.startswith("new connections/s, 1 client ")][0]
     assert one.split()[-3:] == ["2000", "500", "0.25"]
     assert "download Gbit/s, 1 Gbit/s tbf" not in t  # not measured: no made-up row
@@ -80,6 +82,7 @@ def test_table_compares_the_backups_inbound_program_on_and_off():
     assert ("backup's inbound program on, 1-byte request-response: +90 us added at p50, median of 3 alternating "
             "pairs (+70 to +180)") in t
     assert "program off, 1-byte" not in t, "(a run without the pairs shows none)"
+    assert "new connections" not in t, "(nor one without the rates, as an older bench.json)"
 
 
 def test_table_says_how_much_cpu_the_hypervisor_took_in_each_step():

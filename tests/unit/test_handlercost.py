@@ -1,6 +1,8 @@
 """The handler-cost harness drives the real daemons' callbacks: its figures
 mean something only if every made-up packet took the path it stands for."""
 
+import pytest
+
 from nfq_sttcp import bench, handlercost
 
 # Every counter a run may touch; anything else (a foreign, malformed,
@@ -47,17 +49,46 @@ def test_request_response_clamps_and_releases():
     assert conn["checked_by_backup"] == n and conn["ranges_unchecked"] == 0
 
 
+def test_short_connections_each_go_from_syn_to_fin_protected():
+    n = 100
+    r = handlercost.connections(n)
+    p, b = r["counters"]["primary"], r["counters"]["backup"]
+    assert set(p) == HANDSHAKE | {"verdict_accept"}
+    assert set(b) == {"verdict_accept", "verdict_drop", "sync_sent"}
+    assert p["synack_held"] == p["verdict_drop"] == n  # each SYN-ACK held for the backup's mapping
+    assert p["verdict_accept"] == 2 * n  # the echo and the FIN
+    assert p["injected"] >= 2 * n  # each SYN-ACK let out, and an ack released on confirmation
+    assert b["verdict_accept"] == 5 * n  # SYN, the handshake's ack, the request, the FIN, the last ack mapped
+    assert b["verdict_drop"] == 3 * n  # its own SYN-ACK, echo and FIN
+    assert r["connection"] == {"protected_by_primary": n, "held_by_primary": 0, "mapped_by_backup": n,
+                               "closed_by_backup": n, "held_by_backup": 0}
+    assert r["packets"] == {"primary": 3 * n, "backup": 8 * n}
+    assert all(v > 0 for v in r["us_per_connection"].values())
+
+
+def test_short_connections_refuse_more_than_the_client_ports():
+    with pytest.raises(ValueError, match="one client port each"):
+        handlercost.connections(40001)
+
+
 def test_measure_reports_the_median_round_and_every_round_in_order():
     res = handlercost.measure(n=50, rounds=3)
-    for name in ("download", "request_response"):
+    for name, unit in (("download", "us_per_packet"), ("request_response", "us_per_packet"),
+                       ("connections", "us_per_connection")):
         for host in ("primary", "backup"):
             rounds = res[name]["rounds"][host]
             assert len(rounds) == 3
-            assert res[name]["us_per_packet"][host] == sorted(rounds)[1]
+            assert res[name][unit][host] == sorted(rounds)[1]
     text = handlercost.line(res)
     assert "median of 3 rounds" in text and "download primary %.1f," % res["download"]["us_per_packet"]["primary"] in text
     lines = handlercost.rounds_lines(res)
     assert lines[1].startswith("  request-response, every round: primary %s" % " ".join(
         "%.1f" % v for v in res["request_response"]["rounds"]["primary"]))
+    assert "per short connection (SYN to FIN, one echo byte) primary %.1f," % (
+        res["connections"]["us_per_connection"]["primary"]) in text
+    assert lines[2].startswith("  connections, every round: primary ")
     t = bench.table({"modes": {"plain": {}, "sttcp": {}}, "failover": {}, "handlers": res})
     assert text in t
+    # A bench.json from before the connections workload still makes its line.
+    old = {k: v for k, v in res.items() if k != "connections"}
+    assert "short connection" not in handlercost.line(old) and len(handlercost.rounds_lines(old)) == 2
