@@ -39,7 +39,9 @@ def _lab_processes():
 
 @pytest.fixture(autouse=True)
 def clean_machine():
-    """Every test starts and ends with no sttcp- namespace, process or chain."""
+    """Every test starts and ends with no sttcp- namespace, process or chain.
+    So it takes down a lab already running: a demo or a `make bench` in
+    progress on this machine is stopped by the first netns test."""
     _require(os.geteuid() == 0, "root")
     for tool in ("ip", "iptables", "iptables-restore", "tcpdump", "ss"):
         _require(shutil.which(tool), tool)
