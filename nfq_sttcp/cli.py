@@ -570,7 +570,10 @@ def _lab(args: argparse.Namespace) -> int:
                 for role in ("primary", "backup"):
                     d = st["daemons"][role]
                     if "role" in d:
-                        print(_format_daemon(d))
+                        from . import control
+
+                        level, why = control.health(d)  # (said only when not healthy)
+                        print(_format_daemon(d, "" if level == control.HEALTHY else level, why))
                     else:
                         print("%s: down (%s)" % (role, d.get("error")))
             return 0

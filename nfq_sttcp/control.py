@@ -132,6 +132,9 @@ def health(status: dict[str, Any]) -> tuple[str, list[str]]:
         why.append({"waiting": "no primary heard yet", "suspect": "the primary missed heartbeats",
                     "orphaned": "the primary's daemon is silent while its host answers: protection suspended",
                     "takeover": "taking over"}.get(str(state), "state %s" % state))
+    if status.get("oversize_links"):
+        why.append("BIG TCP packets over 64 KB on %s: their connections go unprotected (set the link's "
+                   "gso_ipv4_max_size and gro_ipv4_max_size back to 65536)" % ", ".join(status["oversize_links"]))
     unprotected = [c for c in status.get("connections", []) if not c.get("protected")]
     count = status.get("summary", {}).get("unprotected", len(unprotected))  # (the list may be cut short)
     if count:

@@ -39,6 +39,7 @@ SO_ATTACH_FILTER = 26
 TICK_S = 0.1
 STATUS_MAX_CONNS = 1000  # connections listed in a status reply (the summary counts them all)
 CONFIRM_EVERY_S = 0.001
+SIZES_RECHECK_S = 5.0  # how often a daemon reads its links' BIG TCP sizes again (_recheck_packet_sizes)
 VRRP_CHECK_S = 0.5  # with keepalived: how often a daemon looks for the VIP on its LAN interface (_vrrp_tick)
 
 
@@ -98,6 +99,9 @@ class Daemon:
         self.queue_nums: list[int] = []
         self._kernel_drops: dict[int, tuple[int, int]] = {}  # last seen (full, socket) per queue
         self._kernel_drops_at = 0.0
+        self._size_links: dict[str, int] = {}  # the links whose BIG TCP sizes we watch, by name: index
+        self._size_states: dict[str, str] = {}  # (nfqueue.size_states)
+        self._sizes_at = time.monotonic()
         self.started = time.monotonic()
         ports = frozenset(cfg.ports)
         self.promoted: Optional[PromotedCore] = None  # a backup after takeover, serving a new backup
@@ -754,6 +758,9 @@ class Daemon:
         if now - self._kernel_drops_at >= 1.0:
             self._kernel_drops_at = now
             self._check_kernel_drops()
+        if self._size_links and now - self._sizes_at >= SIZES_RECHECK_S:
+            self._sizes_at = now
+            self._recheck_packet_sizes()
         if self.metrics is not None and now - self._snapshot_at >= 1.0:
             self._snapshot_at = now
             self._snapshot = self.status(connections=False)  # replaced whole: the scrape thread reads only this
@@ -781,6 +788,26 @@ class Daemon:
                 self._fast_errors(self.fast_in.sweep(self.backup))
             self._perform(self.backup.on_tick(now))
         self._vrrp_tick(now)
+
+    def _recheck_packet_sizes(self) -> None:
+        """The links' BIG TCP sizes again: refused at start, a link raised
+        since would let each packet over 64 KB reach a queue cut short (a
+        malformed packet: its connection unprotected, the backup's copy
+        dropped). We cannot undo it; we say so until it is set back."""
+        new = nfqueue.size_states(firewall.link_packet_sizes(self._size_links, timeout=0.2))
+        for event, ifname, problem in nfqueue.size_changes(self._size_states, new):
+            if event == "packet_sizes_raised":
+                self.counters["packet_sizes_raised"] += 1
+                self.log.error(event, interface=ifname, problem=problem, fix=nfqueue.oversize_fix(ifname))
+            elif event == "packet_sizes_restored":
+                self.log.warning(event, interface=ifname)
+            else:
+                self.log.warning(event, interface=ifname, note="its GSO and GRO sizes can no longer be read")
+        self._size_states = new
+
+    def oversize_links(self) -> list[str]:
+        """Links now set to carry packets over 64 KB (a recheck found them)."""
+        return sorted(n for n, st in self._size_states.items() if st not in (nfqueue.SIZES_OK, nfqueue.SIZES_UNKNOWN))
 
     def _backup_changed(self, following: bool, now: float) -> None:
         """Clone client segments only to a backup that follows us: a backup
@@ -885,8 +912,10 @@ class Daemon:
                               % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
         sync = _link_holding(self.cfg.own_addresses(self.role)[0])
         sync_if = None if sync is None else str(sync.get_attr("IFLA_IFNAME"))
-        for ifname, problem in nfqueue.oversize_problems(firewall.queue_packet_sizes([self.cfg.lan_interface,
-                                                                                      sync_if])):
+        self._size_links = firewall.queue_links([self.cfg.lan_interface, sync_if])
+        sizes = firewall.link_packet_sizes(self._size_links)
+        self._size_states = nfqueue.size_states(sizes)
+        for ifname, problem in nfqueue.oversize_problems(sizes):
             if problem:
                 raise DaemonError("%s; fix: %s" % (problem, nfqueue.oversize_fix(ifname)))
             self.log.warning("packet_sizes_unknown", interface=ifname,
@@ -1336,6 +1365,8 @@ class Daemon:
                               "counters": dict(self.counters), "queues": self._queue_stats(),
                               "heartbeats": dict(self.beat_stats), "failovers": list(self.failovers),
                               "peer_state": self.peer_state, "netns": own_netns()}
+        if self.oversize_links():
+            st["oversize_links"] = self.oversize_links()
         if self.promoted is not None:
             st["serving_as"] = "primary"
             st["backup"] = self.peer.state

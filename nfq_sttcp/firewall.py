@@ -130,8 +130,12 @@ def queue_packet_sizes(ifnames: list[Optional[str]]) -> dict[str, Optional[dict[
     """The BIG TCP sizes (nfqueue.link_packet_sizes) of each link named and
     of the links beneath it (nfqueue.links_beneath); None for one that
     cannot be read. A name that is no link here is left out."""
-    import socket
+    return link_packet_sizes(queue_links(ifnames))
 
+
+def queue_links(ifnames: list[Optional[str]]) -> dict[str, int]:
+    """Each link named and the links beneath it (nfqueue.links_beneath), by
+    name, with its index; {} when the links cannot be listed."""
     from pyroute2 import IPRoute
 
     try:
@@ -141,20 +145,29 @@ def queue_packet_sizes(ifnames: list[Optional[str]]) -> dict[str, Optional[dict[
                       link.get_attr("IFLA_MASTER")) for link in ipr.get_links()]
     except OSError:
         return {}
-    names = []
+    names: list[str] = []
     for ifname in ifnames:
         if ifname:
             names += [n for n in nfqueue.links_beneath(links, ifname) if n not in names]
     index_of = {n: i for i, n, _p, _m in links}
+    return {n: index_of[n] for n in names}
+
+
+def link_packet_sizes(index_of: dict[str, int], timeout: float = 2.0) -> dict[str, Optional[dict[str, int]]]:
+    """The BIG TCP sizes of each link given by index; None for one that
+    cannot be read (gone, or a kernel without them). One request a link,
+    well under a millisecond: cheap enough for the daemon to repeat."""
+    import socket
+
     # Read by our own request: pyroute2 (0.9.7) knows no attribute past
     # IFLA_ALLMULTI and gives these as UNKNOWN without their value, and
     # iproute2 before 6.3 (Debian 12 has 6.1) neither shows nor sets them.
     out: dict[str, Optional[dict[str, int]]] = {}
-    for n in names:
+    for n, index in index_of.items():
         try:
             with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as s:  # (0: NETLINK_ROUTE)
-                s.settimeout(2.0)
-                s.sendto(nfqueue.getlink_request(index_of[n], 1), (0, 0))
+                s.settimeout(timeout)
+                s.sendto(nfqueue.getlink_request(index, 1), (0, 0))
                 got = None
                 while got is None:
                     got = nfqueue.link_packet_sizes(s.recv(65536), 1)

@@ -145,8 +145,10 @@ def queue_drops(text: str, queues: Iterable[int]) -> dict[int, tuple[int, int]]:
 # skb's length instead). Seen in the lab with 196,608 on lan0: every
 # download segment failed to parse, the primary let them out unchecked and
 # gave the connection up unprotected, and the backup dropped its own. The
-# daemon therefore refuses such links (when it starts: one raised later goes
-# unnoticed until the next start), and doctor names them.
+# daemon therefore refuses such links when it starts, and doctor names them.
+# A link raised later is caught by the daemon's recheck every
+# SIZES_RECHECK_S (driver._recheck_packet_sizes): an error in the log, the
+# status degraded, until the link is set back.
 RTM_GETLINK, RTM_NEWLINK = 18, 16
 IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE = 63, 64
 QUEUEABLE_PACKET = 65536
@@ -223,6 +225,38 @@ def oversize_problems(sizes: dict[str, Optional[dict[str, int]]]) -> list[tuple[
             out.append((ifname, "%s has %s: BIG TCP packets over 64 KB cannot cross an NFQUEUE whole (the copy "
                                 "stops at %d bytes), so its connections would go unprotected"
                         % (ifname, ", ".join(big), MAX_COPY)))
+    return out
+
+
+SIZES_OK, SIZES_UNKNOWN = "ok", "unknown"
+
+
+def size_states(sizes: dict[str, Optional[dict[str, int]]]) -> dict[str, str]:
+    """Each link's state for the daemon's recheck: SIZES_OK, SIZES_UNKNOWN,
+    or what is wrong (oversize_problems)."""
+    states = {n: SIZES_OK for n in sizes}
+    for ifname, problem in oversize_problems(sizes):
+        states[ifname] = problem or SIZES_UNKNOWN
+    return states
+
+
+def size_changes(old: dict[str, str], new: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(event, link, what is wrong) for each link whose state moved between
+    two rechecks: ``packet_sizes_raised`` (BIG TCP turned on since the
+    daemon started, or since the last recheck), ``packet_sizes_restored``
+    (at 64 KB again, or readable again and fine) or ``packet_sizes_unknown`` (no longer readable: the
+    link gone or renumbered)."""
+    out = []
+    for ifname, state in sorted(new.items()):
+        was = old.get(ifname, SIZES_OK)
+        if state == was:
+            continue
+        if state == SIZES_UNKNOWN:
+            out.append(("packet_sizes_unknown", ifname, ""))
+        elif state == SIZES_OK:
+            out.append(("packet_sizes_restored", ifname, ""))
+        else:
+            out.append(("packet_sizes_raised", ifname, state))
     return out
 
 

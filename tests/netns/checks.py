@@ -118,3 +118,20 @@ class EchoProbe:
     def close(self):
         self.p.stdin.close()
         self.p.wait(10)
+
+
+SET_BIG_TCP = """
+import socket, struct, sys
+ifname, size = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+attrs = b"".join(struct.pack("=HHI", 8, t, size) for t in (63, 64))  # IFLA_GSO/GRO_IPV4_MAX_SIZE
+body = struct.pack("=BxHiII", 0, 0, socket.if_nametoindex(ifname), 0, 0) + attrs
+s.sendto(struct.pack("=IHHII", 16 + len(body), 16, 0x5, 1, 0) + body, (0, 0))  # RTM_NEWLINK, request|ack
+err = -struct.unpack_from("=i", s.recv(4096), 16)[0]
+sys.exit(err)
+"""
+
+
+def big_tcp(ns, ifname, size):
+    """Set gso_ipv4_max_size and gro_ipv4_max_size (iproute2 before 6.3 cannot)."""
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", SET_BIG_TCP, ifname, str(size)], check=True)

@@ -10,6 +10,8 @@ import pytest
 
 from nfq_sttcp import config, lab
 
+from .checks import big_tcp
+
 CLI = [sys.executable, "-m", "nfq_sttcp"]
 NS = "sttcp-errors-test"
 
@@ -89,23 +91,6 @@ def test_missing_interface_and_vip_outside_the_lan(ns, tmp_path):
     subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.1/24", "dev", "lan0"], check=True)
     err = daemon(ns, "backup", "--config", conf)
     assert err.startswith("nfq-sttcp: neither sync address is on this host (sync.backup = "), err
-
-
-SET_BIG_TCP = """
-import socket, struct, sys
-ifname, size = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
-attrs = b"".join(struct.pack("=HHI", 8, t, size) for t in (63, 64))  # IFLA_GSO/GRO_IPV4_MAX_SIZE
-body = struct.pack("=BxHiII", 0, 0, socket.if_nametoindex(ifname), 0, 0) + attrs
-s.sendto(struct.pack("=IHHII", 16 + len(body), 16, 0x5, 1, 0) + body, (0, 0))  # RTM_NEWLINK, request|ack
-err = -struct.unpack_from("=i", s.recv(4096), 16)[0]
-sys.exit(err)
-"""
-
-
-def big_tcp(ns, ifname, size):
-    """Set gso_ipv4_max_size and gro_ipv4_max_size (iproute2 before 6.3 cannot)."""
-    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", SET_BIG_TCP, ifname, str(size)], check=True)
 
 
 def test_links_that_carry_big_tcp_packets_are_refused(ns, tmp_path):

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from nfq_sttcp import lab, scenario
+from nfq_sttcp import driver, lab, scenario
 
-from .checks import intact
+from .checks import big_tcp, intact
 
 CLI = [sys.executable, "-m", "nfq_sttcp"]
 
@@ -87,3 +87,33 @@ def test_status_metrics_and_the_failover_timeline(make_lab):
     assert all(a <= b for a, b in zip(list(steps.values()), list(steps.values())[1:])), steps
     assert all(e.get("role") == "backup" for e in events)
     print("failover timeline (ms from suspicion): %s" % steps)
+
+
+def _status_until(host, done, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        rc, st = status_cli(host)
+        if done(rc, st) or time.monotonic() > deadline:
+            return rc, st
+        time.sleep(0.5)
+
+
+def test_a_link_raised_to_big_tcp_while_serving_turns_the_status_degraded_until_set_back(make_lab):
+    make_lab()
+    rc, st = status_cli("primary")
+    assert rc == 0 and "oversize_links" not in st, st
+    ns = lab.HOSTS["primary"]
+    try:
+        big_tcp(ns, lab.LAN_IF, 196608)  # refused at start; here raised under a running daemon
+        rc, st = _status_until("primary", lambda rc, st: "oversize_links" in st, 4 * driver.SIZES_RECHECK_S)
+        assert rc == 1 and st["health"] == "degraded" and st["oversize_links"] == [lab.LAN_IF], st
+        assert any("BIG TCP packets over 64 KB on lan0" in w for w in st["why"]), st["why"]
+        assert st["counters"]["packet_sizes_raised"] == 1
+        assert status_cli("backup")[0] == 0, "the backup's links were not touched"
+        shown = subprocess.run(CLI + ["lab", "status"], capture_output=True, text=True).stdout
+        assert "primary: DEGRADED: BIG TCP packets over 64 KB on lan0" in shown, shown
+    finally:
+        big_tcp(ns, lab.LAN_IF, 65536)
+    rc, st = _status_until("primary", lambda rc, st: rc == 0, 4 * driver.SIZES_RECHECK_S)
+    assert rc == 0 and "oversize_links" not in st, st
+    assert st["counters"]["packet_sizes_raised"] == 1, "one error for one change, not one per recheck"

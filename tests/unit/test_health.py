@@ -29,3 +29,11 @@ def test_a_long_connection_list_is_cut_but_counted():
           "summary": {"connections": 5000, "protected": 4000, "unprotected": 1000}}
     level, why = health(st)
     assert level == DEGRADED and why[0].startswith("1000 connection(s) unprotected")
+
+
+def test_a_link_raised_to_big_tcp_is_degraded_even_with_every_connection_protected():
+    st = {"role": "primary", "state": "serving", "backup": "present", "connections": [CONN],
+          "oversize_links": ["lan0"]}
+    level, why = health(st)
+    assert level == DEGRADED and why[0].startswith("BIG TCP packets over 64 KB on lan0: their connections go "
+                                                   "unprotected")

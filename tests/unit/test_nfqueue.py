@@ -132,6 +132,23 @@ def test_link_packet_sizes_reads_the_big_tcp_sizes_of_the_answer_to_our_request(
     assert "lan0 has gso_ipv4_max_size 196608: BIG TCP" in probs[0][1]
 
 
+def test_the_daemons_recheck_reports_each_link_once_per_change():
+    ok, big = {"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 65536}, {"gso_ipv4_max_size": 196608}
+    start = nfqueue.size_states({"lan0": ok, "sync0": ok, "old0": {}})
+    assert start == {"lan0": "ok", "sync0": "ok", "old0": "ok"}  # (a kernel before 6.3 sends neither size)
+    raised = nfqueue.size_states({"lan0": big, "sync0": ok, "old0": {}})
+    assert raised["lan0"].startswith("lan0 has gso_ipv4_max_size 196608: BIG TCP")
+    changes = nfqueue.size_changes(start, raised)
+    assert changes == [("packet_sizes_raised", "lan0", raised["lan0"])]
+    assert nfqueue.size_changes(raised, raised) == [], "still raised: said once, not at every recheck"
+    gone = nfqueue.size_states({"lan0": ok, "sync0": None, "old0": {}})
+    assert nfqueue.size_changes(raised, gone) == [("packet_sizes_restored", "lan0", ""),
+                                                  ("packet_sizes_unknown", "sync0", "")]
+    assert nfqueue.size_changes(gone, start) == [("packet_sizes_restored", "sync0", "")]  # readable and fine again
+    bigger = nfqueue.size_states({"lan0": {"gso_ipv4_max_size": 262144}, "sync0": ok, "old0": {}})
+    assert nfqueue.size_changes(raised, bigger)[0][0] == "packet_sizes_raised", "raised further: said again"
+
+
 def test_links_beneath_follow_a_vlan_to_its_parent_and_a_bridge_or_bond_to_its_ports():
     links = [(1, "lo", None, None), (2, "eth0", None, 5), (3, "eth1", None, 5), (5, "bond0", None, None),
              (6, "bond0.7", 5, 8), (8, "br0", None, None), (9, "veth1", 10, 8), (10, "veth1p", 9, None),
