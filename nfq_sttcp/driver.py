@@ -794,7 +794,15 @@ class Daemon:
         since would let each packet over 64 KB reach a queue cut short (a
         malformed packet: its connection unprotected, the backup's copy
         dropped). We cannot undo it; we say so until it is set back."""
-        new = nfqueue.size_states(firewall.link_packet_sizes(self._size_links, timeout=0.2))
+        # (The kernel answers within the sendto: the reply is queued when
+        # we read it. The short timeout only bounds a kernel that does not,
+        # well inside the heartbeats' detection time.)
+        try:
+            read = nfqueue.size_states(firewall.link_packet_sizes(self._size_links, timeout=0.02))
+        except Exception as e:  # (never let a diagnostic stop the daemon)
+            self.log.error("packet_sizes_recheck_failed", error=repr(e))
+            return
+        new = nfqueue.size_carry(self._size_states, read)
         for event, ifname, problem in nfqueue.size_changes(self._size_states, new):
             if event == "packet_sizes_raised":
                 self.counters["packet_sizes_raised"] += 1
@@ -913,6 +921,9 @@ class Daemon:
         sync = _link_holding(self.cfg.own_addresses(self.role)[0])
         sync_if = None if sync is None else str(sync.get_attr("IFLA_IFNAME"))
         self._size_links = firewall.queue_links([self.cfg.lan_interface, sync_if])
+        if not self._size_links:
+            self.log.warning("packet_sizes_unwatched", note="the links could not be listed: their GSO and GRO "
+                             "sizes are neither checked nor watched")
         sizes = firewall.link_packet_sizes(self._size_links)
         self._size_states = nfqueue.size_states(sizes)
         for ifname, problem in nfqueue.oversize_problems(sizes):

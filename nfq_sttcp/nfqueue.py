@@ -240,6 +240,14 @@ def size_states(sizes: dict[str, Optional[dict[str, int]]]) -> dict[str, str]:
     return states
 
 
+def size_carry(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """``new`` with a raised link's problem kept while the link cannot be
+    read: one failed read must neither clear the degraded state nor, when
+    it reads raised again, report the link twice."""
+    return {n: (old[n] if st == SIZES_UNKNOWN and old.get(n, SIZES_OK) not in (SIZES_OK, SIZES_UNKNOWN) else st)
+            for n, st in new.items()}
+
+
 def size_changes(old: dict[str, str], new: dict[str, str]) -> list[tuple[str, str, str]]:
     """(event, link, what is wrong) for each link whose state moved between
     two rechecks: ``packet_sizes_raised`` (BIG TCP turned on since the

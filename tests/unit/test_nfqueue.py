@@ -145,6 +145,10 @@ def test_the_daemons_recheck_reports_each_link_once_per_change():
     assert nfqueue.size_changes(raised, gone) == [("packet_sizes_restored", "lan0", ""),
                                                   ("packet_sizes_unknown", "sync0", "")]
     assert nfqueue.size_changes(gone, start) == [("packet_sizes_restored", "sync0", "")]  # readable and fine again
+    # a raised link that cannot be read once stays raised: not cleared, not reported twice
+    unread = nfqueue.size_carry(raised, nfqueue.size_states({"lan0": None, "sync0": ok, "old0": {}}))
+    assert unread == raised and nfqueue.size_changes(raised, unread) == []
+    assert nfqueue.size_carry(start, gone) == gone, "a fine link unread is unknown"
     bigger = nfqueue.size_states({"lan0": {"gso_ipv4_max_size": 262144}, "sync0": ok, "old0": {}})
     assert nfqueue.size_changes(raised, bigger)[0][0] == "packet_sizes_raised", "raised further: said again"
 
