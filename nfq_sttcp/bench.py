@@ -598,13 +598,16 @@ def table(res: dict[str, Any]) -> str:
                 len(pairs), how, _pct(added, 0.5), added[0], added[-1]))
     row("16 KiB request-response p50 us", "rr16384_p50_us", "%.0f", diff=True)
     row("16 KiB request-response p99 us", "rr16384_p99_us", "%.0f", diff=True)
+
+    def who(clients: int) -> str:
+        return "%d client%s" % (clients, "s" if clients > 1 else "")
+
     for key, clients in CONNRATE_ROWS:
-        row("new connections/s, %d client%s" % (clients, "s" if clients > 1 else ""), key, "%.0f")
+        row("new connections/s, %s" % who(clients), key, "%.0f")
     for key, clients in CONNRATE_ROWS:
-        who = "%d client%s" % (clients, "s" if clients > 1 else "")
         runs = {m: r.get(key + "_runs") for m, r in (("plain", p), ("nfq-sttcp", s))}
         if all(v and len(v) > 1 for v in runs.values()):
-            lines.append("  new connections/s, %s, the runs (medians above): %s" % (who, "; ".join(
+            lines.append("  new connections/s, %s, the runs (medians above): %s" % (who(clients), "; ".join(
                 "%s %s" % (m, ", ".join("%.0f" % x for x in v)) for m, v in runs.items())))
     if "idle_opened" in s:
         lines.append("idle connections: %d opened, %d protected; daemon memory per connection: %s" % (

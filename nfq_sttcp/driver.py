@@ -815,7 +815,7 @@ class Daemon:
 
     def oversize_links(self) -> list[str]:
         """Links now set to carry packets over 64 KB (a recheck found them)."""
-        return sorted(n for n, st in self._size_states.items() if st not in (nfqueue.SIZES_OK, nfqueue.SIZES_UNKNOWN))
+        return sorted(n for n, st in self._size_states.items() if nfqueue.size_raised(st))
 
     def _backup_changed(self, following: bool, now: float) -> None:
         """Clone client segments only to a backup that follows us: a backup
@@ -924,14 +924,14 @@ class Daemon:
         if not self._size_links:
             self.log.warning("packet_sizes_unwatched", note="the links could not be listed: their GSO and GRO "
                              "sizes are neither checked nor watched")
-        sizes = firewall.link_packet_sizes(self._size_links)
-        self._size_states = nfqueue.size_states(sizes)
-        for ifname, problem in nfqueue.oversize_problems(sizes):
-            if problem:
-                raise DaemonError("%s; fix: %s" % (problem, nfqueue.oversize_fix(ifname)))
-            self.log.warning("packet_sizes_unknown", interface=ifname,
-                             note="its GSO and GRO sizes could not be read: a packet over 64 KB cannot cross a "
-                                  "queue whole")
+        self._size_states = nfqueue.size_states(firewall.link_packet_sizes(self._size_links))
+        for ifname, state in sorted(self._size_states.items()):
+            if nfqueue.size_raised(state):
+                raise DaemonError("%s; fix: %s" % (state, nfqueue.oversize_fix(ifname)))
+            if state == nfqueue.SIZES_UNKNOWN:
+                self.log.warning("packet_sizes_unknown", interface=ifname,
+                                 note="its GSO and GRO sizes could not be read: a packet over 64 KB cannot cross a "
+                                      "queue whole")
 
     def _refuse_if_peer_serves(self) -> None:
         """A primary coming back after a failover must not claim the VIP the
@@ -1376,8 +1376,9 @@ class Daemon:
                               "counters": dict(self.counters), "queues": self._queue_stats(),
                               "heartbeats": dict(self.beat_stats), "failovers": list(self.failovers),
                               "peer_state": self.peer_state, "netns": own_netns()}
-        if self.oversize_links():
-            st["oversize_links"] = self.oversize_links()
+        oversize = self.oversize_links()
+        if oversize:
+            st["oversize_links"] = oversize
         if self.promoted is not None:
             st["serving_as"] = "primary"
             st["backup"] = self.peer.state

@@ -240,11 +240,16 @@ def size_states(sizes: dict[str, Optional[dict[str, int]]]) -> dict[str, str]:
     return states
 
 
+def size_raised(state: str) -> bool:
+    """Whether a size_states state says the link carries packets over 64 KB."""
+    return state not in (SIZES_OK, SIZES_UNKNOWN)
+
+
 def size_carry(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
     """``new`` with a raised link's problem kept while the link cannot be
     read: one failed read must neither clear the degraded state nor, when
     it reads raised again, report the link twice."""
-    return {n: (old[n] if st == SIZES_UNKNOWN and old.get(n, SIZES_OK) not in (SIZES_OK, SIZES_UNKNOWN) else st)
+    return {n: (old[n] if st == SIZES_UNKNOWN and size_raised(old.get(n, SIZES_OK)) else st)
             for n, st in new.items()}
 
 
@@ -252,8 +257,8 @@ def size_changes(old: dict[str, str], new: dict[str, str]) -> list[tuple[str, st
     """(event, link, what is wrong) for each link whose state moved between
     two rechecks: ``packet_sizes_raised`` (BIG TCP turned on since the
     daemon started, or since the last recheck), ``packet_sizes_restored``
-    (at 64 KB again, or readable again and fine) or ``packet_sizes_unknown`` (no longer readable: the
-    link gone or renumbered)."""
+    (at 64 KB again, or readable again and fine) or ``packet_sizes_unknown``
+    (no longer readable: the link gone or renumbered)."""
     out = []
     for ifname, state in sorted(new.items()):
         was = old.get(ifname, SIZES_OK)
