@@ -100,6 +100,8 @@ class Daemon:
         self._kernel_drops: dict[int, tuple[int, int]] = {}  # last seen (full, socket) per queue
         self._kernel_drops_at = 0.0
         self._size_links: dict[str, int] = {}  # the links whose BIG TCP sizes we watch, by name: index
+        self._size_names: list[Optional[str]] = []  # the links named in the config, whose listing that is
+        self._sizes_listed_at = time.monotonic()
         self._size_states: dict[str, str] = {}  # (nfqueue.size_states)
         self._sizes_at = time.monotonic()
         self.started = time.monotonic()
@@ -799,6 +801,13 @@ class Daemon:
         # well inside the heartbeats' detection time.)
         try:
             read = nfqueue.size_states(firewall.link_packet_sizes(self._size_links, timeout=0.02))
+            now = time.monotonic()
+            if nfqueue.relist_due(read, self._sizes_listed_at, now):
+                self._sizes_listed_at = now
+                listed = firewall.queue_links(self._size_names)
+                if listed and listed != self._size_links:  # ({}: cannot list them now; keep what we have)
+                    self._size_links = listed
+                    read = nfqueue.size_states(firewall.link_packet_sizes(listed, timeout=0.02))
         except Exception as e:  # (never let a diagnostic stop the daemon)
             self.log.error("packet_sizes_recheck_failed", error=repr(e))
             return
@@ -809,6 +818,8 @@ class Daemon:
                 self.log.error(event, interface=ifname, problem=problem, fix=nfqueue.oversize_fix(ifname))
             elif event == "packet_sizes_restored":
                 self.log.warning(event, interface=ifname)
+            elif event == "packet_sizes_link_gone":
+                self.log.warning(event, interface=ifname, note="no longer beneath the configured links: not watched")
             else:
                 self.log.warning(event, interface=ifname, note="its GSO and GRO sizes can no longer be read")
         self._size_states = new
@@ -920,7 +931,9 @@ class Daemon:
                               % (self.role, mine, "backup" if self.role == "primary" else "primary", theirs))
         sync = _link_holding(self.cfg.own_addresses(self.role)[0])
         sync_if = None if sync is None else str(sync.get_attr("IFLA_IFNAME"))
-        self._size_links = firewall.queue_links([self.cfg.lan_interface, sync_if])
+        self._size_names = [self.cfg.lan_interface, sync_if]
+        self._size_links = firewall.queue_links(self._size_names)
+        self._sizes_listed_at = time.monotonic()
         if not self._size_links:
             self.log.warning("packet_sizes_unwatched", note="the links could not be listed: their GSO and GRO "
                              "sizes are neither checked nor watched")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional
 
-from .control import summarize
+from .control import DEGRADED, DOWN, HEALTHY, health, summarize
 
 # Failover phases, in seconds: detection (last beat to declared failed),
 # takeover (declared to held segments released), resume (declared to the
@@ -42,6 +42,17 @@ class StatusCollector:
                                  labels=["role", "state", "serving_as"])
         info.add_metric([st["role"], str(st.get("state")), str(st.get("serving_as", st["role"]))], 1)
         yield info
+        judged, _why = health(st)
+        well = GaugeMetricFamily("nfq_sttcp_health", "The daemon's health as `nfq-sttcp status` judges it (1 for "
+                                 "the current one): healthy, degraded or down", labels=["health"])
+        for name in (HEALTHY, DEGRADED, DOWN):
+            well.add_metric([name], 1 if name == judged else 0)
+        yield well
+        big = GaugeMetricFamily("nfq_sttcp_oversize_link", "1 for each link now set to carry packets over 64 KB "
+                                "(BIG TCP): its connections go unprotected", labels=["interface"])
+        for ifname in st.get("oversize_links", []):
+            big.add_metric([ifname], 1)
+        yield big
         packets = CounterMetricFamily("nfq_sttcp_packets", "Packets handled, by verdict", labels=["verdict"])
         for v in VERDICTS:
             packets.add_metric([v], counters.get("verdict_" + v, 0))

@@ -148,7 +148,7 @@ def queue_drops(text: str, queues: Iterable[int]) -> dict[int, tuple[int, int]]:
 # daemon therefore refuses such links when it starts, and doctor names them.
 # A link raised later is caught by the daemon's recheck every
 # SIZES_RECHECK_S (driver._recheck_packet_sizes): an error in the log, the
-# status degraded, until the link is set back.
+# status degraded, until the link is set back (relist_due: which links).
 RTM_GETLINK, RTM_NEWLINK = 18, 16
 IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE = 63, 64
 QUEUEABLE_PACKET = 65536
@@ -257,9 +257,11 @@ def size_changes(old: dict[str, str], new: dict[str, str]) -> list[tuple[str, st
     """(event, link, what is wrong) for each link whose state moved between
     two rechecks: ``packet_sizes_raised`` (BIG TCP turned on since the
     daemon started, or since the last recheck), ``packet_sizes_restored``
-    (at 64 KB again, or readable again and fine) or ``packet_sizes_unknown``
-    (no longer readable: the link gone or renumbered)."""
-    out = []
+    (at 64 KB again, or readable again and fine), ``packet_sizes_unknown``
+    (no longer readable: the link gone or renumbered) or
+    ``packet_sizes_link_gone`` (a new listing of the links no longer has it
+    beneath ours: removed, or no longer a port of our bridge or bond)."""
+    out = [("packet_sizes_link_gone", n, "") for n in sorted(old) if n not in new]
     for ifname, state in sorted(new.items()):
         was = old.get(ifname, SIZES_OK)
         if state == was:
@@ -271,6 +273,20 @@ def size_changes(old: dict[str, str], new: dict[str, str]) -> list[tuple[str, st
         else:
             out.append(("packet_sizes_raised", ifname, state))
     return out
+
+
+# The links are watched by index, read from one listing: a link deleted and
+# made again under its name (a bond rebuilt, a container's veth recreated)
+# has a new index, and a port added to our bridge is not in the listing. So
+# the daemon lists them again when a link cannot be read, and every
+# SIZES_RELIST_S (a pyroute2 dump of every link, about 2 ms).
+SIZES_RELIST_S = 60.0
+
+
+def relist_due(states: dict[str, str], listed_at: float, now: float) -> bool:
+    """Whether the daemon should list its links again before trusting a
+    recheck's ``states``: one cannot be read, or the listing is old."""
+    return any(st == SIZES_UNKNOWN for st in states.values()) or now - listed_at >= SIZES_RELIST_S
 
 
 def oversize_fix(ifname: str) -> str:

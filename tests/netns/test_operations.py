@@ -53,6 +53,7 @@ def test_status_metrics_and_the_failover_timeline(make_lab):
         time.sleep(0.3)  # the snapshot behind the endpoint is refreshed every second
         m = scrape("primary")
     assert m['nfq_sttcp_state{role="primary",serving_as="primary",state="serving"}'] == 1
+    assert m['nfq_sttcp_health{health="healthy"}'] == 1 and m['nfq_sttcp_health{health="degraded"}'] == 0
     assert m["nfq_sttcp_heartbeat_rtt_seconds"] > 0
     assert m["nfq_sttcp_failovers_total"] == 0
 
@@ -112,8 +113,14 @@ def test_a_link_raised_to_big_tcp_while_serving_turns_the_status_degraded_until_
         assert status_cli("backup")[0] == 0, "the backup's links were not touched"
         shown = subprocess.run(CLI + ["lab", "status"], capture_output=True, text=True).stdout
         assert "primary: DEGRADED: BIG TCP packets over 64 KB on lan0" in shown, shown
+        time.sleep(1.3)  # the snapshot the endpoint serves is refreshed every second
+        m = scrape("primary")
+        assert m['nfq_sttcp_oversize_link{interface="lan0"}'] == 1 and m['nfq_sttcp_health{health="degraded"}'] == 1
     finally:
         big_tcp(ns, lab.LAN_IF, 65536)
     rc, st = _status_until("primary", lambda rc, st: rc == 0, 4 * driver.SIZES_RECHECK_S)
     assert rc == 0 and "oversize_links" not in st, st
     assert st["counters"]["packet_sizes_raised"] == 1, "one error for one change, not one per recheck"
+    time.sleep(1.3)
+    m = scrape("primary")
+    assert m['nfq_sttcp_health{health="healthy"}'] == 1 and not any(k.startswith("nfq_sttcp_oversize_link") for k in m)

@@ -49,6 +49,22 @@ def test_every_promised_metric_is_exposed_with_its_value():
     assert value(t, "nfq_sttcp_divergences_total") == 3
     assert value(t, "nfq_sttcp_sync_rejected_total") == 7
     assert value(t, 'nfq_sttcp_state{role="backup",serving_as="primary",state="active"}') == 1
+    # serving with 2 connections unprotected and no backup heard of: degraded, not healthy
+    assert value(t, 'nfq_sttcp_health{health="degraded"}') == 1
+    assert value(t, 'nfq_sttcp_health{health="healthy"}') == 0 and value(t, 'nfq_sttcp_health{health="down"}') == 0
+    assert "nfq_sttcp_oversize_link{" not in t
+
+
+def test_health_and_oversize_links_follow_the_snapshot():
+    following = {"role": "backup", "state": "following", "counters": {}, "connections": [{"protected": True}]}
+    t = scrape(following)
+    assert value(t, 'nfq_sttcp_health{health="healthy"}') == 1 and value(t, 'nfq_sttcp_health{health="degraded"}') == 0
+    t = scrape(dict(following, oversize_links=["lan0", "sync0"]))
+    assert value(t, 'nfq_sttcp_health{health="degraded"}') == 1
+    assert value(t, 'nfq_sttcp_oversize_link{interface="lan0"}') == 1
+    assert value(t, 'nfq_sttcp_oversize_link{interface="sync0"}') == 1
+    t = scrape(dict(following, state="fault"))
+    assert value(t, 'nfq_sttcp_health{health="down"}') == 1 and value(t, 'nfq_sttcp_health{health="healthy"}') == 0
 
 
 def test_before_the_first_snapshot_and_without_optional_fields():

@@ -151,6 +151,19 @@ def test_the_daemons_recheck_reports_each_link_once_per_change():
     assert nfqueue.size_carry(start, gone) == gone, "a fine link unread is unknown"
     bigger = nfqueue.size_states({"lan0": {"gso_ipv4_max_size": 262144}, "sync0": ok, "old0": {}})
     assert nfqueue.size_changes(raised, bigger)[0][0] == "packet_sizes_raised", "raised further: said again"
+    # a new listing without a link: it left, and its raised state with it
+    left = {"lan0": "ok", "old0": "ok"}
+    assert nfqueue.size_changes(raised, left) == [("packet_sizes_link_gone", "sync0", ""),
+                                                  ("packet_sizes_restored", "lan0", "")]
+
+
+def test_the_links_are_listed_again_when_one_cannot_be_read_or_the_listing_is_a_minute_old():
+    fine = {"lan0": "ok", "sync0": "ok"}
+    assert not nfqueue.relist_due(fine, listed_at=100.0, now=100.0 + nfqueue.SIZES_RELIST_S - 1)
+    assert nfqueue.relist_due(fine, listed_at=100.0, now=100.0 + nfqueue.SIZES_RELIST_S)
+    assert nfqueue.relist_due({"lan0": "ok", "sync0": nfqueue.SIZES_UNKNOWN}, listed_at=100.0, now=100.0)
+    raised = nfqueue.size_states({"lan0": {"gso_ipv4_max_size": 196608}})
+    assert not nfqueue.relist_due(raised, listed_at=100.0, now=101.0), "read and raised: the listing stands"
 
 
 def test_links_beneath_follow_a_vlan_to_its_parent_and_a_bridge_or_bond_to_its_ports():
