@@ -127,7 +127,7 @@ TC_PREF = 0x5717  # our filter's priority on the ingress hook: the only one we t
 
 
 def queue_packet_sizes(ifnames: list[Optional[str]]) -> dict[str, Optional[dict[str, int]]]:
-    """The BIG TCP sizes (nfqueue.link_packet_sizes) of each link named and
+    """The BIG TCP sizes (nfqueue.parse_link_sizes) of each link named and
     of the links beneath it (nfqueue.links_beneath); None for one that
     cannot be read. A name that is no link here is left out."""
     return link_packet_sizes(queue_links(ifnames))
@@ -170,7 +170,7 @@ def link_packet_sizes(index_of: dict[str, int], timeout: float = 2.0) -> dict[st
                 s.sendto(nfqueue.getlink_request(index, 1), (0, 0))
                 got = None
                 while got is None:
-                    got = nfqueue.link_packet_sizes(s.recv(65536), 1)
+                    got = nfqueue.parse_link_sizes(s.recv(65536), 1)
                 out[n] = got
         except OSError:
             out[n] = None

@@ -156,12 +156,12 @@ _LINK_SIZE_NAMES = {IFLA_GSO_IPV4_MAX_SIZE: "gso_ipv4_max_size", IFLA_GRO_IPV4_M
 
 
 def getlink_request(ifindex: int, seq: int) -> bytes:
-    """RTM_GETLINK for one link (its answer: link_packet_sizes)."""
+    """RTM_GETLINK for one link (its answer: parse_link_sizes)."""
     body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
     return struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body
 
 
-def link_packet_sizes(data: bytes, seq: int) -> Optional[dict[str, int]]:
+def parse_link_sizes(data: bytes, seq: int) -> Optional[dict[str, int]]:
     """From the kernel's answer to getlink_request ``seq``: the link's
     gso_ipv4_max_size and gro_ipv4_max_size, each where the kernel sent it
     (a kernel before 6.3 sends neither: no IPv4 packet there exceeds 64 KB).

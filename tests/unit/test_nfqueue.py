@@ -107,24 +107,24 @@ def test_getlink_asks_for_one_link_by_index():
     assert struct.unpack_from("=i", msg, 20)[0] == 7
 
 
-def test_link_packet_sizes_reads_the_big_tcp_sizes_of_the_answer_to_our_request():
+def test_parse_link_sizes_reads_the_big_tcp_sizes_of_the_answer_to_our_request():
     name = (3, b"lan0\0")
     answer = _newlink(5, [name, (nfqueue.IFLA_GSO_IPV4_MAX_SIZE, struct.pack("=I", 196608)),
                           (41, struct.pack("=I", 65536)),  # IFLA_GSO_MAX_SIZE: IPv6's, not ours
                           (nfqueue.IFLA_GRO_IPV4_MAX_SIZE, struct.pack("=I", 65536))])
-    assert nfqueue.link_packet_sizes(answer, 5) == {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536}
-    assert nfqueue.link_packet_sizes(answer, 6) is None  # not the answer to this request
-    assert nfqueue.link_packet_sizes(answer[:40], 5) is None  # cut short
-    assert nfqueue.link_packet_sizes(_newlink(5, [name]), 5) == {}  # a kernel before 6.3
+    assert nfqueue.parse_link_sizes(answer, 5) == {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536}
+    assert nfqueue.parse_link_sizes(answer, 6) is None  # not the answer to this request
+    assert nfqueue.parse_link_sizes(answer[:40], 5) is None  # cut short
+    assert nfqueue.parse_link_sizes(_newlink(5, [name]), 5) == {}  # a kernel before 6.3
     # another message first (an answer to an older request), then ours
-    assert nfqueue.link_packet_sizes(_newlink(4, [(nfqueue.IFLA_GSO_IPV4_MAX_SIZE, struct.pack("=I", 1))]) + answer,
+    assert nfqueue.parse_link_sizes(_newlink(4, [(nfqueue.IFLA_GSO_IPV4_MAX_SIZE, struct.pack("=I", 1))]) + answer,
                                      5) == {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536}
     err = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", -19) + b"\0" * 16
     with pytest.raises(OSError) as e:
-        nfqueue.link_packet_sizes(err, 5)
+        nfqueue.parse_link_sizes(err, 5)
     assert e.value.errno == 19
     ack = struct.pack("=IHHII", 36, nfqueue.NLMSG_ERROR, 0, 5, 0) + struct.pack("=i", 0) + b"\0" * 16
-    assert nfqueue.link_packet_sizes(ack, 5) is None  # an acknowledgement, no link: not the answer
+    assert nfqueue.parse_link_sizes(ack, 5) is None  # an acknowledgement, no link: not the answer
     probs = nfqueue.oversize_problems({"lan0": {"gso_ipv4_max_size": 196608, "gro_ipv4_max_size": 65536},
                                        "eth1": {"gso_ipv4_max_size": 65536, "gro_ipv4_max_size": 65536},
                                        "sync0": None, "old0": {}})
