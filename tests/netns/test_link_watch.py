@@ -15,16 +15,15 @@ from .test_errors import ns, write_config  # noqa: F401 (ns is a fixture)
 # daemon then says.
 WATCH = r"""
 import json, sys
-import structlog
 from structlog.testing import capture_logs
-from nfq_sttcp import config
+from nfq_sttcp import config, nfqueue
 from nfq_sttcp.driver import Daemon
 d = Daemon(config.load(sys.argv[1]), "primary")
 d._check_host()
 print(json.dumps({"watched": sorted(d._size_links)}), flush=True)
 for line in sys.stdin:
     if line.strip() == "later":
-        d._sizes_listed_at -= 61  # (as if a minute had passed since the links were listed)
+        d._sizes_listed_at -= nfqueue.SIZES_RELIST_S + 1  # (as if the listing were that old)
     with capture_logs() as logs:
         d._recheck_packet_sizes()
     print(json.dumps({"watched": sorted(d._size_links), "oversize": d.oversize_links(),
