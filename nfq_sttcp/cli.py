@@ -389,8 +389,8 @@ def _replay(args: argparse.Namespace) -> int:
         crash_at = replay.parse_crash_point(args.crash_primary_at) if args.crash_primary_at else None
         if port is not None and not 0 < port < 65536:
             raise ValueError("--target: port %d out of range" % port)
-        if args.speed <= 0:
-            raise ValueError("--speed must be positive")
+        if not 0 < args.speed < float("inf"):  # (also refuses nan)
+            raise ValueError("--speed must be a positive number")
     except ValueError as e:
         return _die(str(e))
     try:
@@ -470,18 +470,29 @@ def _switchover(args: argparse.Namespace) -> int:
     from . import control
     cfg = _load(args.config)
     paths = [args.control_socket] if args.control_socket else [cfg.control_socket(r) for r in ("primary", "backup")]
+    denied = []
     for path in paths:
         try:
             st = control.request(path)
+        except PermissionError:
+            denied.append(path)
+            continue
         except (OSError, ValueError):
             continue
         if control.serves(st):
-            r = control.switchover(path)
+            try:
+                r = control.switchover(path)
+            except (OSError, ValueError) as e:
+                return _die("switchover: the daemon at %s stopped answering (%s); see 'nfq-sttcp status'"
+                            % (path, e), 1)
             if not r["done"]:
                 return _die("switchover failed: %s" % r.get("error"), 1)
             print("switchover done: the backup serves; this host's replies stay fenced until "
                   "'nfq-sttcp rules remove --role %s'" % st["role"])
             return 0
+    if denied:
+        return _die("switchover needs root: the control socket %s is the daemon's own (mode 0600)"
+                    % ", ".join(denied), 1)
     return _die("no daemon serving the VIP answers here (%s): run switchover on the serving host"
                 % ", ".join(paths), 3)
 

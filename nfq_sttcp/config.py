@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
@@ -24,6 +25,7 @@ class ConfigError(ValueError):
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 _CHAIN = re.compile(r"^[A-Z][A-Z0-9_-]{0,15}$")
+_KEY_FILE_MAX = 4096  # a sync key is tens of bytes; more is the wrong file
 
 
 VIP_OWNERS = ("builtin", "keepalived")
@@ -145,12 +147,19 @@ class Config:
         try:
             with open(self.sync_key_file, "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
-                key = f.read().strip()
+                if not stat.S_ISREG(mode):
+                    # A device (/dev/urandom) or a FIFO would be read forever.
+                    raise ConfigError("sync.key_file: %s is not a regular file (write the key into one: "
+                                      "head -c 32 /dev/urandom | base64 > FILE)" % self.sync_key_file)
+                key = f.read(_KEY_FILE_MAX + 1).strip()
         except OSError as e:
             raise ConfigError("sync.key_file: cannot read %s: %s" % (self.sync_key_file, e.strerror)) from None
         if mode & 0o077:
             raise ConfigError("sync.key_file: %s is readable by group or others: chmod 600 %s"
                               % (self.sync_key_file, self.sync_key_file))
+        if len(key) > _KEY_FILE_MAX:
+            raise ConfigError("sync.key_file: %s is larger than %d bytes; is it the key?"
+                              % (self.sync_key_file, _KEY_FILE_MAX))
         if len(key) < 16:
             raise ConfigError("sync.key_file: key in %s is shorter than 16 bytes" % self.sync_key_file)
         return key
@@ -185,6 +194,8 @@ def load(path: str) -> Config:
         raise ConfigError("cannot read config %s: %s" % (path, e.strerror)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("config %s is not valid TOML: %s" % (path, e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("config %s is not UTF-8 text (byte %d): is it the config file?" % (path, e.start)) from None
     return from_dict(raw, source=path)
 
 
@@ -244,6 +255,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lan_prefix must be 1..32")
     if psync == bsync:
         raise ConfigError("sync.primary and sync.backup must differ")
+    # One host's address given as the other's: the daemon holding it would
+    # hear its own heartbeats as its peer's.
+    for (na, a), (nb, b) in ((("lan.primary", plan), ("lan.backup", blan)),
+                             (("sync.primary", psync), ("lan.backup", blan)),
+                             (("lan.primary", plan), ("sync.backup", bsync))):
+        if a is not None and a == b:
+            raise ConfigError("%s and %s are both %s: each must be an address of its own host" % (na, nb, a))
     if vip in (psync, bsync, plan, blan):
         raise ConfigError("vip %s must not be a host address of either server" % cfg.vip)
     net = ipaddress.IPv4Network("%s/%d" % (cfg.vip, cfg.lan_prefix), strict=False)
@@ -264,8 +282,8 @@ def validate(cfg: Config) -> None:
         ipaddress.ip_address(cfg.metrics_address)
     except ValueError:
         raise ConfigError("metrics_address %r is not an IP address" % cfg.metrics_address) from None
-    if not 1 <= cfg.sync_port <= 65535:
-        raise ConfigError("sync.port must be in 1..65535")
+    if not 1 <= cfg.sync_port <= 65534:
+        raise ConfigError("sync.port must be in 1..65534 (doctor --peer uses sync.port + 1)")
     if not _IFNAME.match(cfg.lan_interface):
         raise ConfigError("lan_interface %r is not a valid interface name" % cfg.lan_interface)
     if not 1 <= cfg.heartbeat_interval_ms <= 60000:
@@ -288,6 +306,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError("tuning.%s must be in 0..600000" % name)
     if not cfg.garp_schedule_ms or any(t < 0 for t in cfg.garp_schedule_ms):
         raise ConfigError("tuning.garp_schedule_ms must be a non-empty list of non-negative delays")
+    if list(cfg.garp_schedule_ms) != sorted(cfg.garp_schedule_ms):
+        # The takeover sends them in the order given, looking only at the next.
+        raise ConfigError("tuning.garp_schedule_ms must be in increasing order (delays from the takeover)")
     if cfg.sync_key_file is not None:
         cfg.read_key()
 

@@ -669,7 +669,13 @@ class Daemon:
                 # (A replay within the epoch lands here too, harmlessly.)
                 self.counters["sync_duplicate"] += 1
                 continue
-            self._on_sync(msg, time.monotonic(), addr, epoch)
+            try:
+                self._on_sync(msg, time.monotonic(), addr, epoch)
+            except Exception as e:
+                # As for packets: a message that trips a fault of ours costs
+                # that message, not the daemon and every connection it keeps.
+                self.counters["handler_errors"] += 1
+                self.log.error("sync_handler_error", message=type(msg).__name__, error=repr(e))
 
     def _note_beat(self, msg: Heartbeat, now: float) -> None:
         """Heartbeat timing: the gap between the peer's sends (its loop) and

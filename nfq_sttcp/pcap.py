@@ -68,8 +68,6 @@ def read_frames(path: str, strict: bool = True) -> Iterator[tuple[float, int, by
         rec = struct.Struct(endian + "IIII")
         while True:
             rh = f.read(16)
-            if len(rh) < 16:
-                return
             if 0 < len(rh) < 16 and strict:
                 raise PcapError("%s: the file is cut off inside a record header" % path)
             if len(rh) < 16:

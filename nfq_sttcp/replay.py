@@ -237,20 +237,23 @@ def first_mismatch(got: bytes | bytearray, want: bytes | bytearray) -> Optional[
 def parse_crash_point(text: str) -> tuple[str, float]:
     """'2.5' or '2.5s' -> ('time', 2.5); '10MB', '64KB', '1000B' -> ('bytes', n)."""
     t = text.strip().lower()
+    kind, v = "time", None
     for suffix, mult in (("mb", 1 << 20), ("kb", 1 << 10), ("b", 1)):
         if t.endswith(suffix):
             try:
-                return "bytes", float(t[:-len(suffix)]) * mult
+                kind, v = "bytes", float(t[:-len(suffix)]) * mult
             except ValueError:
-                break
-    try:
-        v = float(t[:-1] if t.endswith("s") else t)
-    except ValueError:
-        raise ValueError("--crash-primary-at: %r is neither seconds (2.5, 2.5s) nor bytes (10MB, 64KB, 1000B)"
-                         % text) from None
-    if v < 0:
-        raise ValueError("--crash-primary-at must not be negative")
-    return "time", v
+                pass
+            break
+    if v is None:
+        try:
+            v = float(t[:-1] if t.endswith("s") else t)
+        except ValueError:
+            raise ValueError("--crash-primary-at: %r is neither seconds (2.5, 2.5s) nor bytes (10MB, 64KB, 1000B)"
+                             % text) from None
+    if not 0 <= v < float("inf"):  # (also refuses nan)
+        raise ValueError("--crash-primary-at must be a finite number, not negative: %r" % text)
+    return kind, v
 
 
 class _Progress:

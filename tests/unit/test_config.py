@@ -58,6 +58,14 @@ def test_defaults_and_derived_values():
     ({"lan_snoop": "yes"}, "true or false"),
     ({"sync.key_file": "/nonexistent/key"}, "cannot read"),
     ({"tuning.max_backup_lag_ms": -1}, "max_backup_lag_ms must be in 0..600000"),
+    ({"sync.port": 65535}, "sync.port must be in 1..65534"),
+    ({"tuning.garp_schedule_ms": [2000, 0]}, "garp_schedule_ms must be in increasing order"),
+    ({"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.1"}, "lan.primary and lan.backup are both 10.77.0.1"),
+    ({"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2", "sync.backup": "10.77.0.1"},
+     "lan.primary and sync.backup are both"),
+    ({"lan.primary": "10.77.0.2", "lan.backup": "10.77.0.1", "sync.primary": "10.77.0.1"},
+     "sync.primary and lan.backup are both"),
+    ({"sync.key_file": "/dev/urandom"}, "not a regular file"),
 ])
 def test_every_mistake_names_the_problem(over, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -71,6 +79,21 @@ def test_load_errors(tmp_path):
     bad.write_text("vip = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         config.load(str(bad))
+
+
+def test_a_config_that_is_not_text_is_refused(tmp_path):
+    p = tmp_path / "binary"
+    p.write_bytes(b"vip = \"10.77.0.100\"\n\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        config.load(str(p))
+
+
+def test_a_key_file_far_larger_than_a_key_is_refused(tmp_path):
+    k = tmp_path / "key"
+    k.write_bytes(b"k" * 5000)
+    os.chmod(k, 0o600)
+    with pytest.raises(ConfigError, match="larger than 4096 bytes"):
+        cfg(**{"sync.key_file": str(k)})
 
 
 def test_short_key_refused(tmp_path):

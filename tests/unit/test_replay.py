@@ -85,6 +85,7 @@ def _bad(tmp_path, name, packets):
     ("midstream", "starts mid-stream"),
     ("snaplen", "record with 'tcpdump -s 0'"),
     ("cutoff", "cut off inside a record"),
+    ("cutoff_header", "cut off inside a record header"),
     ("pcapng", "pcapng is not supported"),
     ("missing", "No such file"),
 ])
@@ -111,6 +112,16 @@ def test_captures_it_cannot_replay_get_a_clear_error(tmp_path, case, message):
             data = f.read(5000)
         with open(path, "wb") as f:
             f.write(data)
+    elif case == "cutoff_header":
+        path = str(tmp_path / "h.pcap")  # whole records, then half of the next one's header
+        with open(SAMPLE, "rb") as f:
+            data = f.read(24)
+            for _ in range(3):
+                rec = f.read(16)
+                data += rec + f.read(int.from_bytes(rec[8:12], "little"))
+            data += f.read(8)
+        with open(path, "wb") as f:
+            f.write(data)
     elif case == "pcapng":
         path = str(tmp_path / "n.pcapng")
         with open(path, "wb") as f:
@@ -135,6 +146,9 @@ def test_first_mismatch_and_crash_points():
     assert replay.parse_crash_point("64kb") == ("bytes", 65536)
     with pytest.raises(ValueError, match="neither seconds"):
         replay.parse_crash_point("soon")
+    for bad in ("-5MB", "-1", "nan", "nanKB", "inf"):
+        with pytest.raises(ValueError, match="finite number, not negative"):
+            replay.parse_crash_point(bad)
 
 
 class _Server:

@@ -1,0 +1,48 @@
+"""The driver's receive loop for sync messages, fed datagrams by a fake socket."""
+
+from nfq_sttcp import driver, syncproto
+from nfq_sttcp.config import Config
+from nfq_sttcp.syncproto import Heartbeat
+
+
+class _Socket:
+    def __init__(self, datagrams):
+        self.datagrams = list(datagrams)
+
+    def recvfrom(self, size):
+        if not self.datagrams:
+            raise BlockingIOError
+        return self.datagrams.pop(0)
+
+
+def _daemon(tmp_path, datagrams):
+    cfg = Config(vip="10.77.0.100", ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1",
+                 backup_sync="10.78.0.2", control_socket_dir=str(tmp_path / "ctl"))
+    d = driver.Daemon(cfg, "backup")
+    d.sync = _Socket(datagrams)
+    d._maybe_heartbeat = lambda: None
+    return d
+
+
+def test_a_message_that_trips_a_fault_costs_that_message_not_the_daemon(tmp_path):
+    beats = [(syncproto.encode(Heartbeat("primary", "serving", n), 7, n, None), ("10.78.0.1", 9500))
+             for n in (1, 2)]
+    d = _daemon(tmp_path, beats)
+    seen = []
+
+    def on_sync(msg, now, addr, epoch):
+        seen.append(msg.sent_ns)
+        if len(seen) == 1:
+            raise KeyError("a fault of ours")
+    d._on_sync = on_sync
+    d._on_sync_readable()
+    assert seen == [1, 2], "the message after the faulty one is still handled"
+    assert d.counters["handler_errors"] == 1
+
+
+def test_a_stranger_and_garbage_are_counted_as_rejected(tmp_path):
+    good = syncproto.encode(Heartbeat("primary", "serving", 1), 7, 1, None)
+    d = _daemon(tmp_path, [(good, ("10.9.9.9", 9500)), (b"\x00" * 7, ("10.78.0.1", 9500))])
+    d._on_sync = lambda *a: (_ for _ in ()).throw(AssertionError("must not be handled"))
+    d._on_sync_readable()
+    assert d.counters["sync_rejected"] == 2 and d.counters["handler_errors"] == 0
