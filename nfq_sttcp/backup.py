@@ -109,6 +109,7 @@ class BackupConn:
     closing_since: Optional[float] = None
     fin_end: Optional[int] = None  # just past our FIN
     client_fin_end: Optional[int] = None  # just past the client's FIN
+    reset: bool = False  # ended by a reset: the client's, at our receive point, or our own after takeover
     reset_probes: int = 0  # after takeover, unprotected: resets sent at our guess (see _reset_unprotected)
     reset_probed_at: float = 0.0
     # for the kernel's inbound path (fastin.py): whether the last client
@@ -156,12 +157,18 @@ class BackupConn:
                 and self.client_fin_end is not None and self.rcv_ack is not None
                 and seq_ge(self.rcv_ack, self.client_fin_end))
 
+    def ended(self) -> bool:
+        """Nothing left to protect: both FINs acknowledged, or reset. Such a
+        connection lingers (closed_linger_s) but no longer counts as
+        unprotected in a status."""
+        return self.reset or self.fully_closed()
+
     def status(self) -> dict[str, object]:
         lag = None
         if self.client_ack_b is not None and self.snd_max is not None and seq_gt(self.client_ack_b, self.snd_max):
             lag = seq_sub(self.client_ack_b, self.snd_max)
         return {"conn": "%s:%d -> %s:%d" % self.key, "protected": self.protected,
-                "reason": "" if self.protected else self.reason,
+                "reason": "" if self.protected else self.reason, "closed": self.ended(),
                 "held_segments": len(self.held), "held_bytes": self.held_bytes,
                 "behind_bytes": lag or 0, "delta_seq": self.delta_seq, "delta_ts": self.delta_ts,
                 # Our output checked against the primary's digests (divergence.py):
@@ -276,6 +283,7 @@ class BackupCore:
             # Only an RST exactly at our receive point ends our state (RFC 5961):
             # a forged one out of the window must not unprotect a connection.
             conn.closing_since = now
+            conn.reset = True
             self._kernel_entry_moved(key)
         if conn.delta_seq is None:
             if self.active or conn.reason in (UNPROTECTED_NO_ISN,):
@@ -557,6 +565,8 @@ class BackupCore:
         if seg.flags & (FIN | RST) and conn.closing_since is None:
             conn.closing_since = now
             self._kernel_entry_moved(key)
+        if seg.flags & RST and self.active:
+            conn.reset = True  # (while following, the primary's stack speaks for the connection, not ours)
         if self._already_acked(conn, seg):
             # The client already has these bytes (from the primary): keep our
             # stack ack-clocked by its own output instead (DESIGN.md trap 9).
@@ -1059,5 +1069,6 @@ class BackupCore:
     def summary(self) -> dict[str, int]:
         """What control.summarize counts, without a status per connection."""
         n = 0 if self.suspended else sum(1 for c in self.conns.values() if c.protected)
-        return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n,
-                "held_bytes": sum(c.held_bytes for c in self.conns.values())}
+        closed = sum(1 for c in self.conns.values() if c.ended() and (self.suspended or not c.protected))
+        return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n - closed,
+                "closed": closed, "held_bytes": sum(c.held_bytes for c in self.conns.values())}

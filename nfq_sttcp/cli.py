@@ -524,9 +524,10 @@ def _format_daemon(st: dict, level: str = "", why: tuple = ()) -> str:
     for c in conns:
         lag = c.get("behind_bytes", c.get("backup_behind_bytes"))
         lines.append("  %-44s %-9s %10s %10s %11s %11s  %s" % (
-            c["conn"], "yes" if c["protected"] else "NO", "-" if lag is None else lag, c.get("held_bytes", "-"),
+            c["conn"], "yes" if c["protected"] else ("closed" if c.get("closed") else "NO"),
+            "-" if lag is None else lag, c.get("held_bytes", "-"),
             "-" if c.get("delta_seq") is None else c["delta_seq"], "-" if c.get("delta_ts") is None else c["delta_ts"],
-            "" if c["protected"] else c["reason"]))
+            "" if c["protected"] else ("closed, kept a while" if c.get("closed") else c["reason"])))
     return "\n".join(lines)
 
 

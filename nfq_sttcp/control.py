@@ -97,7 +97,8 @@ def summarize(conns: list[dict[str, Any]]) -> dict[str, int]:
     """Counts over a status's connection list (the status carries them as
     "summary", since it lists at most 1,000 connections)."""
     n = sum(1 for c in conns if c.get("protected"))
-    return {"connections": len(conns), "protected": n, "unprotected": len(conns) - n,
+    closed = sum(1 for c in conns if c.get("closed") and not c.get("protected"))
+    return {"connections": len(conns), "protected": n, "unprotected": len(conns) - n - closed, "closed": closed,
             "held_bytes": sum(c.get("held_bytes", 0) for c in conns)}
 
 
@@ -135,7 +136,8 @@ def health(status: dict[str, Any]) -> tuple[str, list[str]]:
     if status.get("oversize_links"):
         why.append("BIG TCP packets over 64 KB on %s: their connections go unprotected (set the link's "
                    "gso_ipv4_max_size and gro_ipv4_max_size back to 65536)" % ", ".join(status["oversize_links"]))
-    unprotected = [c for c in status.get("connections", []) if not c.get("protected")]
+    # (A closed connection lingers a while, with nothing left to lose.)
+    unprotected = [c for c in status.get("connections", []) if not c.get("protected") and not c.get("closed")]
     count = status.get("summary", {}).get("unprotected", len(unprotected))  # (the list may be cut short)
     if count:
         reasons = sorted({str(c.get("reason")) for c in unprotected})

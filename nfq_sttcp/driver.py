@@ -1409,7 +1409,12 @@ class Daemon:
             st["switchover"] = self.switchover
         if self.watchdog is not None:
             st["state"] = self.watchdog.state
-            st["last_heartbeat_ms_ago"] = None if self.watchdog.last_beat is None else round((now - self.watchdog.last_beat) * 1000, 1)
+            last = self.watchdog.last_beat
+            if self.promoted is not None and self.peer.last_beat is not None:
+                # Serving now: the watchdog stopped at the old primary's last
+                # beat; the peer that counts is the backup that joined since.
+                last = self.peer.last_beat if last is None else max(last, self.peer.last_beat)
+            st["last_heartbeat_ms_ago"] = None if last is None else round((now - last) * 1000, 1)
             t = self.watchdog.times
             if self.watchdog.state == ACTIVE or t.declared is not None:
                 st["failover"] = {"reason": t.reason, "detection_ms": _r(t.detection_ms), "takeover_ms": _r(t.takeover_ms),

@@ -66,6 +66,7 @@ class PrimaryConn:
     closing_since: Optional[float] = None
     fin_sent: bool = False  # our stack sent its FIN
     client_fin: bool = False  # the client's FIN went by (known only where we see inbound: PromotedCore)
+    reset: bool = False  # our stack's reset went out unheld (an unprotected connection)
     last_seen: float = 0.0
     clamped: int = 0
     backup_pos: Optional[int] = None  # backup's output position (our space)
@@ -87,6 +88,12 @@ class PrimaryConn:
     backup_moved_at: float = 0.0
     lag_edge: Optional[int] = None
 
+    def ended(self) -> bool:
+        """Nothing left to protect: reset by us, or both FINs gone by. (A
+        primary that sees no inbound never knows the client's FIN: its
+        connections count until swept, closed_linger_s after closing.)"""
+        return self.reset or (self.fin_sent and self.client_fin)
+
     def status(self) -> dict[str, object]:
         lag = None
         if self.latest_ack is not None and self.confirmed is not None:
@@ -95,7 +102,7 @@ class PrimaryConn:
         if self.backup_pos is not None and seq_gt(self.snd_nxt, self.backup_pos):
             ahead = (self.snd_nxt - self.backup_pos) & 0xFFFFFFFF
         return {"conn": "%s:%d -> %s:%d" % self.key, "protected": self.protected,
-                "reason": self.reason, "unconfirmed_bytes": lag, "acks_clamped": self.clamped,
+                "reason": self.reason, "closed": self.ended(), "unconfirmed_bytes": lag, "acks_clamped": self.clamped,
                 "backup_behind_bytes": ahead or 0, "deferred_segments": len(self.deferred),
                 # (The lag bound's pace: PrimaryCore.lag_limit.)
                 "backup_pace_mbit_s": round(self.backup_pace * 8e-6, 1),
@@ -171,6 +178,8 @@ class PrimaryCore:
             # TIME-WAIT; the reset would only cut that short (RFC 1337).
             return [Drop("reset after both sides closed"), Count("rst_after_close_dropped")]
         if not conn.protected or not self.backup_following:
+            if seg.flags & RST:
+                conn.reset = True
             return [Accept()]
         if seg.flags & RST and not seg.flags & ACK and conn.fin_sent:
             # "No such socket" (a bare RST): our stack closed the connection
@@ -659,5 +668,7 @@ class PrimaryCore:
     def summary(self) -> dict[str, int]:
         """What control.summarize counts, without a status per connection."""
         n = sum(1 for c in self.conns.values() if c.protected)
-        return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n, "held_bytes": 0}
+        closed = sum(1 for c in self.conns.values() if not c.protected and c.ended())
+        return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n - closed,
+                "closed": closed, "held_bytes": 0}
 

@@ -57,6 +57,8 @@ class PromotedCore:
 
     def summary(self) -> dict[str, int]:
         mine, theirs = self.primary.summary(), self.backup.summary()
+        migrated_closed = sum(1 for c in self.backup.conns.values() if c.ended())
         return {"connections": mine["connections"] + theirs["connections"], "protected": mine["protected"],
-                "unprotected": mine["unprotected"] + theirs["connections"],
+                "unprotected": mine["unprotected"] + theirs["connections"] - migrated_closed,
+                "closed": mine["closed"] + migrated_closed,
                 "held_bytes": mine["held_bytes"] + theirs["held_bytes"]}

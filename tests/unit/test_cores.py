@@ -752,7 +752,7 @@ def test_a_summary_counts_what_the_full_status_would_and_a_cut_status_lists_the_
     b = _backup_with(30, 5)
     held = next(iter(b.conns.values())).held_bytes
     assert held > 100 and b.summary() == summarize(b.status()) == {
-        "connections": 35, "protected": 30, "unprotected": 5, "held_bytes": 35 * held}
+        "connections": 35, "protected": 30, "unprotected": 5, "closed": 0, "held_bytes": 35 * held}
     cut = b.status(8)
     assert len(cut) == 8 and [c["protected"] for c in cut] == [False] * 5 + [True] * 3
     assert len(b.status(3)) == 3 and not any(c["protected"] for c in b.status(3))
@@ -762,10 +762,47 @@ def test_a_summary_counts_what_the_full_status_would_and_a_cut_status_lists_the_
     p = PrimaryCore(PrimaryConfig(VIP, PORTS))
     p.on_outbound(server_synack(5000, 100, 7000), 0)  # unprotected: no backup follows
     assert p.summary() == summarize(p.status()) == {"connections": 1, "protected": 0, "unprotected": 1,
-                                                    "held_bytes": 0}
+                                                    "closed": 0, "held_bytes": 0}
     core = PromotedCore(b, p)
     assert core.summary() == summarize(core.status()) and core.summary()["connections"] == 36
     assert len(core.status(10)) == 10
+
+
+def test_a_closed_connection_that_lingers_is_not_counted_as_unprotected():
+    """After a takeover the migrated connections stay in the status for the
+    closed-connection linger (30 s); seen in the lab, two that had closed
+    cleanly kept the rejoined pair DEGRADED until they were swept."""
+    from nfq_sttcp.control import health, summarize
+    from nfq_sttcp.promoted import PromotedCore
+    b = _backup_with(3, 0)
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    core = PromotedCore(b, p)
+    conns = list(b.conns.values())
+    conns[0].reset = True
+    c = conns[1]  # both FINs sent and acknowledged
+    c.fin_end, c.client_ack_b, c.client_fin_end, c.rcv_ack = 900, 900, 400, 400
+    assert core.summary() == summarize(core.status()) == {
+        "connections": 3, "protected": 0, "unprotected": 1, "closed": 2, "held_bytes": core.summary()["held_bytes"]}
+    by_conn = {st["conn"]: st for st in core.status()}
+    assert [by_conn["%s:%d -> %s:%d" % k.key]["closed"] for k in conns] == [True, True, False]
+    st = {"state": "active", "serving_as": "primary", "backup": "present", "summary": core.summary(),
+          "connections": core.status()}
+    level, why = health(st)
+    assert level == "degraded"
+    assert why == ["1 connection(s) unprotected: migrated at a failover; no backup holds its state"]
+    conns[2].reset = True
+    st.update(summary=core.summary(), connections=core.status())
+    assert health(st) == ("healthy", [])
+    # A primary's unprotected connection ends with its own reset...
+    p.on_outbound(server_synack(5000, 100, 7000), 0)
+    assert p.summary()["unprotected"] == 1
+    p.on_outbound(from_server(5001, 101, RST | ACK), 1)
+    assert p.summary() == summarize(p.status()) and p.summary()["unprotected"] == 0 and p.summary()["closed"] == 1
+    # ...but a FIN alone (the client's may never be seen here) keeps it counted.
+    p2 = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p2.on_outbound(server_synack(5000, 100, 7000), 0)
+    p2.on_outbound(from_server(5001, 101, FIN | ACK), 1)
+    assert p2.summary()["unprotected"] == 1 and not p2.status()[0]["closed"]
 
 
 def test_ticks_resend_a_held_connections_isn_and_forget_closed_connections_after_the_linger():
