@@ -660,7 +660,8 @@ class Daemon:
             if self.guard.epoch is not None and epoch < self.guard.epoch:
                 self.counters["sync_rejected"] += 1
                 self.counters["sync_replayed"] += 1
-                self._log_rejection(addr, "message from an earlier epoch (a replay)")
+                self._log_rejection(addr, "message from an earlier epoch: a replay, or the peer's daemon "
+                                          "restarted with its clock set back (then restart this daemon too)")
                 continue
             if self.guard.epoch is not None and epoch > self.guard.epoch:
                 self._last_beat_sent_ns = None  # a new peer daemon: no gap to measure yet

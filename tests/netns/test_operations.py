@@ -72,7 +72,16 @@ def test_status_metrics_and_the_failover_timeline(make_lab):
     assert 0 < m["nfq_sttcp_failover_resume_seconds_sum"] < 5
     assert m['nfq_sttcp_packets_total{verdict="accept"}'] > 0
     assert m['nfq_sttcp_packets_total{verdict="inject"}'] > 0
-    assert m['nfq_sttcp_connections{protected="false"}'] >= 2  # migrated: no backup holds their state now
+    # The two migrated connections (no backup holds their state now) have
+    # ended; they linger 30 s, shown as closed and not counted as unprotected.
+    rc, st = _status_until("backup", lambda rc, st: st["summary"].get("closed", 0) >= 2, 10)
+    migrated = [c for c in st["connections"] if c["conn"].endswith((":7000", ":7001"))]
+    assert len(migrated) == 2 and all(c["closed"] and not c["protected"] for c in migrated), migrated
+    assert st["summary"]["unprotected"] == 0 and not any("unprotected" in w for w in st["why"]), st
+    assert rc == 1 and st["why"] == ["no backup follows (backup absent)"], st["why"]
+    time.sleep(1.3)
+    m = scrape("backup")
+    assert m['nfq_sttcp_connections{protected="false"}'] == 0, m
     # a crashed primary's endpoint is gone with it: nothing answers for a dead host
     r = subprocess.run(CLI + ["status", "--config", lab.config_path(), "--control-socket", lab.control_path("primary")],
                        capture_output=True, text=True)
