@@ -1069,6 +1069,6 @@ class BackupCore:
     def summary(self) -> dict[str, int]:
         """What control.summarize counts, without a status per connection."""
         n = 0 if self.suspended else sum(1 for c in self.conns.values() if c.protected)
-        closed = sum(1 for c in self.conns.values() if c.ended() and (self.suspended or not c.protected))
+        closed = sum(1 for c in self.conns.values() if (self.suspended or not c.protected) and c.ended())
         return {"connections": len(self.conns), "protected": n, "unprotected": len(self.conns) - n - closed,
                 "closed": closed, "held_bytes": sum(c.held_bytes for c in self.conns.values())}

@@ -145,15 +145,17 @@ class Config:
         if not self.sync_key_file:
             return None
         try:
+            # Checked before open(): a FIFO blocks the open itself, and a device
+            # (/dev/urandom) would be read forever.
+            if not stat.S_ISREG(os.stat(self.sync_key_file).st_mode):
+                raise ConfigError("sync.key_file: %s is not a regular file (write the key into one: "
+                                  "head -c 32 /dev/urandom | base64 > FILE)" % self.sync_key_file)
             with open(self.sync_key_file, "rb") as f:
                 mode = os.fstat(f.fileno()).st_mode
-                if not stat.S_ISREG(mode):
-                    # A device (/dev/urandom) or a FIFO would be read forever.
-                    raise ConfigError("sync.key_file: %s is not a regular file (write the key into one: "
-                                      "head -c 32 /dev/urandom | base64 > FILE)" % self.sync_key_file)
                 key = f.read(_KEY_FILE_MAX + 1).strip()
         except OSError as e:
-            raise ConfigError("sync.key_file: cannot read %s: %s" % (self.sync_key_file, e.strerror)) from None
+            hint = " (the key is root's: run as root)" if isinstance(e, PermissionError) and os.geteuid() else ""
+            raise ConfigError("sync.key_file: cannot read %s: %s%s" % (self.sync_key_file, e.strerror, hint)) from None
         if mode & 0o077:
             raise ConfigError("sync.key_file: %s is readable by group or others: chmod 600 %s"
                               % (self.sync_key_file, self.sync_key_file))

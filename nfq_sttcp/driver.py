@@ -670,6 +670,11 @@ class Daemon:
                 # (A replay within the epoch lands here too, harmlessly.)
                 self.counters["sync_duplicate"] += 1
                 continue
+            if isinstance(msg, Heartbeat):
+                # (Not caught: a heartbeat can start a takeover, and one that
+                # failed half-way must end the daemon, whose teardown fences.)
+                self._on_sync(msg, time.monotonic(), addr, epoch)
+                continue
             try:
                 self._on_sync(msg, time.monotonic(), addr, epoch)
             except Exception as e:

@@ -89,10 +89,11 @@ class PrimaryConn:
     lag_edge: Optional[int] = None
 
     def ended(self) -> bool:
-        """Nothing left to protect: reset by us, or both FINs gone by. (A
-        primary that sees no inbound never knows the client's FIN: its
-        connections count until swept, closed_linger_s after closing.)"""
-        return self.reset or (self.fin_sent and self.client_fin)
+        """Nothing left to protect: our stack reset it. (Both FINs gone by is
+        not enough: ours may still wait for its ack with the reply before it,
+        and a primary that sees no inbound never knows the client's FIN. Such
+        a connection counts until swept, closed_linger_s after closing.)"""
+        return self.reset
 
     def status(self) -> dict[str, object]:
         lag = None

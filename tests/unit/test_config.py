@@ -88,6 +88,13 @@ def test_a_config_that_is_not_text_is_refused(tmp_path):
         config.load(str(p))
 
 
+def test_a_fifo_as_key_file_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "key"
+    os.mkfifo(fifo, 0o600)  # (opening it would block until a writer came)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        cfg(**{"sync.key_file": str(fifo)})
+
+
 def test_a_key_file_far_larger_than_a_key_is_refused(tmp_path):
     k = tmp_path / "key"
     k.write_bytes(b"k" * 5000)
