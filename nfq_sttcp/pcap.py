@@ -116,6 +116,7 @@ class ClientView:
     """What one client connection saw on the wire."""
 
     client_port: int
+    server_port: int = 0
     syns_sent: int = 0  # connection attempts (distinct ISNs)
     syn_isns: set = field(default_factory=set)
     first_syn_t: Optional[float] = None  # capture time of the first SYN
@@ -130,8 +131,8 @@ class ClientView:
 
 
 def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
-                crash_wall: Optional[float]) -> dict[int, ClientView]:
-    """Per client port: SYNs sent, RSTs seen, and the failover gap on the wire.
+                crash_wall: Optional[float]) -> dict[tuple[int, int], ClientView]:
+    """Per (client port, server port): SYNs sent, RSTs seen, and the failover gap on the wire.
 
     The gap is the longest interval between two server segments that carry
     data (``gap_ms``), a new ack (``ack_gap_ms``) or either (``any_gap_ms``) among those ending after
@@ -139,12 +140,15 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
     it, and any later stall. Client think time falls inside it too, so the
     test clients keep their pauses short.
     """
-    views: dict[int, ClientView] = {}
-    last: dict[tuple[int, str], float] = {}
-    server_ack: dict[int, int] = {}
+    # Keyed by both ports: the kernel hands one ephemeral port to two
+    # connections when their server ports differ (the 4-tuples stay unique),
+    # and keyed by the client port alone their SYNs read as one reconnect.
+    views: dict[tuple[int, int], ClientView] = {}
+    last: dict[tuple[tuple[int, int], str], float] = {}
+    server_ack: dict[tuple[int, int], int] = {}
     for r in records:
         if r.src == client_ip and r.dst == server_ip:
-            v = views.setdefault(r.sport, ClientView(r.sport))
+            v = views.setdefault((r.sport, r.dport), ClientView(r.sport, r.dport))
             if r.flags & SYN and not r.flags & ACK and r.seq not in v.syn_isns:
                 # A retransmitted SYN is not a reconnect: count initial sequence numbers.
                 v.syn_isns.add(r.seq)
@@ -154,8 +158,8 @@ def client_view(records: list[TcpRecord], client_ip: str, server_ip: str,
             if r.flags & RST:
                 v.rsts_sent += 1
         elif r.src == server_ip and r.dst == client_ip:
-            port = r.dport
-            v = views.setdefault(port, ClientView(port))
+            port = (r.dport, r.sport)
+            v = views.setdefault(port, ClientView(r.dport, r.sport))
             v.server_segments += 1
             if r.flags & RST:
                 v.rsts_received += 1

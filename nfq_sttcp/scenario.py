@@ -117,7 +117,7 @@ def run_with_crash(conns: list[str], crash: bool = True, timeout: float = 180.0,
         report = {"ok": False, "connections": [], "error": "client produced no report: %s" % err[-2000:]}
     views = pcap.client_view(records, lab.CLIENT_IP, target, crash_wall)
     for c in report["connections"]:
-        v = views.get(c.get("local_port", -1))
+        v = views.get((c.get("local_port", -1), c.get("port", -1)))
         # A connection the capture lacks is unknown, not clean: None, never 0.
         c["in_capture"] = v is not None
         c["syns_sent"] = v.syns_sent if v else None

@@ -15,7 +15,7 @@ def cli(t: float, seq: int, flags: int = ACK, n: int = 0) -> TcpRecord:
 
 
 def view(records: list[TcpRecord], crash: float) -> ClientView:
-    return client_view(records, C, S, crash)[40000]
+    return client_view(records, C, S, crash)[(40000, 7000)]
 
 
 def test_gap_spans_the_crash_and_resume_counts_from_it() -> None:
@@ -50,3 +50,18 @@ def test_nothing_after_the_crash_leaves_no_figure() -> None:
     v = view([srv(1.0, 1, 1, 10), srv(1.1, 11, 1, 10, ACK | RST)], 1.2)
     assert v.gap_ms is None and v.resume_ms is None
     assert v.rsts_received == 1
+
+
+def test_one_client_port_shared_by_two_server_ports_is_two_connections_not_a_reconnect() -> None:
+    # The kernel reuses an ephemeral port for a second connection whose server
+    # port differs; each keeps its own SYN count and its own gap.
+    records = [cli(0.0, 100, SYN), TcpRecord(0.0, C, 40000, S, 7001, 900, 0, SYN, 0),
+               srv(0.001, 500, 101, flags=SYN | ACK),
+               TcpRecord(0.001, S, 7001, C, 40000, 700, 901, SYN | ACK, 0),
+               srv(1.0, 501, 101, 10, ACK | PSH), srv(1.5, 511, 101, 10, ACK | PSH),
+               TcpRecord(1.1, S, 7001, C, 40000, 701, 901, ACK | PSH, 10)]
+    views = client_view(records, C, S, 1.2)
+    assert set(views) == {(40000, 7000), (40000, 7001)}
+    assert views[(40000, 7000)].syns_sent == 1 and views[(40000, 7001)].syns_sent == 1
+    assert views[(40000, 7000)].gap_ms == 500.0
+    assert views[(40000, 7001)].gap_ms is None  # nothing of it after the crash
