@@ -97,6 +97,9 @@ class Config:
     synack_hold_ms: int = 4500
     handshake_hold_ms: int = 3000
     control_socket_dir: str = "/run/nfq-sttcp"
+    # Survives a reboot (not /run): each role's last epoch, so that a daemon
+    # restarted with its clock set back still starts a later life.
+    state_dir: str = "/var/lib/nfq-sttcp"
     garp_schedule_ms: tuple[int, ...] = (0, 100, 300, 600, 1100, 2000)
     source: str = field(default="<defaults>", compare=False)
 
@@ -122,6 +125,9 @@ class Config:
 
     def control_socket(self, role: str) -> str:
         return os.path.join(self.control_socket_dir, "%s.sock" % role)
+
+    def epoch_file(self, role: str) -> str:
+        return os.path.join(self.state_dir, "%s.epoch" % role)
 
     def peer_addresses(self, role: str) -> list[str]:
         """Where this role sends heartbeats: the sync link, then the LAN path."""
@@ -171,6 +177,7 @@ class Config:
 _LAYOUT: dict[str, dict[str, str]] = {
     "": {"vip": "vip", "ports": "ports", "lan_interface": "lan_interface", "lan_prefix": "lan_prefix",
          "mark": "mark", "chain_prefix": "chain_prefix", "control_socket_dir": "control_socket_dir",
+         "state_dir": "state_dir",
          "lan_snoop": "lan_snoop", "metrics_port": "metrics_port", "metrics_address": "metrics_address",
          "vip_owner": "vip_owner"},
     "sync": {"primary": "primary_sync", "backup": "backup_sync", "port": "sync_port",
@@ -308,6 +315,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError("tuning.%s must be in 0..600000" % name)
     if not cfg.garp_schedule_ms or any(t < 0 for t in cfg.garp_schedule_ms):
         raise ConfigError("tuning.garp_schedule_ms must be a non-empty list of non-negative delays")
+    if not os.path.isabs(cfg.state_dir):
+        raise ConfigError("state_dir must be an absolute path (it holds each role's last epoch), not %r"
+                          % cfg.state_dir)
     if list(cfg.garp_schedule_ms) != sorted(cfg.garp_schedule_ms):
         # The takeover sends them in the order given, looking only at the next.
         raise ConfigError("tuning.garp_schedule_ms must be in increasing order (delays from the takeover)")

@@ -244,6 +244,26 @@ def _c_extension() -> dict[str, bool]:
     return {"built": True, "crc32c_hw": bool(_csum.crc32c_in_hardware()), "bpf_built": bpf_built}
 
 
+def _state_dir(path: str) -> dict[str, Any]:
+    """Whether the daemon can keep its epoch in ``path``, and on what file
+    system (a tmpfs forgets it at reboot)."""
+    existing = path
+    while not os.path.isdir(existing) and existing != os.path.dirname(existing):
+        existing = os.path.dirname(existing)
+    fstype, best = None, ""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3:
+                    mnt = fields[1].replace("\\040", " ")
+                    if (existing == mnt or existing.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                        best, fstype = mnt, fields[2]
+    except OSError:
+        pass
+    return {"path": path, "writable": os.access(existing, os.W_OK), "fstype": fstype}
+
+
 def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Everything the checks need about this host (``addresses``: from
     local_addresses(), if the caller has them already)."""
@@ -267,6 +287,7 @@ def gather(cfg: Config, role: str, addresses: Optional[dict[str, str]] = None) -
         "sync_if": sync_if,
         "listening": _listening_ports(),
         "c_extension": _c_extension(),
+        "state_dir": _state_dir(cfg.state_dir),
     }
 
 
@@ -344,6 +365,20 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
         out.append(Finding(WARN, "C extension (bpf)", "nfq_sttcp/_bpfsys.c is not built: the kernel paths' map "
                            "calls go through ctypes, some 3.5 us slower each (one or two a packet)",
                            "install build-essential and python3-dev, then reinstall the package"))
+    state = facts.get("state_dir")
+    if state is not None:
+        why = ("a host whose clock steps back across a reboot is then refused by its peer (as a replay) "
+               "until the peer's daemon restarts too")
+        if not state["writable"]:
+            out.append(Finding(WARN, "state_dir", "%s cannot be written: each start takes its epoch from the "
+                               "clock alone; %s" % (state["path"], why), "make it writable for root, or set "
+                               "state_dir to a directory that is"))
+        elif state["fstype"] in ("tmpfs", "ramfs"):
+            out.append(Finding(WARN, "state_dir", "%s is on %s: the last epoch is forgotten at reboot; %s"
+                               % (state["path"], state["fstype"], why), "set state_dir to a directory on disk, "
+                               "such as /var/lib/nfq-sttcp"))
+        else:
+            out.append(Finding(OK, "state_dir %s kept across reboots" % state["path"]))
     missing = [p for p in cfg.ports if p not in facts["listening"]]
     if missing:
         out.append(Finding(WARN, "application", "nothing listens on port(s) %s" % ", ".join(map(str, missing)),

@@ -67,7 +67,8 @@ class Daemon:
         self.log = structlog.get_logger("nfq_sttcp").bind(role=role)
         self.key = cfg.read_key()
         # Start time as the epoch: a restarted daemon's epoch is larger, so
-        # its peer can refuse anything from an earlier life (replays).
+        # its peer can refuse anything from an earlier life (replays). run()
+        # claims the final one from state_dir (_claim_epoch).
         self.epoch = time.time_ns()
         self.counter = 0
         self.counters: Counter[str] = Counter()
@@ -194,6 +195,7 @@ class Daemon:
         from netfilterqueue import NetfilterQueue
 
         self._check_host()
+        self.epoch = self._claim_epoch()
         if self.role == "backup":
             self._prepare_garp()
         self.raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -661,7 +663,8 @@ class Daemon:
                 self.counters["sync_rejected"] += 1
                 self.counters["sync_replayed"] += 1
                 self._log_rejection(addr, "message from an earlier epoch: a replay, or the peer's daemon "
-                                          "restarted with its clock set back (then restart this daemon too)")
+                                          "restarted with its clock set back and its epoch file lost (state_dir; "
+                                          "then restart this daemon too)")
                 continue
             if self.guard.epoch is not None and epoch > self.guard.epoch:
                 self._last_beat_sent_ns = None  # a new peer daemon: no gap to measure yet
@@ -905,6 +908,51 @@ class Daemon:
             r = probe.parse_echo_reply(data)
             if r is not None and r[0] == target and r[1] == ident:
                 self.watchdog.on_probe_reply(time.monotonic())
+
+    def _claim_epoch(self) -> int:
+        """This life's epoch, kept in ``state_dir`` so the next life's is
+        larger even when the clock steps back across a reboot (a peer
+        refuses a smaller one as a replay). Named by this host's sync
+        address, not by role: a host that rejoins as the backup after
+        serving must still outgrow the epoch its peer last saw from it."""
+        path = os.path.join(self.cfg.state_dir, "epoch-%s" % self.cfg.own_addresses(self.role)[0])
+        now = time.time_ns()
+        last: Optional[int] = None
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(32)
+            kept = int(raw.decode("ascii").strip())
+            if not 0 < kept < 1 << 63:  # the header carries a u64: leave room to grow
+                raise ValueError("epoch %d out of range" % kept)
+            last = kept
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            self.log.warning("epoch_file_unreadable", path=path, error=str(e),
+                             note="starting from the clock; a clock set back since the last life is refused by the peer")
+        epoch = syncproto.next_epoch(now, last)
+        if last is not None and epoch != now:
+            self.log.warning("clock_behind_last_epoch", behind_ms=round((last - now) / 1e6, 1),
+                             note="this life's epoch follows the last one's, not the clock")
+        try:
+            os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"%d\n" % epoch)
+                os.fsync(fd)  # on disk before any peer sees this epoch
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(self.cfg.state_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)  # the rename too
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            self.log.warning("epoch_not_kept", path=path, error=str(e),
+                             note="the next start takes its epoch from the clock alone")
+        return epoch
 
     # == takeover ============================================================
 

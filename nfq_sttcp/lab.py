@@ -72,7 +72,7 @@ def lab_config(ports: tuple[int, ...] = DEFAULT_PORTS, interval_ms: int = 50, mi
     return Config(vip=VIP, ports=ports, lan_interface=LAN_IF, primary_sync=PRIMARY_SYNC, backup_sync=BACKUP_SYNC,
                   primary_lan=PRIMARY_IP, backup_lan=BACKUP_IP, sync_key_file=os.path.join(STATE_DIR, "sync.key"),
                   heartbeat_interval_ms=interval_ms, heartbeat_missed=missed, metrics_port=METRICS_PORT, vip_owner=vip_owner,
-                  control_socket_dir=os.path.join(STATE_DIR, "ctl"), fast_path=fast_path, max_backup_lag_kb=max_lag_kb,
+                  control_socket_dir=os.path.join(STATE_DIR, "ctl"), state_dir=STATE_DIR, fast_path=fast_path, max_backup_lag_kb=max_lag_kb,
                   max_backup_lag_ms=max_lag_ms, fast_inbound=fast_inbound, source="nfq-sttcp lab")
 
 

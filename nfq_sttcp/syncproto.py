@@ -274,6 +274,14 @@ def decode(data: bytes, key: Optional[bytes]) -> tuple[int, int, SyncMessage]:
     raise SyncError("unknown message type %d" % mtype)
 
 
+def next_epoch(now_ns: int, last_ns: Optional[int]) -> int:
+    """This life's epoch: the start time, or one past the last life's when the
+    clock reads earlier than that (stepped back across the restart). A peer
+    refuses an epoch older than the newest it has seen as a replay, so an
+    epoch must grow from life to life whatever the clock says."""
+    return now_ns if last_ns is None or now_ns > last_ns else last_ns + 1
+
+
 class ReplayGuard:
     """Accepts each (epoch, counter) from a peer at most once.
 

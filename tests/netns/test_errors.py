@@ -30,6 +30,8 @@ def ns():
 def write_config(tmp_path, with_key=True):
     cfg = lab.lab_config()
     text = config.render_toml(cfg).replace(cfg.control_socket_dir, str(tmp_path / "ctl"))
+    # Nothing of a test's daemon in the lab's directory: its epoch file too.
+    text = text.replace('state_dir = "%s"' % cfg.state_dir, 'state_dir = "%s"' % (tmp_path / "state"))
     if with_key:
         key = tmp_path / "sync.key"
         key.write_text("0123456789abcdef0123456789abcdef\n")

@@ -141,6 +141,8 @@ def lab_config_file(tmp_path):
     os.chmod(key, 0o600)
     text = config.render_toml(cfg).replace(cfg.sync_key_file, str(key))
     text = text.replace(cfg.control_socket_dir, str(tmp_path / "ctl"))
+    # Nothing of a test's daemon in the lab's directory: its epoch file too.
+    text = text.replace('state_dir = "%s"' % cfg.state_dir, 'state_dir = "%s"' % (tmp_path / "state"))
     p.write_text(text)
     return str(p)
 

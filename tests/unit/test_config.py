@@ -59,6 +59,7 @@ def test_defaults_and_derived_values():
     ({"sync.key_file": "/nonexistent/key"}, "cannot read"),
     ({"tuning.max_backup_lag_ms": -1}, "max_backup_lag_ms must be in 0..600000"),
     ({"sync.port": 65535}, "sync.port must be in 1..65534"),
+    ({"state_dir": "var/lib/nfq-sttcp"}, "state_dir must be an absolute path"),
     ({"tuning.garp_schedule_ms": [2000, 0]}, "garp_schedule_ms must be in increasing order"),
     ({"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.1"}, "lan.primary and lan.backup are both 10.77.0.1"),
     ({"lan.primary": "10.77.0.1", "lan.backup": "10.77.0.2", "sync.backup": "10.77.0.1"},

@@ -110,3 +110,21 @@ def test_a_backup_whose_stack_paces_itself_is_warned_with_its_fix():
     # the primary's is its own business: it paces what the client receives
     assert all(x.level == OK for x in doctor.check_host(facts(
         "primary", addresses=["10.77.0.1", "10.78.0.1"], sysctls={"net.ipv4.tcp_congestion_control": "bbr"}), CFG))
+
+
+def test_the_state_dir_must_be_writable_and_survive_a_reboot():
+    ok = levels(doctor.check_host(facts(state_dir={"path": "/var/lib/nfq-sttcp", "writable": True,
+                                                   "fstype": "ext4"}), CFG))
+    assert ok["state_dir /var/lib/nfq-sttcp kept across reboots"] == OK
+    found = doctor.check_host(facts(state_dir={"path": "/run/x", "writable": True, "fstype": "tmpfs"}), CFG)
+    tmp = [f for f in found if f.what == "state_dir"]
+    assert tmp[0].level == WARN and "forgotten at reboot" in tmp[0].detail, tmp
+    found = doctor.check_host(facts(state_dir={"path": "/ro/x", "writable": False, "fstype": "ext4"}), CFG)
+    ro = [f for f in found if f.what == "state_dir"]
+    assert ro[0].level == WARN and "cannot be written" in ro[0].detail, ro
+
+
+def test_the_state_dir_facts_of_a_real_directory(tmp_path):
+    got = doctor._state_dir(str(tmp_path / "not" / "yet"))  # created at the first start
+    assert got["writable"] is True and got["fstype"]
+    assert got["path"] == str(tmp_path / "not" / "yet")

@@ -96,3 +96,12 @@ def test_every_state_a_heartbeat_can_carry_encodes():
     for state in set(watchdog.TRANSITIONS) | {watchdog.SERVING, watchdog.STOPPING}:
         msg = Heartbeat("backup", state, 1)
         assert syncproto.decode(syncproto.encode(msg, 1, 1, KEY), KEY)[2] == msg
+
+
+def test_an_epoch_is_the_clock_unless_the_clock_reads_behind_the_last_life() -> None:
+    from nfq_sttcp.syncproto import next_epoch
+
+    assert next_epoch(1_000, None) == 1_000
+    assert next_epoch(1_000, 999) == 1_000
+    assert next_epoch(1_000, 1_000) == 1_001  # the same reading twice: still a new life
+    assert next_epoch(1_000, 5_000) == 5_001  # stepped back across the restart

@@ -1,0 +1,60 @@
+"""The daemon's epoch file: each life's epoch outgrows the last one's, on a
+real file in a temporary directory."""
+
+import os
+import time
+
+from nfq_sttcp import driver
+from nfq_sttcp.config import Config
+
+HOUR_NS = 3600 * 10**9
+
+
+def _daemon(state_dir, role="backup"):
+    cfg = Config(vip="10.77.0.100", ports=(7000,), lan_interface="lan0", primary_sync="10.78.0.1",
+                 backup_sync="10.78.0.2", state_dir=str(state_dir))
+    return driver.Daemon(cfg, role)
+
+
+def test_the_first_life_takes_the_clock_and_keeps_it(tmp_path):
+    before = time.time_ns()
+    epoch = _daemon(tmp_path / "state")._claim_epoch()
+    assert before <= epoch <= time.time_ns()
+    path = tmp_path / "state" / "epoch-10.78.0.2"
+    assert int(path.read_text()) == epoch
+    assert path.stat().st_mode & 0o077 == 0
+
+
+def test_a_clock_behind_the_last_life_continues_from_it(tmp_path):
+    (tmp_path / "epoch-10.78.0.2").write_text("%d\n" % (time.time_ns() + HOUR_NS))
+    last = int((tmp_path / "epoch-10.78.0.2").read_text())
+    d = _daemon(tmp_path)
+    assert d._claim_epoch() == last + 1
+    assert d._claim_epoch() == last + 2  # and again at the next start
+
+
+def test_the_file_is_this_hosts_not_this_roles(tmp_path):
+    # A host that served as the primary and rejoins as the backup (its sync
+    # address is the config's primary one: the daemon swapped the roles).
+    d = _daemon(tmp_path, "primary")
+    first = d._claim_epoch()
+    swapped = _daemon(tmp_path, "backup")
+    swapped.cfg = swapped.cfg.swapped()
+    assert swapped.cfg.own_addresses("backup")[0] == "10.78.0.1"
+    (tmp_path / "epoch-10.78.0.1").write_text("%d\n" % (first + HOUR_NS))
+    assert swapped._claim_epoch() == first + HOUR_NS + 1
+
+
+def test_an_unreadable_or_unwritable_file_costs_the_guarantee_not_the_daemon(tmp_path):
+    for garbage in (b"not a number\n", b"\xff\xfe", b"-5\n", b"%d\n" % (1 << 64)):
+        (tmp_path / "epoch-10.78.0.2").write_bytes(garbage)
+        before = time.time_ns()
+        epoch = _daemon(tmp_path)._claim_epoch()
+        assert before <= epoch <= time.time_ns(), garbage  # from the clock
+        assert int((tmp_path / "epoch-10.78.0.2").read_text()) == epoch  # and kept, replacing the garbage
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    before = time.time_ns()
+    epoch = _daemon(blocked / "state")._claim_epoch()  # a directory inside a file: ENOTDIR
+    assert before <= epoch <= time.time_ns()
+    assert not os.path.exists(blocked / "state")
