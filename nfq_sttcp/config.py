@@ -126,9 +126,6 @@ class Config:
     def control_socket(self, role: str) -> str:
         return os.path.join(self.control_socket_dir, "%s.sock" % role)
 
-    def epoch_file(self, role: str) -> str:
-        return os.path.join(self.state_dir, "%s.epoch" % role)
-
     def peer_addresses(self, role: str) -> list[str]:
         """Where this role sends heartbeats: the sync link, then the LAN path."""
         if role == "primary":

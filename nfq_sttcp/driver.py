@@ -8,6 +8,7 @@ serves everything, so no locks are needed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -950,6 +951,8 @@ class Daemon:
             finally:
                 os.close(dfd)
         except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
             self.log.warning("epoch_not_kept", path=path, error=str(e),
                              note="the next start takes its epoch from the clock alone")
         return epoch

@@ -58,3 +58,11 @@ def test_an_unreadable_or_unwritable_file_costs_the_guarantee_not_the_daemon(tmp
     epoch = _daemon(blocked / "state")._claim_epoch()  # a directory inside a file: ENOTDIR
     assert before <= epoch <= time.time_ns()
     assert not os.path.exists(blocked / "state")
+
+
+def test_an_epoch_path_that_is_a_directory_leaves_nothing_behind(tmp_path):
+    (tmp_path / "epoch-10.78.0.2").mkdir()
+    before = time.time_ns()
+    epoch = _daemon(tmp_path)._claim_epoch()
+    assert before <= epoch <= time.time_ns()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-10.78.0.2"]  # no tmp file left
