@@ -97,7 +97,7 @@ class Config:
     synack_hold_ms: int = 4500
     handshake_hold_ms: int = 3000
     control_socket_dir: str = "/run/nfq-sttcp"
-    # Survives a reboot (not /run): each role's last epoch, so that a daemon
+    # Survives a reboot (not /run): this host's last epoch, so that a daemon
     # restarted with its clock set back still starts a later life.
     state_dir: str = "/var/lib/nfq-sttcp"
     garp_schedule_ms: tuple[int, ...] = (0, 100, 300, 600, 1100, 2000)
@@ -313,7 +313,7 @@ def validate(cfg: Config) -> None:
     if not cfg.garp_schedule_ms or any(t < 0 for t in cfg.garp_schedule_ms):
         raise ConfigError("tuning.garp_schedule_ms must be a non-empty list of non-negative delays")
     if not os.path.isabs(cfg.state_dir):
-        raise ConfigError("state_dir must be an absolute path (it holds each role's last epoch), not %r"
+        raise ConfigError("state_dir must be an absolute path (it holds this host's last epoch), not %r"
                           % cfg.state_dir)
     if list(cfg.garp_schedule_ms) != sorted(cfg.garp_schedule_ms):
         # The takeover sends them in the order given, looking only at the next.

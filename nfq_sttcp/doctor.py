@@ -247,7 +247,10 @@ def _c_extension() -> dict[str, bool]:
 def _state_dir(path: str) -> dict[str, Any]:
     """Whether the daemon can keep its epoch in ``path``, and on what file
     system (a tmpfs forgets it at reboot)."""
-    existing = path
+    real = os.path.realpath(path)  # (a symlink into /run is on /run's file system)
+    if os.path.exists(real) and not os.path.isdir(real):
+        return {"path": path, "writable": False, "fstype": None, "problem": "not a directory"}
+    existing = real
     while not os.path.isdir(existing) and existing != os.path.dirname(existing):
         existing = os.path.dirname(existing)
     fstype, best = None, ""
@@ -370,13 +373,18 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
         why = ("a host whose clock steps back across a reboot is then refused by its peer (as a replay) "
                "until the peer's daemon restarts too")
         if not state["writable"]:
-            out.append(Finding(WARN, "state_dir", "%s cannot be written: each start takes its epoch from the "
-                               "clock alone; %s" % (state["path"], why), "make it writable for root, or set "
-                               "state_dir to a directory that is"))
+            out.append(Finding(WARN, "state_dir", "%s cannot be written%s: each start takes its epoch from the "
+                               "clock alone; %s" % (state["path"], " (%s)" % state["problem"]
+                                                    if state.get("problem") else "", why),
+                               "make it a directory root can write (run doctor as root), or set state_dir "
+                               "to one"))
         elif state["fstype"] in ("tmpfs", "ramfs"):
             out.append(Finding(WARN, "state_dir", "%s is on %s: the last epoch is forgotten at reboot; %s"
                                % (state["path"], state["fstype"], why), "set state_dir to a directory on disk, "
                                "such as /var/lib/nfq-sttcp"))
+        elif state["fstype"] is None:
+            out.append(Finding(WARN, "state_dir", "%s: its file system could not be told (/proc/self/mounts)"
+                               % state["path"], "check that it is on disk, not a tmpfs"))
         else:
             out.append(Finding(OK, "state_dir %s kept across reboots" % state["path"]))
     missing = [p for p in cfg.ports if p not in facts["listening"]]

@@ -15,8 +15,10 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
+import tempfile
 import time
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional
@@ -68,8 +70,8 @@ class Daemon:
         self.log = structlog.get_logger("nfq_sttcp").bind(role=role)
         self.key = cfg.read_key()
         # Start time as the epoch: a restarted daemon's epoch is larger, so
-        # its peer can refuse anything from an earlier life (replays). run()
-        # claims the final one from state_dir (_claim_epoch).
+        # its peer can refuse anything from an earlier life (replays).
+        # _setup() claims the final one from state_dir (_claim_epoch).
         self.epoch = time.time_ns()
         self.counter = 0
         self.counters: Counter[str] = Counter()
@@ -915,11 +917,17 @@ class Daemon:
         larger even when the clock steps back across a reboot (a peer
         refuses a smaller one as a replay). Named by this host's sync
         address, not by role: a host that rejoins as the backup after
-        serving must still outgrow the epoch its peer last saw from it."""
-        path = os.path.join(self.cfg.state_dir, "epoch-%s" % self.cfg.own_addresses(self.role)[0])
+        serving must still outgrow the epoch its peer last saw from it.
+        Called in _setup() after _check_host() (which may swap the roles)
+        and before any sync message."""
+        state_dir = self.cfg.state_dir
+        path = os.path.join(state_dir, "epoch-%s" % self.cfg.own_addresses(self.role)[0])
         now = time.time_ns()
         last: Optional[int] = None
         try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # (a FIFO would block open() for ever)
+                raise OSError("not a regular file")
             with open(path, "rb") as f:
                 raw = f.read(32)
             kept = int(raw.decode("ascii").strip())
@@ -934,27 +942,47 @@ class Daemon:
         epoch = syncproto.next_epoch(now, last)
         if last is not None and epoch != now:
             self.log.warning("clock_behind_last_epoch", behind_ms=round((last - now) / 1e6, 1),
-                             note="this life's epoch follows the last one's, not the clock")
+                             note="this life's epoch follows the last one's, not the clock (an epoch file from "
+                                  "a clock far ahead: stop both daemons, delete it, start them again)")
+        tmp: Optional[str] = None
         try:
-            os.makedirs(self.cfg.state_dir, mode=0o700, exist_ok=True)
-            tmp = path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            st = os.stat(state_dir)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                # Another user could put a file of its own choosing there.
+                raise OSError("%s is writable by others or not owned by this user" % state_dir)
+            fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".epoch-")  # O_EXCL, mode 0600
             try:
                 os.write(fd, b"%d\n" % epoch)
                 os.fsync(fd)  # on disk before any peer sees this epoch
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            dfd = os.open(self.cfg.state_dir, os.O_RDONLY)
+            tmp = None
+        except OSError as e:
+            if epoch != now:
+                # The file still says the last life's epoch: the next start,
+                # the clock still behind, repeats this one, and the peer takes
+                # it for this life (its beats dropped as seen, the restart unseen).
+                self.log.error("epoch_not_kept", path=path, error=str(e), note="the next start may repeat this "
+                               "life's epoch while the clock is behind: fix the file before restarting")
+            else:
+                self.log.warning("epoch_not_kept", path=path, error=str(e),
+                                 note="the next start takes its epoch from the clock alone")
+            return epoch
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        try:
+            dfd = os.open(state_dir, os.O_RDONLY)
             try:
                 os.fsync(dfd)  # the rename too
             finally:
                 os.close(dfd)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(path + ".tmp")
-            self.log.warning("epoch_not_kept", path=path, error=str(e),
-                             note="the next start takes its epoch from the clock alone")
+            self.log.warning("epoch_rename_unsynced", path=path, error=str(e),
+                             note="written, but may not survive a crash of this host")
         return epoch
 
     # == takeover ============================================================

@@ -1,6 +1,7 @@
 """The doctor's judgements (pure): facts in, findings with fixes out."""
 
 import dataclasses
+import os
 
 from nfq_sttcp import doctor, lab
 from nfq_sttcp.doctor import FAIL, OK, WARN
@@ -128,3 +129,18 @@ def test_the_state_dir_facts_of_a_real_directory(tmp_path):
     got = doctor._state_dir(str(tmp_path / "not" / "yet"))  # created at the first start
     assert got["writable"] is True and got["fstype"]
     assert got["path"] == str(tmp_path / "not" / "yet")
+
+
+def test_a_state_dir_that_is_a_file_or_a_link_into_a_tmpfs_is_not_ok(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    got = doctor._state_dir(str(f))
+    assert got["writable"] is False and got["problem"] == "not a directory"
+    found = [x for x in doctor.check_host(facts(state_dir=got), CFG) if x.what == "state_dir"]
+    assert found[0].level == WARN and "not a directory" in found[0].detail
+    link = tmp_path / "link"
+    os.symlink("/dev/shm", link)  # a tmpfs
+    assert doctor._state_dir(str(link / "x"))["fstype"] == "tmpfs"
+    unknown = [x for x in doctor.check_host(facts(state_dir={"path": "/x", "writable": True, "fstype": None}), CFG)
+               if x.what == "state_dir"]
+    assert unknown[0].level == WARN
