@@ -10,6 +10,8 @@ import pytest
 
 from nfq_sttcp import lab
 
+from .test_errors import write_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = [sys.executable, "-m", "nfq_sttcp"]
 SCRATCH = "sttcp-rules-test"
@@ -132,21 +134,6 @@ def saved(ns):
     return [l for l in out.splitlines() if not l.startswith("#")]
 
 
-def lab_config_file(tmp_path):
-    from nfq_sttcp import config
-    cfg = lab.lab_config()
-    p = tmp_path / "lab.toml"
-    key = tmp_path / "sync.key"
-    key.write_text("0123456789abcdef0123456789abcdef\n")
-    os.chmod(key, 0o600)
-    text = config.render_toml(cfg).replace(cfg.sync_key_file, str(key))
-    text = text.replace(cfg.control_socket_dir, str(tmp_path / "ctl"))
-    # Nothing of a test's daemon in the lab's directory: its epoch file too.
-    text = text.replace('state_dir = "%s"' % cfg.state_dir, 'state_dir = "%s"' % (tmp_path / "state"))
-    p.write_text(text)
-    return str(p)
-
-
 @pytest.mark.parametrize("role", ["primary", "backup"])
 def test_scripts_apply_twice_remove_twice_and_keep_other_rules(scratch_ns, role):
     before = saved(scratch_ns)
@@ -163,7 +150,7 @@ def test_scripts_apply_twice_remove_twice_and_keep_other_rules(scratch_ns, role)
 
 @pytest.mark.parametrize("role", ["primary", "backup"])
 def test_cli_rules_apply_show_remove(scratch_ns, role, tmp_path):
-    conf = lab_config_file(tmp_path)
+    conf = write_config(tmp_path)
     before = saved(scratch_ns)
     run(*CLI, "rules", "apply", "--role", role, "--config", conf, ns=scratch_ns)
     run(*CLI, "rules", "apply", "--role", role, "--config", conf, ns=scratch_ns)
@@ -193,7 +180,7 @@ def _start_daemon(role, conf, ns, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_primary_daemon_removes_its_rules_on_the_way_out(scratch_ns, tmp_path, sig):
-    conf = lab_config_file(tmp_path)
+    conf = write_config(tmp_path)
     run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p", ns=scratch_ns)
     before = saved(scratch_ns)
     p = _start_daemon("primary", conf, scratch_ns, tmp_path)
@@ -203,7 +190,7 @@ def test_primary_daemon_removes_its_rules_on_the_way_out(scratch_ns, tmp_path, s
 
 
 def test_backup_daemon_stays_fenced_after_exit_until_removed(scratch_ns, tmp_path):
-    conf = lab_config_file(tmp_path)
+    conf = write_config(tmp_path)
     run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p", ns=scratch_ns)
     run("ip", "link", "set", "lan0", "up", ns=scratch_ns)
     before = saved(scratch_ns)
@@ -218,7 +205,7 @@ def test_backup_daemon_stays_fenced_after_exit_until_removed(scratch_ns, tmp_pat
 
 
 def test_daemon_refuses_a_missing_interface_and_a_busy_queue(scratch_ns, tmp_path):
-    conf = lab_config_file(tmp_path)
+    conf = write_config(tmp_path)
     r = run(*CLI, "backup", "--config", conf, ns=scratch_ns, check=False)
     assert r.returncode == 1 and "LAN interface lan0 does not exist" in r.stderr
     assert "Traceback" not in r.stderr
@@ -318,7 +305,7 @@ def test_lab_place_puts_each_server_host_on_cpus_of_its_own(make_lab):
 def test_cleanup_removes_only_the_clsact_qdiscs_a_daemon_of_ours_added(scratch_ns, tmp_path):
     """A qdisc is ours to remove only if our file names this very link (this
     namespace, this index) and nobody else's filter is on it."""
-    conf = lab_config_file(tmp_path)
+    conf = write_config(tmp_path)
     ctl = tmp_path / "ctl"
     ctl.mkdir()
     for a, b in (("va", "vb"), ("vc", "vd")):

@@ -4,6 +4,7 @@ real file in a temporary directory."""
 import os
 import time
 
+import pytest
 from structlog.testing import capture_logs
 
 from nfq_sttcp import driver
@@ -104,7 +105,7 @@ def test_an_epoch_ahead_of_the_clock_that_cannot_be_kept_is_an_error(tmp_path):
                                                             ("epoch_not_kept", "error")]
 
 
-def test_setup_claims_the_epoch_after_the_roles_are_swapped(tmp_path):
+def test_setup_claims_the_epoch_after_the_roles_are_swapped(tmp_path, monkeypatch):
     # _setup's order: the host check (which may swap the roles), then the
     # epoch, then the first socket. Stopped at the first socket.
     d = _daemon(tmp_path, "backup")
@@ -120,15 +121,8 @@ def test_setup_claims_the_epoch_after_the_roles_are_swapped(tmp_path):
 
     d._check_host = swap
     d._prepare_garp = lambda: None
-    import socket
-    real = socket.socket
-    socket.socket = no_socket
-    try:
-        try:
-            d._setup()
-        except Stop:
-            pass
-    finally:
-        socket.socket = real
+    monkeypatch.setattr(driver.socket, "socket", no_socket)
+    with pytest.raises(Stop):
+        d._setup()
     assert (tmp_path / "epoch-10.78.0.1").exists() and not (tmp_path / "epoch-10.78.0.2").exists()
     assert int((tmp_path / "epoch-10.78.0.1").read_text()) == d.epoch
