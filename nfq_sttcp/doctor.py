@@ -33,15 +33,31 @@ OK, WARN, FAIL = "ok", "warn", "fail"
 # + pid: the doctors of both roles may run at once on one machine (the lab).
 # Not "sttcp-": the lab owns those names and deletes them on "lab down".
 SCRATCH_PREFIX = "nfqdoctor-"
-TCP_SYSCTLS = ("tcp_timestamps", "tcp_sack", "tcp_window_scaling", "tcp_rmem", "tcp_wmem", "tcp_congestion_control")
-# Congestion controls that pace a socket by themselves. On a following
-# backup such a stack paces its output at the delivery rate it measures from
-# the acks the daemon shows it, which come at the primary's pace, while the
-# primary waits at its lag bound for the backup: each holds the other back
-# (and without the fq qdisc every burst costs a timer). An unshaped lab
-# download, the backup's stack alone switched, alternating in one lab (4
-# runs each): bbr 4.56, cubic 5.67 Gbit/s; with the fast path 6.19 and 7.32.
+TCP_SYSCTLS = ("tcp_timestamps", "tcp_sack", "tcp_window_scaling", "tcp_rmem", "tcp_wmem", "tcp_congestion_control",
+               "tcp_no_metrics_save")
+# The backup's stack, while it follows, sends only into its own queue: its
+# congestion control sees the loop through both daemons, not a network, and
+# it sets the pair's pace once the primary's segments leave by the kernel
+# (the fast path). What holds it back:
+# * a control that paces a socket by itself (bbr): it paces at the delivery
+#   rate it measures from the acks the daemon shows it, which come at the
+#   primary's pace, while the primary waits at its lag bound for the backup.
+#   An unshaped lab download, the backup's stack alone switched, alternating
+#   in one lab (4 runs each): bbr 4.56, cubic 5.67 Gbit/s;
+# * HyStart (cubic's slow-start exit): it leaves slow start when the RTT
+#   grows, and the hold makes it grow from the first window on, so the
+#   window stays at some 400 segments. reno has none. Fast path, one lab
+#   each, 6 pairs of 400 MB against plain TCP, medians: cubic 0.51 and 0.55
+#   (metrics not saved), reno 0.75, reno with metrics not saved 0.72, 0.74;
+# * the route metrics cache: a connection whose window was cut (a client's
+#   SACK of segments the kernel path swapped) leaves its ssthresh to the next
+#   one to that client, which then leaves slow start there. With cubic
+#   without HyStart (a host-wide module parameter, for the measurement),
+#   three downloads ran at 0.87-0.91 of plain TCP and the next three at
+#   0.40-0.54; with tcp_no_metrics_save=1 too, 0.67-0.79.
 PACING_CCS = ("bbr",)
+BACKUP_CC = "reno"
+BACKUP_TCP_SYSCTLS = {"net.ipv4.tcp_congestion_control": BACKUP_CC, "net.ipv4.tcp_no_metrics_save": "1"}
 
 
 FEATURE_FIX = {
@@ -346,14 +362,19 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
         if not bad:
             out.append(Finding(OK, "backup sysctls (ARP and reverse-path filter)"))
         cc = facts["sysctls"].get("net.ipv4.tcp_congestion_control")
-        if cc and cc.startswith(PACING_CCS):
-            out.append(Finding(WARN, "congestion control", "%s paces the backup's stack by the acks it is shown, "
-                               "which follow the primary: the pair runs slower (an unshaped lab download 20%% "
-                               "slower than with cubic)" % cc,
-                               "sysctl -w net.ipv4.tcp_congestion_control=cubic on the backup, for connections "
-                               "opened after (a primary that may rejoin as the backup after a failover: there "
-                               "too); in a container, first add cubic to the machine's "
-                               "net.ipv4.tcp_allowed_congestion_control, else EPERM"))
+        if cc and cc != BACKUP_CC:
+            why = "paces the backup's stack by the acks it is shown, which follow the primary" \
+                if cc.startswith(PACING_CCS) else "leaves slow start early (HyStart) or is not the one measured"
+            out.append(Finding(WARN, "congestion control", "%s %s: the pair runs slower (an unshaped lab download "
+                               "with the fast path: cubic 0.51 of plain TCP, reno 0.75)" % (cc, why),
+                               "sysctl -w net.ipv4.tcp_congestion_control=%s on the backup, for connections opened "
+                               "after (a primary that may rejoin as the backup after a failover: there too); the "
+                               "connections it takes over keep it" % BACKUP_CC))
+        if facts["sysctls"].get("net.ipv4.tcp_no_metrics_save") not in (None, "1"):
+            out.append(Finding(WARN, "tcp_no_metrics_save", "0: a protected connection whose window was cut leaves "
+                               "its ssthresh to the next one to that client, which then runs slower",
+                               "sysctl -w net.ipv4.tcp_no_metrics_save=1 on the backup (and on a primary that may "
+                               "rejoin as the backup)"))
     ext = facts.get("c_extension")
     if ext is not None and not ext["built"]:
         out.append(Finding(WARN, "C extension", "nfq_sttcp/_csum.c is not built: checksums and output digests "

@@ -133,11 +133,12 @@ def _build_network() -> None:
 
 # A backup holds the VIP on lo: it must not answer ARP for it, and clones
 # arrive on the sync link for an address on another interface.
-# Its stack's congestion control is cubic whatever the machine's default:
-# one that paces (bbr) holds a following backup back (doctor.PACING_CCS).
-BACKUP_CC = "cubic"
-BACKUP_SYSCTLS = dict(doctor.backup_sysctls(LAN_IF, SYNC_IF), **{"net.ipv4.conf.default.rp_filter": "0",
-                                                                 "net.ipv4.tcp_congestion_control": BACKUP_CC})
+# Its stack runs reno and saves no route metrics whatever the machine's
+# defaults: bbr paces it, cubic's HyStart and a cached ssthresh keep its
+# window small, and it then sets a slow pace for the pair (doctor.BACKUP_CC).
+BACKUP_CC = doctor.BACKUP_CC
+BACKUP_SYSCTLS = dict(doctor.backup_sysctls(LAN_IF, SYNC_IF), **{"net.ipv4.conf.default.rp_filter": "0"},
+                      **doctor.BACKUP_TCP_SYSCTLS)
 _CC_PROC = "/proc/sys/net/ipv4/tcp_%s_congestion_control"
 _ALLOWED_SAVED = os.path.join(STATE_DIR, "allowed_cc")
 

@@ -57,26 +57,35 @@ def test_lab_lifecycle_status_exec_and_idempotent_down(make_lab):
     assert lab.status()["daemons"]["backup"]["state"] == "following"
 
 
-def test_the_backup_runs_cubic_on_a_machine_that_restricts_it(make_lab):
+def test_the_backup_runs_reno_without_route_metrics_on_a_machine_that_restricts_it(make_lab):
     """A namespace may choose as its default only an algorithm in the
     machine's allowed list, which on a fresh machine holds only the default
-    and reno: the lab widens it while it is up and puts it back at down."""
+    and reno: the backup's reno needs no change to it. Its stack saves no
+    route metrics (doctor.BACKUP_CC); the client's and primary's keep the
+    machine's defaults, so plain TCP is measured as before."""
     path = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
     original = open(path).read().strip()
     default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
     fresh = " ".join(dict.fromkeys(["reno", default]))  # (what a fresh machine allows)
     with open(path, "w") as f:
         f.write(fresh)
+
+    def metrics_saved(host: str) -> str:
+        return lab.sh("sysctl", "-n", "net.ipv4.tcp_no_metrics_save", ns=lab.HOSTS[host]).stdout.strip()
+
     try:
         make_lab()
-        assert lab.congestion_controls()["backup"] == "cubic"
+        assert lab.congestion_controls()["backup"] == "reno"
+        assert metrics_saved("backup") == "1"
         assert lab.congestion_controls()["client"] == default, "only the backup's is changed"
-        assert "cubic" in open(path).read().split()
+        assert lab.congestion_controls()["primary"] == default
+        assert open(path).read().strip() == fresh, "reno is always allowed: the machine's list stays"
         lab.crash("primary")
         lab.reboot("primary")  # a crashed primary comes back with the backup's settings
-        assert lab.congestion_controls()["primary"] == "cubic"
+        assert lab.congestion_controls()["primary"] == "reno"
+        assert metrics_saved("primary") == "1"
         lab.down(quiet=True)
-        assert open(path).read().strip() == fresh, "lab down puts the machine's list back"
+        assert open(path).read().strip() == fresh
     finally:
         lab.down(quiet=True)  # (first: after a failure, it would put back the list set above)
         with open(path, "w") as f:

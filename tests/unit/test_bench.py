@@ -20,7 +20,7 @@ def test_table_gives_ratios_differences_and_the_failover_split():
                   "cpu_s_per_gbit": {"down": {"all": 0.87, "daemons": 0.68}, "up": {"all": 0.5, "daemons": 0.3}},
                   "rr1_pairs_us": [[300.0, 420.0], [250.0, 500.0], [330.0, 310.0]],
                   "rr1_pairs_placed_us": [[120.0, 150.0], [125.0, 160.0], [130.0, 150.0]],
-                  "congestion_control": {"client": "bbr", "primary": "bbr", "backup": "cubic"}}},
+                  "congestion_control": {"client": "bbr", "primary": "bbr", "backup": "reno"}}},
         "failover": {"50x3": {"down": [{"gap_ms": 170.0, "detection_ms": 152.0, "takeover_ms": 9.0, "resume_ms": 30.0},
                                        {"failed": 1.0}],
                               "echo": [{"failed": 1.0}]}},
@@ -57,7 +57,7 @@ def test_table_gives_ratios_differences_and_the_failover_split():
     down = [line for line in t.splitlines() if line.startswith("50x3") and " down " in line][0]
     assert "1/2" in down and "170 ms" in down and "152 ms" in down
     assert [line for line in t.splitlines() if " echo " in line][0].endswith("all failed")
-    assert "TCP congestion control: client bbr, primary bbr, backup cubic" in t
+    assert "TCP congestion control: client bbr, primary bbr, backup reno" in t
 
 
 def test_percentile_and_a_bad_client_spec():

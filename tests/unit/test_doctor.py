@@ -105,12 +105,23 @@ def test_a_link_that_carries_big_tcp_packets_fails_with_its_fix():
 
 def test_a_backup_whose_stack_paces_itself_is_warned_with_its_fix():
     f = {x.what: x for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_congestion_control": "bbr"}), CFG)}
-    assert f["congestion control"].level == WARN
-    assert f["congestion control"].fix.startswith("sysctl -w net.ipv4.tcp_congestion_control=cubic")
-    assert all(x.level == OK for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_congestion_control": "cubic"}), CFG))
+    assert f["congestion control"].level == WARN and "paces" in f["congestion control"].detail
+    assert f["congestion control"].fix.startswith("sysctl -w net.ipv4.tcp_congestion_control=reno")
+    assert all(x.level == OK for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_congestion_control": "reno"}), CFG))
+
+
+def test_a_backup_on_cubic_or_saving_route_metrics_is_warned_with_its_fix():
+    f = {x.what: x for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_congestion_control": "cubic"}), CFG)}
+    assert f["congestion control"].level == WARN and "HyStart" in f["congestion control"].detail
+    assert f["congestion control"].fix.startswith("sysctl -w net.ipv4.tcp_congestion_control=reno")
+    f = {x.what: x for x in doctor.check_host(facts(sysctls={"net.ipv4.tcp_no_metrics_save": "0"}), CFG)}
+    assert f["tcp_no_metrics_save"].level == WARN
+    assert f["tcp_no_metrics_save"].fix.startswith("sysctl -w net.ipv4.tcp_no_metrics_save=1")
+    assert "congestion control" not in f
     # the primary's is its own business: it paces what the client receives
     assert all(x.level == OK for x in doctor.check_host(facts(
-        "primary", addresses=["10.77.0.1", "10.78.0.1"], sysctls={"net.ipv4.tcp_congestion_control": "bbr"}), CFG))
+        "primary", addresses=["10.77.0.1", "10.78.0.1"],
+        sysctls={"net.ipv4.tcp_congestion_control": "bbr", "net.ipv4.tcp_no_metrics_save": "0"}), CFG))
 
 
 def test_the_state_dir_must_be_writable_and_survive_a_reboot():
