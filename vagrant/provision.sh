@@ -110,6 +110,10 @@ STTCP_VENV="$SRC/.venv" bash "$SRC/scripts/bootstrap.sh" runtime
         echo "net.ipv4.conf.all.rp_filter = 0"
         echo "net.ipv4.conf.default.rp_filter = 0"
         echo "net.ipv4.conf.$lan_if.rp_filter = 0"
+        # While it follows, its stack's window sets the pair's pace:
+        # no HyStart, no ssthresh cached from an earlier connection.
+        echo "net.ipv4.tcp_congestion_control = reno"
+        echo "net.ipv4.tcp_no_metrics_save = 1"
     fi
 } | write_if_changed /etc/sysctl.d/60-nfq-sttcp.conf 0644 && sysctl -q --system
 
