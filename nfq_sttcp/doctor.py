@@ -366,7 +366,8 @@ def check_host(facts: dict[str, Any], cfg: Config) -> list[Finding]:
             why = "paces the backup's stack by the acks it is shown, which follow the primary" \
                 if cc.startswith(PACING_CCS) else "leaves slow start early (HyStart) or is not the one measured"
             out.append(Finding(WARN, "congestion control", "%s %s: the pair runs slower (an unshaped lab download "
-                               "with the fast path: cubic 0.51 of plain TCP, reno 0.75)" % (cc, why),
+                               "with the fast path ran at 0.51 of plain TCP with cubic, 0.75 with reno; bbr is "
+                               "slower than cubic)" % (cc, why),
                                "sysctl -w net.ipv4.tcp_congestion_control=%s on the backup, for connections opened "
                                "after (a primary that may rejoin as the backup after a failover: there too); the "
                                "connections it takes over keep it" % BACKUP_CC))
