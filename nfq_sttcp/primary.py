@@ -24,7 +24,7 @@ from .control import first_unprotected
 from .divergence import OutputHasher
 from .fastpath import FastState, Limits
 from .actions import Accept, Action, Count, Defer, Drop, Inject, Log, Release, SendSync
-from .seqmath import seq_ge, seq_gt, seq_le, seq_max, seq_min, seq_sub
+from .seqmath import seq_ge, seq_gt, seq_le, seq_lt, seq_max, seq_min, seq_sub
 from .syncproto import MAX_DIGESTS, MAX_UNPROTECT, Confirm, ConnIsn, Digest, DigestEntry, Diverged, Unprotect
 from .tcpseg import ACK, FIN, RST, SYN, ConnKey, MalformedPacket, Segment
 
@@ -74,6 +74,7 @@ class PrimaryConn:
     backup_edge: Optional[int] = None  # right edge of the backup's receive window (client space)
     backup_tsecr: Optional[int] = None  # the client TSval the backup's latest ack echoed
     shown_edge: Optional[int] = None  # right edge of the window the client has been shown
+    own_edge: Optional[int] = None  # right edge of our stack's own receive window (its latest segment's)
     wscale: int = 0  # our window scale (from our SYN-ACK)
     deferred: "deque | tuple[()]" = ()  # (token, end_seq, data, since); a deque while any is deferred
     hasher: Optional[OutputHasher] = None  # our output, for the backup's divergence check
@@ -326,6 +327,8 @@ class PrimaryCore:
             return  # its window (0) and timestamps mean nothing for the acks we re-emit
         if seg.flags & ACK:
             conn.latest_ack = seg.ack if conn.latest_ack is None else seq_max(conn.latest_ack, seg.ack)
+            edge = self._own_edge(conn, seg)
+            conn.own_edge = edge if conn.own_edge is None else seq_max(conn.own_edge, edge)
         conn.snd_nxt = seq_max(conn.snd_nxt, seg.end_seq)
         conn.window = seg.window
         if seg.has_ts:
@@ -338,6 +341,7 @@ class PrimaryCore:
             self._remember(conn, seg)
         if not seg.flags & ACK or seg.flags & RST:
             return [Accept()]
+        own_edge = self._own_edge(conn, seg)  # (before the ack is clamped: its window is our stack's)
         allowed = conn.confirmed if conn.confirmed is not None else conn.last_ack_sent
         if allowed is None:
             return [Accept()]
@@ -345,7 +349,7 @@ class PrimaryCore:
             allowed = seq_max(allowed, conn.last_ack_sent)
         if not seq_gt(seg.ack, allowed):
             conn.last_ack_sent = seg.ack if conn.last_ack_sent is None else seq_max(conn.last_ack_sent, seg.ack)
-            return self._clamp_window(conn, seg, data, None)
+            return self._clamp_window(conn, seg, data, None, own_edge)
         conn.owed_ack = True
         conn.clamped += 1
         if seg.is_pure_ack() and conn.last_ack_sent is not None and seq_le(allowed, conn.last_ack_sent):
@@ -366,15 +370,15 @@ class PrimaryCore:
             # bytes are safe which die with the primary: keep only D-SACKs.
             tcpseg.map_sack(buf, seg, lambda left, right: (left, right) if seq_le(right, allowed) else None)
         conn.last_ack_sent = allowed
-        return self._clamp_window(conn, seg, data, buf)
+        return self._clamp_window(conn, seg, data, buf, own_edge)
 
     def _clamp_window(self, conn: PrimaryConn, seg: Segment, data: bytes,
-                      buf: Optional[bytearray]) -> list[Action]:
+                      buf: Optional[bytearray], own_edge: int) -> list[Action]:
         """Never offer the client more window than the backup can take: a
         clone beyond the backup's window is dropped by its stack, and the
         client, trusting our larger window, would resend it only at its RTO."""
         if not seg.flags & SYN:
-            window = self._window_for(conn, seg.ack, seg.window)
+            window = self._window_for(conn, seg.ack, own_edge)
             if window != seg.window:
                 buf = buf if buf is not None else bytearray(data)
                 tcpseg.set_window(buf, seg, window)
@@ -452,7 +456,7 @@ class PrimaryCore:
         opts += tcpseg.sack_option(blocks)
         cip, cport, sip, sport = conn.key
         pkt = tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, conn.last_ack_sent, ACK,
-                                   self._window_for(conn, conn.last_ack_sent, conn.window), opts)
+                                   self._window_for(conn, conn.last_ack_sent, self._edge_now(conn)), opts)
         return [Inject(pkt, "backup's SACK relayed"), Count("sack_relayed")]
 
     def _release_deferred(self, conn: PrimaryConn, force: bool) -> list[Action]:
@@ -491,20 +495,47 @@ class PrimaryCore:
         conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
         return out
 
-    def _window_for(self, conn: PrimaryConn, ack: int, window: int) -> int:
-        """``window`` (ours, scaled by conn.wscale) cut to the backup's right
-        edge, but never below what the client was already offered; records
-        the edge the client is shown (see _clamp_window)."""
-        if conn.backup_edge is None or not self.backup_following:
-            return window
-        limit = conn.backup_edge
-        if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
-            limit = conn.shown_edge
-        room = (limit - ack) & 0xFFFFFFFF if seq_ge(limit, ack) else 0
-        window = min(window, room >> conn.wscale, 0xFFFF)
-        edge = (ack + (window << conn.wscale)) & 0xFFFFFFFF
-        if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
-            conn.shown_edge = edge
+    @staticmethod
+    def _own_edge(conn: PrimaryConn, seg: Segment) -> int:
+        """The right edge of the window our stack offered in ``seg``."""
+        shift = 0 if seg.flags & SYN else conn.wscale  # (a SYN-ACK's window is never scaled)
+        return (seg.ack + (seg.window << shift)) & 0xFFFFFFFF
+
+    def _edge_now(self, conn: PrimaryConn) -> int:
+        """Our stack's latest right edge, for the acks we build ourselves."""
+        if conn.own_edge is not None:
+            return conn.own_edge
+        return ((conn.latest_ack or 0) + (conn.window << conn.wscale)) & 0xFFFFFFFF
+
+    def _window_for(self, conn: PrimaryConn, ack: int, own_edge: int) -> int:
+        """The window to show beside ``ack`` (scaled by conn.wscale): our
+        stack's right edge ``own_edge`` cut to the backup's, but never below
+        the edge the client was already shown (unless our stack's own edge
+        is below it); records the edge shown (see _clamp_window).
+
+        The window is reckoned from the edge, not carried over from our
+        segment: beside an ack clamped to the backup's point, our stack's
+        window (which starts at its own, later ack) would pull the edge back.
+        A client whose data already lies beyond a shrunk edge acks with the
+        edge as its sequence (Linux's tcp_acceptable_seq), below what the
+        backup's stack has received: after a takeover that stack drops those
+        acks whole, and the connection stalls for good."""
+        edge = own_edge
+        if conn.backup_edge is not None and self.backup_following:
+            limit = conn.backup_edge
+            if conn.shown_edge is not None and seq_gt(conn.shown_edge, limit):
+                limit = conn.shown_edge
+            if seq_gt(edge, limit):
+                edge = limit
+        room = (edge - ack) & 0xFFFFFFFF if seq_ge(edge, ack) else 0
+        window = room >> conn.wscale
+        if conn.shown_edge is not None and seq_ge(edge, conn.shown_edge) \
+                and seq_lt((ack + (window << conn.wscale)) & 0xFFFFFFFF, conn.shown_edge):
+            window += 1  # (the scale's rounding must not shrink it either)
+        window = min(window, 0xFFFF)
+        shown = (ack + (window << conn.wscale)) & 0xFFFFFFFF
+        if conn.shown_edge is None or seq_gt(shown, conn.shown_edge):
+            conn.shown_edge = shown
         return window
 
     @staticmethod
@@ -516,7 +547,7 @@ class PrimaryCore:
         cip, cport, sip, sport = conn.key
         opts = tcpseg.ts_option(conn.tsval, tsecr) if conn.has_ts else b""
         return tcpseg.build_segment(sip, cip, sport, cport, conn.snd_nxt, ack, ACK,
-                                    self._window_for(conn, ack, conn.window), opts)
+                                    self._window_for(conn, ack, self._edge_now(conn)), opts)
 
     # -- backup presence and time ----------------------------------------------
 
@@ -647,10 +678,10 @@ class PrimaryCore:
             conn.window = st.window
             if conn.has_ts and seq_ge(st.tsval, conn.tsval):
                 conn.tsval, conn.tsecr = st.tsval, st.tsecr
-        if conn.backup_edge is not None:
-            edge = (st.last_ack + (st.window << conn.wscale)) & 0xFFFFFFFF
-            if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
-                conn.shown_edge = edge
+        edge = (st.last_ack + (st.window << conn.wscale)) & 0xFFFFFFFF
+        conn.own_edge = edge if conn.own_edge is None else seq_max(conn.own_edge, edge)
+        if conn.shown_edge is None or seq_gt(edge, conn.shown_edge):
+            conn.shown_edge = edge
         if conn.last_ack_sent is not None:
             conn.owed_ack = seq_gt(conn.latest_ack, conn.last_ack_sent)
         conn.last_seen = now

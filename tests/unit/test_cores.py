@@ -285,6 +285,29 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
     assert tcpseg.parse(out.payload).window == 262144 >> 7
 
 
+def test_a_clamped_ack_keeps_the_edge_the_client_was_shown():
+    # Our stack's window shrinks as its ack moves on (its application reads
+    # nothing), keeping its edge; beside an ack clamped back to the backup's
+    # point, that window would pull the edge back below data the client has
+    # already sent (the fast-path matrix's client_fin/echo stall).
+    p = PrimaryCore(PrimaryConfig(VIP, PORTS))
+    p.backup_following = True
+    p.on_outbound(server_synack(5000, 100, 7000), 0)  # wscale 7
+    p.on_confirm(Confirm((ConfirmEntry(KEY, 301_101, 5001, (), 1_301_101),)), 0)
+    assert verdicts(p.on_outbound(from_server(5001, 301_101, window=5000), 0.1))[0] == Accept()
+    shown = 301_101 + (5000 << 7)
+    # 300 KB later our stack's window is 2,500 (same edge); the backup has confirmed nothing new
+    out = verdicts(p.on_outbound(from_server(5001, 301_101 + (2500 << 7), payload=b"x", window=2500), 0.2))[0]
+    seg = tcpseg.parse(out.payload)
+    assert seg.ack == 301_101
+    assert seg.ack + (seg.window << 7) == shown
+    # the ack we build when the backup confirms more keeps it too
+    acts = p.on_confirm(Confirm((ConfirmEntry(KEY, 401_101, 5002, (), 1_301_101),)), 0.3)
+    built = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
+    assert [b.ack for b in built] == [401_101]
+    assert 0 <= built[0].ack + (built[0].window << 7) - shown < 1 << 7  # (rounded up to the scale, never down)
+
+
 def test_review_findings_stay_fixed():
     # a forged segment in the window but with a wild ack changes nothing
     b = mapped_backup(max_ack_ahead=1 << 20)
