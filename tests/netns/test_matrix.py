@@ -1,7 +1,9 @@
 """The fault matrix as tests: every crash point x every workload at one
 connection, and mid-stream at 5 % loss on the clone path and the sync link
 (the full matrix, with 100 connections and 1 % loss too, is
-'nfq-sttcp lab matrix'). A cell passes when every connection is byte-exact,
+'nfq-sttcp lab matrix'); and with the primary's kernel fast path on, every
+crash point under the two workloads whose output takes it (echo, down),
+and mid-stream at 100 connections and at 5 % loss. A cell passes when every connection is byte-exact,
 the client saw no RST and never reconnected, and the backup took over."""
 
 import glob
@@ -18,11 +20,19 @@ from nfq_sttcp import lab, matrix
 
 CELLS = [(p, w, 1, 0) for p in matrix.POINTS for w in matrix.WORKLOADS] + \
     [("mid", w, 1, 5) for w in matrix.WORKLOADS] + [("mid", w, 100, 0) for w in ("echo", "banner")]
+FAST_CELLS = [(p, w, 1, 0) for p in matrix.POINTS for w in ("echo", "down")] + \
+    [("mid", "down", 100, 0), ("mid", "echo", 1, 5)]
 
 
-@pytest.mark.parametrize("point,workload,conns,loss", CELLS, ids=["%s-%s-%dconn-%dpct" % c for c in CELLS])
-def test_cell(point, workload, conns, loss, tmp_path):
-    cell = matrix.run_cell(point, workload, conns, loss, keep_dir=str(tmp_path))
+def _ids(cells, prefix=""):
+    return [prefix + "%s-%s-%dconn-%dpct" % c for c in cells]
+
+
+@pytest.mark.parametrize("point,workload,conns,loss,fast_path",
+                         [c + (False,) for c in CELLS] + [c + (True,) for c in FAST_CELLS],
+                         ids=_ids(CELLS) + _ids(FAST_CELLS, "fast-"))
+def test_cell(point, workload, conns, loss, fast_path, tmp_path):
+    cell = matrix.run_cell(point, workload, conns, loss, keep_dir=str(tmp_path), fast_path=fast_path)
     print(matrix.table([cell]))
     if not cell.ok:
         # A failure here is rare and timing-bound: put the evidence in the
