@@ -22,7 +22,8 @@ A segment takes the fast path only if all of these hold, else the gate
 * it ends within the lag bound (PrimaryCore.lag_limit: the backup's output
   position plus max_backup_lag_kb, or plus what the backup writes in
   max_backup_lag_ms at its pace), its ack is within what the backup confirmed, and its
-  window's right edge within the backup's (the daemon's clamps, as limits).
+  window's right edge within the backup's and not below the edge the
+  client was already shown (the daemon's clamps, as limits).
 
 The limits only grow with the backup's confirmations (the lag bound never
 moves back, even when the backup's pace drops), so an entry the
@@ -95,7 +96,7 @@ from . import tcpseg
 # -- map layouts ---------------------------------------------------------------
 
 KEY = struct.Struct("=4sHH")  # client address, client port, server port (network order, as on the wire)
-# Written by the daemon, read by the program: next_slow, seq_limit, ack_limit, win_limit, wscale, pad.
+# Written by the daemon, read by the program: next_slow, seq_limit, ack_limit, win_limit, wscale, win_floor.
 LIMITS = struct.Struct("=IIIIII")
 # Written by the program, read by the daemon: next_fast, last_ack, window, tsval, tsecr, pad, packets, bytes.
 STATE = struct.Struct("=IIIIIIQQ")
@@ -121,10 +122,13 @@ class Limits:
     ack_limit: int  # no fast ack beyond (what the backup confirmed)
     win_limit: int  # no fast window's right edge beyond (the backup's)
     wscale: int
+    win_floor: Optional[int] = None  # nor below (the edge the client was shown: windows never shrink)
 
     def pack(self) -> bytes:
+        # No floor: any edge up to 2**30 below the acks allowed (the signed test's reach).
+        floor = (self.ack_limit - (1 << 30)) if self.win_floor is None else self.win_floor
         return LIMITS.pack(self.next_slow & 0xFFFFFFFF, self.seq_limit & 0xFFFFFFFF, self.ack_limit & 0xFFFFFFFF,
-                           self.win_limit & 0xFFFFFFFF, self.wscale & 15, 0)
+                           self.win_limit & 0xFFFFFFFF, self.wscale & 15, floor & 0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -385,6 +389,10 @@ def program(limits_fd: int, state_fd: int) -> bytes:
     a.ldx(_W, R3, R8, 12)
     a.op(_ALU32 | _SUB | _X, R0, R3)
     a.jmp(_JSGT, R0, 0, "queue", cls=_JMP32)  # a window beyond the backup's
+    a.op(_ALU32 | _ADD | _X, R0, R3)  # (the edge again)
+    a.ldx(_W, R3, R8, 20)
+    a.op(_ALU32 | _SUB | _X, R0, R3)
+    a.jmp(_JSLT, R0, 0, "queue", cls=_JMP32)  # an edge below the one the client was shown
     a.stx(_W, R9, 0, R4)
     a.stx(_W, R9, 4, R5)
     a.stx(_W, R9, 8, R1)

@@ -342,6 +342,8 @@ class PrimaryCore:
         if not seg.flags & ACK or seg.flags & RST:
             return [Accept()]
         own_edge = self._own_edge(conn, seg)  # (before the ack is clamped: its window is our stack's)
+        if not remember and conn.own_edge is not None:
+            own_edge = seq_max(own_edge, conn.own_edge)  # (a deferred segment's window is an old one)
         allowed = conn.confirmed if conn.confirmed is not None else conn.last_ack_sent
         if allowed is None:
             return [Accept()]
@@ -510,8 +512,8 @@ class PrimaryCore:
     def _window_for(self, conn: PrimaryConn, ack: int, own_edge: int) -> int:
         """The window to show beside ``ack`` (scaled by conn.wscale): our
         stack's right edge ``own_edge`` cut to the backup's, but never below
-        the edge the client was already shown (unless our stack's own edge
-        is below it); records the edge shown (see _clamp_window).
+        the edge the client was already shown; records the edge shown (see
+        _clamp_window).
 
         The window is reckoned from the edge, not carried over from our
         segment: beside an ack clamped to the backup's point, our stack's
@@ -519,7 +521,11 @@ class PrimaryCore:
         A client whose data already lies beyond a shrunk edge acks with the
         edge as its sequence (Linux's tcp_acceptable_seq), below what the
         backup's stack has received: after a takeover that stack drops those
-        acks whole, and the connection stalls for good."""
+        acks whole, and the connection stalls for good. To keep the edge
+        shown beside another ack the window may have to round up to the
+        scale, past our stack's edge by less than one unit of it; so no later
+        segment of ours may show its own edge as it is either (fast_limits'
+        floor)."""
         edge = own_edge
         if conn.backup_edge is not None and self.backup_following:
             limit = conn.backup_edge
@@ -527,15 +533,18 @@ class PrimaryCore:
                 limit = conn.shown_edge
             if seq_gt(edge, limit):
                 edge = limit
+        if conn.shown_edge is not None and seq_lt(edge, conn.shown_edge):
+            edge = conn.shown_edge
         room = (edge - ack) & 0xFFFFFFFF if seq_ge(edge, ack) else 0
         window = room >> conn.wscale
-        if conn.shown_edge is not None and seq_ge(edge, conn.shown_edge) \
-                and seq_lt((ack + (window << conn.wscale)) & 0xFFFFFFFF, conn.shown_edge):
-            window += 1  # (the scale's rounding must not shrink it either)
+        if conn.shown_edge is not None and seq_lt((ack + (window << conn.wscale)) & 0xFFFFFFFF, conn.shown_edge):
+            window += 1  # (rounded up, not down: the scale must not shrink it either)
         window = min(window, 0xFFFF)
         shown = (ack + (window << conn.wscale)) & 0xFFFFFFFF
         if conn.shown_edge is None or seq_gt(shown, conn.shown_edge):
             conn.shown_edge = shown
+            if conn.own_edge is not None and seq_gt(shown, conn.own_edge):
+                self._fast_mark(conn.key)  # (the kernel's floor moves with it)
         return window
 
     @staticmethod
@@ -659,7 +668,7 @@ class PrimaryCore:
             win_limit = conn.shown_edge
         else:
             win_limit = conn.backup_edge
-        return Limits(conn.snd_nxt, seq_limit, allowed, win_limit, conn.wscale)
+        return Limits(conn.snd_nxt, seq_limit, allowed, win_limit, conn.wscale, conn.shown_edge)
 
     def absorb_fast(self, key: ConnKey, st: FastState, now: float) -> None:
         """What the kernel sent of this connection without us (its last fast

@@ -95,6 +95,10 @@ def test_the_program_lets_out_exactly_what_the_daemon_would_accept_unchanged(ker
     got = fastpath.FastState.unpack(bpf.map_lookup(st, key, fastpath.STATE.size))
     assert (got.next_fast, got.tsval, got.tsecr, got.bytes) == (10000, 111, 222, 7000)
     assert run(_seg(10000, 5, options=b"", payload=b"x" * 8)) == 0, "too short to read 52 bytes: to the queue"
+    # Nor may a fast window's edge fall below the one the client was shown.
+    bpf.map_update(lim, key, fastpath.Limits(7000, 12000, 5, 5 + (1000 << 7), 7, 5 + (400 << 7)).pack())
+    assert run(_seg(10000, 5, window=399)) == 0, "an edge below the floor"
+    assert run(_seg(10000, 5, window=400)) == 1, "an edge at it"
 
 
 def test_the_program_compares_across_the_sequence_wrap(kernel_program):

@@ -277,8 +277,9 @@ def test_the_client_is_never_offered_more_window_than_the_backup_has():
     out = verdicts(p.on_outbound(from_server(5001, 1101, payload=b"x" * 100, window=20000), 0.1))[0]
     seg = tcpseg.parse(out.payload)
     assert seg.window << 7 <= 262144 and seg.window == 262144 >> 7
-    # a smaller window of our own passes untouched
-    assert verdicts(p.on_outbound(from_server(5101, 1101, payload=b"y", window=100), 0.2))[0] == Accept()
+    # a smaller window of our own is raised to the edge already shown: the client's never shrinks
+    out = verdicts(p.on_outbound(from_server(5101, 1101, payload=b"y", window=100), 0.2))[0]
+    assert tcpseg.parse(out.payload).window == 262144 >> 7
     # the backup's window moves on: so may ours, but what was offered never shrinks
     p.on_confirm(Confirm((ConfirmEntry(KEY, 1101, None, (), 1101 + 100000),)), 0.3)
     out = verdicts(p.on_outbound(from_server(5102, 1101, payload=b"z", window=20000), 0.3))[0]
@@ -305,7 +306,14 @@ def test_a_clamped_ack_keeps_the_edge_the_client_was_shown():
     acts = p.on_confirm(Confirm((ConfirmEntry(KEY, 401_101, 5002, (), 1_301_101),)), 0.3)
     built = [tcpseg.parse(a.packet) for a in acts if isinstance(a, Inject)]
     assert [b.ack for b in built] == [401_101]
-    assert 0 <= built[0].ack + (built[0].window << 7) - shown < 1 << 7  # (rounded up to the scale, never down)
+    rounded = built[0].ack + (built[0].window << 7)
+    assert 0 <= rounded - shown < 1 << 7  # (rounded up to the scale, never down)
+    # past our stack's edge: its next segment, at the same ack or unclamped, shows the rounded edge too
+    for ack in (301_101 + (2500 << 7), 401_101 + 96):
+        out = verdicts(p.on_outbound(from_server(5002, ack, payload=b"y", window=(shown - ack) >> 7), 0.4))[0]
+        seg = tcpseg.parse(out.payload)
+        assert seg.ack == 401_101 and seg.ack + (seg.window << 7) == rounded
+    assert p.fast_limits(KEY) is None or p.fast_limits(KEY).win_floor == rounded
 
 
 def test_review_findings_stay_fixed():

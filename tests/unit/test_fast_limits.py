@@ -16,7 +16,7 @@ from nfq_sttcp.config import MAX_PACED_LAG
 from nfq_sttcp.primary import REASON_TOO_FAR_BEHIND, PrimaryConfig, PrimaryCore
 from nfq_sttcp.rules import render
 from nfq_sttcp.config import Config
-from nfq_sttcp.seqmath import seq_le
+from nfq_sttcp.seqmath import seq_ge, seq_le
 from nfq_sttcp.syncproto import Confirm, ConfirmEntry
 from nfq_sttcp.tcpseg import ACK, FIN, PSH, SYN
 
@@ -32,7 +32,8 @@ def kernel_passes(lim: Limits, next_fast: int, data: bytes) -> bool:
     layout = seg.doff == 20 or (seg.doff == 32 and seg.has_ts and seg.sack_off < 0)  # none, or NOP NOP TS
     return (seg.flags in (ACK, ACK | PSH) and seg.payload_len > 0 and layout and seg.seq == expected and seq_le(seg.end_seq, lim.seq_limit)
             and seq_le(seg.ack, lim.ack_limit)
-            and seq_le((seg.ack + (seg.window << lim.wscale)) & 0xFFFFFFFF, lim.win_limit))
+            and seq_le((seg.ack + (seg.window << lim.wscale)) & 0xFFFFFFFF, lim.win_limit)
+            and (lim.win_floor is None or seq_ge((seg.ack + (seg.window << lim.wscale)) & 0xFFFFFFFF, lim.win_floor)))
 
 
 NO_TS = b""  # the options of a connection without timestamps: none after the handshake
@@ -55,7 +56,8 @@ def test_a_confirmed_connection_gets_limits_at_the_backups_point():
     p = protected(max_lag=1000, edge=101 + (300 << 7))
     assert KEY in p.fast_dirty
     lim = p.fast_limits(KEY)
-    assert lim == Limits(next_slow=5006, seq_limit=5001 + 1000, ack_limit=101, win_limit=101 + (300 << 7), wscale=7)
+    assert lim == Limits(next_slow=5006, seq_limit=5001 + 1000, ack_limit=101, win_limit=101 + (300 << 7), wscale=7,
+                         win_floor=101 + (300 << 7))  # (the edge the first segment showed)
     assert p.conns[KEY].hasher is None  # (no digests: the kernel's bytes never reach us)
     nxt = from_server(5006, 101, payload=b"x" * 900, window=300)
     assert kernel_passes(lim, 5006, nxt) and p.on_outbound(nxt, 0.1) == [Accept()]
@@ -66,7 +68,7 @@ def test_a_connection_without_timestamps_takes_the_fast_path_too():
     p = protected(ts=False)
     lim = p.fast_limits(KEY)
     assert lim is not None and not p.conns[KEY].has_ts
-    nxt = from_server(lim.next_slow, 101, payload=b"x" * 900, window=300, opts=NO_TS)
+    nxt = from_server(lim.next_slow, 101, payload=b"x" * 900, window=2000, opts=NO_TS)  # (our stack keeps its edge)
     assert kernel_passes(lim, lim.next_slow, nxt) and p.on_outbound(nxt, 0.1) == [Accept()]
     p.absorb_fast(KEY, FastState(9006, 101, 333, 0, 0, 3, 4000), 5.0)
     assert p.conns[KEY].snd_nxt == 9006 and not p.conns[KEY].has_ts
