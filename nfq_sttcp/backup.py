@@ -507,11 +507,12 @@ class BackupCore:
             return False
         # The primary never offers the client more than our window (plus what
         # it offered before our first report): allow 1 MiB of slack.
-        # Trap (seen once in the fast-path matrix, not fixed; README, the fault
-        # matrix): a client offered a right edge below what it already sent
-        # (the primary's ack clamped back) sends its pure acks with that edge
-        # as their sequence (tcp_acceptable_seq), far below our receive
-        # point, and they fail this test and our stack's alike.
+        # Trap (the fast-path matrix's stall; README, the fault matrix): a
+        # client offered a right edge below what it already sent sends its
+        # pure acks with that edge as their sequence (tcp_acceptable_seq), far
+        # below our receive point, and they fail this test and our stack's
+        # alike. So the primary never moves the edge it shows back
+        # (PrimaryCore._window_for).
         window = (conn.last_window << conn.wscale) + (1 << 20)
         if not (seq_ge(seg.end_seq, (conn.rcv_ack - 65536) & MASK) and seq_le(seg.seq, (conn.rcv_ack + window) & MASK)):
             return False
